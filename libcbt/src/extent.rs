@@ -333,10 +333,7 @@ impl ExtentMap {
         let mut events: Vec<(u64, bool, u32)> = Vec::with_capacity(self.len() * 2);
         for e in self.iter() {
             let start = e.start & !mask;
-            let end = e
-                .end
-                .checked_add(mask)
-                .map_or(u64::MAX & !mask, |v| v & !mask);
+            let end = e.end.checked_add(mask).map_or(!mask, |v| v & !mask);
             let end = end.min(limit);
             if start < end {
                 events.push((start, true, e.flags));

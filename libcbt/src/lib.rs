@@ -1,1 +1,20 @@
+//! `libcbt`: changed block tracking for KVM/QEMU hosts.
+//!
+//! | module | what it owns |
+//! |---|---|
+//! | [`extent`] | [`ExtentMap`](extent::ExtentMap): sorted disjoint byte ranges with flags |
+//! | [`nbd`] | NBD wire format and the async, pipelined, multi-connection client |
+//! | [`fuzzing`] | entry points for the `fuzz/` targets (not a stable API) |
+//!
+//! See `ARCHITECTURE.md` in the project's shared notes for the layers still to come
+//! (QMP, change sources, format, sinks, engine).
+
 pub mod extent;
+pub mod nbd;
+
+#[doc(hidden)]
+pub mod fuzzing;
+
+// Offsets and lengths on 64 TiB disks are converted to `usize` for buffers in many places.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("libcbt supports 64-bit targets only");
