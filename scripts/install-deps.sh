@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs the system packages that cbt's tests, demo and benchmarks need, when they are
+# missing. Debian 12 (bookworm), as root (or through sudo).
+#
+# The pitfall: machines may ship a newer qemu-utils (10.x, backports) that Debian's
+# qemu-system-x86 7.2 conflicts with, and apt will not downgrade it on its own. We pin
+# qemu-utils and qemu-block-extra to the version of qemu-system-x86 so that qemu-img,
+# qemu-nbd, qemu-io and qemu-storage-daemon all match the 7.2 emulator.
+set -euo pipefail
+
+tools=(qemu-img qemu-nbd qemu-io qemu-storage-daemon qemu-system-x86_64 nbdinfo nbdcopy nbdkit)
+missing=()
+for t in "${tools[@]}"; do
+  command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+done
+
+# All QEMU tools must come from one release.
+if [ ${#missing[@]} -eq 0 ]; then
+  sys=$(qemu-system-x86_64 --version | awk 'NR==1{print $4}')
+  img=$(qemu-img --version | awk 'NR==1{print $3}')
+  if [ "$sys" != "$img" ]; then
+    echo "install-deps: qemu-img $img does not match qemu-system-x86_64 $sys; reinstalling" >&2
+    missing+=(qemu-utils)
+  fi
+fi
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+echo "install-deps: missing ${missing[*]}; installing Debian packages" >&2
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  SUDO=sudo
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+ver=$(apt-cache madison qemu-system-x86 | awk 'NR==1{print $3}')
+if [ -z "$ver" ]; then
+  echo "install-deps: no qemu-system-x86 package in the apt sources" >&2
+  exit 1
+fi
+$SUDO apt-get install -y -qq --allow-downgrades \
+  qemu-system-x86 "qemu-utils=$ver" "qemu-block-extra=$ver" \
+  libnbd-bin nbdkit >/dev/null
+
+for t in "${tools[@]}"; do
+  command -v "$t" >/dev/null 2>&1 || { echo "install-deps: $t still missing after install" >&2; exit 1; }
+done
+echo "install-deps: $(qemu-img --version | head -1); $(nbdkit --version); $(nbdinfo --version | head -1)" >&2
