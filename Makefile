@@ -38,7 +38,8 @@ bench-quick: deps
 fuzz:
 	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install --locked cargo-fuzz
 	cd fuzz && for t in nbd_reply nbd_handshake; do \
-	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t corpus/$$t -- -max_total_time=$${FUZZ_SECONDS:-30} || exit 1; \
+	  mkdir -p target/corpus/$$t && \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t target/corpus/$$t corpus/$$t -- -max_total_time=$${FUZZ_SECONDS:-30} || exit 1; \
 	done
 
 clean:

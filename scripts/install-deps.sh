@@ -13,6 +13,8 @@ missing=()
 for t in "${tools[@]}"; do
   command -v "$t" >/dev/null 2>&1 || missing+=("$t")
 done
+# GNU time measures wall, CPU and peak RSS of every tool in bench/.
+[ -x /usr/bin/time ] || missing+=(time)
 
 # All QEMU tools must come from one release.
 if [ ${#missing[@]} -eq 0 ]; then
@@ -42,7 +44,7 @@ if [ -z "$ver" ]; then
 fi
 $SUDO apt-get install -y -qq --allow-downgrades \
   qemu-system-x86 "qemu-utils=$ver" "qemu-block-extra=$ver" \
-  libnbd-bin nbdkit >/dev/null
+  libnbd-bin nbdkit time >/dev/null
 
 for t in "${tools[@]}"; do
   command -v "$t" >/dev/null 2>&1 || { echo "install-deps: $t still missing after install" >&2; exit 1; }
