@@ -95,6 +95,18 @@ async fn reads_equal_qemu_img_convert_for_qsd_and_qemu_nbd() {
         client.disconnect().await;
     }
     {
+        let (_d, uri) = qemu_nbd_tcp(&img, "qcow2");
+        let client = Client::connect(&uri)
+            .await
+            .expect("connect qemu-nbd over TCP");
+        assert_eq!(client.connections(), 4);
+        assert_same_image(
+            &read_all(&client, 2 << 20).await,
+            &reference,
+            "qemu-nbd over TCP",
+        );
+    }
+    {
         let d = qemu_nbd(dir.path(), &img, "qcow2", None);
         let opts = ConnectOptions {
             connections: 2,

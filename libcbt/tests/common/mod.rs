@@ -101,6 +101,33 @@ impl Daemon {
         }
     }
 
+    /// Starts `cmd`, which listens on 127.0.0.1:`port`, and waits until it accepts.
+    pub fn start_tcp(name: &str, mut cmd: Command, port: u16) -> Daemon {
+        require(cmd.get_program().to_str().unwrap_or(name));
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{name} exited before listening on port {port}: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not listen on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            child,
+            socket: PathBuf::new(),
+            name: name.into(),
+        }
+    }
+
     /// `nbd+unix:///EXPORT?socket=…` for this daemon.
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
@@ -153,6 +180,34 @@ pub fn qemu_nbd(dir: &Path, image: &Path, format: &str, bitmap: Option<&str>) ->
     }
     cmd.arg(image);
     Daemon::start("qemu-nbd", cmd, &sock)
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// `qemu-nbd` exporting `image` read-only over TCP on 127.0.0.1.
+pub fn qemu_nbd_tcp(image: &Path, format: &str) -> (Daemon, String) {
+    let port = free_port();
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args([
+        "-r",
+        "-f",
+        format,
+        "--shared=4",
+        "--persistent",
+        "-b",
+        "127.0.0.1",
+        "-p",
+    ])
+    .arg(port.to_string())
+    .arg(image);
+    (
+        Daemon::start_tcp("qemu-nbd", cmd, port),
+        format!("nbd://127.0.0.1:{port}/"),
+    )
 }
 
 /// `nbdkit` in the foreground on a Unix socket with the given arguments (filters, plugin,
