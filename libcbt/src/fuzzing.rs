@@ -59,3 +59,8 @@ pub fn nbd_handshake(data: &[u8]) {
         let _ = proto::decode_opt_reply(&h, body);
     }
 }
+
+/// Parses `data` as one QMP line.
+pub fn qmp_line(data: &[u8]) {
+    crate::qmp::fuzz_parse(data);
+}

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`extent`] | [`ExtentMap`](extent::ExtentMap): sorted disjoint byte ranges with flags |
 //! | [`nbd`] | NBD wire format and the async, pipelined, multi-connection client |
+//! | [`qmp`] | async QMP client: commands with ids, typed errors, events, transactions |
 //! | [`fuzzing`] | entry points for the `fuzz/` targets (not a stable API) |
 //!
 //! See `ARCHITECTURE.md` in the project's shared notes for the layers still to come
@@ -11,6 +12,7 @@
 
 pub mod extent;
 pub mod nbd;
+pub mod qmp;
 
 #[doc(hidden)]
 pub mod fuzzing;

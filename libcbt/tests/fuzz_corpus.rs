@@ -25,3 +25,8 @@ fn nbd_reply_corpus_decodes_without_panic() {
 fn nbd_handshake_corpus_decodes_without_panic() {
     replay("nbd_handshake", libcbt::fuzzing::nbd_handshake);
 }
+
+#[test]
+fn qmp_line_corpus_parses_without_panic() {
+    replay("qmp_line", libcbt::fuzzing::qmp_line);
+}
