@@ -64,3 +64,17 @@ pub fn nbd_handshake(data: &[u8]) {
 pub fn qmp_line(data: &[u8]) {
     crate::qmp::fuzz_parse(data);
 }
+
+/// Decodes `data` as a segment (header, frames) and as an index and a manifest.
+pub fn format_objects(data: &[u8]) {
+    for r in crate::format::segment::scan(data) {
+        if r.is_err() {
+            break;
+        }
+    }
+    let _ = crate::format::segment::FrameHeader::decode(data);
+    if let Ok(idx) = crate::format::Index::decode(data) {
+        let _ = crate::format::plan_restore(&[&idx]);
+    }
+    let _ = crate::format::Manifest::decode(data);
+}

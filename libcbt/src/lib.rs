@@ -3,6 +3,7 @@
 //! | module | what it owns |
 //! |---|---|
 //! | [`extent`] | [`ExtentMap`](extent::ExtentMap): sorted disjoint byte ranges with flags |
+//! | [`format`] | on-sink format: segments of checksummed lz4 frames, index, manifest |
 //! | [`nbd`] | NBD wire format and the async, pipelined, multi-connection client |
 //! | [`qmp`] | async QMP client: commands with ids, typed errors, events, transactions |
 //! | [`fuzzing`] | entry points for the `fuzz/` targets (not a stable API) |
@@ -11,6 +12,7 @@
 //! (QMP, change sources, format, sinks, engine).
 
 pub mod extent;
+pub mod format;
 pub mod nbd;
 pub mod qmp;
 

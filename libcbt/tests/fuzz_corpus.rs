@@ -30,3 +30,8 @@ fn nbd_handshake_corpus_decodes_without_panic() {
 fn qmp_line_corpus_parses_without_panic() {
     replay("qmp_line", libcbt::fuzzing::qmp_line);
 }
+
+#[test]
+fn format_corpus_decodes_without_panic() {
+    replay("format_objects", libcbt::fuzzing::format_objects);
+}

@@ -1,0 +1,97 @@
+//! The on-sink format: segments of self-describing frames, a sparse index per backup, and a
+//! manifest written last. Pure: bytes in, values out. Byte layouts are drawn in each
+//! submodule; `libcbt/FORMAT.md` puts them together for writers of independent readers.
+//!
+//! | object | name on the sink | written |
+//! |---|---|---|
+//! | segment | `disks/<disk>/segments/<segment-id:032x>.seg` | once, then immutable |
+//! | index | `disks/<disk>/backups/<backup-id>.idx` | before the manifest |
+//! | manifest | `disks/<disk>/backups/<backup-id>.manifest` | last: its presence is the commit |
+
+pub mod index;
+pub mod manifest;
+pub mod segment;
+
+pub use index::{plan_restore, FrameRead, Index, IndexEntry, Location, RestorePlan, SegmentId};
+pub use manifest::{BackupStats, Consistency, FullReason, Level, Manifest, ObjectRef};
+
+/// Bytes that are not a valid cbt object. Each variant names what was being read; callers add
+/// where (backup, segment, position).
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("bad magic in {what}")]
+    BadMagic { what: &'static str },
+    #[error("{what} is truncated")]
+    Truncated { what: &'static str },
+    #[error("checksum mismatch in the {what} header")]
+    HeaderChecksum { what: &'static str },
+    #[error("checksum mismatch in the data of the frame at disk offset {offset:#x}")]
+    DataChecksum { offset: u64 },
+    #[error("frame at disk offset {offset:#x} does not decompress to its length")]
+    Decompress { offset: u64 },
+    #[error("{what} of {len} exceeds the limit of {max}")]
+    TooLarge {
+        what: &'static str,
+        len: u64,
+        max: u64,
+    },
+    #[error("{what} has invalid value {value:#x}")]
+    BadValue { what: &'static str, value: u64 },
+    #[error("{what} has unsupported format version {version}")]
+    UnsupportedVersion { what: &'static str, version: u64 },
+    #[error("manifest is not valid")]
+    Manifest(#[source] serde_json::Error),
+}
+
+/// Object name of a segment.
+pub fn segment_name(disk: &str, id: SegmentId) -> String {
+    format!("disks/{disk}/segments/{id:032x}.seg")
+}
+
+/// Object name of a backup's index.
+pub fn index_name(disk: &str, backup: &str) -> String {
+    format!("disks/{disk}/backups/{backup}.idx")
+}
+
+/// Object name of a backup's manifest.
+pub fn manifest_name(disk: &str, backup: &str) -> String {
+    format!("disks/{disk}/backups/{backup}.manifest")
+}
+
+#[cfg(test)]
+mod seeds {
+    /// Writes the fuzz seed corpus for `format_objects` (run with `--ignored` to refresh).
+    #[test]
+    #[ignore]
+    fn write_format_seed_corpus() {
+        use super::*;
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/format_objects");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let mut seg = segment::segment_header().to_vec();
+        segment::encode_frame(0, &b"abcd".repeat(300), &mut seg).expect("frame");
+        segment::encode_frame(1 << 20, &[0x5a; 700], &mut seg).expect("frame");
+        std::fs::write(dir.join("segment"), &seg).expect("write");
+        let idx = Index {
+            disk_size: 1 << 30,
+            entries: vec![
+                IndexEntry {
+                    offset: 0,
+                    len: 1200,
+                    loc: Location::Frame {
+                        segment: 1,
+                        pos: 16,
+                        frame_len: 60,
+                    },
+                },
+                IndexEntry {
+                    offset: 4096,
+                    len: 4096,
+                    loc: Location::Zero,
+                },
+            ],
+        };
+        std::fs::write(dir.join("index"), idx.encode()).expect("write");
+        std::fs::write(dir.join("manifest"), manifest::tests::sample().encode()).expect("write");
+    }
+}
