@@ -5,6 +5,7 @@
 //! | [`extent`] | [`ExtentMap`](extent::ExtentMap): sorted disjoint byte ranges with flags |
 //! | [`format`] | on-sink format: segments of checksummed lz4 frames, index, manifest |
 //! | [`nbd`] | NBD wire format and the async, pipelined, multi-connection client |
+//! | [`sink`] | `Sink` trait (object-store shaped) and the local/NFS directory sink |
 //! | [`qmp`] | async QMP client: commands with ids, typed errors, events, transactions |
 //! | [`fuzzing`] | entry points for the `fuzz/` targets (not a stable API) |
 //!
@@ -15,6 +16,7 @@ pub mod extent;
 pub mod format;
 pub mod nbd;
 pub mod qmp;
+pub mod sink;
 
 #[doc(hidden)]
 pub mod fuzzing;

@@ -1,0 +1,168 @@
+//! Storage sinks: where backups go.
+//!
+//! The [`Sink`] trait is shaped by what object stores do well, so that S3 and Ceph backends fit
+//! without touching the engine:
+//!
+//! | operation | local directory | S3 |
+//! |---|---|---|
+//! | [`Sink::create`] → [`ObjectWriter`] (append, finish) | temp file, fsync, rename, fsync dir | multipart upload |
+//! | [`Sink::put`] (atomic, small: index, manifest) | temp + fsync + rename + fsync dir | `PutObject` |
+//! | [`Sink::get_range`] | `pread` | ranged `GetObject` |
+//! | [`Sink::get`] (bounded) | read | `GetObject` |
+//! | [`Sink::list`] (by prefix) | directory walk | `ListObjectsV2` |
+//! | [`Sink::delete`] | unlink | `DeleteObject` |
+//!
+//! Objects are written once and never modified. An object is visible only once complete
+//! (`finish` or `put` returned): a crash leaves temporary files that [`Sink::list`] does not
+//! show and garbage collection removes.
+//!
+//! Object names are relative, `/`-separated, made of `[A-Za-z0-9._-]` components that never
+//! start with `.` (so never `.` or `..`, nor a backend's temporary files), at most [`MAX_NAME`]
+//! bytes: [`check_name`] enforces it for every backend.
+
+use std::future::Future;
+
+pub mod local;
+
+/// Longest object name.
+pub const MAX_NAME: usize = 512;
+
+/// Errors of sinks.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("object {name} not found")]
+    NotFound { name: String },
+    #[error("invalid object name {name:?}")]
+    InvalidName { name: String },
+    #[error("object {name} is {len} bytes, more than the {max} allowed here")]
+    TooLarge { name: String, len: u64, max: u64 },
+    #[error("sink is out of space while writing {name}")]
+    NoSpace {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("I/O error while {op} {name}")]
+    Io {
+        op: &'static str,
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("short read of {name} at {offset:#x}: {got} of {want} bytes")]
+    ShortRead {
+        name: String,
+        offset: u64,
+        want: u64,
+        got: u64,
+    },
+}
+
+impl SinkError {
+    pub(crate) fn io(op: &'static str, name: &str, source: std::io::Error) -> SinkError {
+        match source.kind() {
+            std::io::ErrorKind::NotFound => SinkError::NotFound { name: name.into() },
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                SinkError::NoSpace {
+                    name: name.into(),
+                    source,
+                }
+            }
+            _ => SinkError::Io {
+                op,
+                name: name.into(),
+                source,
+            },
+        }
+    }
+}
+
+/// An object in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub len: u64,
+}
+
+/// A storage backend. See the [module documentation](self).
+pub trait Sink: Send + Sync + 'static {
+    type Writer: ObjectWriter;
+
+    /// Starts writing a new object. It becomes visible when [`ObjectWriter::finish`] returns.
+    fn create(&self, name: &str) -> impl Future<Output = Result<Self::Writer, SinkError>> + Send;
+    /// Writes a whole small object atomically (all or nothing, durable on return).
+    fn put(&self, name: &str, data: Vec<u8>) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Reads `len` bytes at `offset`; fails rather than return fewer.
+    fn get_range(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, SinkError>> + Send;
+    /// Reads a whole object of at most `max` bytes.
+    fn get(&self, name: &str, max: u64) -> impl Future<Output = Result<Vec<u8>, SinkError>> + Send;
+    /// Complete objects whose name starts with `prefix`, sorted by name.
+    fn list(&self, prefix: &str)
+        -> impl Future<Output = Result<Vec<ObjectInfo>, SinkError>> + Send;
+    /// Deletes an object; deleting a missing object is not an error.
+    fn delete(&self, name: &str) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// Sequential writer of one object.
+pub trait ObjectWriter: Send + 'static {
+    /// Appends `data`; returns the buffer for reuse.
+    fn append(&mut self, data: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, SinkError>> + Send;
+    /// Bytes appended so far.
+    fn len(&self) -> u64;
+    /// True when nothing was appended.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Makes the object durable and visible under its name.
+    fn finish(self) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Drops the partial object.
+    fn abort(self) -> impl Future<Output = ()> + Send;
+}
+
+/// Checks an object name (see the module documentation).
+pub fn check_name(name: &str) -> Result<(), SinkError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.split('/').all(|c| {
+            !c.is_empty()
+                && !c.starts_with('.')
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(SinkError::InvalidName { name: name.into() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_escape_or_are_odd_are_refused() {
+        for bad in [
+            "",
+            "/abs",
+            "a/../b",
+            "a//b",
+            "a/./b",
+            ".hidden",
+            "a b",
+            "x/",
+            "é",
+            &"a".repeat(600),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["disks/vm-1_vda/backups/2026.manifest", "a", "a.b-c_d/e"] {
+            check_name(good).expect(good);
+        }
+    }
+}
