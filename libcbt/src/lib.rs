@@ -2,21 +2,25 @@
 //!
 //! | module | what it owns |
 //! |---|---|
+//! | [`engine`] | backup, restore and verify pipelines |
 //! | [`extent`] | [`ExtentMap`](extent::ExtentMap): sorted disjoint byte ranges with flags |
 //! | [`format`] | on-sink format: segments of checksummed lz4 frames, index, manifest |
 //! | [`nbd`] | NBD wire format and the async, pipelined, multi-connection client |
 //! | [`sink`] | `Sink` trait (object-store shaped) and the local/NFS directory sink |
+//! | [`source`] | change tracking: QMP change source (bitmaps, fleecing, NBD export) |
 //! | [`qmp`] | async QMP client: commands with ids, typed errors, events, transactions |
 //! | [`fuzzing`] | entry points for the `fuzz/` targets (not a stable API) |
 //!
 //! See `ARCHITECTURE.md` in the project's shared notes for the layers still to come
 //! (QMP, change sources, format, sinks, engine).
 
+pub mod engine;
 pub mod extent;
 pub mod format;
 pub mod nbd;
 pub mod qmp;
 pub mod sink;
+pub mod source;
 
 #[doc(hidden)]
 pub mod fuzzing;

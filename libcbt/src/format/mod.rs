@@ -60,18 +60,31 @@ pub fn manifest_name(disk: &str, backup: &str) -> String {
 
 #[cfg(test)]
 mod seeds {
-    /// Writes the fuzz seed corpus for `format_objects` (run with `--ignored` to refresh).
+    /// The committed fuzz seeds for `format_objects` are what this code writes; set
+    /// `CBT_WRITE_SEEDS=1` to refresh them after a format change.
     #[test]
-    #[ignore]
-    fn write_format_seed_corpus() {
+    fn format_seed_corpus_is_current() {
         use super::*;
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/format_objects");
-        std::fs::create_dir_all(&dir).expect("mkdir");
+        let write = std::env::var_os("CBT_WRITE_SEEDS").is_some();
+        let check = |name: &str, bytes: Vec<u8>| {
+            let path = dir.join(name);
+            if write {
+                std::fs::create_dir_all(&dir).expect("mkdir");
+                std::fs::write(&path, &bytes).expect("write seed");
+            } else {
+                assert_eq!(
+                    std::fs::read(&path).expect("committed seed"),
+                    bytes,
+                    "{name} is stale: CBT_WRITE_SEEDS=1"
+                );
+            }
+        };
         let mut seg = segment::segment_header().to_vec();
         segment::encode_frame(0, &b"abcd".repeat(300), &mut seg).expect("frame");
         segment::encode_frame(1 << 20, &[0x5a; 700], &mut seg).expect("frame");
-        std::fs::write(dir.join("segment"), &seg).expect("write");
+        check("segment", seg);
         let idx = Index {
             disk_size: 1 << 30,
             entries: vec![
@@ -91,7 +104,7 @@ mod seeds {
                 },
             ],
         };
-        std::fs::write(dir.join("index"), idx.encode()).expect("write");
-        std::fs::write(dir.join("manifest"), manifest::tests::sample().encode()).expect("write");
+        check("index", idx.encode());
+        check("manifest", manifest::tests::sample().encode());
     }
 }

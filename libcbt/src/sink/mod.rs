@@ -85,7 +85,8 @@ pub struct ObjectInfo {
 }
 
 /// A storage backend. See the [module documentation](self).
-pub trait Sink: Send + Sync + 'static {
+/// Implementations are cheap handles (clone shares the backend).
+pub trait Sink: Clone + Send + Sync + 'static {
     type Writer: ObjectWriter;
 
     /// Starts writing a new object. It becomes visible when [`ObjectWriter::finish`] returns.

@@ -1,0 +1,336 @@
+//! Restore of any backup in a chain.
+
+use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
+use super::{EngineError, Progress, ProgressFn};
+use crate::format::segment::{self, FrameHeader, FRAME_HEADER_LEN};
+use crate::format::{self, plan_restore, FrameRead, Index, Level, Manifest, RestorePlan};
+use crate::nbd::{Client, ConnectOptions};
+use crate::sink::Sink;
+
+/// Deepest chain accepted (a cycle or a runaway chain is refused).
+pub const MAX_CHAIN: usize = 10_000;
+/// Largest index object read (32 bytes an entry: 2^25 entries).
+pub const MAX_INDEX: u64 = 1 << 30;
+/// Frames read together when they are adjacent in one segment.
+const MAX_COALESCED_READ: u64 = 8 << 20;
+
+/// Where a restore writes.
+#[derive(Debug, Clone)]
+pub enum RestoreTarget {
+    /// A new sparse raw file (refused if it exists). Ranges that are zero stay holes.
+    RawFile(PathBuf),
+    /// An NBD export at least as large as the disk (a `qemu-nbd` export of a new volume,
+    /// say). Zero ranges are written with `WRITE_ZEROES`.
+    Nbd(String),
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    pub disk_size: u64,
+    pub chain_len: usize,
+    pub frames_read: u64,
+    pub bytes_read_from_sink: u64,
+    pub bytes_written: u64,
+    pub bytes_zero: u64,
+}
+
+/// Loads and checks the manifests and indexes of the chain ending at `backup`, oldest (the
+/// full) first.
+pub async fn load_chain<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+) -> Result<Vec<(Manifest, Index)>, EngineError> {
+    let mut chain = Vec::new();
+    let mut seen = HashSet::new();
+    let mut next = Some(backup.to_string());
+    while let Some(id) = next {
+        if !seen.insert(id.clone()) || chain.len() >= MAX_CHAIN {
+            return Err(EngineError::Chain {
+                backup: backup.into(),
+                what: format!("cycle or chain deeper than {MAX_CHAIN} at {id}"),
+            });
+        }
+        let mname = format::manifest_name(disk, &id);
+        let mbytes = sink
+            .get(&mname, format::manifest::MAX_MANIFEST as u64)
+            .await?;
+        let m = Manifest::decode(&mbytes).map_err(|source| EngineError::Corrupt {
+            object: mname.clone(),
+            pos: 0,
+            source,
+        })?;
+        if m.backup_id != id || m.disk != disk {
+            return Err(EngineError::Mismatch {
+                object: mname,
+                pos: 0,
+                what: "manifest names another backup or disk",
+            });
+        }
+        let ibytes = sink.get(&m.index.name, m.index.len.min(MAX_INDEX)).await?;
+        if ibytes.len() as u64 != m.index.len || crc32fast::hash(&ibytes) != m.index.crc32 {
+            return Err(EngineError::Mismatch {
+                object: m.index.name.clone(),
+                pos: 0,
+                what: "index length or checksum differs from the manifest",
+            });
+        }
+        let idx = Index::decode(&ibytes).map_err(|source| EngineError::Corrupt {
+            object: m.index.name.clone(),
+            pos: 0,
+            source,
+        })?;
+        if idx.disk_size != m.disk_size {
+            return Err(EngineError::Mismatch {
+                object: m.index.name.clone(),
+                pos: 0,
+                what: "index disk size differs from the manifest",
+            });
+        }
+        if let Some((child, _)) = chain.last() {
+            let child: &Manifest = child;
+            if child.disk_size != m.disk_size {
+                return Err(EngineError::Chain {
+                    backup: backup.into(),
+                    what: format!("{} and its parent {id} differ in size", child.backup_id),
+                });
+            }
+        }
+        next = match m.level {
+            Level::Full => None,
+            Level::Incremental => Some(m.parent.clone().ok_or_else(|| EngineError::Chain {
+                backup: backup.into(),
+                what: format!("incremental {id} has no parent"),
+            })?),
+        };
+        chain.push((m, idx));
+    }
+    chain.reverse();
+    Ok(chain)
+}
+
+/// Reads and checks frames `group` (adjacent in one segment) with one ranged read; returns
+/// each frame's raw bytes.
+pub(crate) async fn read_frames<S: Sink>(
+    sink: &S,
+    disk: &str,
+    group: &[FrameRead],
+) -> Result<Vec<Vec<u8>>, EngineError> {
+    let first = &group[0];
+    let object = format::segment_name(disk, first.segment);
+    let end = group
+        .iter()
+        .map(|f| f.pos + u64::from(f.frame_len))
+        .max()
+        .unwrap_or(first.pos);
+    let bytes = sink.get_range(&object, first.pos, end - first.pos).await?;
+    let mut out = Vec::with_capacity(group.len());
+    for f in group {
+        // Inside `bytes` by construction of the group.
+        let at = (f.pos - first.pos) as usize;
+        let frame = &bytes[at..at + f.frame_len as usize];
+        let corrupt = |source| EngineError::Corrupt {
+            object: object.clone(),
+            pos: f.pos,
+            source,
+        };
+        let h = FrameHeader::decode(frame).map_err(corrupt)?;
+        if h.offset != f.offset || h.raw_len != f.len || h.frame_len() != u64::from(f.frame_len) {
+            return Err(EngineError::Mismatch {
+                object: object.clone(),
+                pos: f.pos,
+                what: "frame header differs from the index entry",
+            });
+        }
+        let mut raw = vec![0u8; h.raw_len as usize];
+        segment::decode_frame_body(&h, &frame[FRAME_HEADER_LEN..], &mut raw).map_err(corrupt)?;
+        out.push(raw);
+    }
+    Ok(out)
+}
+
+/// Groups frames that are adjacent in one segment, up to [`MAX_COALESCED_READ`] bytes.
+pub(crate) fn coalesce(frames: &[FrameRead]) -> Vec<&[FrameRead]> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    for i in 1..=frames.len() {
+        let split = i == frames.len() || {
+            let (a, b) = (&frames[i - 1], &frames[i]);
+            b.segment != a.segment
+                || b.pos != a.pos + u64::from(a.frame_len)
+                || b.pos + u64::from(b.frame_len) - frames[start].pos > MAX_COALESCED_READ
+        };
+        if split {
+            groups.push(&frames[start..i]);
+            start = i;
+        }
+    }
+    groups
+}
+
+enum Target {
+    File(Arc<std::fs::File>),
+    Nbd(Client),
+}
+
+impl Target {
+    async fn write(&self, offset: u64, data: Vec<u8>) -> Result<(), EngineError> {
+        match self {
+            Target::File(f) => {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))
+                    .await
+                    .map_err(EngineError::Task)?
+                    .map_err(|source| EngineError::Io {
+                        op: "writing",
+                        path: "restore target".into(),
+                        source,
+                    })
+            }
+            Target::Nbd(c) => {
+                let max = u64::from(c.info().max_request());
+                if data.len() as u64 <= max {
+                    return Ok(c.write(offset, data, false).await?);
+                }
+                for (i, piece) in data.chunks(max as usize).enumerate() {
+                    c.write(offset + i as u64 * max, piece.to_vec(), false)
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Restores `backup` of `disk` to `target`: merges the chain's indexes newest-wins, then reads
+/// each needed frame once, in storage order, checks its crc, decompresses it and writes the
+/// pieces the plan takes from it.
+pub async fn restore<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+    target: &RestoreTarget,
+    progress: Option<&ProgressFn>,
+) -> Result<RestoreStats, EngineError> {
+    let chain = load_chain(sink, disk, backup).await?;
+    let indexes: Vec<&Index> = chain.iter().map(|(_, i)| i).collect();
+    let plan: RestorePlan = plan_restore(&indexes);
+    let mut stats = RestoreStats {
+        disk_size: plan.disk_size,
+        chain_len: chain.len(),
+        bytes_zero: plan.zeros.total_len(),
+        ..Default::default()
+    };
+    let tgt = match target {
+        RestoreTarget::RawFile(path) => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|source| EngineError::Io {
+                    op: "creating",
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            f.set_len(plan.disk_size)
+                .map_err(|source| EngineError::Io {
+                    op: "sizing",
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            Target::File(Arc::new(f))
+        }
+        RestoreTarget::Nbd(uri) => {
+            let c = Client::connect_with(uri, &ConnectOptions::default()).await?;
+            if c.size() < plan.disk_size {
+                return Err(EngineError::Invalid(format!(
+                    "target {uri} is {} bytes, the disk {}",
+                    c.size(),
+                    plan.disk_size
+                )));
+            }
+            for z in plan.zeros.iter() {
+                c.write_zeroes(z.start, z.len(), true).await?;
+            }
+            Target::Nbd(c)
+        }
+    };
+    let total = plan.data_bytes();
+    let tgt = Arc::new(tgt);
+    let sem = Arc::new(Semaphore::new(8));
+    let mut tasks = tokio::task::JoinSet::new();
+    let groups: Vec<Vec<FrameRead>> = coalesce(&plan.frames)
+        .into_iter()
+        .map(<[FrameRead]>::to_vec)
+        .collect();
+    let mut done = 0u64;
+    for group in groups {
+        let permit = sem
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::Invalid("restore cancelled".into()))?;
+        // Reap what finished, so errors surface early and memory stays bounded.
+        while let Some(r) = tasks.try_join_next() {
+            let (n, bytes, frames) = r.map_err(EngineError::Task)??;
+            done += n;
+            stats.bytes_read_from_sink += bytes;
+            stats.frames_read += frames;
+            if let Some(p) = progress {
+                p(Progress { done, total });
+            }
+        }
+        let (tgt, disk) = (tgt.clone(), disk.to_string());
+        let sink = sink.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let raws = read_frames(&sink, &disk, &group).await?;
+            let mut written = 0;
+            let bytes: u64 = group.iter().map(|f| u64::from(f.frame_len)).sum();
+            for (f, raw) in group.iter().zip(raws) {
+                for piece in &f.pieces {
+                    let s = (piece.start - f.offset) as usize;
+                    let e = (piece.end - f.offset) as usize;
+                    tgt.write(piece.start, raw[s..e].to_vec()).await?;
+                    written += piece.end - piece.start;
+                }
+            }
+            Ok::<_, EngineError>((written, bytes, group.len() as u64))
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let (n, bytes, frames) = r.map_err(EngineError::Task)??;
+        done += n;
+        stats.bytes_read_from_sink += bytes;
+        stats.frames_read += frames;
+        if let Some(p) = progress {
+            p(Progress { done, total });
+        }
+    }
+    stats.bytes_written = done;
+    match &*tgt {
+        Target::File(f) => {
+            let f = f.clone();
+            tokio::task::spawn_blocking(move || f.sync_all())
+                .await
+                .map_err(EngineError::Task)?
+                .map_err(|source| EngineError::Io {
+                    op: "syncing",
+                    path: "restore target".into(),
+                    source,
+                })?;
+        }
+        Target::Nbd(c) => {
+            c.flush().await?;
+            c.disconnect().await;
+        }
+    }
+    Ok(stats)
+}

@@ -1,0 +1,6 @@
+//! Change sources: where the point-in-time views and dirty maps of disks come from.
+//!
+//! - [`qemu`]: QMP directly (qemu-system, qemu-storage-daemon), for hosts without libvirt.
+//! - `libvirt` (to come): checkpoints and pull-mode backups through libvirt, for Nova hosts.
+
+pub mod qemu;

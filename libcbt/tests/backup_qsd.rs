@@ -1,0 +1,636 @@
+//! Backups end to end against a real qemu-storage-daemon: the QMP change source, the engine
+//! and the local sink. The oracle is `qemu-img compare` against a copy of the disk taken by
+//! `qemu-img convert` at each backup's point in time.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use common::*;
+use libcbt::engine::{self, BackupOptions, DiskBackup, RestoreTarget};
+use libcbt::format::{Consistency, Level, Manifest};
+use libcbt::nbd::{Client, ConnectOptions};
+use libcbt::qmp::Qmp;
+use libcbt::sink::local::LocalSink;
+use libcbt::sink::Sink;
+use libcbt::source::qemu::{self, QemuSource, Requested};
+use rand::rngs::SmallRng;
+use rand::Rng;
+use serde_json::json;
+
+const SIZE: u64 = 128 << 20;
+const DISK: &str = "vm1-d0";
+
+struct Lab {
+    dir: tempfile::TempDir,
+    daemon: Daemon,
+    source: QemuSource,
+    live: Client,
+    image: PathBuf,
+}
+
+fn start_qsd(dir: &Path, image: &Path) -> Daemon {
+    let sock = dir.join("qmp.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--chardev")
+        .arg(format!(
+            "socket,id=m0,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .args(["--monitor", "chardev=m0"])
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            image.display()
+        ))
+        .args(["--blockdev", "driver=qcow2,node-name=d0,file=f0"]);
+    Daemon::start("qemu-storage-daemon", cmd, &sock)
+}
+
+async fn attach(dir: &Path, daemon: &Daemon) -> (QemuSource, Client) {
+    let qmp = Arc::new(Qmp::connect(&daemon.socket).await.expect("qmp"));
+    let source = QemuSource::new(qmp.clone(), dir.join("work"))
+        .await
+        .expect("source");
+    // A writable export of the live disk stands in for the guest.
+    qmp.run(
+        "block-export-add",
+        json!({"type": "nbd", "id": "live", "node-name": "d0", "name": "live", "writable": true}),
+    )
+    .await
+    .expect("live export");
+    let uri = libcbt::nbd::NbdUri::unix(source.nbd_socket(), "live").to_string();
+    let live = Client::connect_with(
+        &uri,
+        &ConnectOptions {
+            connections: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("live client");
+    (source, live)
+}
+
+async fn lab() -> Lab {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("d0.qcow2");
+    qcow2_create(&image, SIZE, 65536);
+    let daemon = start_qsd(dir.path(), &image);
+    let (source, live) = attach(dir.path(), &daemon).await;
+    Lab {
+        dir,
+        daemon,
+        source,
+        live,
+        image,
+    }
+}
+
+/// Random guest-like writes: data (half compressible), zeroes, discards.
+async fn guest_writes(live: &Client, rng: &mut SmallRng, n: usize) {
+    for _ in 0..n {
+        let len = rng.gen_range(1..=256u64) * 4096;
+        let off = rng.gen_range(0..=(SIZE - len) / 4096) * 4096;
+        match rng.gen_range(0..8) {
+            0 => live.write_zeroes(off, len, true).await.expect("zeroes"),
+            1 => live.trim(off, len).await.unwrap_or(()),
+            _ => {
+                let mut data = vec![0u8; len as usize];
+                rng.fill(&mut data[..]);
+                if rng.gen_bool(0.5) {
+                    for b in data.iter_mut().skip(1).step_by(2) {
+                        *b = b'x';
+                    }
+                }
+                live.write(off, data, false).await.expect("write");
+            }
+        }
+    }
+    live.flush().await.expect("flush");
+}
+
+/// A reference copy of the live disk now, by qemu-img.
+fn reference(live_uri: &str, path: &Path) {
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", live_uri])
+        .arg(path));
+}
+
+fn compare(a: &Path, b: &Path) {
+    require("qemu-img");
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("qemu-img compare");
+    if !out.status.success() {
+        // Keep both images for a post-mortem.
+        let keep = std::env::temp_dir().join(format!("cbt-mismatch-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&keep);
+        for f in [a, b] {
+            let _ = std::fs::copy(f, keep.join(f.file_name().unwrap_or_default()));
+        }
+        panic!(
+            "{} differs from {}: {} (copies in {})",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stdout),
+            keep.display()
+        );
+    }
+}
+
+/// One backup through the source and the engine; `during` writes happen while it copies.
+#[allow(clippy::too_many_arguments)]
+async fn take_backup(
+    lab: &Lab,
+    sink: &LocalSink,
+    id: &str,
+    requested: Requested,
+    parent: Option<Manifest>,
+    rng: &mut SmallRng,
+    during: usize,
+    refpath: &Path,
+) -> Manifest {
+    let node = lab.source.node("d0").await.expect("node");
+    let d = qemu::decide(requested, parent.as_ref(), &node);
+    // The disk does not change between this copy and the point in time: only the test writes.
+    reference(
+        &libcbt::nbd::NbdUri::unix(lab.source.nbd_socket(), "live").to_string(),
+        refpath,
+    );
+    let session = lab
+        .source
+        .begin(id, &[("d0".into(), d.since.clone())])
+        .await
+        .expect("begin");
+    let sd = session.disks[0].clone();
+    let job = DiskBackup {
+        disk: DISK.into(),
+        backup_id: id.into(),
+        uri: sd.uri.clone(),
+        parent: if d.level == Level::Incremental {
+            parent
+        } else {
+            None
+        },
+        level: d.level,
+        full_reason: d.reason,
+        checkpoint: Some(sd.new_bitmap.clone()),
+        consistency: Consistency::Crash,
+    };
+    let opts = BackupOptions {
+        chunk_size: 256 << 10,
+        segment_size: 8 << 20,
+        ..Default::default()
+    };
+    // The guest writes while the maps are read and the data is copied.
+    let copy = async {
+        let mut scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref()).await?;
+        let written = lab
+            .source
+            .written_since_point_in_time(&sd)
+            .await
+            .map_err(|e| engine::EngineError::Invalid(e.to_string()))?;
+        scan.force_read(&written);
+        engine::backup_disk(sink, &job, &scan, &opts, None).await
+    };
+    let writes = guest_writes(&lab.live, rng, during);
+    let (m, ()) = tokio::join!(copy, writes);
+    let m = m.expect("backup");
+    lab.source.end(session, true).await.expect("end");
+    m
+}
+
+async fn cbt_state(source: &QemuSource) -> (Vec<String>, Vec<String>) {
+    let nodes = source.nodes().await.expect("nodes");
+    let bitmaps = nodes
+        .iter()
+        .find(|n| n.node == "d0")
+        .expect("d0")
+        .bitmaps
+        .iter()
+        .map(|b| b.name.clone())
+        .collect();
+    let stray = nodes
+        .iter()
+        .filter(|n| n.node.starts_with("cbt-"))
+        .map(|n| n.node.clone())
+        .collect();
+    (bitmaps, stray)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_rounds_restore_exactly_and_writes_during_copy_do_not_leak() {
+    let seed = seed("randomized_rounds");
+    let mut rng = rng(seed);
+    let lab = lab().await;
+    let sink = LocalSink::open(lab.dir.path().join("sink")).expect("sink");
+    guest_writes(&lab.live, &mut rng, 40).await;
+    let mut chain: Vec<Manifest> = Vec::new();
+    let mut refs = Vec::new();
+    for round in 0..6 {
+        let requested = if round == 3 {
+            Requested::Full
+        } else {
+            Requested::Auto
+        };
+        let id = format!("b{round}");
+        let refpath = lab.dir.path().join(format!("ref-{round}.raw"));
+        let parent = chain.last().cloned();
+        let m = take_backup(&lab, &sink, &id, requested, parent, &mut rng, 25, &refpath).await;
+        let expect_level = if round == 0 || round == 3 {
+            Level::Full
+        } else {
+            Level::Incremental
+        };
+        assert_eq!(m.level, expect_level, "round {round} (seed {seed})");
+        if m.level == Level::Incremental {
+            assert!(
+                m.stats.bytes_scanned < SIZE / 2,
+                "incremental copied {} bytes",
+                m.stats.bytes_scanned
+            );
+        }
+        // Only this backup's bitmap remains; no temporary node is left.
+        let (bitmaps, stray) = cbt_state(&lab.source).await;
+        assert_eq!(bitmaps, vec![format!("cbt-{id}")], "round {round}");
+        assert!(stray.is_empty(), "stray nodes {stray:?}");
+        guest_writes(&lab.live, &mut rng, 20).await;
+        chain.push(m);
+        refs.push(refpath);
+    }
+    // Every backup restores to exactly its point in time.
+    for (m, r) in chain.iter().zip(&refs) {
+        let out = lab.dir.path().join(format!("restored-{}.raw", m.backup_id));
+        let stats = engine::restore(
+            &sink,
+            DISK,
+            &m.backup_id,
+            &RestoreTarget::RawFile(out.clone()),
+            None,
+        )
+        .await
+        .expect("restore");
+        assert_eq!(stats.disk_size, SIZE);
+        compare(&out, r);
+        let report = engine::verify_chain(&sink, DISK, &m.backup_id)
+            .await
+            .expect("verify");
+        assert!(report.ok(), "{:?}", report.problems);
+    }
+    // Restore through NBD into a fresh qcow2 exported by qemu-nbd.
+    let target = lab.dir.path().join("target.qcow2");
+    qcow2_create(&target, SIZE, 65536);
+    let tsock = lab.dir.path().join("target.sock");
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-f", "qcow2", "--shared=4", "--persistent", "-k"])
+        .arg(&tsock)
+        .arg(&target);
+    let tgt = Daemon::start("qemu-nbd", cmd, &tsock);
+    let last = chain.last().expect("chain");
+    engine::restore(
+        &sink,
+        DISK,
+        &last.backup_id,
+        &RestoreTarget::Nbd(tgt.uri("")),
+        None,
+    )
+    .await
+    .expect("restore to nbd");
+    drop(tgt);
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&target)
+        .arg(refs.last().expect("ref")));
+    // The scratch directory holds nothing but the NBD socket.
+    let left: Vec<_> = std::fs::read_dir(lab.dir.path().join("work"))
+        .expect("work")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("nbd.sock")]);
+    drop(lab.daemon);
+    let _ = lab.image;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_backup_leaves_the_chain_intact_and_the_next_stays_incremental() {
+    let mut rng = rng(seed("cancelled_backup"));
+    let lab = lab().await;
+    let sink = LocalSink::open(lab.dir.path().join("sink")).expect("sink");
+    guest_writes(&lab.live, &mut rng, 30).await;
+    let r0 = lab.dir.path().join("ref0.raw");
+    let full = take_backup(&lab, &sink, "b0", Requested::Auto, None, &mut rng, 5, &r0).await;
+    guest_writes(&lab.live, &mut rng, 30).await;
+
+    // Backup b1 starts, copies a little, and is cancelled (its future dropped).
+    let node = lab.source.node("d0").await.expect("node");
+    let d = qemu::decide(Requested::Auto, Some(&full), &node);
+    assert_eq!(d.level, Level::Incremental);
+    let session = lab
+        .source
+        .begin("b1", &[("d0".into(), d.since.clone())])
+        .await
+        .expect("begin");
+    let scan = engine::scan_export(
+        &session.disks[0].uri,
+        session.disks[0].dirty_context.as_deref(),
+    )
+    .await
+    .expect("scan");
+    let job = DiskBackup {
+        disk: DISK.into(),
+        backup_id: "b1".into(),
+        uri: session.disks[0].uri.clone(),
+        parent: Some(full.clone()),
+        level: Level::Incremental,
+        full_reason: None,
+        checkpoint: Some(session.disks[0].new_bitmap.clone()),
+        consistency: Consistency::Crash,
+    };
+    let opts = BackupOptions {
+        chunk_size: 64 << 10,
+        in_flight: 2,
+        ..Default::default()
+    };
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_millis(30),
+        engine::backup_disk(&sink, &job, &scan, &opts, None),
+    )
+    .await;
+    assert!(
+        cancelled.is_err(),
+        "the backup finished before it could be cancelled; make it bigger"
+    );
+    // Writes made while b1 was frozen must not be lost to the next incremental.
+    guest_writes(&lab.live, &mut rng, 10).await;
+    lab.source.end(session, false).await.expect("rollback");
+    let (bitmaps, stray) = cbt_state(&lab.source).await;
+    assert_eq!(
+        bitmaps,
+        vec!["cbt-b0".to_string()],
+        "the parent's bitmap is kept, b1's removed"
+    );
+    assert!(stray.is_empty(), "stray nodes {stray:?}");
+    assert!(
+        sink.list("disks/vm1-d0/backups/b1")
+            .await
+            .expect("list")
+            .is_empty(),
+        "no manifest or index of b1"
+    );
+
+    // The chain still restores; the next backup is incremental from b0 and exact.
+    let out0 = lab.dir.path().join("out0.raw");
+    engine::restore(
+        &sink,
+        DISK,
+        "b0",
+        &RestoreTarget::RawFile(out0.clone()),
+        None,
+    )
+    .await
+    .expect("restore b0");
+    compare(&out0, &r0);
+    let r2 = lab.dir.path().join("ref2.raw");
+    let m2 = take_backup(
+        &lab,
+        &sink,
+        "b2",
+        Requested::Auto,
+        Some(full),
+        &mut rng,
+        5,
+        &r2,
+    )
+    .await;
+    assert_eq!(m2.level, Level::Incremental);
+    assert_eq!(m2.parent.as_deref(), Some("b0"));
+    let out2 = lab.dir.path().join("out2.raw");
+    engine::restore(
+        &sink,
+        DISK,
+        "b2",
+        &RestoreTarget::RawFile(out2.clone()),
+        None,
+    )
+    .await
+    .expect("restore b2");
+    compare(&out2, &r2);
+}
+
+/// Replaces the QEMU process of `lab` by a new one on the same image.
+async fn restart(lab: &mut Lab, clean: bool) {
+    if clean {
+        // A clean exit stores persistent bitmaps in the qcow2.
+        let _ = lab.source.qmp().run("quit", serde_json::Value::Null).await;
+        let _ = lab.daemon.child.wait();
+    } else {
+        lab.daemon.kill();
+    }
+    let daemon = start_qsd(lab.dir.path(), &lab.image);
+    let (source, live) = attach(lab.dir.path(), &daemon).await;
+    lab.source = source;
+    lab.live = live;
+    lab.daemon = daemon;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_and_kills_of_qemu_give_incremental_or_full_with_the_right_reason() {
+    use libcbt::format::FullReason;
+    let mut rng = rng(seed("qemu_restarts"));
+    let mut lab = lab().await;
+    let sink = LocalSink::open(lab.dir.path().join("sink")).expect("sink");
+    guest_writes(&lab.live, &mut rng, 20).await;
+    let r0 = lab.dir.path().join("ref0.raw");
+    let b0 = take_backup(&lab, &sink, "b0", Requested::Auto, None, &mut rng, 0, &r0).await;
+
+    // Clean restart: the bitmap persists and the next backup is incremental.
+    restart(&mut lab, true).await;
+    guest_writes(&lab.live, &mut rng, 20).await;
+    let node = lab.source.node("d0").await.expect("node");
+    let d = qemu::decide(Requested::Auto, Some(&b0), &node);
+    assert_eq!(
+        d.level,
+        Level::Incremental,
+        "bitmap after a clean restart: {:?}",
+        node.bitmaps
+    );
+
+    // Killed while the bitmap (loaded from the qcow2) was in use: inconsistent.
+    restart(&mut lab, false).await;
+    let node = lab.source.node("d0").await.expect("node");
+    let bm = node.bitmap("cbt-b0").expect("bitmap still listed");
+    assert!(bm.inconsistent, "{bm:?}");
+    assert_eq!(
+        qemu::decide(Requested::Auto, Some(&b0), &node).reason,
+        Some(FullReason::BitmapInconsistent)
+    );
+    lab.source
+        .remove_stale_bitmaps("d0", None)
+        .await
+        .expect("cleanup");
+    let r1 = lab.dir.path().join("ref1.raw");
+    let b1 = take_backup(
+        &lab,
+        &sink,
+        "b1",
+        Requested::Full,
+        Some(b0),
+        &mut rng,
+        5,
+        &r1,
+    )
+    .await;
+    assert_eq!(b1.level, Level::Full);
+
+    // Killed before the bitmap created in that session was ever stored: missing.
+    guest_writes(&lab.live, &mut rng, 20).await;
+    restart(&mut lab, false).await;
+    let node = lab.source.node("d0").await.expect("node");
+    assert!(node.bitmap("cbt-b1").is_none(), "{:?}", node.bitmaps);
+    let d = qemu::decide(Requested::Auto, Some(&b1), &node);
+    assert_eq!(d.reason, Some(FullReason::BitmapMissing));
+    let r2 = lab.dir.path().join("ref2.raw");
+    let b2 = take_backup(
+        &lab,
+        &sink,
+        "b2",
+        Requested::Auto,
+        Some(b1),
+        &mut rng,
+        5,
+        &r2,
+    )
+    .await;
+    assert_eq!(
+        (b2.level, b2.full_reason),
+        (Level::Full, Some(FullReason::BitmapMissing))
+    );
+    for (id, r) in [("b0", &r0), ("b1", &r1), ("b2", &r2)] {
+        let out = lab.dir.path().join(format!("out-{id}.raw"));
+        engine::restore(&sink, DISK, id, &RestoreTarget::RawFile(out.clone()), None)
+            .await
+            .expect("restore");
+        compare(&out, r);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_is_named_by_verify_and_fails_restore() {
+    let mut rng = rng(seed("corruption"));
+    let lab = lab().await;
+    let sink = LocalSink::open(lab.dir.path().join("sink")).expect("sink");
+    guest_writes(&lab.live, &mut rng, 40).await;
+    let r0 = lab.dir.path().join("ref0.raw");
+    let m = take_backup(&lab, &sink, "b0", Requested::Auto, None, &mut rng, 0, &r0).await;
+    let seg = &m.segments[0];
+    let path = sink.root().join(seg);
+    let mut bytes = std::fs::read(&path).expect("segment");
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x55;
+    std::fs::write(&path, &bytes).expect("corrupt");
+    let report = engine::verify_chain(&sink, DISK, "b0")
+        .await
+        .expect("verify runs");
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    let p = &report.problems[0];
+    assert_eq!((p.backup.as_str(), p.object.as_str()), ("b0", seg.as_str()));
+    assert!(p.pos > 0 && p.pos < at as u64, "position {:#x}", p.pos);
+    let out = lab.dir.path().join("out.raw");
+    let e = engine::restore(&sink, DISK, "b0", &RestoreTarget::RawFile(out), None)
+        .await
+        .expect_err("restore must fail");
+    assert!(matches!(e, engine::EngineError::Corrupt { .. }), "{e:?}");
+    // A truncated index and a missing segment are named too.
+    let idx = sink.root().join(&m.index.name);
+    let ib = std::fs::read(&idx).expect("index");
+    std::fs::write(&idx, &ib[..ib.len() - 5]).expect("truncate");
+    let report = engine::verify_chain(&sink, DISK, "b0")
+        .await
+        .expect("verify runs");
+    assert!(
+        report.problems[0].object.ends_with(".idx"),
+        "{:?}",
+        report.problems
+    );
+    std::fs::write(&idx, &ib).expect("restore index");
+    std::fs::remove_file(&path).expect("remove segment");
+    let report = engine::verify_chain(&sink, DISK, "b0")
+        .await
+        .expect("verify runs");
+    assert!(
+        !report.ok() && report.problems.iter().all(|p| p.object == *seg),
+        "{:?}",
+        report.problems
+    );
+}
+
+/// The QEMU 7.2 facts the QMP source relies on, checked against the real thing: after the
+/// point in time the guest rewrites part of a cluster and zeroes another range.
+/// - Structured reads of the view return the point-in-time bytes (plain reads do not).
+/// - `written_since_point_in_time` covers both ranges, so a scan that trusts nothing there is
+///   safe from the view's block-status misreports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleecing_view_facts_the_qmp_source_relies_on() {
+    let lab = lab().await;
+    let (a, z) = (0x100_0000u64, 0x200_0000u64);
+    lab.live
+        .write(a, vec![0xab; 256 << 10], false)
+        .await
+        .expect("write");
+    lab.live
+        .write(z, vec![0xab; 256 << 10], false)
+        .await
+        .expect("write");
+    lab.live.flush().await.expect("flush");
+    let s = lab
+        .source
+        .begin("f0", &[("d0".into(), None)])
+        .await
+        .expect("begin");
+    lab.live
+        .write(a + 4096, vec![0xcd; 8192], false)
+        .await
+        .expect("write");
+    lab.live
+        .write_zeroes(z, 200 << 10, true)
+        .await
+        .expect("zero");
+    lab.live.flush().await.expect("flush");
+    let d = &s.disks[0];
+    let view = Client::connect_with(
+        &d.uri,
+        &ConnectOptions {
+            connections: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("view");
+    for off in [a, z] {
+        let data = view.read(off, vec![0; 256 << 10]).await.expect("read");
+        assert!(
+            data.iter().all(|b| *b == 0xab),
+            "structured read at {off:#x} is not the point in time"
+        );
+    }
+    view.disconnect().await;
+    let written = lab
+        .source
+        .written_since_point_in_time(d)
+        .await
+        .expect("written");
+    for r in [a + 4096..a + 12288, z..z + (200 << 10)] {
+        assert!(
+            written.overlapping(r.clone()).map(|e| e.len()).sum::<u64>() == r.end - r.start,
+            "{r:x?} not covered: {written:?}"
+        );
+    }
+    lab.source.end(s, true).await.expect("end");
+}
