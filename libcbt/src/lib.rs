@@ -3,6 +3,7 @@
 //! | module | what it owns |
 //! |---|---|
 //! | [`engine`] | backup, restore and verify pipelines |
+//! | [`job`] | whole jobs: source + engine + sink, all or nothing |
 //! | [`extent`] | [`ExtentMap`](extent::ExtentMap): sorted disjoint byte ranges with flags |
 //! | [`format`] | on-sink format: segments of checksummed lz4 frames, index, manifest |
 //! | [`nbd`] | NBD wire format and the async, pipelined, multi-connection client |
@@ -17,6 +18,7 @@
 pub mod engine;
 pub mod extent;
 pub mod format;
+pub mod job;
 pub mod nbd;
 pub mod qmp;
 pub mod sink;

@@ -4,145 +4,24 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 
+use common::lab::{compare, guest_writes, Lab};
 use common::*;
 use libcbt::engine::{self, BackupOptions, DiskBackup, RestoreTarget};
 use libcbt::format::{Consistency, Level, Manifest};
 use libcbt::nbd::{Client, ConnectOptions};
-use libcbt::qmp::Qmp;
 use libcbt::sink::local::LocalSink;
 use libcbt::sink::Sink;
 use libcbt::source::qemu::{self, QemuSource, Requested};
 use rand::rngs::SmallRng;
-use rand::Rng;
-use serde_json::json;
 
 const SIZE: u64 = 128 << 20;
 const DISK: &str = "vm1-d0";
 
-struct Lab {
-    dir: tempfile::TempDir,
-    daemon: Daemon,
-    source: QemuSource,
-    live: Client,
-    image: PathBuf,
-}
-
-fn start_qsd(dir: &Path, image: &Path) -> Daemon {
-    let sock = dir.join("qmp.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--chardev")
-        .arg(format!(
-            "socket,id=m0,path={},server=on,wait=off",
-            sock.display()
-        ))
-        .args(["--monitor", "chardev=m0"])
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f0,filename={}",
-            image.display()
-        ))
-        .args(["--blockdev", "driver=qcow2,node-name=d0,file=f0"]);
-    Daemon::start("qemu-storage-daemon", cmd, &sock)
-}
-
-async fn attach(dir: &Path, daemon: &Daemon) -> (QemuSource, Client) {
-    let qmp = Arc::new(Qmp::connect(&daemon.socket).await.expect("qmp"));
-    let source = QemuSource::new(qmp.clone(), dir.join("work"))
-        .await
-        .expect("source");
-    // A writable export of the live disk stands in for the guest.
-    qmp.run(
-        "block-export-add",
-        json!({"type": "nbd", "id": "live", "node-name": "d0", "name": "live", "writable": true}),
-    )
-    .await
-    .expect("live export");
-    let uri = libcbt::nbd::NbdUri::unix(source.nbd_socket(), "live").to_string();
-    let live = Client::connect_with(
-        &uri,
-        &ConnectOptions {
-            connections: 1,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("live client");
-    (source, live)
-}
-
 async fn lab() -> Lab {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("d0.qcow2");
-    qcow2_create(&image, SIZE, 65536);
-    let daemon = start_qsd(dir.path(), &image);
-    let (source, live) = attach(dir.path(), &daemon).await;
-    Lab {
-        dir,
-        daemon,
-        source,
-        live,
-        image,
-    }
-}
-
-/// Random guest-like writes: data (half compressible), zeroes, discards.
-async fn guest_writes(live: &Client, rng: &mut SmallRng, n: usize) {
-    for _ in 0..n {
-        let len = rng.gen_range(1..=256u64) * 4096;
-        let off = rng.gen_range(0..=(SIZE - len) / 4096) * 4096;
-        match rng.gen_range(0..8) {
-            0 => live.write_zeroes(off, len, true).await.expect("zeroes"),
-            1 => live.trim(off, len).await.unwrap_or(()),
-            _ => {
-                let mut data = vec![0u8; len as usize];
-                rng.fill(&mut data[..]);
-                if rng.gen_bool(0.5) {
-                    for b in data.iter_mut().skip(1).step_by(2) {
-                        *b = b'x';
-                    }
-                }
-                live.write(off, data, false).await.expect("write");
-            }
-        }
-    }
-    live.flush().await.expect("flush");
-}
-
-/// A reference copy of the live disk now, by qemu-img.
-fn reference(live_uri: &str, path: &Path) {
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", live_uri])
-        .arg(path));
-}
-
-fn compare(a: &Path, b: &Path) {
-    require("qemu-img");
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .expect("qemu-img compare");
-    if !out.status.success() {
-        // Keep both images for a post-mortem.
-        let keep = std::env::temp_dir().join(format!("cbt-mismatch-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&keep);
-        for f in [a, b] {
-            let _ = std::fs::copy(f, keep.join(f.file_name().unwrap_or_default()));
-        }
-        panic!(
-            "{} differs from {}: {} (copies in {})",
-            a.display(),
-            b.display(),
-            String::from_utf8_lossy(&out.stdout),
-            keep.display()
-        );
-    }
+    Lab::new(&[("d0", "qcow2")], SIZE).await
 }
 
 /// One backup through the source and the engine; `during` writes happen while it copies.
@@ -160,10 +39,7 @@ async fn take_backup(
     let node = lab.source.node("d0").await.expect("node");
     let d = qemu::decide(requested, parent.as_ref(), &node);
     // The disk does not change between this copy and the point in time: only the test writes.
-    reference(
-        &libcbt::nbd::NbdUri::unix(lab.source.nbd_socket(), "live").to_string(),
-        refpath,
-    );
+    lab.reference(0, refpath);
     let session = lab
         .source
         .begin(id, &[("d0".into(), d.since.clone())])
@@ -200,7 +76,7 @@ async fn take_backup(
         scan.force_read(&written);
         engine::backup_disk(sink, &job, &scan, &opts, None).await
     };
-    let writes = guest_writes(&lab.live, rng, during);
+    let writes = guest_writes(&lab.live[0], rng, during);
     let (m, ()) = tokio::join!(copy, writes);
     let m = m.expect("backup");
     lab.source.end(session, true).await.expect("end");
@@ -231,7 +107,7 @@ async fn randomized_rounds_restore_exactly_and_writes_during_copy_do_not_leak() 
     let mut rng = rng(seed);
     let lab = lab().await;
     let sink = LocalSink::open(lab.dir.path().join("sink")).expect("sink");
-    guest_writes(&lab.live, &mut rng, 40).await;
+    guest_writes(&lab.live[0], &mut rng, 40).await;
     let mut chain: Vec<Manifest> = Vec::new();
     let mut refs = Vec::new();
     for round in 0..6 {
@@ -261,7 +137,7 @@ async fn randomized_rounds_restore_exactly_and_writes_during_copy_do_not_leak() 
         let (bitmaps, stray) = cbt_state(&lab.source).await;
         assert_eq!(bitmaps, vec![format!("cbt-{id}")], "round {round}");
         assert!(stray.is_empty(), "stray nodes {stray:?}");
-        guest_writes(&lab.live, &mut rng, 20).await;
+        guest_writes(&lab.live[0], &mut rng, 20).await;
         chain.push(m);
         refs.push(refpath);
     }
@@ -315,7 +191,6 @@ async fn randomized_rounds_restore_exactly_and_writes_during_copy_do_not_leak() 
         .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("nbd.sock")]);
     drop(lab.daemon);
-    let _ = lab.image;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,10 +198,10 @@ async fn cancelled_backup_leaves_the_chain_intact_and_the_next_stays_incremental
     let mut rng = rng(seed("cancelled_backup"));
     let lab = lab().await;
     let sink = LocalSink::open(lab.dir.path().join("sink")).expect("sink");
-    guest_writes(&lab.live, &mut rng, 30).await;
+    guest_writes(&lab.live[0], &mut rng, 30).await;
     let r0 = lab.dir.path().join("ref0.raw");
     let full = take_backup(&lab, &sink, "b0", Requested::Auto, None, &mut rng, 5, &r0).await;
-    guest_writes(&lab.live, &mut rng, 30).await;
+    guest_writes(&lab.live[0], &mut rng, 30).await;
 
     // Backup b1 starts, copies a little, and is cancelled (its future dropped).
     let node = lab.source.node("d0").await.expect("node");
@@ -368,7 +243,7 @@ async fn cancelled_backup_leaves_the_chain_intact_and_the_next_stays_incremental
         "the backup finished before it could be cancelled; make it bigger"
     );
     // Writes made while b1 was frozen must not be lost to the next incremental.
-    guest_writes(&lab.live, &mut rng, 10).await;
+    guest_writes(&lab.live[0], &mut rng, 10).await;
     lab.source.end(session, false).await.expect("rollback");
     let (bitmaps, stray) = cbt_state(&lab.source).await;
     assert_eq!(
@@ -424,35 +299,19 @@ async fn cancelled_backup_leaves_the_chain_intact_and_the_next_stays_incremental
     compare(&out2, &r2);
 }
 
-/// Replaces the QEMU process of `lab` by a new one on the same image.
-async fn restart(lab: &mut Lab, clean: bool) {
-    if clean {
-        // A clean exit stores persistent bitmaps in the qcow2.
-        let _ = lab.source.qmp().run("quit", serde_json::Value::Null).await;
-        let _ = lab.daemon.child.wait();
-    } else {
-        lab.daemon.kill();
-    }
-    let daemon = start_qsd(lab.dir.path(), &lab.image);
-    let (source, live) = attach(lab.dir.path(), &daemon).await;
-    lab.source = source;
-    lab.live = live;
-    lab.daemon = daemon;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_and_kills_of_qemu_give_incremental_or_full_with_the_right_reason() {
     use libcbt::format::FullReason;
     let mut rng = rng(seed("qemu_restarts"));
     let mut lab = lab().await;
     let sink = LocalSink::open(lab.dir.path().join("sink")).expect("sink");
-    guest_writes(&lab.live, &mut rng, 20).await;
+    guest_writes(&lab.live[0], &mut rng, 20).await;
     let r0 = lab.dir.path().join("ref0.raw");
     let b0 = take_backup(&lab, &sink, "b0", Requested::Auto, None, &mut rng, 0, &r0).await;
 
     // Clean restart: the bitmap persists and the next backup is incremental.
-    restart(&mut lab, true).await;
-    guest_writes(&lab.live, &mut rng, 20).await;
+    lab.restart(true).await;
+    guest_writes(&lab.live[0], &mut rng, 20).await;
     let node = lab.source.node("d0").await.expect("node");
     let d = qemu::decide(Requested::Auto, Some(&b0), &node);
     assert_eq!(
@@ -463,7 +322,7 @@ async fn restarts_and_kills_of_qemu_give_incremental_or_full_with_the_right_reas
     );
 
     // Killed while the bitmap (loaded from the qcow2) was in use: inconsistent.
-    restart(&mut lab, false).await;
+    lab.restart(false).await;
     let node = lab.source.node("d0").await.expect("node");
     let bm = node.bitmap("cbt-b0").expect("bitmap still listed");
     assert!(bm.inconsistent, "{bm:?}");
@@ -490,8 +349,8 @@ async fn restarts_and_kills_of_qemu_give_incremental_or_full_with_the_right_reas
     assert_eq!(b1.level, Level::Full);
 
     // Killed before the bitmap created in that session was ever stored: missing.
-    guest_writes(&lab.live, &mut rng, 20).await;
-    restart(&mut lab, false).await;
+    guest_writes(&lab.live[0], &mut rng, 20).await;
+    lab.restart(false).await;
     let node = lab.source.node("d0").await.expect("node");
     assert!(node.bitmap("cbt-b1").is_none(), "{:?}", node.bitmaps);
     let d = qemu::decide(Requested::Auto, Some(&b1), &node);
@@ -526,7 +385,7 @@ async fn corruption_is_named_by_verify_and_fails_restore() {
     let mut rng = rng(seed("corruption"));
     let lab = lab().await;
     let sink = LocalSink::open(lab.dir.path().join("sink")).expect("sink");
-    guest_writes(&lab.live, &mut rng, 40).await;
+    guest_writes(&lab.live[0], &mut rng, 40).await;
     let r0 = lab.dir.path().join("ref0.raw");
     let m = take_backup(&lab, &sink, "b0", Requested::Auto, None, &mut rng, 0, &r0).await;
     let seg = &m.segments[0];
@@ -580,29 +439,29 @@ async fn corruption_is_named_by_verify_and_fails_restore() {
 async fn fleecing_view_facts_the_qmp_source_relies_on() {
     let lab = lab().await;
     let (a, z) = (0x100_0000u64, 0x200_0000u64);
-    lab.live
+    lab.live[0]
         .write(a, vec![0xab; 256 << 10], false)
         .await
         .expect("write");
-    lab.live
+    lab.live[0]
         .write(z, vec![0xab; 256 << 10], false)
         .await
         .expect("write");
-    lab.live.flush().await.expect("flush");
+    lab.live[0].flush().await.expect("flush");
     let s = lab
         .source
         .begin("f0", &[("d0".into(), None)])
         .await
         .expect("begin");
-    lab.live
+    lab.live[0]
         .write(a + 4096, vec![0xcd; 8192], false)
         .await
         .expect("write");
-    lab.live
+    lab.live[0]
         .write_zeroes(z, 200 << 10, true)
         .await
         .expect("zero");
-    lab.live.flush().await.expect("flush");
+    lab.live[0].flush().await.expect("flush");
     let d = &s.disks[0];
     let view = Client::connect_with(
         &d.uri,

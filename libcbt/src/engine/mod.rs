@@ -14,6 +14,7 @@
 //! written, so the backup does not exist.
 
 mod backup;
+pub mod catalog;
 mod restore;
 mod verify;
 

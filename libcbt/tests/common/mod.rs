@@ -2,6 +2,8 @@
 //! tool fails the test loudly when the tool is missing: nothing is skipped.
 #![allow(dead_code)]
 
+pub mod lab;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

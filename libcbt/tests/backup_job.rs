@@ -1,0 +1,250 @@
+//! Whole backup jobs (libcbt::job) against qemu-storage-daemon: several disks of two formats
+//! at one point in time, restarts, and a sink that fills up.
+
+mod common;
+
+use std::process::Command;
+
+use common::lab::{compare, guest_writes, Lab};
+use common::*;
+use libcbt::engine::{self, catalog, BackupOptions, RestoreTarget};
+use libcbt::format::{FullReason, Level};
+use libcbt::job::{self, DiskSpec, JobError};
+use libcbt::sink::local::LocalSink;
+use libcbt::sink::{Sink, SinkError};
+use libcbt::source::qemu::Requested;
+
+const SIZE: u64 = 64 << 20;
+
+fn specs(lab: &Lab) -> Vec<DiskSpec> {
+    lab.disks
+        .iter()
+        .map(|d| DiskSpec {
+            node: d.node.clone(),
+            disk: format!("vm-{}", d.node),
+        })
+        .collect()
+}
+
+/// Takes references of every disk, runs a job, and checks the bitmaps left behind.
+async fn job_round(
+    lab: &Lab,
+    sink: &LocalSink,
+    id: &str,
+    requested: Requested,
+) -> Result<Vec<(String, std::path::PathBuf)>, JobError> {
+    let mut refs = Vec::new();
+    for (i, d) in lab.disks.iter().enumerate() {
+        let r = lab.path(&format!("ref-{id}-{}.raw", d.node));
+        lab.reference(i, &r);
+        refs.push((format!("vm-{}", d.node), r));
+    }
+    let opts = BackupOptions {
+        chunk_size: 256 << 10,
+        segment_size: 4 << 20,
+        ..Default::default()
+    };
+    job::backup_qemu(&lab.source, sink, id, &specs(lab), requested, &opts).await?;
+    Ok(refs)
+}
+
+async fn bitmaps(lab: &Lab) -> Vec<Vec<String>> {
+    let nodes = lab.source.nodes().await.expect("nodes");
+    assert!(
+        nodes.iter().all(|n| !n.node.starts_with("cbt-")),
+        "stray nodes"
+    );
+    lab.disks
+        .iter()
+        .map(|d| {
+            nodes
+                .iter()
+                .find(|n| n.node == d.node)
+                .expect("node")
+                .bitmaps
+                .iter()
+                .map(|b| b.name.clone())
+                .collect()
+        })
+        .collect()
+}
+
+async fn restore_and_compare(
+    lab: &Lab,
+    sink: &LocalSink,
+    id: &str,
+    refs: &[(String, std::path::PathBuf)],
+) {
+    for (disk, r) in refs {
+        let out = lab.path(&format!("out-{id}-{disk}.raw"));
+        engine::restore(sink, disk, id, &RestoreTarget::RawFile(out.clone()), None)
+            .await
+            .expect("restore");
+        compare(&out, r);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_disks_of_two_formats_are_frozen_together_and_restore_exactly() {
+    let mut rng = rng(seed("two_disks"));
+    let mut lab = Lab::new(&[("d0", "qcow2"), ("d1", "raw")], SIZE).await;
+    let sink = LocalSink::open(lab.path("sink")).expect("sink");
+    let mut all = Vec::new();
+    for round in 0..4 {
+        for l in &lab.live {
+            guest_writes(l, &mut rng, 15).await;
+        }
+        let id = format!("b{round}");
+        let refs = job_round(&lab, &sink, &id, Requested::Auto)
+            .await
+            .expect("job");
+        for (disk, _) in &refs {
+            let m = catalog::latest(&sink, disk)
+                .await
+                .expect("catalog")
+                .expect("a backup");
+            assert_eq!(m.backup_id, id);
+            assert_eq!(
+                m.level,
+                if round == 0 {
+                    Level::Full
+                } else {
+                    Level::Incremental
+                },
+                "{disk} round {round}"
+            );
+        }
+        assert_eq!(bitmaps(&lab).await, vec![vec![format!("cbt-{id}")]; 2]);
+        all.push((id, refs));
+    }
+    for (id, refs) in &all {
+        restore_and_compare(&lab, &sink, id, refs).await;
+    }
+    // After a kill, the qcow2 bitmap created in that session is gone, and the raw disk's
+    // bitmap never survives a restart: both disks get a full, with the reason recorded.
+    lab.restart(false).await;
+    for l in &lab.live {
+        guest_writes(l, &mut rng, 5).await;
+    }
+    let refs = job_round(&lab, &sink, "b9", Requested::Auto)
+        .await
+        .expect("job after kill");
+    for (disk, _) in &refs {
+        let m = catalog::latest(&sink, disk)
+            .await
+            .expect("catalog")
+            .expect("a backup");
+        assert_eq!(
+            (m.level, m.full_reason),
+            (Level::Full, Some(FullReason::BitmapMissing)),
+            "{disk}"
+        );
+    }
+    restore_and_compare(&lab, &sink, "b9", &refs).await;
+    // Incremental requested where impossible is refused, not silently turned into a full.
+    lab.restart(false).await;
+    let e = job_round(&lab, &sink, "b10", Requested::Incremental)
+        .await
+        .expect_err("must be refused");
+    assert!(matches!(e, JobError::Source(_)), "{e:?}");
+}
+
+/// Unmounts on drop so that a failing test does not leave a mount behind.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("mkdir");
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path));
+        Tmpfs(path.to_path_buf())
+    }
+    fn grow(&self, size: &str) {
+        run(Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_fills_up_fails_the_job_and_loses_nothing() {
+    let mut rng = rng(seed("sink_full"));
+    let lab = Lab::new(&[("d0", "qcow2")], SIZE).await;
+    let mnt = lab.path("sink");
+    let tmpfs = Tmpfs::mount(&mnt, "6m");
+    let sink = LocalSink::open(&mnt).expect("sink");
+    guest_writes(&lab.live[0], &mut rng, 3).await;
+    let refs0 = job_round(&lab, &sink, "b0", Requested::Auto)
+        .await
+        .expect("small full fits");
+    let b0 = catalog::latest(&sink, "vm-d0")
+        .await
+        .expect("catalog")
+        .expect("b0");
+    // Far more random data than the sink can hold.
+    for _ in 0..24 {
+        let mut data = vec![0u8; 1 << 20];
+        rand::Rng::fill(&mut rng, &mut data[..]);
+        let off = rand::Rng::gen_range(&mut rng, 0..SIZE / (1 << 20)) << 20;
+        lab.live[0].write(off, data, false).await.expect("write");
+    }
+    let e = job_round(&lab, &sink, "b1", Requested::Auto)
+        .await
+        .expect_err("the sink is full");
+    let mut cause: Option<&dyn std::error::Error> = Some(&e);
+    let mut no_space = false;
+    while let Some(c) = cause {
+        no_space |= matches!(
+            c.downcast_ref::<SinkError>(),
+            Some(SinkError::NoSpace { .. })
+        );
+        cause = c.source();
+    }
+    assert!(no_space, "expected NoSpace in {e:?}");
+    // Nothing of b1 is left; b0 is intact and still the parent; the bitmaps rolled back.
+    let objects: Vec<String> = sink
+        .list("disks/")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    let mut expect: Vec<String> = b0.segments.clone();
+    expect.push(b0.index.name.clone());
+    expect.push(libcbt::format::manifest_name("vm-d0", "b0"));
+    expect.sort();
+    assert_eq!(objects, expect);
+    assert!(
+        std::fs::read_dir(mnt.join("disks/vm-d0/segments"))
+            .expect("dir")
+            .all(|e| !e
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')),
+        "temp files left"
+    );
+    assert_eq!(bitmaps(&lab).await, vec![vec!["cbt-b0".to_string()]]);
+    restore_and_compare(&lab, &sink, "b0", &refs0).await;
+    // With room again, the next backup is an incremental from b0 and restores exactly.
+    tmpfs.grow("200m");
+    let refs2 = job_round(&lab, &sink, "b2", Requested::Auto)
+        .await
+        .expect("backup after space is freed");
+    let b2 = catalog::latest(&sink, "vm-d0")
+        .await
+        .expect("catalog")
+        .expect("b2");
+    assert_eq!(
+        (b2.level, b2.parent.as_deref()),
+        (Level::Incremental, Some("b0"))
+    );
+    restore_and_compare(&lab, &sink, "b2", &refs2).await;
+}
