@@ -13,8 +13,11 @@ missing=()
 for t in "${tools[@]}"; do
   command -v "$t" >/dev/null 2>&1 || missing+=("$t")
 done
-# GNU time measures wall, CPU and peak RSS of every tool in bench/.
+# GNU time measures wall, CPU and peak RSS of every tool in bench/; the demo uses bc and
+# python3 for its summary table.
 [ -x /usr/bin/time ] || missing+=(time)
+command -v bc >/dev/null 2>&1 || missing+=(bc)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 
 # All QEMU tools must come from one release.
 if [ ${#missing[@]} -eq 0 ]; then
@@ -44,7 +47,7 @@ if [ -z "$ver" ]; then
 fi
 $SUDO apt-get install -y -qq --allow-downgrades \
   qemu-system-x86 "qemu-utils=$ver" "qemu-block-extra=$ver" \
-  libnbd-bin nbdkit time >/dev/null
+  libnbd-bin nbdkit time bc python3 >/dev/null
 
 for t in "${tools[@]}"; do
   command -v "$t" >/dev/null 2>&1 || { echo "install-deps: $t still missing after install" >&2; exit 1; }

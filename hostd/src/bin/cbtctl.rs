@@ -1,11 +1,21 @@
 //! `cbtctl`: the operator's command line.
 //!
-//! Today it inspects NBD exports with libcbt's own client (`info`, `map`); backup, restore,
-//! verify and the daemon API arrive with the engine and hostd.
+//! Works directly on a QEMU (QMP socket) and a sink directory, without a daemon: `backup`,
+//! `restore`, `verify`, `list`; and inspects NBD exports with libcbt's own client (`info`,
+//! `map`). `qmp` sends one raw QMP command, for operators. The daemon API comes with hostd.
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use libcbt::engine::{self, catalog, BackupOptions, RestoreTarget};
+use libcbt::job::{self, DiskSpec};
 use libcbt::nbd::{self, proto::tflag, Client, ConnectOptions};
+use libcbt::qmp::Qmp;
+use libcbt::sink::local::LocalSink;
+use libcbt::source::qemu::{QemuSource, Requested};
 
 #[derive(Parser)]
 #[command(name = "cbtctl", version, about = "cbt operator CLI")]
@@ -14,8 +24,78 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LevelArg {
+    Auto,
+    Full,
+    Incremental,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Back up disks of a running QEMU (through its QMP socket) to a sink directory.
+    Backup {
+        /// QMP socket of the QEMU (qemu-system or qemu-storage-daemon).
+        #[arg(long)]
+        qmp: PathBuf,
+        /// NODE=DISK: block node name in QEMU, and the disk's id on the sink. Repeat for
+        /// several disks; all are frozen at one point in time.
+        #[arg(long = "disk", required = true, value_parser = parse_disk)]
+        disks: Vec<(String, String)>,
+        /// Sink directory (local or NFS).
+        #[arg(long)]
+        sink: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        level: LevelArg,
+        /// Backup id (default: a UTC timestamp).
+        #[arg(long)]
+        id: Option<String>,
+        /// Where scratch images and QEMU's NBD socket go (on the QEMU host).
+        #[arg(long, default_value = "/var/lib/cbt/work")]
+        work_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup of a disk to a new raw or qcow2 file, or to an NBD export.
+    Restore {
+        #[arg(long)]
+        sink: PathBuf,
+        #[arg(long)]
+        disk: String,
+        /// Backup id (default: the newest).
+        #[arg(long)]
+        backup: Option<String>,
+        /// raw:PATH, qcow2:PATH or an NBD URI.
+        #[arg(long)]
+        to: String,
+    },
+    /// Check every manifest, index and frame of a backup's chain.
+    Verify {
+        #[arg(long)]
+        sink: PathBuf,
+        #[arg(long)]
+        disk: String,
+        #[arg(long)]
+        backup: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Backups on a sink.
+    List {
+        #[arg(long)]
+        sink: PathBuf,
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send one QMP command and print its result (for operators).
+    Qmp {
+        socket: PathBuf,
+        command: String,
+        /// Arguments as a JSON object.
+        args: Option<String>,
+    },
     /// Size, flags, block sizes and meta contexts of an NBD export.
     Info {
         /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH
@@ -37,6 +117,48 @@ enum Command {
         #[arg(long)]
         totals: bool,
     },
+}
+
+fn parse_disk(s: &str) -> Result<(String, String), String> {
+    let (node, disk) = s.split_once('=').ok_or("expected NODE=DISK")?;
+    Ok((node.to_string(), disk.to_string()))
+}
+
+/// A UTC timestamp like 20261126T113200 (days-from-civil, inverted).
+fn timestamp_id() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+async fn newest(sink: &LocalSink, disk: &str, backup: Option<String>) -> Result<String> {
+    match backup {
+        Some(b) => Ok(b),
+        None => Ok(catalog::latest(sink, disk)
+            .await?
+            .with_context(|| format!("no backup of {disk} on the sink"))?
+            .backup_id),
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / f64::from(1u32 << 20)
 }
 
 fn describe(context: &str, flags: u32) -> String {
@@ -66,9 +188,175 @@ fn describe(context: &str, flags: u32) -> String {
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Backup {
+            qmp,
+            disks,
+            sink,
+            level,
+            id,
+            work_dir,
+            json,
+        } => {
+            let sink = LocalSink::open(&sink)?;
+            let q = Arc::new(
+                Qmp::connect(&qmp)
+                    .await
+                    .with_context(|| format!("connecting to QMP at {}", qmp.display()))?,
+            );
+            let source = QemuSource::new(q, &work_dir).await?;
+            let specs: Vec<DiskSpec> = disks
+                .into_iter()
+                .map(|(node, disk)| DiskSpec { node, disk })
+                .collect();
+            let requested = match level {
+                LevelArg::Auto => Requested::Auto,
+                LevelArg::Full => Requested::Full,
+                LevelArg::Incremental => Requested::Incremental,
+            };
+            let id = id.unwrap_or_else(timestamp_id);
+            let t = Instant::now();
+            let result = job::backup_qemu(
+                &source,
+                &sink,
+                &id,
+                &specs,
+                requested,
+                &BackupOptions::default(),
+            )
+            .await;
+            source.close().await?;
+            let results = result?;
+            if json {
+                let v: Vec<_> = results
+                    .iter()
+                    .map(|r| serde_json::json!({"manifest": r.manifest, "seconds": r.seconds}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("backup {id} in {:.2}s", t.elapsed().as_secs_f64());
+                for r in &results {
+                    let m = &r.manifest;
+                    println!(
+                        "  {:<16} {:<11} {:<20} scanned {:>9.1} MiB  data {:>9.1} MiB  zero {:>8.1} MiB  stored {:>9.1} MiB  {:.2}s",
+                        m.disk,
+                        format!("{:?}", m.level).to_lowercase(),
+                        m.full_reason.map(|r| format!("{r:?}")).unwrap_or_default(),
+                        mib(m.stats.bytes_scanned),
+                        mib(m.stats.bytes_data),
+                        mib(m.stats.bytes_zero),
+                        mib(m.stats.bytes_stored),
+                        r.seconds
+                    );
+                }
+            }
+        }
+        Command::Restore {
+            sink,
+            disk,
+            backup,
+            to,
+        } => {
+            let sink = LocalSink::open(&sink)?;
+            let backup = newest(&sink, &disk, backup).await?;
+            let target = if let Some(p) = to.strip_prefix("raw:") {
+                RestoreTarget::RawFile(p.into())
+            } else if let Some(p) = to.strip_prefix("qcow2:") {
+                RestoreTarget::Qcow2(p.into())
+            } else if to.starts_with("nbd") {
+                RestoreTarget::Nbd(to.clone())
+            } else {
+                bail!("--to takes raw:PATH, qcow2:PATH or an NBD URI");
+            };
+            let t = Instant::now();
+            let st = engine::restore(&sink, &disk, &backup, &target, None).await?;
+            println!(
+                "restored {disk} {backup} (chain of {}) to {to}: {:.1} MiB written, {:.1} MiB zero, {} frames, {:.2}s",
+                st.chain_len,
+                mib(st.bytes_written),
+                mib(st.bytes_zero),
+                st.frames_read,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        Command::Verify {
+            sink,
+            disk,
+            backup,
+            json,
+        } => {
+            let sink = LocalSink::open(&sink)?;
+            let backup = newest(&sink, &disk, backup).await?;
+            let r = engine::verify_chain(&sink, &disk, &backup).await?;
+            if json {
+                let problems: Vec<String> = r.problems.iter().map(ToString::to_string).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"backups": r.backups, "frames": r.frames, "bytes": r.bytes, "problems": problems})
+                );
+            } else {
+                println!(
+                    "verified {disk} {backup}: {} backups, {} frames, {:.1} MiB",
+                    r.backups,
+                    r.frames,
+                    mib(r.bytes)
+                );
+                for p in &r.problems {
+                    println!("  PROBLEM {p}");
+                }
+            }
+            if !r.ok() {
+                std::process::exit(1);
+            }
+        }
+        Command::List { sink, disk, json } => {
+            let sink = LocalSink::open(&sink)?;
+            let disks = match disk {
+                Some(d) => vec![d],
+                None => catalog::list_disks(&sink).await?,
+            };
+            let mut all = Vec::new();
+            for d in disks {
+                all.extend(catalog::list_backups(&sink, &d).await?);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for m in &all {
+                    println!(
+                        "{:<16} {:<18} {:<11} parent {:<18} stored {:>9.1} MiB  {}",
+                        m.disk,
+                        m.backup_id,
+                        format!("{:?}", m.level).to_lowercase(),
+                        m.parent.as_deref().unwrap_or("-"),
+                        mib(m.stats.bytes_stored),
+                        m.full_reason
+                            .map(|r| format!("full: {r:?}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Command::Qmp {
+            socket,
+            command,
+            args,
+        } => {
+            let q = Qmp::connect(&socket)
+                .await
+                .with_context(|| format!("connecting to {}", socket.display()))?;
+            let args: serde_json::Value = match args {
+                Some(a) => serde_json::from_str(&a).context("arguments must be a JSON object")?,
+                None => serde_json::Value::Null,
+            };
+            let v = q.execute_value(&command, args).await?;
+            match v {
+                serde_json::Value::String(s) => print!("{s}"),
+                v => println!("{}", serde_json::to_string_pretty(&v)?),
+            }
+        }
         Command::Info { uri, json } => {
             let contexts = nbd::list_meta_contexts(&uri, &[]).await.unwrap_or_default();
             let opts = ConnectOptions {

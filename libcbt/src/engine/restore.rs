@@ -28,6 +28,8 @@ pub enum RestoreTarget {
     /// An NBD export at least as large as the disk (a `qemu-nbd` export of a new volume,
     /// say). Zero ranges are written with `WRITE_ZEROES`.
     Nbd(String),
+    /// A new qcow2 file (refused if it exists), written through a `qemu-nbd` started for it.
+    Qcow2(PathBuf),
 }
 
 /// What a restore did.
@@ -219,6 +221,9 @@ pub async fn restore<S: Sink>(
     target: &RestoreTarget,
     progress: Option<&ProgressFn>,
 ) -> Result<RestoreStats, EngineError> {
+    if let RestoreTarget::Qcow2(path) = target {
+        return restore_qcow2(sink, disk, backup, path, progress).await;
+    }
     let chain = load_chain(sink, disk, backup).await?;
     let indexes: Vec<&Index> = chain.iter().map(|(_, i)| i).collect();
     let plan: RestorePlan = plan_restore(&indexes);
@@ -247,6 +252,7 @@ pub async fn restore<S: Sink>(
                 })?;
             Target::File(Arc::new(f))
         }
+        RestoreTarget::Qcow2(_) => unreachable!("handled above"),
         RestoreTarget::Nbd(uri) => {
             let c = Client::connect_with(uri, &ConnectOptions::default()).await?;
             if c.size() < plan.disk_size {
@@ -333,4 +339,93 @@ pub async fn restore<S: Sink>(
         }
     }
     Ok(stats)
+}
+
+fn io<'a>(
+    op: &'static str,
+    path: &'a std::path::Path,
+) -> impl FnOnce(std::io::Error) -> EngineError + 'a {
+    move |source| EngineError::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Restores into a new qcow2: `qemu-img create`, a private `qemu-nbd`, an NBD restore, flush,
+/// then `qemu-nbd` is stopped with SIGTERM so that it closes the image cleanly.
+async fn restore_qcow2<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+    path: &std::path::Path,
+    progress: Option<&ProgressFn>,
+) -> Result<RestoreStats, EngineError> {
+    use std::process::Command;
+    if path.exists() {
+        return Err(EngineError::Invalid(format!("{} exists", path.display())));
+    }
+    let chain = load_chain(sink, disk, backup).await?;
+    let size = chain.last().map_or(0, |(m, _)| m.disk_size);
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .map_err(io("running qemu-img for", path))?;
+    if !out.status.success() {
+        return Err(EngineError::Io {
+            op: "creating",
+            path: path.display().to_string(),
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
+        });
+    }
+    let sock = path.with_extension("restore.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "--shared=8", "--persistent", "-k"])
+        .arg(&sock)
+        .arg(path)
+        // Its only chatter is about our readiness probe; failures show as a restore error.
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(io("starting qemu-nbd for", path))?;
+    let result = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while tokio::net::UnixStream::connect(&sock).await.is_err() {
+            if std::time::Instant::now() > deadline
+                || child
+                    .try_wait()
+                    .map_err(io("waiting for qemu-nbd on", path))?
+                    .is_some()
+            {
+                return Err(EngineError::Invalid(format!(
+                    "qemu-nbd did not serve {}",
+                    path.display()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let uri = crate::nbd::NbdUri::unix(&sock, "").to_string();
+        Box::pin(restore(
+            sink,
+            disk,
+            backup,
+            &RestoreTarget::Nbd(uri),
+            progress,
+        ))
+        .await
+    }
+    .await;
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&sock);
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
 }

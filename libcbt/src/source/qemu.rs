@@ -239,6 +239,16 @@ impl QemuSource {
         })
     }
 
+    /// Stops the NBD server this source started. Call it when done; sessions must be ended.
+    pub async fn close(self) -> Result<(), SourceError> {
+        self.qmp
+            .run("nbd-server-stop", Value::Null)
+            .await
+            .map_err(qmp_err("stopping the NBD server"))?;
+        let _ = std::fs::remove_file(&self.nbd_socket);
+        Ok(())
+    }
+
     /// The QMP connection.
     pub fn qmp(&self) -> &Arc<Qmp> {
         &self.qmp
