@@ -27,11 +27,11 @@ demo: deps
 
 # Side-by-side benchmarks against nbdcopy and nbdinfo; results in bench/results/.
 bench: deps
-	$(CARGO) build --release --locked -p cbt-bench
+	$(CARGO) build --release --locked -p cbt-bench -p cbt-hostd
 	./target/release/cbt-bench all --out bench/results/latest.json
 
 bench-quick: deps
-	$(CARGO) build --release --locked -p cbt-bench
+	$(CARGO) build --release --locked -p cbt-bench -p cbt-hostd
 	./target/release/cbt-bench all --quick --out bench/results/quick.json
 
 # Short fuzzing runs of every target (installs cargo-fuzz when missing).

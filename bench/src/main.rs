@@ -39,6 +39,9 @@ enum Cmd {
     NbdRead(NbdReadArgs),
     /// Dirty-bitmap walk of N scattered extents on a large disk: libcbt vs nbdinfo --map.
     BlockStatus(BlockStatusArgs),
+    /// Backups through QMP of an 8 GiB qcow2 in qemu-storage-daemon: full vs nbdcopy to a raw
+    /// file, 1% incremental, restore of a 10-deep chain vs a single full.
+    Backup(BackupArgs),
     /// Every scenario; a table on stdout and a JSON file.
     All {
         /// Smaller disks and fewer runs, for a smoke test.
@@ -72,6 +75,18 @@ struct NbdReadArgs {
     #[arg(long, default_value_t = 8 << 30)]
     size: u64,
     #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value = "/var/tmp/cbt-bench")]
+    workdir: PathBuf,
+}
+
+#[derive(clap::Args, Clone)]
+struct BackupArgs {
+    #[arg(long, default_value_t = 8 << 30)]
+    size: u64,
+    #[arg(long, default_value_t = 3)]
     runs: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -577,6 +592,228 @@ async fn map_export(uri: &str, context: &str) -> Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------------------------
+// backup (issue 3 targets)
+
+fn cbtctl() -> Result<String> {
+    let exe = std::env::current_exe()?;
+    let p = exe.with_file_name("cbtctl");
+    if !p.exists() {
+        bail!("{} not found: build it (make bench does)", p.display());
+    }
+    Ok(p.to_string_lossy().into_owned())
+}
+
+/// qemu-storage-daemon with a QMP socket, serving `image` as node d0.
+fn start_qsd(dir: &Path, image: &Path) -> Result<(Server, PathBuf)> {
+    let sock = dir.join("qmp.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new("qemu-storage-daemon")
+        .arg("--chardev")
+        .arg(format!("socket,id=m0,path={},server=on,wait=off", sock.display()))
+        .args(["--monitor", "chardev=m0"])
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=f0,filename={}", image.display()))
+        .args(["--blockdev", "driver=qcow2,node-name=d0,file=f0"])
+        .spawn()?;
+    wait_socket(&sock, &mut child)?;
+    Ok((Server(child), sock))
+}
+
+/// Runs `f` with an NBD export of the live node d0 (read-only or writable), then removes it.
+async fn with_live_export<T>(qmp: &Path, dir: &Path, writable: bool, f: impl AsyncFnOnce(String) -> Result<T>) -> Result<T> {
+    let q = libcbt::qmp::Qmp::connect(qmp).await?;
+    let sock = dir.join("live.sock");
+    let _ = std::fs::remove_file(&sock);
+    q.run("nbd-server-start", serde_json::json!({"addr": {"type": "unix", "data": {"path": sock}}})).await?;
+    q.run("block-export-add", serde_json::json!({"type": "nbd", "id": "live", "node-name": "d0", "name": "live", "writable": writable})).await?;
+    let r = f(nbd::NbdUri::unix(&sock, "live").to_string()).await;
+    let mut sub = q.events();
+    q.run("block-export-del", serde_json::json!({"id": "live"})).await?;
+    libcbt::qmp::wait_event(&mut sub, "BLOCK_EXPORT_DELETED", Duration::from_secs(30), |_| true).await?;
+    q.run("nbd-server-stop", serde_json::Value::Null).await?;
+    r
+}
+
+/// `pct` percent of the disk dirtied in scattered 64 KiB writes of random data.
+async fn dirty_percent(uri: &str, pct: f64, rng: &mut SmallRng) -> Result<u64> {
+    let client = Client::connect(uri).await?;
+    let size = client.size();
+    let n = ((size as f64 * pct / 100.0) / 65536.0) as u64;
+    let mut set = tokio::task::JoinSet::new();
+    let mut written = 0;
+    for _ in 0..n {
+        let off = rng.gen_range(0..size / 65536) * 65536;
+        let mut data = vec![0u8; 65536];
+        rng.fill(&mut data[..]);
+        let c = client.clone();
+        set.spawn(async move { c.write(off, data, false).await });
+        written += 65536;
+        if set.len() >= 32 {
+            if let Some(r) = set.join_next().await {
+                r??;
+            }
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    client.flush().await?;
+    client.disconnect().await;
+    Ok(written)
+}
+
+fn backup_argv(qmp: &Path, sink: &Path, work: &Path, id: &str, level: &str) -> Result<Vec<String>> {
+    Ok(vec![
+        cbtctl()?,
+        "backup".into(),
+        "--qmp".into(),
+        qmp.display().to_string(),
+        "--disk".into(),
+        "d0=bench".into(),
+        "--sink".into(),
+        sink.display().to_string(),
+        "--work-dir".into(),
+        work.display().to_string(),
+        "--id".into(),
+        id.into(),
+        "--level".into(),
+        level.into(),
+        "--json".into(),
+    ])
+}
+
+fn restore_argv(sink: &Path, id: &str, out: &Path) -> Result<Vec<String>> {
+    Ok(vec![
+        cbtctl()?,
+        "restore".into(),
+        "--sink".into(),
+        sink.display().to_string(),
+        "--disk".into(),
+        "bench".into(),
+        "--backup".into(),
+        id.into(),
+        "--to".into(),
+        format!("raw:{}", out.display()),
+    ])
+}
+
+async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
+    std::fs::create_dir_all(&a.workdir)?;
+    let base = a.workdir.join(format!("b1-{}-{}.qcow2", a.size, a.seed));
+    if !base.exists() {
+        eprintln!("backup: generating {}", base.display());
+        make_read_workload(&base, a.size, a.seed).await?;
+    }
+    let dir = a.workdir.join("backup-run");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let image = dir.join("disk.qcow2");
+    run_ok(Command::new("cp").arg("--reflink=auto").arg(&base).arg(&image))?;
+    let (_qsd, qmp) = start_qsd(&dir, &image)?;
+    let work = dir.join("work");
+    let sink = dir.join("sink");
+    let raw = dir.join("nbdcopy.raw");
+    let mut rng = SmallRng::seed_from_u64(a.seed ^ 0xbac);
+
+    // Full: ours (cbtctl backup, to the local sink) vs nbdcopy of the live disk to a raw file.
+    eprintln!("backup: full, {} alternating runs each", a.runs);
+    let (mut ours, mut peer) = (Vec::new(), Vec::new());
+    let mut last = String::new();
+    for i in 0..=a.runs {
+        let _ = std::fs::remove_dir_all(&sink);
+        let (s, out) = measure(&backup_argv(&qmp, &sink, &work, &format!("full{i}"), "full")?)?;
+        let _ = std::fs::remove_file(&raw);
+        let (p, _) = with_live_export(&qmp, &dir, false, async |uri| {
+            measure(&["nbdcopy".into(), "--flush".into(), "--connections=4".into(), uri, raw.display().to_string()])
+        })
+        .await?;
+        // Run 0 warms the page cache for both.
+        if i > 0 {
+            eprintln!("  run {i}: ours {:.3}s, nbdcopy {:.3}s", s.wall_s, p.wall_s);
+            ours.push(s);
+            peer.push(p);
+            last = out;
+        }
+    }
+    let _ = std::fs::remove_file(&raw);
+    let m: serde_json::Value = serde_json::from_str(&last).unwrap_or_default();
+    let full_stats = m[0]["manifest"]["stats"].clone();
+    let (o, p) = (stats("cbtctl backup --level full", ours), stats("nbdcopy --flush → raw", peer));
+    let full = Scenario {
+        name: "backup-full".into(),
+        workload: format!("{} GiB qcow2, ~50% allocated, half compressible; qemu-storage-daemon; local sink", a.size >> 30),
+        ratio_ours_over_peer: o.wall_median_s / p.wall_median_s,
+        ours: o,
+        peer: p,
+        target: "ratio ≤ 1.1, peak RSS ≤ 256 MiB".into(),
+        extra: serde_json::json!({"stats": full_stats, "data_phase_s": m[0]["seconds"]}),
+    };
+
+    // Incremental: 1% of the disk in scattered 64 KiB writes after the last full.
+    eprintln!("backup: 1% incrementals");
+    let mut incr = Vec::new();
+    let mut phases = Vec::new();
+    for i in 0..a.runs {
+        with_live_export(&qmp, &dir, true, async |uri| dirty_percent(&uri, 1.0, &mut rng).await).await?;
+        let (s, out) = measure(&backup_argv(&qmp, &sink, &work, &format!("inc{i}"), "incremental")?)?;
+        let m: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let phase = m[0]["seconds"].as_f64().unwrap_or(f64::NAN);
+        eprintln!("  run {}: {:.3}s wall, data phase {phase:.3}s", i + 1, s.wall_s);
+        phases.push(phase);
+        incr.push(s);
+    }
+    let mut ph = phases.clone();
+    let inc_stats = stats("cbtctl backup --level incremental (1%)", incr);
+    let incremental = Scenario {
+        name: "backup-incr-1%".into(),
+        workload: "1% of the disk dirtied in scattered 64 KiB random writes, after a full".into(),
+        ratio_ours_over_peer: f64::NAN,
+        peer: inc_stats.clone(),
+        ours: inc_stats,
+        target: "data phase ≤ 0.3 s".into(),
+        extra: serde_json::json!({"data_phase_median_s": median(&mut ph), "data_phase_s": phases}),
+    };
+
+    // Restore: the newest of a chain of full + 10 incrementals vs a full of the same image.
+    eprintln!("backup: chain for the restore comparison");
+    let chain_len = 10;
+    for i in a.runs..chain_len {
+        with_live_export(&qmp, &dir, true, async |uri| dirty_percent(&uri, 1.0, &mut rng).await).await?;
+        measure(&backup_argv(&qmp, &sink, &work, &format!("inc{i}"), "incremental")?)?;
+    }
+    let deep = format!("inc{}", chain_len - 1);
+    // The same final image as one full, into a second sink.
+    let sink2 = dir.join("sink-single");
+    measure(&backup_argv(&qmp, &sink2, &work, "single", "full")?)?;
+    let (mut chain, mut single) = (Vec::new(), Vec::new());
+    for i in 0..=a.runs {
+        let out = dir.join("restored.raw");
+        let _ = std::fs::remove_file(&out);
+        let (c, _) = measure(&restore_argv(&sink, &deep, &out)?)?;
+        let _ = std::fs::remove_file(&out);
+        let (s1, _) = measure(&restore_argv(&sink2, "single", &out)?)?;
+        let _ = std::fs::remove_file(&out);
+        if i > 0 {
+            eprintln!("  run {i}: chain of 11 {:.3}s, single full {:.3}s", c.wall_s, s1.wall_s);
+            chain.push(c);
+            single.push(s1);
+        }
+    }
+    let (c, s1) = (stats("restore full + 10 incrementals", chain), stats("restore one full", single));
+    let restore = Scenario {
+        name: "restore-chain".into(),
+        workload: "raw file restore of the newest of full + 10 × 1% incrementals vs a single full of the same image".into(),
+        ratio_ours_over_peer: c.wall_median_s / s1.wall_median_s,
+        ours: c,
+        peer: s1,
+        target: "ratio ≤ 1.2".into(),
+        extra: serde_json::Value::Null,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(vec![full, incremental, restore])
+}
+
 fn print_table(scenarios: &[Scenario]) {
     println!(
         "{:<14} {:<22} {:>9} {:>9} {:>9} {:>8} {:>9}  target",
@@ -650,6 +887,11 @@ async fn main() -> Result<()> {
         Cmd::BlockStatus(a) => {
             let s = bench_block_status(&a).await?;
             print_table(std::slice::from_ref(&s));
+            Ok(())
+        }
+        Cmd::Backup(a) => {
+            let s = bench_backup(&a).await?;
+            print_table(&s);
             Ok(())
         }
         Cmd::All {

@@ -18,7 +18,9 @@ pub const MAX_CHAIN: usize = 10_000;
 /// Largest index object read (32 bytes an entry: 2^25 entries).
 pub const MAX_INDEX: u64 = 1 << 30;
 /// Frames read together when they are adjacent in one segment.
-const MAX_COALESCED_READ: u64 = 8 << 20;
+const MAX_COALESCED_READ: u64 = 4 << 20;
+/// Groups of frames being read, decoded and written at once.
+const RESTORE_PARALLEL: usize = 6;
 
 /// Where a restore writes.
 #[derive(Debug, Clone)]
@@ -183,27 +185,36 @@ enum Target {
 }
 
 impl Target {
-    async fn write(&self, offset: u64, data: Vec<u8>) -> Result<(), EngineError> {
+    /// Writes the `pieces` (disk ranges inside the frame at `base`) of one decoded frame.
+    async fn write_pieces(&self, base: u64, raw: Vec<u8>, pieces: Vec<std::ops::Range<u64>>) -> Result<(), EngineError> {
         match self {
             Target::File(f) => {
                 let f = f.clone();
-                tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))
-                    .await
-                    .map_err(EngineError::Task)?
-                    .map_err(|source| EngineError::Io {
-                        op: "writing",
-                        path: "restore target".into(),
-                        source,
-                    })
+                tokio::task::spawn_blocking(move || {
+                    for p in &pieces {
+                        // Pieces lie inside the frame (plan_restore guarantees it).
+                        f.write_all_at(&raw[(p.start - base) as usize..(p.end - base) as usize], p.start)?;
+                    }
+                    Ok::<_, std::io::Error>(())
+                })
+                .await
+                .map_err(EngineError::Task)?
+                .map_err(|source| EngineError::Io { op: "writing", path: "restore target".into(), source })
             }
             Target::Nbd(c) => {
                 let max = u64::from(c.info().max_request());
-                if data.len() as u64 <= max {
-                    return Ok(c.write(offset, data, false).await?);
+                let whole = pieces.len() == 1 && pieces[0].start == base && pieces[0].end - base == raw.len() as u64;
+                if whole && raw.len() as u64 <= max {
+                    return Ok(c.write(base, raw, false).await?);
                 }
-                for (i, piece) in data.chunks(max as usize).enumerate() {
-                    c.write(offset + i as u64 * max, piece.to_vec(), false)
-                        .await?;
+                for p in &pieces {
+                    let mut at = p.start;
+                    while at < p.end {
+                        let n = (p.end - at).min(max);
+                        let s = (at - base) as usize;
+                        c.write(at, raw[s..s + n as usize].to_vec(), false).await?;
+                        at += n;
+                    }
                 }
                 Ok(())
             }
@@ -270,7 +281,7 @@ pub async fn restore<S: Sink>(
     };
     let total = plan.data_bytes();
     let tgt = Arc::new(tgt);
-    let sem = Arc::new(Semaphore::new(8));
+    let sem = Arc::new(Semaphore::new(RESTORE_PARALLEL));
     let mut tasks = tokio::task::JoinSet::new();
     let groups: Vec<Vec<FrameRead>> = coalesce(&plan.frames)
         .into_iter()
@@ -301,12 +312,8 @@ pub async fn restore<S: Sink>(
             let mut written = 0;
             let bytes: u64 = group.iter().map(|f| u64::from(f.frame_len)).sum();
             for (f, raw) in group.iter().zip(raws) {
-                for piece in &f.pieces {
-                    let s = (piece.start - f.offset) as usize;
-                    let e = (piece.end - f.offset) as usize;
-                    tgt.write(piece.start, raw[s..e].to_vec()).await?;
-                    written += piece.end - piece.start;
-                }
+                written += f.pieces.iter().map(|p| p.end - p.start).sum::<u64>();
+                tgt.write_pieces(f.offset, raw, f.pieces.clone()).await?;
             }
             Ok::<_, EngineError>((written, bytes, group.len() as u64))
         });
