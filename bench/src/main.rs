@@ -610,10 +610,16 @@ fn start_qsd(dir: &Path, image: &Path) -> Result<(Server, PathBuf)> {
     let _ = std::fs::remove_file(&sock);
     let mut child = Command::new("qemu-storage-daemon")
         .arg("--chardev")
-        .arg(format!("socket,id=m0,path={},server=on,wait=off", sock.display()))
+        .arg(format!(
+            "socket,id=m0,path={},server=on,wait=off",
+            sock.display()
+        ))
         .args(["--monitor", "chardev=m0"])
         .arg("--blockdev")
-        .arg(format!("driver=file,node-name=f0,filename={}", image.display()))
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            image.display()
+        ))
         .args(["--blockdev", "driver=qcow2,node-name=d0,file=f0"])
         .spawn()?;
     wait_socket(&sock, &mut child)?;
@@ -621,16 +627,32 @@ fn start_qsd(dir: &Path, image: &Path) -> Result<(Server, PathBuf)> {
 }
 
 /// Runs `f` with an NBD export of the live node d0 (read-only or writable), then removes it.
-async fn with_live_export<T>(qmp: &Path, dir: &Path, writable: bool, f: impl AsyncFnOnce(String) -> Result<T>) -> Result<T> {
+async fn with_live_export<T>(
+    qmp: &Path,
+    dir: &Path,
+    writable: bool,
+    f: impl AsyncFnOnce(String) -> Result<T>,
+) -> Result<T> {
     let q = libcbt::qmp::Qmp::connect(qmp).await?;
     let sock = dir.join("live.sock");
     let _ = std::fs::remove_file(&sock);
-    q.run("nbd-server-start", serde_json::json!({"addr": {"type": "unix", "data": {"path": sock}}})).await?;
+    q.run(
+        "nbd-server-start",
+        serde_json::json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    )
+    .await?;
     q.run("block-export-add", serde_json::json!({"type": "nbd", "id": "live", "node-name": "d0", "name": "live", "writable": writable})).await?;
     let r = f(nbd::NbdUri::unix(&sock, "live").to_string()).await;
     let mut sub = q.events();
-    q.run("block-export-del", serde_json::json!({"id": "live"})).await?;
-    libcbt::qmp::wait_event(&mut sub, "BLOCK_EXPORT_DELETED", Duration::from_secs(30), |_| true).await?;
+    q.run("block-export-del", serde_json::json!({"id": "live"}))
+        .await?;
+    libcbt::qmp::wait_event(
+        &mut sub,
+        "BLOCK_EXPORT_DELETED",
+        Duration::from_secs(30),
+        |_| true,
+    )
+    .await?;
     q.run("nbd-server-stop", serde_json::Value::Null).await?;
     r
 }
@@ -709,7 +731,12 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let image = dir.join("disk.qcow2");
-    run_ok(Command::new("cp").arg("--reflink=auto").arg(&base).arg(&image))?;
+    run_ok(
+        Command::new("cp")
+            .arg("--reflink=auto")
+            .arg(&base)
+            .arg(&image),
+    )?;
     let (_qsd, qmp) = start_qsd(&dir, &image)?;
     let work = dir.join("work");
     let sink = dir.join("sink");
@@ -722,10 +749,22 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
     let mut last = String::new();
     for i in 0..=a.runs {
         let _ = std::fs::remove_dir_all(&sink);
-        let (s, out) = measure(&backup_argv(&qmp, &sink, &work, &format!("full{i}"), "full")?)?;
+        let (s, out) = measure(&backup_argv(
+            &qmp,
+            &sink,
+            &work,
+            &format!("full{i}"),
+            "full",
+        )?)?;
         let _ = std::fs::remove_file(&raw);
         let (p, _) = with_live_export(&qmp, &dir, false, async |uri| {
-            measure(&["nbdcopy".into(), "--flush".into(), "--connections=4".into(), uri, raw.display().to_string()])
+            measure(&[
+                "nbdcopy".into(),
+                "--flush".into(),
+                "--connections=4".into(),
+                uri,
+                raw.display().to_string(),
+            ])
         })
         .await?;
         // Run 0 warms the page cache for both.
@@ -739,10 +778,16 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
     let _ = std::fs::remove_file(&raw);
     let m: serde_json::Value = serde_json::from_str(&last).unwrap_or_default();
     let full_stats = m[0]["manifest"]["stats"].clone();
-    let (o, p) = (stats("cbtctl backup --level full", ours), stats("nbdcopy --flush → raw", peer));
+    let (o, p) = (
+        stats("cbtctl backup --level full", ours),
+        stats("nbdcopy --flush → raw", peer),
+    );
     let full = Scenario {
         name: "backup-full".into(),
-        workload: format!("{} GiB qcow2, ~50% allocated, half compressible; qemu-storage-daemon; local sink", a.size >> 30),
+        workload: format!(
+            "{} GiB qcow2, ~50% allocated, half compressible; qemu-storage-daemon; local sink",
+            a.size >> 30
+        ),
         ratio_ours_over_peer: o.wall_median_s / p.wall_median_s,
         ours: o,
         peer: p,
@@ -755,11 +800,24 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
     let mut incr = Vec::new();
     let mut phases = Vec::new();
     for i in 0..a.runs {
-        with_live_export(&qmp, &dir, true, async |uri| dirty_percent(&uri, 1.0, &mut rng).await).await?;
-        let (s, out) = measure(&backup_argv(&qmp, &sink, &work, &format!("inc{i}"), "incremental")?)?;
+        with_live_export(&qmp, &dir, true, async |uri| {
+            dirty_percent(&uri, 1.0, &mut rng).await
+        })
+        .await?;
+        let (s, out) = measure(&backup_argv(
+            &qmp,
+            &sink,
+            &work,
+            &format!("inc{i}"),
+            "incremental",
+        )?)?;
         let m: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         let phase = m[0]["seconds"].as_f64().unwrap_or(f64::NAN);
-        eprintln!("  run {}: {:.3}s wall, data phase {phase:.3}s", i + 1, s.wall_s);
+        eprintln!(
+            "  run {}: {:.3}s wall, data phase {phase:.3}s",
+            i + 1,
+            s.wall_s
+        );
         phases.push(phase);
         incr.push(s);
     }
@@ -779,8 +837,17 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
     eprintln!("backup: chain for the restore comparison");
     let chain_len = 10;
     for i in a.runs..chain_len {
-        with_live_export(&qmp, &dir, true, async |uri| dirty_percent(&uri, 1.0, &mut rng).await).await?;
-        measure(&backup_argv(&qmp, &sink, &work, &format!("inc{i}"), "incremental")?)?;
+        with_live_export(&qmp, &dir, true, async |uri| {
+            dirty_percent(&uri, 1.0, &mut rng).await
+        })
+        .await?;
+        measure(&backup_argv(
+            &qmp,
+            &sink,
+            &work,
+            &format!("inc{i}"),
+            "incremental",
+        )?)?;
     }
     let deep = format!("inc{}", chain_len - 1);
     // The same final image as one full, into a second sink.
@@ -795,12 +862,18 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
         let (s1, _) = measure(&restore_argv(&sink2, "single", &out)?)?;
         let _ = std::fs::remove_file(&out);
         if i > 0 {
-            eprintln!("  run {i}: chain of 11 {:.3}s, single full {:.3}s", c.wall_s, s1.wall_s);
+            eprintln!(
+                "  run {i}: chain of 11 {:.3}s, single full {:.3}s",
+                c.wall_s, s1.wall_s
+            );
             chain.push(c);
             single.push(s1);
         }
     }
-    let (c, s1) = (stats("restore full + 10 incrementals", chain), stats("restore one full", single));
+    let (c, s1) = (
+        stats("restore full + 10 incrementals", chain),
+        stats("restore one full", single),
+    );
     let restore = Scenario {
         name: "restore-chain".into(),
         workload: "raw file restore of the newest of full + 10 × 1% incrementals vs a single full of the same image".into(),

@@ -100,12 +100,7 @@ pub async fn backup_qemu<S: Sink>(
     for ((d, parent, decision), sd) in plans.iter().zip(&session.disks) {
         let t = Instant::now();
         let r = async {
-            let mut scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref()).await?;
-            let written = source
-                .written_since_point_in_time(sd)
-                .await
-                .map_err(|e| EngineError::Invalid(e.to_string()))?;
-            scan.force_read(&written);
+            let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref()).await?;
             let job = DiskBackup {
                 disk: d.disk.clone(),
                 backup_id: backup_id.to_string(),
@@ -120,7 +115,15 @@ pub async fn backup_qemu<S: Sink>(
                 checkpoint: Some(sd.new_bitmap.clone()),
                 consistency: Consistency::Crash,
             };
-            engine::backup_disk(sink, &job, &scan, opts, None).await
+            engine::backup_disk(
+                sink,
+                &job,
+                &scan,
+                &qemu::Fleece { source, disk: sd },
+                opts,
+                None,
+            )
+            .await
         }
         .await;
         match r {

@@ -55,6 +55,50 @@ pub struct DiskBackup {
     pub consistency: Consistency,
 }
 
+/// Buffers handed around the pipeline and given back, so that the hot path neither allocates
+/// nor zero-fills (fresh megabyte buffers cost page faults and memsets on every chunk).
+#[derive(Default)]
+struct Pool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl Pool {
+    /// A buffer of exactly `len` bytes (contents unspecified: it is about to be overwritten).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut v = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_default();
+        v.resize(len, 0);
+        v
+    }
+    /// An empty buffer with whatever capacity a returned one had.
+    fn take_empty(&self) -> Vec<u8> {
+        let mut v = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_default();
+        v.clear();
+        v
+    }
+    fn give(&self, v: Vec<u8>) {
+        if let Ok(mut f) = self.free.lock() {
+            if f.len() < 256 {
+                f.push(v);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Per blocking-pool thread: the compressor's worst-case output buffer.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 enum Item {
     Zero { offset: u64, len: u64 },
     Frame { header: FrameHeader, bytes: Vec<u8> },
@@ -93,6 +137,34 @@ impl Scan {
             scan.filter(|f| f & state::ZERO != 0),
             scan.filter(|f| f & state::ZERO == 0),
         )
+    }
+}
+
+/// What a change source knows about the trustworthiness of its point-in-time view.
+///
+/// QEMU 7.2's fleecing view answers correctly for clusters the guest has not written since the
+/// point in time; for clusters it has, block status can be wrong and reads spanning several
+/// clusters can return wrong bytes, while single-cluster reads stay right. The engine asks
+/// [`written`](Revalidate::written) before copying (those ranges are read whatever block status
+/// says) and again after (chunks touching them are read again, one cluster at a time, and
+/// replace what the first pass stored).
+pub trait Revalidate: Send + Sync {
+    /// Ranges the guest wrote since the point in time, up to now.
+    fn written(&self) -> impl std::future::Future<Output = Result<ExtentMap, EngineError>> + Send;
+    /// Largest read that is right even over written ranges (aligned to itself).
+    fn safe_read(&self) -> u64;
+}
+
+/// A view that is always right (a stopped disk, a snapshot, a test export).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Trusted;
+
+impl Revalidate for Trusted {
+    async fn written(&self) -> Result<ExtentMap, EngineError> {
+        Ok(ExtentMap::new())
+    }
+    fn safe_read(&self) -> u64 {
+        u64::MAX
     }
 }
 
@@ -136,10 +208,11 @@ pub async fn scan_export(uri: &str, dirty_context: Option<&str>) -> Result<Scan,
 /// # Cancel safety
 /// Dropping the future abandons the backup: partial segments are removed by their writers,
 /// finished ones are left for garbage collection, and no manifest exists.
-pub async fn backup_disk<S: Sink>(
+pub async fn backup_disk<S: Sink, R: Revalidate>(
     sink: &S,
     job: &DiskBackup,
     scan: &Scan,
+    revalidate: &R,
     opts: &BackupOptions,
     progress: Option<&ProgressFn>,
 ) -> Result<Manifest, EngineError> {
@@ -179,6 +252,8 @@ pub async fn backup_disk<S: Sink>(
             )));
         }
     }
+    let mut scan = scan.clone();
+    scan.force_read(&revalidate.written().await?);
     let (zero_ranges, data_ranges) = scan.plan();
     let total = zero_ranges.total_len() + data_ranges.total_len();
     tracing::info!(disk = %job.disk, backup = %job.backup_id, level = ?job.level, bytes = total, "backup started");
@@ -200,19 +275,22 @@ pub async fn backup_disk<S: Sink>(
     report(progress, done, total);
 
     let mut segments: Vec<SegmentId> = Vec::new();
-    let result = copy_data(
-        sink,
-        job,
-        opts,
-        &client,
-        &data_ranges,
-        &mut entries,
-        &mut segments,
-        &mut stats,
-        &mut done,
-        total,
-        progress,
-    )
+    let chunks: Vec<Extent> = data_ranges.chunks(u64::from(opts.chunk_size)).collect();
+    let result = async {
+        copy_data(sink, job, opts, &client, chunks.clone(), u64::MAX, &mut entries, &mut segments, &mut stats, &mut done, total, progress).await?;
+        // Second pass: chunks touching what the guest wrote meanwhile, read one safe piece
+        // at a time; their new frames replace the first pass's entries.
+        let written = revalidate.written().await?;
+        let redo: Vec<Extent> = chunks.iter().copied().filter(|c| written.overlapping(c.range()).next().is_some()).collect();
+        if !redo.is_empty() {
+            tracing::debug!(disk = %job.disk, chunks = redo.len(), "re-reading chunks written during the copy");
+            let starts: std::collections::HashSet<u64> = redo.iter().map(|c| c.start).collect();
+            entries.retain(|e| !starts.contains(&e.offset));
+            stats.redone_chunks = redo.len() as u64;
+            copy_data(sink, job, opts, &client, redo, revalidate.safe_read(), &mut entries, &mut segments, &mut stats, &mut done, total, progress).await?;
+        }
+        Ok::<_, EngineError>(())
+    }
     .await;
     client.disconnect().await;
     if let Err(e) = result {
@@ -221,6 +299,18 @@ pub async fn backup_disk<S: Sink>(
         }
         return Err(e);
     }
+    // Data and zero bytes as the index finally records them.
+    stats.bytes_data = entries
+        .iter()
+        .filter(|e| e.loc != Location::Zero)
+        .map(|e| u64::from(e.len))
+        .sum();
+    stats.bytes_zero = entries
+        .iter()
+        .filter(|e| e.loc == Location::Zero)
+        .map(|e| u64::from(e.len))
+        .sum();
+    stats.frames = entries.iter().filter(|e| e.loc != Location::Zero).count() as u64;
 
     entries.sort_by_key(|e| e.offset);
     let index = Index {
@@ -294,7 +384,8 @@ async fn copy_data<S: Sink>(
     job: &DiskBackup,
     opts: &BackupOptions,
     client: &Client,
-    data: &ExtentMap,
+    chunks: Vec<Extent>,
+    piece: u64,
     entries: &mut Vec<IndexEntry>,
     segments: &mut Vec<SegmentId>,
     stats: &mut BackupStats,
@@ -302,20 +393,23 @@ async fn copy_data<S: Sink>(
     total: u64,
     progress: Option<&ProgressFn>,
 ) -> Result<(), EngineError> {
-    let chunks: Vec<Extent> = data.chunks(u64::from(opts.chunk_size)).collect();
     let (tx, mut rx) =
         mpsc::channel::<Result<(Item, OwnedSemaphorePermit), EngineError>>(opts.in_flight.max(1));
     let permits = Arc::new(Semaphore::new(opts.in_flight.max(1)));
+    let (reads, frames) = (Arc::new(Pool::default()), Arc::new(Pool::default()));
     let producer = {
-        let client = client.clone();
+        let (client, reads, frames) = (client.clone(), reads.clone(), frames.clone());
         tokio::spawn(async move {
             for c in chunks {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
-                let (client, tx) = (client.clone(), tx.clone());
+                let (client, tx, reads, frames) =
+                    (client.clone(), tx.clone(), reads.clone(), frames.clone());
                 tokio::spawn(async move {
-                    let r = read_and_encode(&client, c).await.map(|item| (item, permit));
+                    let r = read_and_encode(&client, c, piece, reads, frames)
+                        .await
+                        .map(|item| (item, permit));
                     let _ = tx.send(r).await;
                 });
             }
@@ -336,13 +430,20 @@ async fn copy_data<S: Sink>(
             let (item, permit) = msg?;
             match item {
                 Item::Zero { offset, len } => {
-                    entries.push(IndexEntry { offset, len: u32::try_from(len).unwrap_or(u32::MAX), loc: Location::Zero });
+                    entries.push(IndexEntry {
+                        offset,
+                        len: u32::try_from(len).unwrap_or(u32::MAX),
+                        loc: Location::Zero,
+                    });
                     stats.bytes_zero += len;
                     *done += len;
                 }
                 Item::Frame { header, bytes } => {
                     let frame_len = bytes.len() as u64;
-                    if writer.as_ref().is_some_and(|(_, w)| w.len() + frame_len > opts.segment_size) {
+                    if writer
+                        .as_ref()
+                        .is_some_and(|(_, w)| w.len() + frame_len > opts.segment_size)
+                    {
                         if let Some((_, w)) = writer.take() {
                             w.finish().await?;
                         }
@@ -355,14 +456,20 @@ async fn copy_data<S: Sink>(
                         w.append(segment::segment_header().to_vec()).await?;
                         writer = Some((id, w));
                     }
-                    let Some((id, w)) = writer.as_mut() else { unreachable!("a segment writer was just opened") };
+                    let Some((id, w)) = writer.as_mut() else {
+                        unreachable!("a segment writer was just opened")
+                    };
                     let pos = w.len();
-                    // The frame's own buffer goes to the sink: no staging copy.
-                    w.append(bytes).await?;
+                    // The frame's own buffer goes to the sink, and comes back for reuse.
+                    frames.give(w.append(bytes).await?);
                     entries.push(IndexEntry {
                         offset: header.offset,
                         len: header.raw_len,
-                        loc: Location::Frame { segment: *id, pos, frame_len: u32::try_from(frame_len).unwrap_or(u32::MAX) },
+                        loc: Location::Frame {
+                            segment: *id,
+                            pos,
+                            frame_len: u32::try_from(frame_len).unwrap_or(u32::MAX),
+                        },
                     });
                     stats.bytes_data += u64::from(header.raw_len);
                     stats.bytes_stored += frame_len;
@@ -387,26 +494,48 @@ async fn copy_data<S: Sink>(
     result
 }
 
-async fn read_and_encode(client: &Client, c: Extent) -> Result<Item, EngineError> {
+/// Reads chunk `c` in reads that never cross a multiple of `piece`, and encodes it.
+async fn read_and_encode(
+    client: &Client,
+    c: Extent,
+    piece: u64,
+    reads: Arc<Pool>,
+    frames: Arc<Pool>,
+) -> Result<Item, EngineError> {
     let len = c.len();
     // Chunks are at most 4 MiB.
-    let buf = client.read(c.start, vec![0u8; len as usize]).await?;
+    let buf = if c.start / piece == (c.end - 1) / piece {
+        client.read(c.start, reads.take(len as usize)).await?
+    } else {
+        let mut buf = reads.take(len as usize);
+        let one: ExtentMap = [c].into_iter().collect();
+        for p in one.chunks(piece) {
+            let part = client.read(p.start, vec![0u8; p.len() as usize]).await?;
+            buf[(p.start - c.start) as usize..(p.end - c.start) as usize].copy_from_slice(&part);
+        }
+        buf
+    };
     tokio::task::spawn_blocking(move || {
-        if is_zero(&buf) {
-            return Ok(Item::Zero {
+        let item = if is_zero(&buf) {
+            Item::Zero {
                 offset: c.start,
                 len,
-            });
-        }
-        let mut bytes = Vec::with_capacity(segment::FRAME_HEADER_LEN + buf.len() + 64);
-        let header = segment::encode_frame(c.start, &buf, &mut bytes).map_err(|source| {
-            EngineError::Corrupt {
-                object: "frame being encoded".into(),
-                pos: c.start,
-                source,
             }
-        })?;
-        Ok(Item::Frame { header, bytes })
+        } else {
+            let mut bytes = frames.take_empty();
+            let header = SCRATCH
+                .with(|s| {
+                    segment::encode_frame_with(c.start, &buf, &mut s.borrow_mut(), &mut bytes)
+                })
+                .map_err(|source| EngineError::Corrupt {
+                    object: "frame being encoded".into(),
+                    pos: c.start,
+                    source,
+                })?;
+            Item::Frame { header, bytes }
+        };
+        reads.give(buf);
+        Ok(item)
     })
     .await
     .map_err(EngineError::Task)?

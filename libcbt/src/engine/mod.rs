@@ -18,7 +18,7 @@ pub mod catalog;
 mod restore;
 mod verify;
 
-pub use backup::{backup_disk, scan_export, BackupOptions, DiskBackup, Scan};
+pub use backup::{backup_disk, scan_export, BackupOptions, DiskBackup, Revalidate, Scan, Trusted};
 pub use restore::{load_chain, restore, RestoreStats, RestoreTarget};
 pub use verify::{verify_chain, Problem, VerifyReport};
 
@@ -59,6 +59,8 @@ pub enum EngineError {
     Invalid(String),
     #[error("a worker task failed")]
     Task(#[source] tokio::task::JoinError),
+    #[error("the change source failed")]
+    Source(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Progress of a job: bytes done out of bytes to do.

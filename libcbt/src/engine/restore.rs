@@ -186,24 +186,38 @@ enum Target {
 
 impl Target {
     /// Writes the `pieces` (disk ranges inside the frame at `base`) of one decoded frame.
-    async fn write_pieces(&self, base: u64, raw: Vec<u8>, pieces: Vec<std::ops::Range<u64>>) -> Result<(), EngineError> {
+    async fn write_pieces(
+        &self,
+        base: u64,
+        raw: Vec<u8>,
+        pieces: Vec<std::ops::Range<u64>>,
+    ) -> Result<(), EngineError> {
         match self {
             Target::File(f) => {
                 let f = f.clone();
                 tokio::task::spawn_blocking(move || {
                     for p in &pieces {
                         // Pieces lie inside the frame (plan_restore guarantees it).
-                        f.write_all_at(&raw[(p.start - base) as usize..(p.end - base) as usize], p.start)?;
+                        f.write_all_at(
+                            &raw[(p.start - base) as usize..(p.end - base) as usize],
+                            p.start,
+                        )?;
                     }
                     Ok::<_, std::io::Error>(())
                 })
                 .await
                 .map_err(EngineError::Task)?
-                .map_err(|source| EngineError::Io { op: "writing", path: "restore target".into(), source })
+                .map_err(|source| EngineError::Io {
+                    op: "writing",
+                    path: "restore target".into(),
+                    source,
+                })
             }
             Target::Nbd(c) => {
                 let max = u64::from(c.info().max_request());
-                let whole = pieces.len() == 1 && pieces[0].start == base && pieces[0].end - base == raw.len() as u64;
+                let whole = pieces.len() == 1
+                    && pieces[0].start == base
+                    && pieces[0].end - base == raw.len() as u64;
                 if whole && raw.len() as u64 <= max {
                     return Ok(c.write(base, raw, false).await?);
                 }

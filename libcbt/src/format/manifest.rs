@@ -69,6 +69,9 @@ pub struct BackupStats {
     pub bytes_stored: u64,
     pub frames: u64,
     pub segments: u64,
+    /// Chunks read a second time because the guest wrote them during the copy.
+    #[serde(default)]
+    pub redone_chunks: u64,
 }
 
 /// The manifest.

@@ -180,6 +180,17 @@ pub fn encode_frame(
     raw: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<FrameHeader, FormatError> {
+    encode_frame_with(offset, raw, &mut Vec::new(), out)
+}
+
+/// [`encode_frame`] with a caller-kept `scratch` buffer for the compressor: once it has grown
+/// to the worst case, encoding allocates and zero-fills nothing (the hot path of a backup).
+pub fn encode_frame_with(
+    offset: u64,
+    raw: &[u8],
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<FrameHeader, FormatError> {
     let raw_len = u32::try_from(raw.len())
         .ok()
         .filter(|l| *l > 0 && *l <= MAX_FRAME_RAW)
@@ -188,29 +199,27 @@ pub fn encode_frame(
             len: raw.len() as u64,
             max: MAX_FRAME_RAW.into(),
         })?;
-    let start = out.len();
     // lz4_flex wants room for its worst case; whatever does not shrink is stored raw.
-    let room = lz4_flex::block::get_maximum_output_size(raw.len()).max(raw.len());
-    out.resize(start + FRAME_HEADER_LEN + room, 0);
-    let body = &mut out[start + FRAME_HEADER_LEN..];
-    let (codec, stored_len) = match lz4_flex::block::compress_into(raw, body) {
-        Ok(n) if n > 0 && n < raw.len() => (Codec::Lz4, n),
-        _ => {
-            body[..raw.len()].copy_from_slice(raw);
-            (Codec::None, raw.len())
-        }
-    };
-    out.truncate(start + FRAME_HEADER_LEN + stored_len);
-    let stored = &out[start + FRAME_HEADER_LEN..];
+    let room = lz4_flex::block::get_maximum_output_size(raw.len());
+    if scratch.len() < room {
+        scratch.resize(room, 0);
+    }
+    let (codec, stored): (Codec, &[u8]) =
+        match lz4_flex::block::compress_into(raw, &mut scratch[..room]) {
+            Ok(n) if n > 0 && n < raw.len() => (Codec::Lz4, &scratch[..n]),
+            _ => (Codec::None, raw),
+        };
     let header = FrameHeader {
         codec,
         offset,
         raw_len,
-        // stored_len <= raw_len, which fits u32.
-        stored_len: stored_len as u32,
+        // stored.len() <= raw_len, which fits u32.
+        stored_len: stored.len() as u32,
         crc: crc32fast::hash(stored),
     };
-    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header.encode());
+    out.reserve(FRAME_HEADER_LEN + stored.len());
+    out.extend_from_slice(&header.encode());
+    out.extend_from_slice(stored);
     Ok(header)
 }
 

@@ -37,6 +37,9 @@ use serde_json::{json, Value};
 use crate::format::{FullReason, Level, Manifest};
 use crate::qmp::{self, Qmp, QmpError};
 
+/// Cluster size of the scratch images, hence of copy-before-write: reads of the view that stay
+/// inside one such cluster are right even where the guest wrote after the point in time.
+pub const FLEECE_CLUSTER: u64 = 65536;
 /// Prefix of the bitmaps this library creates.
 pub const BITMAP_PREFIX: &str = "cbt-";
 /// Bitmap granularity for new bitmaps.
@@ -354,7 +357,8 @@ impl QemuSource {
     ) -> Result<(), SourceError> {
         for d in &s.disks {
             let out = Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
+                .args(["create", "-q", "-f", "qcow2", "-o"])
+                .arg(format!("cluster_size={FLEECE_CLUSTER}"))
                 .arg(&d.scratch)
                 .arg(d.size.to_string())
                 .output()
@@ -688,5 +692,26 @@ mod tests {
                 reason: None
             }
         );
+    }
+}
+
+/// The [`Revalidate`](crate::engine::Revalidate) of one disk of a session: QEMU 7.2's fleecing
+/// view is right for clusters the guest has not written since the point in time, and for
+/// single-cluster reads of the others.
+#[derive(Debug, Clone, Copy)]
+pub struct Fleece<'a> {
+    pub source: &'a QemuSource,
+    pub disk: &'a SessionDisk,
+}
+
+impl crate::engine::Revalidate for Fleece<'_> {
+    async fn written(&self) -> Result<crate::extent::ExtentMap, crate::engine::EngineError> {
+        self.source
+            .written_since_point_in_time(self.disk)
+            .await
+            .map_err(|e| crate::engine::EngineError::Source(Box::new(e)))
+    }
+    fn safe_read(&self) -> u64 {
+        FLEECE_CLUSTER
     }
 }
