@@ -425,6 +425,7 @@ async fn copy_data<S: Sink>(
     let _producer = AbortOnDrop(producer);
 
     let mut writer: Option<(SegmentId, S::Writer)> = None;
+    let mut finishing = tokio::task::JoinSet::new();
     let result: Result<(), EngineError> = async {
         while let Some(msg) = rx.recv().await {
             let (item, permit) = msg?;
@@ -445,7 +446,8 @@ async fn copy_data<S: Sink>(
                         .is_some_and(|(_, w)| w.len() + frame_len > opts.segment_size)
                     {
                         if let Some((_, w)) = writer.take() {
-                            w.finish().await?;
+                            // fsync + rename in the background; the manifest waits for all.
+                            finishing.spawn(w.finish());
                         }
                     }
                     if writer.is_none() {
@@ -481,7 +483,10 @@ async fn copy_data<S: Sink>(
             report(progress, *done, total);
         }
         if let Some((_, w)) = writer.take() {
-            w.finish().await?;
+            finishing.spawn(w.finish());
+        }
+        while let Some(r) = finishing.join_next().await {
+            r.map_err(EngineError::Task)??;
         }
         Ok(())
     }
@@ -490,6 +495,9 @@ async fn copy_data<S: Sink>(
         if let Some((_, w)) = writer.take() {
             w.abort().await;
         }
+        // Let background finishes land before the caller deletes this backup's segments,
+        // so that no rename comes after the delete.
+        while finishing.join_next().await.is_some() {}
     }
     result
 }
