@@ -10,7 +10,7 @@ use common::*;
 use libcbt::engine::{self, catalog, BackupOptions, RestoreTarget};
 use libcbt::format::{FullReason, Level};
 use libcbt::job::{self, DiskSpec, JobError};
-use libcbt::sink::local::LocalSink;
+use libcbt::sink::local::{Backend, LocalSink};
 use libcbt::sink::{Sink, SinkError};
 use libcbt::source::qemu::Requested;
 
@@ -174,12 +174,21 @@ impl Drop for Tmpfs {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sink_that_fills_up_fails_the_job_and_loses_nothing() {
+async fn a_sink_that_fills_up_fails_the_job_and_loses_nothing_io_uring() {
+    sink_fills_up(Backend::Uring).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_fills_up_fails_the_job_and_loses_nothing_std() {
+    sink_fills_up(Backend::Std).await;
+}
+
+async fn sink_fills_up(backend: Backend) {
     let mut rng = rng(seed("sink_full"));
     let lab = Lab::new(&[("d0", "qcow2")], SIZE).await;
     let mnt = lab.path("sink");
     let tmpfs = Tmpfs::mount(&mnt, "6m");
-    let sink = LocalSink::open(&mnt).expect("sink");
+    let sink = LocalSink::open_with(&mnt, Some(backend)).expect("sink");
     guest_writes(&lab.live[0], &mut rng, 3).await;
     let refs0 = job_round(&lab, &sink, "b0", Requested::Auto)
         .await

@@ -23,6 +23,8 @@
 use std::future::Future;
 
 pub mod local;
+#[allow(unsafe_code)]
+pub mod uring;
 
 /// Longest object name.
 pub const MAX_NAME: usize = 512;
