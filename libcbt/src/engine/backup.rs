@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use super::{now_ms, random_u128, EngineError, Progress, ProgressFn};
+use super::{now_ms, random_u128, EngineError, Pool, Progress, ProgressFn};
 use crate::extent::{Extent, ExtentMap};
 use crate::format::segment::{self, FrameHeader, MAX_FRAME_RAW};
 use crate::format::{
@@ -53,45 +53,6 @@ pub struct DiskBackup {
     /// Bitmap or checkpoint that marks this point in time.
     pub checkpoint: Option<String>,
     pub consistency: Consistency,
-}
-
-/// Buffers handed around the pipeline and given back, so that the hot path neither allocates
-/// nor zero-fills (fresh megabyte buffers cost page faults and memsets on every chunk).
-#[derive(Default)]
-struct Pool {
-    free: std::sync::Mutex<Vec<Vec<u8>>>,
-}
-
-impl Pool {
-    /// A buffer of exactly `len` bytes (contents unspecified: it is about to be overwritten).
-    fn take(&self, len: usize) -> Vec<u8> {
-        let mut v = self
-            .free
-            .lock()
-            .ok()
-            .and_then(|mut f| f.pop())
-            .unwrap_or_default();
-        v.resize(len, 0);
-        v
-    }
-    /// An empty buffer with whatever capacity a returned one had.
-    fn take_empty(&self) -> Vec<u8> {
-        let mut v = self
-            .free
-            .lock()
-            .ok()
-            .and_then(|mut f| f.pop())
-            .unwrap_or_default();
-        v.clear();
-        v
-    }
-    fn give(&self, v: Vec<u8>) {
-        if let Ok(mut f) = self.free.lock() {
-            if f.len() < 256 {
-                f.push(v);
-            }
-        }
-    }
 }
 
 thread_local! {

@@ -73,6 +73,45 @@ pub struct Progress {
 /// A callback for progress events.
 pub type ProgressFn = dyn Fn(Progress) + Send + Sync;
 
+/// Buffers handed around the pipeline and given back, so that the hot path neither allocates
+/// nor zero-fills (fresh megabyte buffers cost page faults and memsets on every chunk).
+#[derive(Default)]
+pub(crate) struct Pool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl Pool {
+    /// A buffer of exactly `len` bytes (contents unspecified: it is about to be overwritten).
+    pub(crate) fn take(&self, len: usize) -> Vec<u8> {
+        let mut v = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_default();
+        v.resize(len, 0);
+        v
+    }
+    /// An empty buffer with whatever capacity a returned one had.
+    pub(crate) fn take_empty(&self) -> Vec<u8> {
+        let mut v = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_default();
+        v.clear();
+        v
+    }
+    pub(crate) fn give(&self, v: Vec<u8>) {
+        if let Ok(mut f) = self.free.lock() {
+            if f.len() < 256 {
+                f.push(v);
+            }
+        }
+    }
+}
+
 /// A random 128-bit id (segment names), from the standard library's per-process random keys.
 pub(crate) fn random_u128() -> u128 {
     use std::hash::{BuildHasher, Hasher};

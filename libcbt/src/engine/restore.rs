@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use super::{EngineError, Progress, ProgressFn};
+use super::{EngineError, Pool, Progress, ProgressFn};
 use crate::format::segment::{self, FrameHeader, FRAME_HEADER_LEN};
 use crate::format::{self, plan_restore, FrameRead, Index, Level, Manifest, RestorePlan};
 use crate::nbd::{Client, ConnectOptions};
@@ -126,6 +126,7 @@ pub(crate) async fn read_frames<S: Sink>(
     sink: &S,
     disk: &str,
     group: &[FrameRead],
+    pool: &Pool,
 ) -> Result<Vec<Vec<u8>>, EngineError> {
     let first = &group[0];
     let object = format::segment_name(disk, first.segment);
@@ -153,7 +154,7 @@ pub(crate) async fn read_frames<S: Sink>(
                 what: "frame header differs from the index entry",
             });
         }
-        let mut raw = vec![0u8; h.raw_len as usize];
+        let mut raw = pool.take(h.raw_len as usize);
         segment::decode_frame_body(&h, &frame[FRAME_HEADER_LEN..], &mut raw).map_err(corrupt)?;
         out.push(raw);
     }
@@ -185,13 +186,14 @@ enum Target {
 }
 
 impl Target {
-    /// Writes the `pieces` (disk ranges inside the frame at `base`) of one decoded frame.
+    /// Writes the `pieces` (disk ranges inside the frame at `base`) of one decoded frame and
+    /// gives the frame's buffer back.
     async fn write_pieces(
         &self,
         base: u64,
         raw: Vec<u8>,
         pieces: Vec<std::ops::Range<u64>>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Vec<u8>, EngineError> {
         match self {
             Target::File(f) => {
                 let f = f.clone();
@@ -203,7 +205,7 @@ impl Target {
                             p.start,
                         )?;
                     }
-                    Ok::<_, std::io::Error>(())
+                    Ok::<_, std::io::Error>(raw)
                 })
                 .await
                 .map_err(EngineError::Task)?
@@ -219,7 +221,8 @@ impl Target {
                     && pieces[0].start == base
                     && pieces[0].end - base == raw.len() as u64;
                 if whole && raw.len() as u64 <= max {
-                    return Ok(c.write(base, raw, false).await?);
+                    c.write(base, raw, false).await?;
+                    return Ok(Vec::new());
                 }
                 for p in &pieces {
                     let mut at = p.start;
@@ -230,7 +233,7 @@ impl Target {
                         at += n;
                     }
                 }
-                Ok(())
+                Ok(raw)
             }
         }
     }
@@ -296,6 +299,7 @@ pub async fn restore<S: Sink>(
     let total = plan.data_bytes();
     let tgt = Arc::new(tgt);
     let sem = Arc::new(Semaphore::new(RESTORE_PARALLEL));
+    let pool = Arc::new(Pool::default());
     let mut tasks = tokio::task::JoinSet::new();
     let groups: Vec<Vec<FrameRead>> = coalesce(&plan.frames)
         .into_iter()
@@ -319,15 +323,15 @@ pub async fn restore<S: Sink>(
             }
         }
         let (tgt, disk) = (tgt.clone(), disk.to_string());
-        let sink = sink.clone();
+        let (sink, pool) = (sink.clone(), pool.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            let raws = read_frames(&sink, &disk, &group).await?;
+            let raws = read_frames(&sink, &disk, &group, &pool).await?;
             let mut written = 0;
             let bytes: u64 = group.iter().map(|f| u64::from(f.frame_len)).sum();
             for (f, raw) in group.iter().zip(raws) {
                 written += f.pieces.iter().map(|p| p.end - p.start).sum::<u64>();
-                tgt.write_pieces(f.offset, raw, f.pieces.clone()).await?;
+                pool.give(tgt.write_pieces(f.offset, raw, f.pieces.clone()).await?);
             }
             Ok::<_, EngineError>((written, bytes, group.len() as u64))
         });

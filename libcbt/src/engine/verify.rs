@@ -1,7 +1,7 @@
 //! Verification of a backup chain: every manifest, index and referenced frame.
 
 use super::restore::{coalesce, load_chain, read_frames};
-use super::EngineError;
+use super::{EngineError, Pool};
 use crate::format::{FrameRead, Location};
 use crate::sink::Sink;
 
@@ -82,6 +82,7 @@ pub async fn verify_chain<S: Sink>(
         }
     };
     report.backups = chain.len();
+    let pool = Pool::default();
     for (m, idx) in &chain {
         let mut frames: Vec<FrameRead> = idx
             .entries
@@ -104,15 +105,18 @@ pub async fn verify_chain<S: Sink>(
             .collect();
         frames.sort_by_key(|f| (f.segment, f.pos));
         for group in coalesce(&frames) {
-            match read_frames(sink, disk, group).await {
+            match read_frames(sink, disk, group, &pool).await {
                 Ok(raws) => {
                     report.frames += raws.len() as u64;
                     report.bytes += raws.iter().map(|r| r.len() as u64).sum::<u64>();
+                    for r in raws {
+                        pool.give(r);
+                    }
                 }
                 // Read one by one to name each bad frame.
                 Err(_) => {
                     for f in group {
-                        match read_frames(sink, disk, std::slice::from_ref(f)).await {
+                        match read_frames(sink, disk, std::slice::from_ref(f), &pool).await {
                             Ok(_) => {
                                 report.frames += 1;
                                 report.bytes += u64::from(f.len);
