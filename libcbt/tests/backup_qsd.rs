@@ -576,3 +576,108 @@ async fn single_cluster_reads_of_the_view_are_right_after_any_guest_write() {
         lab.source.end(s, true).await.expect("end");
     }
 }
+
+/// QEMU killed in the middle of a backup: the backup fails and leaves nothing on the sink;
+/// after a restart the parent's bitmap (loaded from the qcow2 by the killed process) is
+/// inconsistent, so the next backup is a full with that reason, and it restores exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_killed_during_a_backup_leaves_no_trace_and_the_next_is_full() {
+    use libcbt::format::FullReason;
+    let mut rng = rng(seed("killed_during"));
+    let mut lab = lab().await;
+    let sink = LocalSink::open(lab.path("sink")).expect("sink");
+    guest_writes(&lab.live[0], &mut rng, 30).await;
+    let r0 = lab.path("ref0.raw");
+    let b0 = take_backup(&lab, &sink, "b0", Requested::Auto, None, &mut rng, 0, &r0).await;
+    lab.restart(true).await;
+    // Lots of dirty data so that the copy is surely running when QEMU dies.
+    guest_writes(&lab.live[0], &mut rng, 200).await;
+    let node = lab.source.node("d0").await.expect("node");
+    let d = qemu::decide(Requested::Auto, Some(&b0), &node);
+    assert_eq!(d.level, Level::Incremental);
+    let session = lab
+        .source
+        .begin("b1", &[("d0".into(), d.since.clone())])
+        .await
+        .expect("begin");
+    let sd = session.disks[0].clone();
+    let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref())
+        .await
+        .expect("scan");
+    let job = DiskBackup {
+        disk: DISK.into(),
+        backup_id: "b1".into(),
+        uri: sd.uri.clone(),
+        parent: Some(b0.clone()),
+        level: Level::Incremental,
+        full_reason: None,
+        checkpoint: Some(sd.new_bitmap.clone()),
+        consistency: Consistency::Crash,
+    };
+    let opts = BackupOptions {
+        chunk_size: 64 << 10,
+        in_flight: 2,
+        ..Default::default()
+    };
+    let fleece = qemu::Fleece {
+        source: &lab.source,
+        disk: &sd,
+    };
+    let copy = engine::backup_disk(&sink, &job, &scan, &fleece, &opts, None);
+    let kill = async {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        lab.daemon.kill_by_ref();
+    };
+    let (r, ()) = tokio::join!(copy, kill);
+    assert!(r.is_err(), "the copy must fail when QEMU dies");
+    drop(session);
+    let left: Vec<String> = sink
+        .list("disks/")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    let mut expect = b0.segments.clone();
+    expect.push(b0.index.name.clone());
+    expect.push(libcbt::format::manifest_name(DISK, "b0"));
+    expect.sort();
+    assert_eq!(left, expect, "only b0 remains on the sink");
+    lab.restart(false).await;
+    let node = lab.source.node("d0").await.expect("node");
+    let d = qemu::decide(Requested::Auto, Some(&b0), &node);
+    assert_eq!(
+        d.reason,
+        Some(FullReason::BitmapInconsistent),
+        "{:?}",
+        node.bitmaps
+    );
+    lab.source
+        .remove_stale_bitmaps("d0", None)
+        .await
+        .expect("cleanup");
+    let r2 = lab.path("ref2.raw");
+    let b2 = take_backup(
+        &lab,
+        &sink,
+        "b2",
+        Requested::Full,
+        Some(b0),
+        &mut rng,
+        5,
+        &r2,
+    )
+    .await;
+    assert_eq!(b2.level, Level::Full);
+    let out = lab.path("out2.raw");
+    engine::restore(
+        &sink,
+        DISK,
+        "b2",
+        &RestoreTarget::RawFile(out.clone()),
+        None,
+    )
+    .await
+    .expect("restore");
+    compare(&out, &r2);
+}

@@ -135,6 +135,14 @@ impl Daemon {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
     }
 
+    /// SIGKILL through a shared reference (for tests that race it against other work).
+    pub fn kill_by_ref(&self) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
     /// SIGKILL, now.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
