@@ -984,9 +984,16 @@ async fn main() -> Result<()> {
                 extents: if quick { 10_000 } else { 100_000 },
                 runs,
                 seed: 1,
+                workdir: workdir.clone(),
+            };
+            let bk = BackupArgs {
+                size: read.size,
+                runs: if quick { 2 } else { 5 },
+                seed: 1,
                 workdir,
             };
-            let scenarios = vec![bench_nbd_read(&read).await?, bench_block_status(&bs).await?];
+            let mut scenarios = vec![bench_nbd_read(&read).await?, bench_block_status(&bs).await?];
+            scenarios.extend(bench_backup(&bk).await?);
             print_table(&scenarios);
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;

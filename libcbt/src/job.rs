@@ -13,8 +13,8 @@
 
 use std::time::Instant;
 
-use crate::engine::{self, catalog, BackupOptions, DiskBackup, EngineError};
-use crate::format::{self, Consistency, Level, Manifest};
+use crate::engine::{self, catalog, BackupOptions, EngineError};
+use crate::format::{self, Level, Manifest};
 use crate::sink::Sink;
 use crate::source::qemu::{self, QemuSource, Requested, SourceError};
 
@@ -101,20 +101,7 @@ pub async fn backup_qemu<S: Sink>(
         let t = Instant::now();
         let r = async {
             let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref()).await?;
-            let job = DiskBackup {
-                disk: d.disk.clone(),
-                backup_id: backup_id.to_string(),
-                uri: sd.uri.clone(),
-                parent: if decision.level == Level::Incremental {
-                    parent.clone()
-                } else {
-                    None
-                },
-                level: decision.level,
-                full_reason: decision.reason,
-                checkpoint: Some(sd.new_bitmap.clone()),
-                consistency: Consistency::Crash,
-            };
+            let job = sd.job(&d.disk, backup_id, decision, parent.as_ref());
             engine::backup_disk(
                 sink,
                 &job,

@@ -9,8 +9,8 @@ use std::process::Command;
 
 use common::lab::{compare, guest_writes, Lab};
 use common::*;
-use libcbt::engine::{self, BackupOptions, DiskBackup, RestoreTarget};
-use libcbt::format::{Consistency, Level, Manifest};
+use libcbt::engine::{self, BackupOptions, RestoreTarget};
+use libcbt::format::{Level, Manifest};
 use libcbt::nbd::{Client, ConnectOptions};
 use libcbt::sink::local::LocalSink;
 use libcbt::sink::Sink;
@@ -46,20 +46,7 @@ async fn take_backup(
         .await
         .expect("begin");
     let sd = session.disks[0].clone();
-    let job = DiskBackup {
-        disk: DISK.into(),
-        backup_id: id.into(),
-        uri: sd.uri.clone(),
-        parent: if d.level == Level::Incremental {
-            parent
-        } else {
-            None
-        },
-        level: d.level,
-        full_reason: d.reason,
-        checkpoint: Some(sd.new_bitmap.clone()),
-        consistency: Consistency::Crash,
-    };
+    let job = sd.job(DISK, id, &d, parent.as_ref());
     let opts = BackupOptions {
         chunk_size: 256 << 10,
         segment_size: 8 << 20,
@@ -229,16 +216,7 @@ async fn cancelled_backup_leaves_the_chain_intact_and_the_next_stays_incremental
     )
     .await
     .expect("scan");
-    let job = DiskBackup {
-        disk: DISK.into(),
-        backup_id: "b1".into(),
-        uri: session.disks[0].uri.clone(),
-        parent: Some(full.clone()),
-        level: Level::Incremental,
-        full_reason: None,
-        checkpoint: Some(session.disks[0].new_bitmap.clone()),
-        consistency: Consistency::Crash,
-    };
+    let job = session.disks[0].job(DISK, "b1", &d, Some(&full));
     let opts = BackupOptions {
         chunk_size: 64 << 10,
         in_flight: 2,
@@ -604,16 +582,7 @@ async fn qemu_killed_during_a_backup_leaves_no_trace_and_the_next_is_full() {
     let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref())
         .await
         .expect("scan");
-    let job = DiskBackup {
-        disk: DISK.into(),
-        backup_id: "b1".into(),
-        uri: sd.uri.clone(),
-        parent: Some(b0.clone()),
-        level: Level::Incremental,
-        full_reason: None,
-        checkpoint: Some(sd.new_bitmap.clone()),
-        consistency: Consistency::Crash,
-    };
+    let job = sd.job(DISK, "b1", &d, Some(&b0));
     let opts = BackupOptions {
         chunk_size: 64 << 10,
         in_flight: 2,

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use common::lab::compare;
 use common::*;
-use libcbt::engine::{self, BackupOptions, DiskBackup, RestoreTarget};
-use libcbt::format::{Consistency, Level, Manifest};
+use libcbt::engine::{self, BackupOptions, RestoreTarget};
+use libcbt::format::{Level, Manifest};
 use libcbt::nbd::NbdUri;
 use libcbt::qmp::Qmp;
 use libcbt::sink::local::LocalSink;
@@ -172,20 +172,7 @@ async fn running_vm_backups_of_two_formats_restore_exactly() {
                 let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref())
                     .await
                     .expect("scan");
-                let job = DiskBackup {
-                    disk: format!("vm-{}", sd.node),
-                    backup_id: id.clone(),
-                    uri: sd.uri.clone(),
-                    parent: if d.level == Level::Incremental {
-                        parent.clone()
-                    } else {
-                        None
-                    },
-                    level: d.level,
-                    full_reason: d.reason,
-                    checkpoint: Some(sd.new_bitmap.clone()),
-                    consistency: Consistency::Crash,
-                };
+                let job = sd.job(&format!("vm-{}", sd.node), &id, d, parent.as_ref());
                 let opts = BackupOptions {
                     chunk_size: 256 << 10,
                     ..Default::default()

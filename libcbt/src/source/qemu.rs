@@ -189,6 +189,33 @@ pub struct SessionDisk {
     scratch: PathBuf,
 }
 
+impl SessionDisk {
+    /// The engine job for this disk: its id on the sink, the backup id, and the decision and
+    /// parent it was begun with (the parent is used only for an incremental).
+    pub fn job(
+        &self,
+        disk: &str,
+        backup_id: &str,
+        decision: &Decision,
+        parent: Option<&Manifest>,
+    ) -> crate::engine::DiskBackup {
+        crate::engine::DiskBackup {
+            disk: disk.to_string(),
+            backup_id: backup_id.to_string(),
+            uri: self.uri.clone(),
+            parent: if decision.level == Level::Incremental {
+                parent.cloned()
+            } else {
+                None
+            },
+            level: decision.level,
+            full_reason: decision.reason,
+            checkpoint: Some(self.new_bitmap.clone()),
+            consistency: crate::format::Consistency::Crash,
+        }
+    }
+}
+
 /// A backup in progress: exports are live until [`QemuSource::end`].
 #[derive(Debug)]
 pub struct Session {
