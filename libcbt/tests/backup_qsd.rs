@@ -222,23 +222,23 @@ async fn cancelled_backup_leaves_the_chain_intact_and_the_next_stays_incremental
         in_flight: 2,
         ..Default::default()
     };
-    let cancelled = tokio::time::timeout(
-        std::time::Duration::from_millis(30),
-        engine::backup_disk(
-            &sink,
-            &job,
-            &scan,
-            &qemu::Fleece {
-                source: &lab.source,
-                disk: &session.disks[0],
-            },
-            &opts,
-            None,
-        ),
-    )
-    .await;
+    // Cancel (drop the future) as soon as the first chunk is copied: on progress, not on a clock.
+    let started = tokio::sync::Notify::new();
+    let on_progress = |p: engine::Progress| {
+        if p.done > 0 && p.done < p.total {
+            started.notify_one();
+        }
+    };
+    let fleece = qemu::Fleece {
+        source: &lab.source,
+        disk: &session.disks[0],
+    };
+    let finished = tokio::select! {
+        r = engine::backup_disk(&sink, &job, &scan, &fleece, &opts, Some(&on_progress)) => Some(r),
+        () = started.notified() => None,
+    };
     assert!(
-        cancelled.is_err(),
+        finished.is_none(),
         "the backup finished before it could be cancelled; make it bigger"
     );
     // Writes made while b1 was frozen must not be lost to the next incremental.
@@ -592,12 +592,14 @@ async fn qemu_killed_during_a_backup_leaves_no_trace_and_the_next_is_full() {
         source: &lab.source,
         disk: &sd,
     };
-    let copy = engine::backup_disk(&sink, &job, &scan, &fleece, &opts, None);
-    let kill = async {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        lab.daemon.kill_by_ref();
+    // Kill QEMU once the copy has made progress: on progress, not on a clock.
+    let killed = std::sync::Once::new();
+    let on_progress = |p: engine::Progress| {
+        if p.done > 0 && p.done < p.total {
+            killed.call_once(|| lab.daemon.kill_by_ref());
+        }
     };
-    let (r, ()) = tokio::join!(copy, kill);
+    let r = engine::backup_disk(&sink, &job, &scan, &fleece, &opts, Some(&on_progress)).await;
     assert!(r.is_err(), "the copy must fail when QEMU dies");
     drop(session);
     let left: Vec<String> = sink

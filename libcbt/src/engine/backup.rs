@@ -175,7 +175,7 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
     scan: &Scan,
     revalidate: &R,
     opts: &BackupOptions,
-    progress: Option<&ProgressFn>,
+    progress: Option<&ProgressFn<'_>>,
 ) -> Result<Manifest, EngineError> {
     if !opts.chunk_size.is_power_of_two()
         || opts.chunk_size > MAX_FRAME_RAW
@@ -333,7 +333,7 @@ fn chunk_len(e: &Extent) -> u32 {
     u32::try_from(e.len()).unwrap_or(u32::MAX)
 }
 
-fn report(progress: Option<&ProgressFn>, done: u64, total: u64) {
+fn report(progress: Option<&ProgressFn<'_>>, done: u64, total: u64) {
     if let Some(p) = progress {
         p(Progress { done, total });
     }
@@ -352,7 +352,7 @@ async fn copy_data<S: Sink>(
     stats: &mut BackupStats,
     done: &mut u64,
     total: u64,
-    progress: Option<&ProgressFn>,
+    progress: Option<&ProgressFn<'_>>,
 ) -> Result<(), EngineError> {
     let (tx, mut rx) =
         mpsc::channel::<Result<(Item, OwnedSemaphorePermit), EngineError>>(opts.in_flight.max(1));

@@ -71,7 +71,7 @@ pub struct Progress {
 }
 
 /// A callback for progress events.
-pub type ProgressFn = dyn Fn(Progress) + Send + Sync;
+pub type ProgressFn<'a> = dyn Fn(Progress) + Send + Sync + 'a;
 
 /// Buffers handed around the pipeline and given back, so that the hot path neither allocates
 /// nor zero-fills (fresh megabyte buffers cost page faults and memsets on every chunk).
@@ -83,12 +83,11 @@ pub(crate) struct Pool {
 impl Pool {
     /// A buffer of exactly `len` bytes (contents unspecified: it is about to be overwritten).
     pub(crate) fn take(&self, len: usize) -> Vec<u8> {
-        let mut v = self
-            .free
-            .lock()
-            .ok()
-            .and_then(|mut f| f.pop())
-            .unwrap_or_default();
+        let mut v = match self.free.lock().ok().and_then(|mut f| f.pop()) {
+            // A much larger buffer would pin memory for a small frame: let it go.
+            Some(v) if v.capacity() <= len.saturating_mul(2).max(64 << 10) => v,
+            _ => Vec::new(),
+        };
         v.resize(len, 0);
         v
     }
@@ -105,12 +104,15 @@ impl Pool {
     }
     pub(crate) fn give(&self, v: Vec<u8>) {
         if let Ok(mut f) = self.free.lock() {
-            if f.len() < 256 {
+            if f.len() < MAX_POOLED {
                 f.push(v);
             }
         }
     }
 }
+
+/// Buffers a [`Pool`] keeps for reuse at most.
+const MAX_POOLED: usize = 64;
 
 /// A random 128-bit id (segment names), from the standard library's per-process random keys.
 pub(crate) fn random_u128() -> u128 {

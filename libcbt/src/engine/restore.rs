@@ -247,7 +247,7 @@ pub async fn restore<S: Sink>(
     disk: &str,
     backup: &str,
     target: &RestoreTarget,
-    progress: Option<&ProgressFn>,
+    progress: Option<&ProgressFn<'_>>,
 ) -> Result<RestoreStats, EngineError> {
     if let RestoreTarget::Qcow2(path) = target {
         return restore_qcow2(sink, disk, backup, path, progress).await;
@@ -384,7 +384,7 @@ async fn restore_qcow2<S: Sink>(
     disk: &str,
     backup: &str,
     path: &std::path::Path,
-    progress: Option<&ProgressFn>,
+    progress: Option<&ProgressFn<'_>>,
 ) -> Result<RestoreStats, EngineError> {
     use std::process::Command;
     if path.exists() {
