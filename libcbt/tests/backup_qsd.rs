@@ -52,25 +52,30 @@ async fn take_backup(
         segment_size: 8 << 20,
         ..Default::default()
     };
+    // Progress never runs backwards or past its total, even when chunks are read twice.
+    let last = std::sync::Mutex::new(engine::Progress::default());
+    let on_progress = |p: engine::Progress| {
+        let mut l = last.lock().expect("progress lock");
+        assert!(p.done <= p.total, "progress {p:?} past its total");
+        *l = p;
+    };
     // The guest writes while the maps are read and the data is copied.
+    let fleece = qemu::Fleece {
+        source: &lab.source,
+        disk: &sd,
+    };
     let copy = async {
         let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref()).await?;
-        engine::backup_disk(
-            sink,
-            &job,
-            &scan,
-            &qemu::Fleece {
-                source: &lab.source,
-                disk: &sd,
-            },
-            &opts,
-            None,
-        )
-        .await
+        engine::backup_disk(sink, &job, &scan, &fleece, &opts, Some(&on_progress)).await
     };
     let writes = guest_writes(&lab.live[0], rng, during);
     let (m, ()) = tokio::join!(copy, writes);
     let m = m.expect("backup");
+    let l = *last.lock().expect("progress lock");
+    assert_eq!(
+        l.done, l.total,
+        "a finished backup reports all of its bytes done"
+    );
     lab.source.end(session, true).await.expect("end");
     m
 }

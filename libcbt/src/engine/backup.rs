@@ -248,6 +248,8 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
             let starts: std::collections::HashSet<u64> = redo.iter().map(|c| c.start).collect();
             entries.retain(|e| !starts.contains(&e.offset));
             stats.redone_chunks = redo.len() as u64;
+            // These bytes were counted once already; progress must not pass the total.
+            done = done.saturating_sub(redo.iter().map(Extent::len).sum());
             copy_data(sink, job, opts, &client, redo, revalidate.safe_read(), &mut entries, &mut segments, &mut stats, &mut done, total, progress).await?;
         }
         Ok::<_, EngineError>(())
