@@ -5,9 +5,9 @@ mod common;
 
 use std::process::Command;
 
-use common::lab::{compare, guest_writes, Lab};
+use common::lab::{guest_writes, restore_matches, Lab};
 use common::*;
-use libcbt::engine::{self, catalog, BackupOptions, RestoreTarget};
+use libcbt::engine::{catalog, BackupOptions};
 use libcbt::format::{FullReason, Level};
 use libcbt::job::{self, DiskSpec, JobError};
 use libcbt::sink::local::{Backend, LocalSink};
@@ -69,18 +69,9 @@ async fn bitmaps(lab: &Lab) -> Vec<Vec<String>> {
         .collect()
 }
 
-async fn restore_and_compare(
-    lab: &Lab,
-    sink: &LocalSink,
-    id: &str,
-    refs: &[(String, std::path::PathBuf)],
-) {
+async fn restore_and_compare(sink: &LocalSink, id: &str, refs: &[(String, std::path::PathBuf)]) {
     for (disk, r) in refs {
-        let out = lab.path(&format!("out-{id}-{disk}.raw"));
-        engine::restore(sink, disk, id, &RestoreTarget::RawFile(out.clone()), None)
-            .await
-            .expect("restore");
-        compare(&out, r);
+        restore_matches(sink, disk, id, r).await;
     }
 }
 
@@ -118,7 +109,7 @@ async fn two_disks_of_two_formats_are_frozen_together_and_restore_exactly() {
         all.push((id, refs));
     }
     for (id, refs) in &all {
-        restore_and_compare(&lab, &sink, id, refs).await;
+        restore_and_compare(&sink, id, refs).await;
     }
     // After a kill, the qcow2 bitmap created in that session is gone, and the raw disk's
     // bitmap never survives a restart: both disks get a full, with the reason recorded.
@@ -140,7 +131,7 @@ async fn two_disks_of_two_formats_are_frozen_together_and_restore_exactly() {
             "{disk}"
         );
     }
-    restore_and_compare(&lab, &sink, "b9", &refs).await;
+    restore_and_compare(&sink, "b9", &refs).await;
     // Incremental requested where impossible is refused, not silently turned into a full.
     lab.restart(false).await;
     let e = job_round(&lab, &sink, "b10", Requested::Incremental)
@@ -241,7 +232,7 @@ async fn sink_fills_up(backend: Backend) {
         "temp files left"
     );
     assert_eq!(bitmaps(&lab).await, vec![vec!["cbt-b0".to_string()]]);
-    restore_and_compare(&lab, &sink, "b0", &refs0).await;
+    restore_and_compare(&sink, "b0", &refs0).await;
     // With room again, the next backup is an incremental from b0 and restores exactly.
     tmpfs.grow("200m");
     let refs2 = job_round(&lab, &sink, "b2", Requested::Auto)
@@ -255,5 +246,5 @@ async fn sink_fills_up(backend: Backend) {
         (b2.level, b2.parent.as_deref()),
         (Level::Incremental, Some("b0"))
     );
-    restore_and_compare(&lab, &sink, "b2", &refs2).await;
+    restore_and_compare(&sink, "b2", &refs2).await;
 }

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::lab::{compare, guest_writes, Lab};
+use common::lab::{compare, guest_writes, restore_matches, Lab};
 use common::*;
 use libcbt::engine::{self, BackupOptions, RestoreTarget};
 use libcbt::format::{Level, Manifest};
@@ -265,17 +265,7 @@ async fn cancelled_backup_leaves_the_chain_intact_and_the_next_stays_incremental
     );
 
     // The chain still restores; the next backup is incremental from b0 and exact.
-    let out0 = lab.dir.path().join("out0.raw");
-    engine::restore(
-        &sink,
-        DISK,
-        "b0",
-        &RestoreTarget::RawFile(out0.clone()),
-        None,
-    )
-    .await
-    .expect("restore b0");
-    compare(&out0, &r0);
+    restore_matches(&sink, DISK, "b0", &r0).await;
     let r2 = lab.dir.path().join("ref2.raw");
     let m2 = take_backup(
         &lab,
@@ -290,17 +280,7 @@ async fn cancelled_backup_leaves_the_chain_intact_and_the_next_stays_incremental
     .await;
     assert_eq!(m2.level, Level::Incremental);
     assert_eq!(m2.parent.as_deref(), Some("b0"));
-    let out2 = lab.dir.path().join("out2.raw");
-    engine::restore(
-        &sink,
-        DISK,
-        "b2",
-        &RestoreTarget::RawFile(out2.clone()),
-        None,
-    )
-    .await
-    .expect("restore b2");
-    compare(&out2, &r2);
+    restore_matches(&sink, DISK, "b2", &r2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,11 +356,7 @@ async fn restarts_and_kills_of_qemu_give_incremental_or_full_with_the_right_reas
         (Level::Full, Some(FullReason::BitmapMissing))
     );
     for (id, r) in [("b0", &r0), ("b1", &r1), ("b2", &r2)] {
-        let out = lab.dir.path().join(format!("out-{id}.raw"));
-        engine::restore(&sink, DISK, id, &RestoreTarget::RawFile(out.clone()), None)
-            .await
-            .expect("restore");
-        compare(&out, r);
+        restore_matches(&sink, DISK, id, r).await;
     }
 }
 
@@ -645,15 +621,5 @@ async fn qemu_killed_during_a_backup_leaves_no_trace_and_the_next_is_full() {
     )
     .await;
     assert_eq!(b2.level, Level::Full);
-    let out = lab.path("out2.raw");
-    engine::restore(
-        &sink,
-        DISK,
-        "b2",
-        &RestoreTarget::RawFile(out.clone()),
-        None,
-    )
-    .await
-    .expect("restore");
-    compare(&out, &r2);
+    restore_matches(&sink, DISK, "b2", &r2).await;
 }

@@ -9,9 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use common::lab::compare;
+use common::lab::restore_matches;
 use common::*;
-use libcbt::engine::{self, BackupOptions, RestoreTarget};
+use libcbt::engine::{self, BackupOptions};
 use libcbt::format::{Level, Manifest};
 use libcbt::nbd::NbdUri;
 use libcbt::qmp::Qmp;
@@ -222,20 +222,7 @@ async fn running_vm_backups_of_two_formats_restore_exactly() {
     }
     for chain in &chains {
         for (m, r) in chain {
-            let out = dir
-                .path()
-                .join(format!("out-{}-{}.raw", m.disk, m.backup_id));
-            engine::restore(
-                &sink,
-                &m.disk,
-                &m.backup_id,
-                &RestoreTarget::RawFile(out.clone()),
-                None,
-            )
-            .await
-            .expect("restore");
-            compare(&out, r);
-            std::fs::remove_file(&out).expect("cleanup");
+            restore_matches(&sink, &m.disk, &m.backup_id, r).await;
         }
     }
     // The VM ran throughout; only the last backup's bitmaps are left; no temporary node.

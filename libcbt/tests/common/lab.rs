@@ -183,6 +183,29 @@ pub async fn guest_writes(live: &Client, rng: &mut SmallRng, n: usize) {
     live.flush().await.expect("flush");
 }
 
+/// Restores backup `id` of `disk` to a raw file beside `reference`, checks it with
+/// `qemu-img compare` against `reference`, and removes it again.
+pub async fn restore_matches(
+    sink: &libcbt::sink::local::LocalSink,
+    disk: &str,
+    id: &str,
+    reference: &Path,
+) {
+    let out = reference.with_file_name(format!("restored-{disk}-{id}.raw"));
+    let _ = std::fs::remove_file(&out);
+    libcbt::engine::restore(
+        sink,
+        disk,
+        id,
+        &libcbt::engine::RestoreTarget::RawFile(out.clone()),
+        None,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("restore of {disk} {id}: {e:?}"));
+    compare(&out, reference);
+    let _ = std::fs::remove_file(&out);
+}
+
 /// `qemu-img compare` of two raw images; on a difference, both are kept for a post-mortem.
 pub fn compare(a: &Path, b: &Path) {
     require("qemu-img");
