@@ -181,7 +181,10 @@ pub(crate) fn coalesce(frames: &[FrameRead]) -> Vec<&[FrameRead]> {
 }
 
 enum Target {
-    File(Arc<std::fs::File>),
+    /// The file, and a lock that lets one write at a time into it: concurrent buffered
+    /// writes to one ext4 file spin on its inode lock (18% of all CPU in a profile), while
+    /// decoding stays parallel.
+    File(Arc<std::fs::File>, Arc<tokio::sync::Mutex<()>>),
     Nbd(Client),
 }
 
@@ -195,8 +198,9 @@ impl Target {
         pieces: Vec<std::ops::Range<u64>>,
     ) -> Result<Vec<u8>, EngineError> {
         match self {
-            Target::File(f) => {
+            Target::File(f, one_writer) => {
                 let f = f.clone();
+                let _turn = one_writer.lock().await;
                 tokio::task::spawn_blocking(move || {
                     for p in &pieces {
                         // Pieces lie inside the frame (plan_restore guarantees it).
@@ -278,7 +282,7 @@ pub async fn restore<S: Sink>(
                     path: path.display().to_string(),
                     source,
                 })?;
-            Target::File(Arc::new(f))
+            Target::File(Arc::new(f), Arc::new(tokio::sync::Mutex::new(())))
         }
         RestoreTarget::Qcow2(_) => unreachable!("handled above"),
         RestoreTarget::Nbd(uri) => {
@@ -347,7 +351,7 @@ pub async fn restore<S: Sink>(
     }
     stats.bytes_written = done;
     match &*tgt {
-        Target::File(f) => {
+        Target::File(f, _) => {
             let f = f.clone();
             tokio::task::spawn_blocking(move || f.sync_all())
                 .await
