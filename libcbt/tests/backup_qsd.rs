@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::lab::{compare, guest_writes, restore_matches, Lab};
+use common::lab::{assert_sink_holds_only, compare, guest_writes, restore_matches, Lab};
 use common::*;
 use libcbt::engine::{self, BackupOptions, RestoreTarget};
 use libcbt::format::{Level, Manifest};
@@ -583,18 +583,7 @@ async fn qemu_killed_during_a_backup_leaves_no_trace_and_the_next_is_full() {
     let r = engine::backup_disk(&sink, &job, &scan, &fleece, &opts, Some(&on_progress)).await;
     assert!(r.is_err(), "the copy must fail when QEMU dies");
     drop(session);
-    let left: Vec<String> = sink
-        .list("disks/")
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|o| o.name)
-        .collect();
-    let mut expect = b0.segments.clone();
-    expect.push(b0.index.name.clone());
-    expect.push(libcbt::format::manifest_name(DISK, "b0"));
-    expect.sort();
-    assert_eq!(left, expect, "only b0 remains on the sink");
+    assert_sink_holds_only(&sink, &[&b0]).await;
     lab.restart(false).await;
     let node = lab.source.node("d0").await.expect("node");
     let d = qemu::decide(Requested::Auto, Some(&b0), &node);

@@ -236,13 +236,13 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
     report(progress, done, total);
 
     let mut segments: Vec<SegmentId> = Vec::new();
-    let chunks: Vec<Extent> = data_ranges.chunks(u64::from(opts.chunk_size)).collect();
+    let chunk = u64::from(opts.chunk_size);
     let result = async {
-        copy_data(sink, job, opts, &client, chunks.clone(), u64::MAX, &mut entries, &mut segments, &mut stats, &mut done, total, progress).await?;
+        copy_data(sink, job, opts, &client, data_ranges.chunks(chunk).collect(), u64::MAX, &mut entries, &mut segments, &mut stats, &mut done, total, progress).await?;
         // Second pass: chunks touching what the guest wrote meanwhile, read one safe piece
         // at a time; their new frames replace the first pass's entries.
         let written = revalidate.written().await?;
-        let redo: Vec<Extent> = chunks.iter().copied().filter(|c| written.overlapping(c.range()).next().is_some()).collect();
+        let redo: Vec<Extent> = data_ranges.chunks(chunk).filter(|c| written.overlapping(c.range()).next().is_some()).collect();
         if !redo.is_empty() {
             tracing::debug!(disk = %job.disk, chunks = redo.len(), "re-reading chunks written during the copy");
             let starts: std::collections::HashSet<u64> = redo.iter().map(|c| c.start).collect();

@@ -206,6 +206,33 @@ pub async fn restore_matches(
     let _ = std::fs::remove_file(&out);
 }
 
+/// Asserts that the sink holds exactly the objects of `backups` (manifests, indexes,
+/// segments) and nothing else: what a failed backup must leave behind.
+pub async fn assert_sink_holds_only(
+    sink: &libcbt::sink::local::LocalSink,
+    backups: &[&libcbt::format::Manifest],
+) {
+    use libcbt::sink::Sink;
+    let objects: Vec<String> = sink
+        .list("disks/")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    let mut expect: Vec<String> = Vec::new();
+    for m in backups {
+        expect.extend(m.segments.iter().cloned());
+        expect.push(m.index.name.clone());
+        expect.push(libcbt::format::manifest_name(&m.disk, &m.backup_id));
+    }
+    expect.sort();
+    assert_eq!(
+        objects, expect,
+        "the sink holds something else than the committed backups"
+    );
+}
+
 /// `qemu-img compare` of two raw images; on a difference, both are kept for a post-mortem.
 pub fn compare(a: &Path, b: &Path) {
     require("qemu-img");
