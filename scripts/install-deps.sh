@@ -16,6 +16,13 @@ done
 # GNU time measures wall, CPU and peak RSS of every tool in bench/; the demo uses bc and
 # python3 for its summary table.
 [ -x /usr/bin/time ] || missing+=(time)
+# libvirt (daemon, virsh, and libvirt.so + pkg-config for the `virt` crate), the peer tool
+# virtnbdbackup, and the test guest: a Debian kernel, busybox, qemu-ga, cpio.
+for t in libvirtd virtlogd virsh virtnbdbackup busybox qemu-ga cpio pkg-config; do
+  command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+done
+pkg-config --exists libvirt 2>/dev/null || missing+=(libvirt-dev)
+ls /boot/vmlinuz-* >/dev/null 2>&1 || missing+=(linux-image)
 command -v bc >/dev/null 2>&1 || missing+=(bc)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 
@@ -47,9 +54,12 @@ if [ -z "$ver" ]; then
 fi
 $SUDO apt-get install -y -qq --allow-downgrades \
   qemu-system-x86 "qemu-utils=$ver" "qemu-block-extra=$ver" \
-  libnbd-bin nbdkit time bc python3 >/dev/null
+  libnbd-bin nbdkit time bc python3 \
+  libvirt-daemon-system libvirt-dev pkg-config virtnbdbackup \
+  busybox-static qemu-guest-agent cpio linux-image-amd64 >/dev/null
 
-for t in "${tools[@]}"; do
+for t in "${tools[@]}" libvirtd virsh virtnbdbackup busybox qemu-ga; do
   command -v "$t" >/dev/null 2>&1 || { echo "install-deps: $t still missing after install" >&2; exit 1; }
 done
+ls /boot/vmlinuz-* >/dev/null 2>&1 || { echo "install-deps: no kernel in /boot after install" >&2; exit 1; }
 echo "install-deps: $(qemu-img --version | head -1); $(nbdkit --version); $(nbdinfo --version | head -1)" >&2

@@ -33,6 +33,9 @@ pub enum JobError {
     Catalog(#[source] EngineError),
     #[error("{0}")]
     Refused(String),
+    #[cfg(feature = "libvirt")]
+    #[error("libvirt change source failed")]
+    Libvirt(#[source] crate::source::libvirt::LibvirtError),
 }
 
 /// One disk of a QEMU: its block node and its id on the sink.
@@ -129,18 +132,7 @@ pub async fn backup_qemu<S: Sink>(
     }
     if let Some(e) = failure {
         // All or nothing: forget the disks already committed in this job.
-        for r in &results {
-            let _ = sink
-                .delete(&format::manifest_name(
-                    &r.manifest.disk,
-                    &r.manifest.backup_id,
-                ))
-                .await;
-            let _ = sink.delete(&r.manifest.index.name).await;
-            for s in &r.manifest.segments {
-                let _ = sink.delete(s).await;
-            }
-        }
+        forget(sink, &results).await;
         if let Err(e2) = source.end(session, false).await {
             tracing::error!(error = %e2, "rollback of the bitmaps failed");
         }
@@ -148,4 +140,352 @@ pub async fn backup_qemu<S: Sink>(
     }
     source.end(session, true).await?;
     Ok(results)
+}
+
+/// A backup of a libvirt domain.
+#[cfg(feature = "libvirt")]
+#[derive(Debug, Clone)]
+pub struct LibvirtJob {
+    /// Domain name or UUID.
+    pub domain: String,
+    pub backup_id: String,
+    /// Targets (`vda` …) to back up; `None`: every disk.
+    pub disks: Option<Vec<String>>,
+    pub requested: Requested,
+    /// Freeze through the guest agent around the point in time, at most this long.
+    pub quiesce: Option<std::time::Duration>,
+    /// Where per-backup scratch directories (scratch images, NBD socket) go.
+    pub scratch_root: std::path::PathBuf,
+}
+
+/// The result of a libvirt backup.
+#[cfg(feature = "libvirt")]
+#[derive(Debug, Clone)]
+pub struct LibvirtResult {
+    pub domain_uuid: String,
+    pub checkpoint: String,
+    pub quiesce: crate::source::libvirt::Quiesce,
+    pub started_paused: bool,
+    pub disks: Vec<DiskResult>,
+}
+
+/// Disk id on the sink of disk `target` of the domain with UUID `uuid`.
+#[cfg(feature = "libvirt")]
+pub fn libvirt_disk_id(uuid: &str, target: &str) -> String {
+    format!("{uuid}.{target}")
+}
+
+/// Object name of the domain XML saved with a backup.
+pub fn domain_xml_name(domain: &str, backup_id: &str) -> String {
+    format!("domains/{domain}/{backup_id}.xml")
+}
+
+#[cfg(feature = "libvirt")]
+impl From<crate::source::libvirt::LibvirtError> for JobError {
+    fn from(e: crate::source::libvirt::LibvirtError) -> Self {
+        JobError::Libvirt(e)
+    }
+}
+
+/// Backs up disks of a libvirt domain at one point in time; all or nothing, like
+/// [`backup_qemu`]. Checkpoint metadata libvirt lost is redefined from the last backups when
+/// the bitmaps are still in the images; our checkpoints that no last backup names (leftovers of
+/// a crash) are deleted first, which folds their bitmaps back into their parents'.
+#[cfg(feature = "libvirt")]
+pub async fn backup_libvirt<S: Sink>(
+    src: &crate::source::libvirt::LibvirtSource,
+    sink: &S,
+    job: &LibvirtJob,
+    opts: &BackupOptions,
+) -> Result<LibvirtResult, JobError> {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use crate::source::libvirt::{self as lvs, blocking};
+
+    let (src2, name) = (src.clone(), job.domain.clone());
+    let dom = blocking(move || src2.domain(&name)).await?;
+    let d2 = dom.clone();
+    let (desc, active, xml) =
+        blocking(move || Ok((d2.describe()?, d2.is_active()?, d2.xml()?))).await?;
+    let selected: Vec<&lvs::DomainDisk> = match &job.disks {
+        None => desc.disks.iter().collect(),
+        Some(want) => want
+            .iter()
+            .map(|t| {
+                desc.disks.iter().find(|d| &d.target == t).ok_or_else(|| {
+                    lvs::LibvirtError::NoSuchDisk {
+                        domain: desc.name.clone(),
+                        disk: t.clone(),
+                    }
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    if selected.is_empty() {
+        return Err(JobError::Refused(format!(
+            "domain {} has no disk to back up",
+            desc.name
+        )));
+    }
+    // The last committed backup of every disk of the domain (not only the selected ones):
+    // their checkpoints are the ones to keep.
+    let mut last = BTreeMap::new();
+    for d in &desc.disks {
+        let id = libvirt_disk_id(&desc.uuid, &d.target);
+        let m = catalog::latest(sink, &id)
+            .await
+            .map_err(JobError::Catalog)?;
+        if m.as_ref().is_some_and(|m| m.backup_id == job.backup_id) {
+            return Err(JobError::Refused(format!(
+                "backup {} of {id} exists already",
+                job.backup_id
+            )));
+        }
+        last.insert(d.target.clone(), m);
+    }
+    let keep: BTreeSet<String> = last
+        .values()
+        .flatten()
+        .filter_map(|m| m.checkpoint.clone())
+        .collect();
+
+    let started_paused = !active;
+    if started_paused {
+        let d2 = dom.clone();
+        blocking(move || d2.start_paused()).await?;
+        tracing::info!(domain = %desc.name, "shut-off domain started paused for the backup");
+    }
+    let r = backup_libvirt_running(
+        sink,
+        job,
+        opts,
+        &dom,
+        &desc,
+        &xml,
+        &selected,
+        &last,
+        &keep,
+        started_paused,
+    )
+    .await;
+    if r.is_err() && started_paused {
+        let d2 = dom.clone();
+        let _ = blocking(move || d2.destroy()).await;
+    }
+    r
+}
+
+#[cfg(feature = "libvirt")]
+#[allow(clippy::too_many_arguments)]
+async fn backup_libvirt_running<S: Sink>(
+    sink: &S,
+    job: &LibvirtJob,
+    opts: &BackupOptions,
+    dom: &crate::source::libvirt::LibvirtDomain,
+    desc: &crate::source::libvirt::DomainDesc,
+    domain_xml: &str,
+    selected: &[&crate::source::libvirt::DomainDisk],
+    last: &std::collections::BTreeMap<String, Option<Manifest>>,
+    keep: &std::collections::BTreeSet<String>,
+    started_paused: bool,
+) -> Result<LibvirtResult, JobError> {
+    use crate::source::libvirt::{self as lvs, blocking, xml, DiskState};
+
+    // Bring back checkpoint metadata libvirt lost, from what the last backups recorded.
+    let d2 = dom.clone();
+    let mut checkpoints = blocking(move || d2.checkpoints()).await?;
+    let mut lost: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for d in &desc.disks {
+        if let Some(Some(m)) = last.get(&d.target) {
+            if let Some(c) = &m.checkpoint {
+                if d.trackable() && !checkpoints.iter().any(|k| &k.name == c) {
+                    lost.entry(c.clone()).or_default().push(d.target.clone());
+                }
+            }
+        }
+    }
+    for (name, disks) in lost {
+        let when = last
+            .values()
+            .flatten()
+            .find(|m| m.checkpoint.as_ref() == Some(&name))
+            .map(|m| m.started_unix_ms / 1000);
+        let refs: Vec<&str> = disks.iter().map(String::as_str).collect();
+        let x = xml::checkpoint_xml(&name, when, &refs, &[]);
+        let d2 = dom.clone();
+        match blocking(move || d2.redefine_checkpoint(&x, true)).await {
+            Ok(()) => {
+                tracing::info!(checkpoint = %name, "checkpoint metadata redefined from the bitmaps")
+            }
+            Err(e) => {
+                tracing::warn!(checkpoint = %name, error = %e, "checkpoint cannot be redefined: full backup")
+            }
+        }
+    }
+    // Leftovers of interrupted backups: our checkpoints no last backup names.
+    let (d2, k2) = (dom.clone(), keep.clone());
+    let gone = blocking(move || d2.retire_checkpoints(&k2)).await?;
+    if !gone.is_empty() {
+        tracing::warn!(checkpoints = ?gone, "removed checkpoints of interrupted backups");
+    }
+    let d2 = dom.clone();
+    checkpoints = blocking(move || d2.checkpoints()).await?;
+    let scratch_root = job.scratch_root.join(&desc.uuid);
+    let (d2, r2) = (dom.clone(), scratch_root.clone());
+    let stale = blocking(move || lvs::clean_scratch(&d2, &r2)).await?;
+    if !stale.is_empty() {
+        tracing::warn!(dirs = ?stale, "removed scratch directories of interrupted backups");
+    }
+
+    let mut plan = Vec::new();
+    for d in selected {
+        let (d2, t) = (dom.clone(), d.target.clone());
+        let capacity = blocking(move || d2.capacity(&t)).await?;
+        let parent = last.get(&d.target).cloned().flatten();
+        let state = DiskState {
+            disk: d,
+            capacity,
+            checkpoint: parent
+                .as_ref()
+                .and_then(|m| m.checkpoint.as_ref())
+                .and_then(|c| checkpoints.iter().find(|k| &k.name == c)),
+            broken: false,
+        };
+        let decision = lvs::decide(job.requested, parent.as_ref(), &state);
+        plan.push((d.target.clone(), decision, parent));
+    }
+    let check_incremental = |plan: &[(String, qemu::Decision, Option<Manifest>)]| {
+        if job.requested == Requested::Incremental {
+            if let Some((t, d, _)) = plan.iter().find(|(_, d, _)| d.level == Level::Full) {
+                return Err(JobError::Libvirt(
+                    lvs::LibvirtError::IncrementalImpossible {
+                        disk: t.clone(),
+                        reason: d.reason.unwrap_or(format::FullReason::Requested),
+                    },
+                ));
+            }
+        }
+        Ok(())
+    };
+    check_incremental(&plan)?;
+    let req = lvs::BeginRequest {
+        backup_id: job.backup_id.clone(),
+        disks: plan
+            .iter()
+            .map(|(t, d, _)| (t.clone(), d.clone()))
+            .collect(),
+        also_tracked: desc
+            .disks
+            .iter()
+            .filter(|d| d.trackable() && !selected.iter().any(|s| s.target == d.target))
+            .map(|d| d.target.clone())
+            .collect(),
+        untracked: desc
+            .disks
+            .iter()
+            .filter(|d| !d.trackable())
+            .map(|d| d.target.clone())
+            .collect(),
+        scratch_root,
+        quiesce: job.quiesce,
+        started_paused,
+    };
+    let d2 = dom.clone();
+    let session = blocking(move || lvs::begin(&d2, req)).await?;
+    for (p, s) in plan.iter_mut().zip(&session.disks) {
+        p.1 = s.decision.clone();
+    }
+    let mut results = Vec::new();
+    let mut failure = check_incremental(&plan).err();
+    if failure.is_none() {
+        let name = domain_xml_name(&desc.uuid, &job.backup_id);
+        if let Err(e) = sink.put(&name, domain_xml.as_bytes().to_vec()).await {
+            failure = Some(JobError::Catalog(e.into()));
+        }
+    }
+    for ((target, decision, parent), sd) in plan.iter().zip(&session.disks) {
+        if failure.is_some() {
+            break;
+        }
+        let t = Instant::now();
+        let disk = libvirt_disk_id(&desc.uuid, target);
+        let r = async {
+            let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref()).await?;
+            let dj = engine::DiskBackup {
+                disk: disk.clone(),
+                backup_id: job.backup_id.clone(),
+                uri: sd.uri.clone(),
+                parent: if decision.level == Level::Incremental {
+                    parent.clone()
+                } else {
+                    None
+                },
+                level: decision.level,
+                full_reason: decision.reason,
+                checkpoint: Some(session.checkpoint.clone()),
+                consistency: session
+                    .quiesce
+                    .consistency
+                    .unwrap_or(format::Consistency::Crash),
+                freeze_ms: session.quiesce.freeze_ms,
+                warnings: session.quiesce.warning.iter().cloned().collect(),
+            };
+            engine::backup_disk(sink, &dj, &scan, &engine::Trusted, opts, None).await
+        }
+        .await;
+        match r {
+            Ok(manifest) => results.push(DiskResult {
+                manifest,
+                seconds: t.elapsed().as_secs_f64(),
+            }),
+            Err(source) => failure = Some(JobError::Engine { disk, source }),
+        }
+    }
+    let quiesce = session.quiesce.clone();
+    let checkpoint = session.checkpoint.clone();
+    // Checkpoints still named by the last backups of disks not in this one stay.
+    let mut keep2 = std::collections::BTreeSet::new();
+    for (t, m) in last {
+        if !plan.iter().any(|(p, _, _)| p == t) {
+            if let Some(c) = m.as_ref().and_then(|m| m.checkpoint.clone()) {
+                keep2.insert(c);
+            }
+        }
+    }
+    if let Some(e) = failure {
+        forget(sink, &results).await;
+        let _ = sink
+            .delete(&domain_xml_name(&desc.uuid, &job.backup_id))
+            .await;
+        let d2 = dom.clone();
+        if let Err(e2) = blocking(move || lvs::end(&d2, session, false, &keep2)).await {
+            tracing::error!(error = %e2, "rollback of the checkpoint failed");
+        }
+        return Err(e);
+    }
+    let d2 = dom.clone();
+    blocking(move || lvs::end(&d2, session, true, &keep2)).await?;
+    Ok(LibvirtResult {
+        domain_uuid: desc.uuid.clone(),
+        checkpoint,
+        quiesce,
+        started_paused,
+        disks: results,
+    })
+}
+
+/// Removes the manifests, indexes and segments of backups committed by a job that failed.
+async fn forget<S: Sink>(sink: &S, results: &[DiskResult]) {
+    for r in results {
+        let _ = sink
+            .delete(&format::manifest_name(
+                &r.manifest.disk,
+                &r.manifest.backup_id,
+            ))
+            .await;
+        let _ = sink.delete(&r.manifest.index.name).await;
+        for s in &r.manifest.segments {
+            let _ = sink.delete(s).await;
+        }
+    }
 }

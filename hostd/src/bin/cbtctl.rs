@@ -56,6 +56,48 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Back up disks of a libvirt domain (running or shut off) through libvirt checkpoints
+    /// and a pull-mode backup job. Disk ids on the sink are `<domain uuid>.<target>`.
+    BackupDomain {
+        /// Domain name or UUID.
+        #[arg(long)]
+        domain: String,
+        /// Disk targets to back up (`vda` …); default: all.
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        #[arg(long)]
+        sink: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        level: LevelArg,
+        #[arg(long)]
+        id: Option<String>,
+        /// Freeze the guest's filesystems through qemu-ga for the point in time, at most
+        /// this many seconds; without an agent the backup is crash-consistent.
+        #[arg(long)]
+        quiesce: Option<u64>,
+        /// Where scratch images and the NBD socket go; QEMU's user must reach it.
+        #[arg(long, default_value = "/var/lib/cbt/scratch")]
+        scratch_dir: PathBuf,
+        #[arg(long, default_value = libcbt::source::libvirt::DEFAULT_URI)]
+        connect: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every checkpoint cbt created on a libvirt domain (to hand it over to another
+    /// tool); the next cbt backup of it is a full.
+    Release {
+        #[arg(long)]
+        domain: String,
+        #[arg(long, default_value = libcbt::source::libvirt::DEFAULT_URI)]
+        connect: String,
+    },
+    /// A libvirt domain's disks and checkpoints.
+    Domain {
+        #[arg(long)]
+        domain: String,
+        #[arg(long, default_value = libcbt::source::libvirt::DEFAULT_URI)]
+        connect: String,
+    },
     /// Restore a backup of a disk to a new raw or qcow2 file, or to an NBD export.
     Restore {
         #[arg(long)]
@@ -157,6 +199,28 @@ async fn newest(sink: &LocalSink, disk: &str, backup: Option<String>) -> Result<
     }
 }
 
+fn requested(level: LevelArg) -> Requested {
+    match level {
+        LevelArg::Auto => Requested::Auto,
+        LevelArg::Full => Requested::Full,
+        LevelArg::Incremental => Requested::Incremental,
+    }
+}
+
+fn print_disk(m: &libcbt::format::Manifest, seconds: f64) {
+    println!(
+        "  {:<16} {:<11} {:<20} scanned {:>9.1} MiB  data {:>9.1} MiB  zero {:>8.1} MiB  stored {:>9.1} MiB  {:.2}s",
+        m.disk,
+        format!("{:?}", m.level).to_lowercase(),
+        m.full_reason.map(|r| format!("{r:?}")).unwrap_or_default(),
+        mib(m.stats.bytes_scanned),
+        mib(m.stats.bytes_data),
+        mib(m.stats.bytes_zero),
+        mib(m.stats.bytes_stored),
+        seconds
+    );
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / f64::from(1u32 << 20)
 }
@@ -211,11 +275,7 @@ async fn main() -> Result<()> {
                 .into_iter()
                 .map(|(node, disk)| DiskSpec { node, disk })
                 .collect();
-            let requested = match level {
-                LevelArg::Auto => Requested::Auto,
-                LevelArg::Full => Requested::Full,
-                LevelArg::Incremental => Requested::Incremental,
-            };
+            let requested = requested(level);
             let id = id.unwrap_or_else(timestamp_id);
             let t = Instant::now();
             let result = job::backup_qemu(
@@ -238,20 +298,93 @@ async fn main() -> Result<()> {
             } else {
                 println!("backup {id} in {:.2}s", t.elapsed().as_secs_f64());
                 for r in &results {
-                    let m = &r.manifest;
-                    println!(
-                        "  {:<16} {:<11} {:<20} scanned {:>9.1} MiB  data {:>9.1} MiB  zero {:>8.1} MiB  stored {:>9.1} MiB  {:.2}s",
-                        m.disk,
-                        format!("{:?}", m.level).to_lowercase(),
-                        m.full_reason.map(|r| format!("{r:?}")).unwrap_or_default(),
-                        mib(m.stats.bytes_scanned),
-                        mib(m.stats.bytes_data),
-                        mib(m.stats.bytes_zero),
-                        mib(m.stats.bytes_stored),
-                        r.seconds
-                    );
+                    print_disk(&r.manifest, r.seconds);
                 }
             }
+        }
+        Command::BackupDomain {
+            domain,
+            disks,
+            sink,
+            level,
+            id,
+            quiesce,
+            scratch_dir,
+            connect,
+            json,
+        } => {
+            use libcbt::source::libvirt::{blocking, LibvirtSource};
+            let sink = LocalSink::open(&sink)?;
+            let src = blocking(move || LibvirtSource::connect(&connect)).await?;
+            let id = id.unwrap_or_else(timestamp_id);
+            let job = job::LibvirtJob {
+                domain,
+                backup_id: id.clone(),
+                disks: (!disks.is_empty()).then_some(disks),
+                requested: requested(level),
+                quiesce: quiesce.map(std::time::Duration::from_secs),
+                scratch_root: scratch_dir,
+            };
+            let t = Instant::now();
+            let r = job::backup_libvirt(&src, &sink, &job, &BackupOptions::default()).await?;
+            if json {
+                let v: Vec<_> = r
+                    .disks
+                    .iter()
+                    .map(|d| serde_json::json!({"manifest": d.manifest, "seconds": d.seconds}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "backup_id": id,
+                        "domain_uuid": r.domain_uuid,
+                        "checkpoint": r.checkpoint,
+                        "quiesce": r.quiesce,
+                        "started_paused": r.started_paused,
+                        "disks": v,
+                    }))?
+                );
+            } else {
+                println!(
+                    "backup {id} of {} in {:.2}s ({:?}{})",
+                    r.domain_uuid,
+                    t.elapsed().as_secs_f64(),
+                    r.quiesce
+                        .consistency
+                        .unwrap_or(libcbt::format::Consistency::Crash),
+                    r.quiesce
+                        .freeze_ms
+                        .map(|m| format!(", frozen {m} ms"))
+                        .unwrap_or_default()
+                );
+                if let Some(w) = &r.quiesce.warning {
+                    println!("  warning: {w}");
+                }
+                for d in &r.disks {
+                    print_disk(&d.manifest, d.seconds);
+                }
+            }
+        }
+        Command::Release { domain, connect } => {
+            use libcbt::source::libvirt::{blocking, LibvirtSource};
+            let gone =
+                blocking(move || LibvirtSource::connect(&connect)?.domain(&domain)?.release())
+                    .await?;
+            println!("deleted checkpoints: {}", gone.join(" "));
+        }
+        Command::Domain { domain, connect } => {
+            use libcbt::source::libvirt::{blocking, LibvirtSource};
+            let v = blocking(move || {
+                let src = LibvirtSource::connect(&connect)?;
+                let d = src.domain(&domain)?;
+                Ok(serde_json::json!({
+                    "domain": d.describe()?,
+                    "active": d.is_active()?,
+                    "checkpoints": d.checkpoints()?,
+                }))
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Command::Restore {
             sink,

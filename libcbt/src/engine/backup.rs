@@ -53,6 +53,8 @@ pub struct DiskBackup {
     /// Bitmap or checkpoint that marks this point in time.
     pub checkpoint: Option<String>,
     pub consistency: Consistency,
+    pub freeze_ms: Option<u64>,
+    pub warnings: Vec<String>,
 }
 
 thread_local! {
@@ -299,6 +301,8 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
             disk_size: size,
             chunk_size: opts.chunk_size,
             consistency: job.consistency,
+            freeze_ms: job.freeze_ms,
+            warnings: job.warnings.clone(),
             started_unix_ms: started,
             finished_unix_ms: now_ms(),
             stats: stats.clone(),

@@ -36,6 +36,13 @@ pub enum FullReason {
     BitmapInconsistent,
     /// The disk size differs from the last backup's.
     DiskResized,
+    /// The hypervisor no longer knows the checkpoint the last backup recorded (and its
+    /// metadata could not be brought back from the bitmaps).
+    CheckpointMissing,
+    /// The disk is not in the last backup's checkpoint: it was added since.
+    DiskAdded,
+    /// The disk's format cannot hold a bitmap (raw): every backup of it is full.
+    Untracked,
 }
 
 /// Crash- or application-consistent.
@@ -91,6 +98,12 @@ pub struct Manifest {
     /// Largest raw frame size used.
     pub chunk_size: u32,
     pub consistency: Consistency,
+    /// How long the guest's filesystems were frozen for the point in time (quiesced backups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_ms: Option<u64>,
+    /// What an operator should know (e.g. a quiesce that failed and fell back to crash).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     pub started_unix_ms: u64,
     pub finished_unix_ms: u64,
     pub stats: BackupStats,
@@ -167,6 +180,8 @@ pub(crate) mod tests {
             disk_size: 1 << 30,
             chunk_size: 1 << 20,
             consistency: Consistency::Crash,
+            freeze_ms: None,
+            warnings: vec![],
             started_unix_ms: 1,
             finished_unix_ms: 2,
             stats: BackupStats::default(),

@@ -212,6 +212,8 @@ impl SessionDisk {
             full_reason: decision.reason,
             checkpoint: Some(self.new_bitmap.clone()),
             consistency: crate::format::Consistency::Crash,
+            freeze_ms: None,
+            warnings: Vec::new(),
         }
     }
 }
@@ -230,7 +232,7 @@ pub struct QemuSource {
     nbd_socket: PathBuf,
 }
 
-fn check_id(s: &str) -> Result<(), SourceError> {
+pub(crate) fn check_id(s: &str) -> Result<(), SourceError> {
     if s.is_empty()
         || s.len() > 20
         || !s
@@ -666,6 +668,8 @@ mod tests {
             disk_size: size,
             chunk_size: 1 << 20,
             consistency: Consistency::Crash,
+            freeze_ms: None,
+            warnings: vec![],
             started_unix_ms: 0,
             finished_unix_ms: 0,
             stats: BackupStats::default(),
