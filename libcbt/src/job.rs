@@ -441,6 +441,20 @@ async fn backup_libvirt_running<S: Sink>(
             Err(source) => failure = Some(JobError::Engine { disk, source }),
         }
     }
+    if failure.is_none() {
+        // A job that died under the copy (QEMU error, scratch exhausted, someone's abort)
+        // makes what was read suspect even if every read succeeded.
+        let d2 = dom.clone();
+        match blocking(move || d2.job_active()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                failure = Some(JobError::Refused(
+                    "the backup job ended during the copy; nothing committed".into(),
+                ))
+            }
+            Err(e) => failure = Some(e.into()),
+        }
+    }
     let quiesce = session.quiesce.clone();
     let checkpoint = session.checkpoint.clone();
     // Checkpoints still named by the last backups of disks not in this one stay.
