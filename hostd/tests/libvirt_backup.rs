@@ -274,6 +274,7 @@ fn job(dom: &Dom, id: &str, scratch: &Path) -> LibvirtJob {
         requested: Requested::Auto,
         quiesce: None,
         scratch_root: scratch.to_path_buf(),
+        observer: None,
     }
 }
 

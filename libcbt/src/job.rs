@@ -142,6 +142,48 @@ pub async fn backup_qemu<S: Sink>(
     Ok(results)
 }
 
+/// What a job reports while it runs.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JobEvent {
+    /// `planning`, `starting`, `copying`, `committing`, `rolling_back`.
+    Phase { phase: &'static str },
+    /// A disk's level is decided (after the point in time: final).
+    Disk {
+        disk: String,
+        level: Level,
+        reason: Option<format::FullReason>,
+    },
+    /// Bytes of a disk copied out of bytes to copy.
+    Progress { disk: String, done: u64, total: u64 },
+    /// The point in time was taken: how consistent it is.
+    PointInTime {
+        consistency: format::Consistency,
+        freeze_ms: Option<u64>,
+        warning: Option<String>,
+        /// The domain was shut off and runs paused until the backup ends.
+        started_paused: bool,
+    },
+}
+
+/// Receives a job's [`JobEvent`]s.
+#[derive(Clone)]
+pub struct Observer(pub std::sync::Arc<dyn Fn(JobEvent) + Send + Sync>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
+}
+
+impl Observer {
+    fn emit(o: &Option<Observer>, e: JobEvent) {
+        if let Some(o) = o {
+            (o.0)(e);
+        }
+    }
+}
+
 /// A backup of a libvirt domain.
 #[cfg(feature = "libvirt")]
 #[derive(Debug, Clone)]
@@ -156,6 +198,7 @@ pub struct LibvirtJob {
     pub quiesce: Option<std::time::Duration>,
     /// Where per-backup scratch directories (scratch images, NBD socket) go.
     pub scratch_root: std::path::PathBuf,
+    pub observer: Option<Observer>,
 }
 
 /// The result of a libvirt backup.
@@ -202,6 +245,7 @@ pub async fn backup_libvirt<S: Sink>(
 
     use crate::source::libvirt::{self as lvs, blocking};
 
+    Observer::emit(&job.observer, JobEvent::Phase { phase: "planning" });
     let (src2, name) = (src.clone(), job.domain.clone());
     let dom = blocking(move || src2.domain(&name)).await?;
     let d2 = dom.clone();
@@ -390,11 +434,39 @@ async fn backup_libvirt_running<S: Sink>(
         quiesce: job.quiesce,
         started_paused,
     };
+    if opts.cancelled() {
+        return Err(JobError::Engine {
+            disk: String::new(),
+            source: EngineError::Cancelled,
+        });
+    }
+    Observer::emit(&job.observer, JobEvent::Phase { phase: "starting" });
     let d2 = dom.clone();
     let session = blocking(move || lvs::begin(&d2, req)).await?;
     for (p, s) in plan.iter_mut().zip(&session.disks) {
         p.1 = s.decision.clone();
+        Observer::emit(
+            &job.observer,
+            JobEvent::Disk {
+                disk: libvirt_disk_id(&desc.uuid, &p.0),
+                level: p.1.level,
+                reason: p.1.reason,
+            },
+        );
     }
+    Observer::emit(
+        &job.observer,
+        JobEvent::PointInTime {
+            consistency: session
+                .quiesce
+                .consistency
+                .unwrap_or(format::Consistency::Crash),
+            freeze_ms: session.quiesce.freeze_ms,
+            warning: session.quiesce.warning.clone(),
+            started_paused: session.started_paused,
+        },
+    );
+    Observer::emit(&job.observer, JobEvent::Phase { phase: "copying" });
     let mut results = Vec::new();
     let mut failure = check_incremental(&plan).err();
     if failure.is_none() {
@@ -430,7 +502,19 @@ async fn backup_libvirt_running<S: Sink>(
                 freeze_ms: session.quiesce.freeze_ms,
                 warnings: session.quiesce.warning.iter().cloned().collect(),
             };
-            engine::backup_disk(sink, &dj, &scan, &engine::Trusted, opts, None).await
+            let obs = job.observer.clone();
+            let d3 = disk.clone();
+            let report = move |p: engine::Progress| {
+                Observer::emit(
+                    &obs,
+                    JobEvent::Progress {
+                        disk: d3.clone(),
+                        done: p.done,
+                        total: p.total,
+                    },
+                )
+            };
+            engine::backup_disk(sink, &dj, &scan, &engine::Trusted, opts, Some(&report)).await
         }
         .await;
         match r {
@@ -477,6 +561,12 @@ async fn backup_libvirt_running<S: Sink>(
         }
         return Err(e);
     }
+    Observer::emit(
+        &job.observer,
+        JobEvent::Phase {
+            phase: "committing",
+        },
+    );
     let d2 = dom.clone();
     blocking(move || lvs::end(&d2, session, true, &keep2)).await?;
     Ok(LibvirtResult {

@@ -324,6 +324,7 @@ async fn main() -> Result<()> {
                 requested: requested(level),
                 quiesce: quiesce.map(std::time::Duration::from_secs),
                 scratch_root: scratch_dir,
+                observer: None,
             };
             let t = Instant::now();
             let r = job::backup_libvirt(&src, &sink, &job, &BackupOptions::default()).await?;

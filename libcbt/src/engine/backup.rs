@@ -26,6 +26,17 @@ pub struct BackupOptions {
     pub connections: usize,
     /// Chunks in flight (read, compressed or waiting for the writer): bounds memory.
     pub in_flight: usize,
+    /// Set to stop the backup: it fails with [`EngineError::Cancelled`] at the next chunk and
+    /// leaves nothing on the sink.
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl BackupOptions {
+    pub fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl Default for BackupOptions {
@@ -35,6 +46,7 @@ impl Default for BackupOptions {
             segment_size: 256 << 20,
             connections: 4,
             in_flight: 32,
+            cancel: None,
         }
     }
 }
@@ -179,6 +191,9 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
     opts: &BackupOptions,
     progress: Option<&ProgressFn<'_>>,
 ) -> Result<Manifest, EngineError> {
+    if opts.cancelled() {
+        return Err(EngineError::Cancelled);
+    }
     if !opts.chunk_size.is_power_of_two()
         || opts.chunk_size > MAX_FRAME_RAW
         || opts.chunk_size < 4096
@@ -448,6 +463,9 @@ async fn copy_data<S: Sink>(
             }
             drop(permit);
             report(progress, *done, total);
+            if opts.cancelled() {
+                return Err(EngineError::Cancelled);
+            }
         }
         if let Some((_, w)) = writer.take() {
             finishing.spawn(w.finish());

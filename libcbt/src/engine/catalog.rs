@@ -48,3 +48,49 @@ pub async fn list_disks<S: Sink>(sink: &S) -> Result<Vec<String>, EngineError> {
 pub async fn latest<S: Sink>(sink: &S, disk: &str) -> Result<Option<Manifest>, EngineError> {
     Ok(list_backups(sink, disk).await?.pop())
 }
+
+/// Removes one committed backup of `disk`: the manifest first (so a crash in between leaves
+/// an uncommitted backup, never a committed one with missing parts), then its index and
+/// segments. Returns the objects deleted. The caller makes sure no later backup depends on it.
+pub async fn forget_backup<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+) -> Result<Vec<String>, EngineError> {
+    let name = format::manifest_name(disk, backup);
+    let Some(m) = list_backups(sink, disk)
+        .await?
+        .into_iter()
+        .find(|m| m.backup_id == backup)
+    else {
+        return Ok(Vec::new());
+    };
+    sink.delete(&name).await?;
+    let mut gone = vec![name];
+    sink.delete(&m.index.name).await?;
+    gone.push(m.index.name.clone());
+    for s in &m.segments {
+        sink.delete(s).await?;
+        gone.push(s.clone());
+    }
+    Ok(gone)
+}
+
+/// Objects under `disks/<disk>/` that no committed manifest references: what an interrupted
+/// backup wrote before its manifest. Only safe to delete while no backup of `disk` runs.
+pub async fn orphans<S: Sink>(sink: &S, disk: &str) -> Result<Vec<String>, EngineError> {
+    let committed = list_backups(sink, disk).await?;
+    let mut used = std::collections::BTreeSet::new();
+    for m in &committed {
+        used.insert(format::manifest_name(disk, &m.backup_id));
+        used.insert(m.index.name.clone());
+        used.extend(m.segments.iter().cloned());
+    }
+    Ok(sink
+        .list(&format!("disks/{disk}/"))
+        .await?
+        .into_iter()
+        .map(|o| o.name)
+        .filter(|n| !used.contains(n))
+        .collect())
+}

@@ -61,6 +61,8 @@ pub enum EngineError {
     Task(#[source] tokio::task::JoinError),
     #[error("the change source failed")]
     Source(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// Progress of a job: bytes done out of bytes to do.

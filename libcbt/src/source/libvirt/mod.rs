@@ -115,6 +115,8 @@ impl std::fmt::Debug for LibvirtSource {
 impl LibvirtSource {
     /// Connects to `uri` (blocking).
     pub fn connect(uri: &str) -> Result<Self, LibvirtError> {
+        // Errors come back as values; libvirt's default handler would also print them.
+        virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri)).map_err(lv(format!("connecting to {uri}")))?;
         Ok(LibvirtSource {
             conn,
@@ -126,6 +128,11 @@ impl LibvirtSource {
         &self.uri
     }
 
+    /// Whether the connection still works (libvirtd may have restarted).
+    pub fn is_alive(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false)
+    }
+
     /// The domain named `id`, or with UUID `id` (blocking).
     pub fn domain(&self, id: &str) -> Result<LibvirtDomain, LibvirtError> {
         let dom = match self.conn.lookup_domain_by_name(id) {
@@ -135,6 +142,16 @@ impl LibvirtSource {
                 .lookup_domain_by_uuid_string(id)
                 .map_err(|_| LibvirtError::NoSuchDomain(id.to_string()))?,
         };
+        let name = dom.name().map_err(lv("reading a domain's name"))?;
+        Ok(LibvirtDomain { dom, name })
+    }
+
+    /// Defines a persistent domain from `xml` (blocking).
+    pub fn define(&self, xml: &str) -> Result<LibvirtDomain, LibvirtError> {
+        let dom = self
+            .conn
+            .define_domain_xml(xml)
+            .map_err(lv("defining a domain"))?;
         let name = dom.name().map_err(lv("reading a domain's name"))?;
         Ok(LibvirtDomain { dom, name })
     }
@@ -296,6 +313,11 @@ impl LibvirtDomain {
         self.retire_checkpoints(&BTreeSet::new())
     }
 
+    /// Starts the domain.
+    pub fn start(&self) -> Result<(), LibvirtError> {
+        self.dom.create().map_err(lv("starting the domain"))
+    }
+
     /// Starts the domain with its vCPUs paused.
     pub fn start_paused(&self) -> Result<(), LibvirtError> {
         self.dom
@@ -317,6 +339,29 @@ impl LibvirtDomain {
     pub fn backup_exports(&self) -> Result<Vec<xml::BackupExport>, LibvirtError> {
         let x = ffi::backup_xml(&self.dom).map_err(lv("reading the backup job"))?;
         Ok(xml::backup_exports(&x)?)
+    }
+
+    /// The socket of the running backup job (to tell ours from somebody else's).
+    pub fn backup_socket(&self) -> Result<PathBuf, LibvirtError> {
+        let x = ffi::backup_xml(&self.dom).map_err(lv("reading the backup job"))?;
+        Ok(xml::backup_socket(&x)?
+            .map(PathBuf::from)
+            .unwrap_or_default())
+    }
+
+    /// Whether the domain is paused.
+    pub fn is_paused(&self) -> Result<bool, LibvirtError> {
+        self.dom
+            .state()
+            .map(|(s, _)| s == virt::enumutil::Enum::Known(virt::domain::DomainState::Paused))
+            .map_err(lv("reading the domain state"))
+    }
+
+    /// Removes the domain's definition (and our checkpoint metadata with it).
+    pub fn undefine(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .undefine_flags(sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+            .map_err(lv("undefining the domain"))
     }
 
     /// Whether a job (ours or anybody's) runs on the domain.

@@ -251,6 +251,14 @@ pub fn backup_exports(xml: &str) -> Result<Vec<BackupExport>, XmlError> {
     Ok(out)
 }
 
+/// The Unix socket a running pull-mode backup job exports on.
+pub fn backup_socket(xml: &str) -> Result<Option<String>, XmlError> {
+    let doc = parse("backup job", xml)?;
+    Ok(child(doc.root_element(), "server")
+        .and_then(|s| s.attribute("socket"))
+        .map(String::from))
+}
+
 /// Escapes text for an XML attribute or element.
 pub fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());

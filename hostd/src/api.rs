@@ -1,0 +1,958 @@
+//! The HTTP/JSON API, versioned under `/v1`. See `openapi.rs` for the document served at
+//! `/v1/openapi.json`.
+//!
+//! Authentication: `Authorization: Bearer <token>`; tokens are stored as sha256 in the config.
+//! A tenant token sees only its tenant's instances, backups, jobs and sinks (anything else is
+//! 404); an admin token sees everything; no or a bad token is 401. Every error is
+//! `{"error": {"code": "...", "message": "..."}}`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use libcbt::engine::catalog;
+use libcbt::format::Manifest;
+use libcbt::job;
+use libcbt::sink::local::LocalSink;
+use libcbt::sink::Sink;
+use libcbt::source::qemu::Requested;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::config::{token_hash, valid_name};
+use crate::inventory::{self, Instance};
+use crate::jobs::{self, JobStatus, RestoreTo, Work};
+use crate::state::AppState;
+
+/// An API error: status, stable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn not_found(what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no such {what}"),
+        )
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+    fn unavailable(m: &str) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            if let Ok(v) = "Bearer".parse() {
+                r.headers_mut().insert("www-authenticate", v);
+            }
+        }
+        r
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = match &r {
+            JsonRejection::BytesRejection(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::bad(r.body_text())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub token: String,
+    /// `None`: admin.
+    pub tenant: Option<String>,
+}
+
+impl Caller {
+    fn sees(&self, tenant: Option<&str>) -> bool {
+        match &self.tenant {
+            None => true,
+            Some(t) => tenant == Some(t.as_str()),
+        }
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn auth(st: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
+    let unauth = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let h = headers
+        .get("authorization")
+        .ok_or_else(|| unauth("missing bearer token"))?;
+    let token = h
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && t.len() <= 512)
+        .ok_or_else(|| unauth("malformed authorization header"))?;
+    let hash = token_hash(token);
+    let mut found = None;
+    for t in &st.cfg.tokens {
+        // Every token is compared, in constant time each: no early exit to time.
+        if ct_eq(hash.as_bytes(), t.sha256.to_ascii_lowercase().as_bytes()) {
+            found = Some(t);
+        }
+    }
+    let t = found.ok_or_else(|| unauth("unknown token"))?;
+    Ok(Caller {
+        token: t.name.clone(),
+        tenant: if t.admin { None } else { t.tenant.clone() },
+    })
+}
+
+pub fn router(st: Arc<AppState>) -> Router {
+    let max = st.cfg.server.max_body_bytes;
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/instances", get(list_instances))
+        .route("/v1/instances/{id}", get(show_instance))
+        .route("/v1/backups", post(start_backup).get(list_backups))
+        .route(
+            "/v1/backups/{sink}/{backup_id}",
+            get(show_backup).delete(delete_backup),
+        )
+        .route("/v1/restores", post(start_restore))
+        .route("/v1/verifications", post(start_verify))
+        .route("/v1/jobs", get(list_jobs))
+        .route("/v1/jobs/{id}", get(show_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/events", get(job_events))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed",
+            )
+        })
+        .layer(DefaultBodyLimit::max(max))
+        .with_state(st)
+}
+
+async fn openapi() -> Json<Value> {
+    Json(crate::openapi::document())
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "status": if st.shutting_down.load(Ordering::SeqCst) { "stopping" } else { "ok" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "jobs_active": st.jobs.active(),
+    }))
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.render(),
+    )
+}
+
+async fn instances_of(st: &AppState) -> ApiResult<Vec<Instance>> {
+    let src = st
+        .libvirt()
+        .ok_or_else(|| ApiError::unavailable("libvirt is unreachable"))?;
+    inventory::list(&st.cfg, &src)
+        .await
+        .map_err(ApiError::internal)
+}
+
+/// The instance `id` (name or UUID) if the caller may see it; else 404.
+async fn visible_instance(st: &AppState, c: &Caller, id: &str) -> ApiResult<Instance> {
+    let src = st
+        .libvirt()
+        .ok_or_else(|| ApiError::unavailable("libvirt is unreachable"))?;
+    match inventory::get(&st.cfg, &src, id)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Some(i) if c.sees(i.tenant.as_deref()) => Ok(i),
+        _ => Err(ApiError::not_found("instance")),
+    }
+}
+
+async fn list_instances(State(st): State<Arc<AppState>>, h: HeaderMap) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    let all = instances_of(&st).await?;
+    let v: Vec<&Instance> = all.iter().filter(|i| c.sees(i.tenant.as_deref())).collect();
+    Ok(Json(json!({ "instances": v })))
+}
+
+async fn show_instance(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    let i = visible_instance(&st, &c, &id).await?;
+    let src = st
+        .libvirt()
+        .ok_or_else(|| ApiError::unavailable("libvirt is unreachable"))?;
+    let uuid = i.uuid.clone();
+    let checkpoints = libcbt::source::libvirt::blocking(move || src.domain(&uuid)?.checkpoints())
+        .await
+        .map_err(ApiError::internal)?;
+    // The last backup of each disk on each sink the caller may use.
+    let mut last = BTreeMap::new();
+    for s in &st.cfg.sinks {
+        if !st.sink_allowed(&s.name, c.tenant.as_deref()) {
+            continue;
+        }
+        let Ok(sink) = LocalSink::open(&s.path) else {
+            continue;
+        };
+        for d in &i.disks {
+            let id = job::libvirt_disk_id(&i.uuid, &d.target);
+            if let Ok(Some(m)) = catalog::latest(&sink, &id).await {
+                last.insert(
+                    format!("{}/{}", s.name, d.target),
+                    json!({"sink": s.name, "disk": d.target, "backup_id": m.backup_id,
+                           "level": m.level, "checkpoint": m.checkpoint,
+                           "finished_unix_ms": m.finished_unix_ms}),
+                );
+            }
+        }
+    }
+    Ok(Json(json!({
+        "instance": i,
+        "checkpoints": checkpoints,
+        "last_backups": last.into_values().collect::<Vec<_>>(),
+    })))
+}
+
+fn valid_label(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupReq {
+    instance: String,
+    sink: String,
+    #[serde(default)]
+    disks: Option<Vec<String>>,
+    #[serde(default)]
+    level: Option<String>,
+    #[serde(default)]
+    quiesce: bool,
+    #[serde(default)]
+    quiesce_timeout_secs: Option<u64>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    backup_id: Option<String>,
+}
+
+fn check_sink(st: &AppState, c: &Caller, sink: &str) -> ApiResult<()> {
+    if !valid_name(sink) || !st.sink_allowed(sink, c.tenant.as_deref()) {
+        return Err(ApiError::not_found("sink"));
+    }
+    Ok(())
+}
+
+fn check_backup_id(id: &str) -> ApiResult<()> {
+    if id.is_empty()
+        || id.len() > 20
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ApiError::bad(
+            "backup_id: letters, digits, '-', '_' only, at most 20",
+        ));
+    }
+    Ok(())
+}
+
+fn accepting(st: &AppState) -> ApiResult<()> {
+    if st.shutting_down.load(Ordering::SeqCst) {
+        return Err(ApiError::unavailable("the daemon is stopping"));
+    }
+    Ok(())
+}
+
+fn accepted(job: &jobs::Job) -> Response {
+    let s = job.snapshot();
+    (
+        StatusCode::ACCEPTED,
+        [("location", format!("/v1/jobs/{}", s.id))],
+        Json(json!({ "job": s })),
+    )
+        .into_response()
+}
+
+async fn start_backup(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    body: Result<Json<BackupReq>, JsonRejection>,
+) -> ApiResult<Response> {
+    let c = auth(&st, &h)?;
+    accepting(&st)?;
+    let Json(r) = body?;
+    check_sink(&st, &c, &r.sink)?;
+    let i = visible_instance(&st, &c, &r.instance).await?;
+    if let Some(d) = &r.disks {
+        if d.is_empty() || d.len() > 64 {
+            return Err(ApiError::bad("disks: between 1 and 64 targets"));
+        }
+        for t in d {
+            if !i.disks.iter().any(|x| &x.target == t) {
+                return Err(ApiError::bad(format!("disks: instance has no disk {t:?}")));
+            }
+        }
+    }
+    let requested = match r.level.as_deref().unwrap_or("auto") {
+        "auto" => Requested::Auto,
+        "full" => Requested::Full,
+        "incremental" => Requested::Incremental,
+        other => {
+            return Err(ApiError::bad(format!(
+                "level: {other:?} is not auto, full or incremental"
+            )))
+        }
+    };
+    let timeout = r.quiesce_timeout_secs.unwrap_or(10);
+    if !(1..=300).contains(&timeout) {
+        return Err(ApiError::bad("quiesce_timeout_secs: between 1 and 300"));
+    }
+    if r.labels.len() > 32
+        || r.labels
+            .iter()
+            .any(|(k, v)| !valid_label(k) || !valid_label(v))
+    {
+        return Err(ApiError::bad(
+            "labels: at most 32, keys and values 1–128 printable characters",
+        ));
+    }
+    let backup_id = match r.backup_id {
+        Some(b) => {
+            check_backup_id(&b)?;
+            b
+        }
+        None => jobs::new_backup_id(),
+    };
+    let request = json!({
+        "instance": i.uuid, "sink": r.sink, "disks": r.disks, "level": r.level,
+        "quiesce": r.quiesce, "labels": r.labels, "caller": c.token,
+    });
+    let job = jobs::submit(
+        &st,
+        "backup",
+        i.tenant.clone(),
+        &r.sink,
+        &backup_id,
+        Work::Backup {
+            domain_uuid: i.uuid.clone(),
+            disks: r.disks,
+            requested,
+            quiesce: r.quiesce.then(|| Duration::from_secs(timeout)),
+            labels: r.labels,
+        },
+        request,
+    )
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(accepted(&job))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupsQuery {
+    sink: String,
+    #[serde(default)]
+    instance: Option<String>,
+}
+
+/// Tenant of the instance with `uuid`: from libvirt if it still exists, else from the domain
+/// XML saved with its newest backup on `sink`.
+async fn tenant_of_uuid(st: &AppState, sink: &LocalSink, uuid: &str) -> Option<String> {
+    if let Some(src) = st.libvirt() {
+        if let Ok(Some(i)) = inventory::get(&st.cfg, &src, uuid).await {
+            return i.tenant;
+        }
+    }
+    let objs = sink.list(&format!("domains/{uuid}/")).await.ok()?;
+    let newest = objs
+        .iter()
+        .filter(|o| o.name.ends_with(".xml"))
+        .map(|o| &o.name)
+        .max()?;
+    let x = sink.get(newest, 16 << 20).await.ok()?;
+    let d = libcbt::source::libvirt::xml::domain(&String::from_utf8_lossy(&x)).ok()?;
+    inventory::tenant_for(&st.cfg, &d.name, uuid, d.project.as_deref())
+}
+
+/// Backups on `sink` visible to the caller, grouped by instance and backup id.
+async fn backups_on(
+    st: &AppState,
+    c: &Caller,
+    sink_name: &str,
+    instance_uuid: Option<&str>,
+) -> ApiResult<Vec<Value>> {
+    let path = st
+        .sink_path(sink_name)
+        .ok_or_else(|| ApiError::not_found("sink"))?;
+    let sink = LocalSink::open(&path).map_err(ApiError::internal)?;
+    let mut by: BTreeMap<(String, String), Vec<Manifest>> = BTreeMap::new();
+    let mut tenants: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for d in catalog::list_disks(&sink)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        let Some((uuid, _target)) = d.split_once('.') else {
+            continue;
+        };
+        if instance_uuid.is_some_and(|u| u != uuid) {
+            continue;
+        }
+        if !tenants.contains_key(uuid) {
+            let t = tenant_of_uuid(st, &sink, uuid).await;
+            tenants.insert(uuid.to_string(), t);
+        }
+        if !c.sees(tenants[uuid].as_deref()) {
+            continue;
+        }
+        for m in catalog::list_backups(&sink, &d)
+            .await
+            .map_err(ApiError::internal)?
+        {
+            by.entry((uuid.to_string(), m.backup_id.clone()))
+                .or_default()
+                .push(m);
+        }
+    }
+    let mut out = Vec::new();
+    for ((uuid, id), ms) in by {
+        let record = sink
+            .get(&jobs::record_name(&uuid, &id), 1 << 20)
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+        let finished = ms.iter().map(|m| m.finished_unix_ms).max().unwrap_or(0);
+        out.push(json!({
+            "backup_id": id,
+            "instance": uuid,
+            "sink": sink_name,
+            "finished_unix_ms": finished,
+            "labels": record.as_ref().and_then(|r| r.get("labels")).cloned().unwrap_or(json!({})),
+            "consistency": ms.first().map(|m| m.consistency),
+            "disks": ms.iter().map(|m| json!({
+                "disk": m.disk, "target": m.disk.split_once('.').map(|x| x.1),
+                "level": m.level, "full_reason": m.full_reason, "parent": m.parent,
+                "disk_size": m.disk_size, "stats": m.stats, "checkpoint": m.checkpoint,
+                "freeze_ms": m.freeze_ms, "warnings": m.warnings,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    out.sort_by_key(|v| v["finished_unix_ms"].as_u64().unwrap_or(0));
+    Ok(out)
+}
+
+async fn resolve_uuid(st: &AppState, c: &Caller, instance: &str) -> ApiResult<String> {
+    // A live instance by name or UUID; else a UUID of an instance that may be gone.
+    if let Some(src) = st.libvirt() {
+        if let Ok(Some(i)) = inventory::get(&st.cfg, &src, instance).await {
+            if c.sees(i.tenant.as_deref()) {
+                return Ok(i.uuid);
+            }
+            return Err(ApiError::not_found("instance"));
+        }
+    }
+    let ok = instance.len() == 36 && instance.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    if ok {
+        Ok(instance.to_ascii_lowercase())
+    } else {
+        Err(ApiError::not_found("instance"))
+    }
+}
+
+async fn list_backups(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    q: Result<Query<BackupsQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    let Query(q) = q?;
+    check_sink(&st, &c, &q.sink)?;
+    let uuid = match &q.instance {
+        Some(i) => Some(resolve_uuid(&st, &c, i).await?),
+        None => None,
+    };
+    let v = backups_on(&st, &c, &q.sink, uuid.as_deref()).await?;
+    Ok(Json(json!({ "backups": v })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceQuery {
+    instance: String,
+}
+
+async fn find_backup(
+    st: &AppState,
+    c: &Caller,
+    sink: &str,
+    id: &str,
+    instance: &str,
+) -> ApiResult<Value> {
+    check_sink(st, c, sink)?;
+    check_backup_id(id).map_err(|_| ApiError::not_found("backup"))?;
+    let uuid = resolve_uuid(st, c, instance).await?;
+    backups_on(st, c, sink, Some(&uuid))
+        .await?
+        .into_iter()
+        .find(|b| b["backup_id"] == id)
+        .ok_or_else(|| ApiError::not_found("backup"))
+}
+
+async fn show_backup(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path((sink, id)): Path<(String, String)>,
+    q: Result<Query<InstanceQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    let Query(q) = q?;
+    Ok(Json(
+        json!({ "backup": find_backup(&st, &c, &sink, &id, &q.instance).await? }),
+    ))
+}
+
+async fn delete_backup(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path((sink, id)): Path<(String, String)>,
+    q: Result<Query<InstanceQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    accepting(&st)?;
+    let Query(q) = q?;
+    let b = find_backup(&st, &c, &sink, &id, &q.instance).await?;
+    let uuid = b["instance"].as_str().unwrap_or_default().to_string();
+    if st.jobs.all().iter().any(|j| {
+        let s = j.snapshot();
+        !s.terminal() && s.instance == uuid && s.sink == sink
+    }) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            "a job of this instance runs on this sink",
+        ));
+    }
+    let path = st
+        .sink_path(&sink)
+        .ok_or_else(|| ApiError::not_found("sink"))?;
+    let s = LocalSink::open(&path).map_err(ApiError::internal)?;
+    let disks: Vec<String> = b["disks"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d["disk"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    // An incremental that depends on this backup makes it undeletable.
+    for d in &disks {
+        for m in catalog::list_backups(&s, d)
+            .await
+            .map_err(ApiError::internal)?
+        {
+            if m.parent.as_deref() == Some(id.as_str()) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "has_dependents",
+                    format!(
+                        "backup {} of {d} is an incremental on top of it",
+                        m.backup_id
+                    ),
+                ));
+            }
+        }
+    }
+    let mut gone = Vec::new();
+    for d in &disks {
+        gone.extend(
+            catalog::forget_backup(&s, d, &id)
+                .await
+                .map_err(ApiError::internal)?,
+        );
+    }
+    let _ = s.delete(&job::domain_xml_name(&uuid, &id)).await;
+    let _ = s.delete(&jobs::record_name(&uuid, &id)).await;
+    tracing::info!(backup = %id, instance = %uuid, objects = gone.len(), "backup deleted");
+    Ok(Json(json!({ "deleted": id, "objects": gone.len() })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+enum TargetReq {
+    File {
+        path: PathBuf,
+        #[serde(default)]
+        format: Option<String>,
+    },
+    Nbd {
+        uri: String,
+    },
+    Domain {
+        name: String,
+        #[serde(default)]
+        start: bool,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreReq {
+    instance: String,
+    sink: String,
+    backup_id: String,
+    #[serde(default)]
+    disk: Option<String>,
+    target: TargetReq,
+}
+
+async fn backup_targets(
+    st: &AppState,
+    c: &Caller,
+    sink: &str,
+    id: &str,
+    instance: &str,
+) -> ApiResult<(String, Vec<String>)> {
+    let b = find_backup(st, c, sink, id, instance).await?;
+    let uuid = b["instance"].as_str().unwrap_or_default().to_string();
+    let targets = b["disks"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d["target"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((uuid, targets))
+}
+
+async fn start_restore(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    body: Result<Json<RestoreReq>, JsonRejection>,
+) -> ApiResult<Response> {
+    let c = auth(&st, &h)?;
+    accepting(&st)?;
+    let Json(r) = body?;
+    let (uuid, targets) = backup_targets(&st, &c, &r.sink, &r.backup_id, &r.instance).await?;
+    let one_disk = || -> ApiResult<Vec<String>> {
+        match &r.disk {
+            Some(d) if targets.contains(d) => Ok(vec![d.clone()]),
+            Some(d) => Err(ApiError::bad(format!("disk: backup has no disk {d:?}"))),
+            None if targets.len() == 1 => Ok(targets.clone()),
+            None => Err(ApiError::bad(
+                "disk: the backup has several disks; name one",
+            )),
+        }
+    };
+    let (disks, target) = match &r.target {
+        TargetReq::File { path, format } => {
+            let qcow2 = match format.as_deref().unwrap_or("raw") {
+                "raw" => false,
+                "qcow2" => true,
+                f => {
+                    return Err(ApiError::bad(format!(
+                        "target.format: {f:?} is not raw or qcow2"
+                    )))
+                }
+            };
+            jobs::allowed_restore_path(&st.cfg.server.restore_dirs, path)
+                .map_err(|e| ApiError::bad(format!("target.path: {e}")))?;
+            (
+                one_disk()?,
+                RestoreTo::File {
+                    path: path.clone(),
+                    qcow2,
+                },
+            )
+        }
+        TargetReq::Nbd { uri } => {
+            if uri.len() > 1024 || libcbt::nbd::uri::NbdUri::parse(uri).is_err() {
+                return Err(ApiError::bad("target.uri: not an NBD URI"));
+            }
+            (one_disk()?, RestoreTo::Nbd { uri: uri.clone() })
+        }
+        TargetReq::Domain { name, start } => {
+            if !valid_name(name) {
+                return Err(ApiError::bad(
+                    "target.name: letters, digits, '-', '_', '.' only",
+                ));
+            }
+            let dir = st
+                .cfg
+                .server
+                .restore_dirs
+                .first()
+                .ok_or_else(|| ApiError::bad("no restore directory configured"))?
+                .join(name);
+            if dir.exists() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "exists",
+                    format!("{} exists", dir.display()),
+                ));
+            }
+            if let Some(src) = st.libvirt() {
+                if let Ok(Some(_)) = inventory::get(&st.cfg, &src, name).await {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "exists",
+                        format!("domain {name} exists"),
+                    ));
+                }
+            }
+            let disks = match &r.disk {
+                Some(_) => one_disk()?,
+                None => targets.clone(),
+            };
+            (
+                disks,
+                RestoreTo::Domain {
+                    name: name.clone(),
+                    dir,
+                    start: *start,
+                },
+            )
+        }
+    };
+    let tenant = c.tenant.clone().or(tenant_of_uuid_quick(&st, &uuid).await);
+    let request = json!({"instance": uuid, "sink": r.sink, "backup_id": r.backup_id, "disks": disks, "caller": c.token});
+    let job = jobs::submit(
+        &st,
+        "restore",
+        tenant,
+        &r.sink,
+        &r.backup_id,
+        Work::Restore {
+            domain_uuid: uuid,
+            disks,
+            target,
+        },
+        request,
+    )
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(accepted(&job))
+}
+
+async fn tenant_of_uuid_quick(st: &AppState, uuid: &str) -> Option<String> {
+    let src = st.libvirt()?;
+    inventory::get(&st.cfg, &src, uuid)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|i| i.tenant)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyReq {
+    instance: String,
+    sink: String,
+    backup_id: String,
+}
+
+async fn start_verify(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    body: Result<Json<VerifyReq>, JsonRejection>,
+) -> ApiResult<Response> {
+    let c = auth(&st, &h)?;
+    accepting(&st)?;
+    let Json(r) = body?;
+    let (uuid, disks) = backup_targets(&st, &c, &r.sink, &r.backup_id, &r.instance).await?;
+    let tenant = c.tenant.clone().or(tenant_of_uuid_quick(&st, &uuid).await);
+    let request =
+        json!({"instance": uuid, "sink": r.sink, "backup_id": r.backup_id, "caller": c.token});
+    let job = jobs::submit(
+        &st,
+        "verify",
+        tenant,
+        &r.sink,
+        &r.backup_id,
+        Work::Verify {
+            domain_uuid: uuid,
+            disks,
+        },
+        request,
+    )
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(accepted(&job))
+}
+
+fn visible_job(st: &AppState, c: &Caller, id: &str) -> ApiResult<JobStatus> {
+    if !jobs::valid_job_id(id) {
+        return Err(ApiError::not_found("job"));
+    }
+    let s = match st.jobs.get(id) {
+        Some(j) => j.snapshot(),
+        None => st
+            .journal
+            .get(id)
+            .map_err(ApiError::internal)?
+            .map(|r| JobStatus::from_row(&r))
+            .ok_or_else(|| ApiError::not_found("job"))?,
+    };
+    if !c.sees(s.tenant.as_deref()) {
+        return Err(ApiError::not_found("job"));
+    }
+    Ok(s)
+}
+
+async fn list_jobs(State(st): State<Arc<AppState>>, h: HeaderMap) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    let mut out: BTreeMap<String, JobStatus> = BTreeMap::new();
+    for r in st.journal.recent(200).map_err(ApiError::internal)? {
+        out.insert(r.id.clone(), JobStatus::from_row(&r));
+    }
+    for j in st.jobs.all() {
+        let s = j.snapshot();
+        out.insert(s.id.clone(), s);
+    }
+    let mut v: Vec<JobStatus> = out
+        .into_values()
+        .filter(|s| c.sees(s.tenant.as_deref()))
+        .collect();
+    v.sort_by_key(|s| std::cmp::Reverse(s.created_ms));
+    Ok(Json(json!({ "jobs": v })))
+}
+
+async fn show_job(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    Ok(Json(json!({ "job": visible_job(&st, &c, &id)? })))
+}
+
+async fn cancel_job(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let c = auth(&st, &h)?;
+    let s = visible_job(&st, &c, &id)?;
+    if s.terminal() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "finished",
+            format!("job is {}", s.state),
+        ));
+    }
+    if let Some(j) = st.jobs.get(&id) {
+        j.cancel.store(true, Ordering::SeqCst);
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "job": s, "cancel": "requested" })),
+    )
+        .into_response())
+}
+
+async fn job_events(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let c = auth(&st, &h)?;
+    let s = visible_job(&st, &c, &id)?;
+    let ev = |s: &JobStatus| -> Result<Event, Infallible> {
+        Ok(Event::default()
+            .event("status")
+            .data(serde_json::to_string(s).unwrap_or_default()))
+    };
+    let Some(j) = st.jobs.get(&id) else {
+        // A job of an earlier daemon life: one event, its final state.
+        let one = futures_util::stream::iter(vec![ev(&s)]);
+        return Ok(Sse::new(one).into_response());
+    };
+    let rx = j.status.subscribe();
+    // Every change, at most every 200 ms, and always the final one; then the stream ends.
+    let stream = futures_util::stream::unfold((rx, 0u8), move |(mut rx, step)| async move {
+        if step == 2 {
+            return None;
+        }
+        if step == 1 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(15), rx.changed()).await;
+        }
+        let s = rx.borrow_and_update().clone();
+        let next = if s.terminal() { 2 } else { 1 };
+        Some((s, (rx, next)))
+    })
+    .map(move |s| ev(&s));
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}

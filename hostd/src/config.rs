@@ -1,0 +1,350 @@
+//! `cbt-hostd` configuration: TOML, unknown keys refused, every error naming its key.
+//!
+//! ```toml
+//! [server]
+//! unix_socket = "/run/cbt/hostd.sock"      # root-only (0600)
+//! listen = "0.0.0.0:8443"                  # optional; TLS required on TCP
+//! tls_cert = "/etc/cbt/tls/cert.pem"
+//! tls_key = "/etc/cbt/tls/key.pem"
+//! state_dir = "/var/lib/cbt"               # journal.sqlite, scratch/
+//! restore_dirs = ["/var/lib/cbt/restores"] # the only places file restores may write
+//!
+//! [libvirt]
+//! uri = "qemu:///system"
+//! default_tenant = "ops"                   # domains without Nova metadata or an override
+//!
+//! [limits]
+//! max_jobs = 2
+//! max_jobs_per_tenant = 1
+//!
+//! [[sink]]
+//! name = "local"
+//! path = "/srv/backups"
+//! tenants = []                             # empty: every tenant
+//!
+//! [[token]]
+//! name = "orchestrator"
+//! sha256 = "…64 hex digits…"               # sha256 of the bearer token
+//! admin = true
+//!
+//! [[instance]]
+//! domain = "legacy-vm"                     # name or UUID
+//! tenant = "ops"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default)]
+    pub libvirt: Libvirt,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default, rename = "sink")]
+    pub sinks: Vec<SinkCfg>,
+    #[serde(default, rename = "token")]
+    pub tokens: Vec<TokenCfg>,
+    #[serde(default, rename = "instance")]
+    pub instances: Vec<InstanceCfg>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    pub unix_socket: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub scratch_dir: Option<PathBuf>,
+    pub restore_dirs: Vec<PathBuf>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// How long running jobs get to stop on SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            unix_socket: Some(PathBuf::from("/run/cbt/hostd.sock")),
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            state_dir: PathBuf::from("/var/lib/cbt"),
+            scratch_dir: None,
+            restore_dirs: vec![PathBuf::from("/var/lib/cbt/restores")],
+            max_body_bytes: 64 << 10,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl Server {
+    pub fn scratch(&self) -> PathBuf {
+        self.scratch_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("scratch"))
+    }
+    pub fn journal(&self) -> PathBuf {
+        self.state_dir.join("journal.sqlite")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Libvirt {
+    pub enabled: bool,
+    pub uri: String,
+    pub default_tenant: Option<String>,
+}
+
+impl Default for Libvirt {
+    fn default() -> Self {
+        Libvirt {
+            enabled: true,
+            uri: libcbt::source::libvirt::DEFAULT_URI.into(),
+            default_tenant: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_jobs: usize,
+    pub max_jobs_per_tenant: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_jobs: 2,
+            max_jobs_per_tenant: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkCfg {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub tenants: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCfg {
+    pub name: String,
+    /// Hex sha256 of the bearer token.
+    pub sha256: String,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceCfg {
+    pub domain: String,
+    pub tenant: String,
+}
+
+/// Names of sinks, tenants, tokens: what may appear in URLs and logs.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !s.starts_with('.')
+}
+
+impl Config {
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: String, message: &str| ConfigError::Invalid {
+            path: path.into(),
+            key,
+            message: message.into(),
+        };
+        let s = &self.server;
+        if s.unix_socket.is_none() && s.listen.is_none() {
+            return Err(bad(
+                "server".into(),
+                "neither unix_socket nor listen is set",
+            ));
+        }
+        if s.listen.is_some() && (s.tls_cert.is_none() || s.tls_key.is_none()) {
+            return Err(bad(
+                "server.listen".into(),
+                "a TCP listener needs tls_cert and tls_key",
+            ));
+        }
+        if !s.state_dir.is_absolute() {
+            return Err(bad("server.state_dir".into(), "must be an absolute path"));
+        }
+        for (i, d) in s.restore_dirs.iter().enumerate() {
+            if !d.is_absolute() || d.components().any(|c| c.as_os_str() == "..") {
+                return Err(bad(
+                    format!("server.restore_dirs[{i}]"),
+                    "must be an absolute path without '..'",
+                ));
+            }
+        }
+        if s.max_body_bytes < 1024 || s.max_body_bytes > 16 << 20 {
+            return Err(bad(
+                "server.max_body_bytes".into(),
+                "must be between 1024 and 16777216",
+            ));
+        }
+        if self.limits.max_jobs == 0 || self.limits.max_jobs_per_tenant == 0 {
+            return Err(bad("limits".into(), "limits must be at least 1"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, k) in self.sinks.iter().enumerate() {
+            if !valid_name(&k.name) {
+                return Err(bad(
+                    format!("sink[{i}].name"),
+                    "letters, digits, '-', '_', '.' only",
+                ));
+            }
+            if !names.insert(&k.name) {
+                return Err(bad(format!("sink[{i}].name"), "duplicate sink name"));
+            }
+            if !k.path.is_absolute() {
+                return Err(bad(format!("sink[{i}].path"), "must be an absolute path"));
+            }
+        }
+        for (i, t) in self.tokens.iter().enumerate() {
+            if t.sha256.len() != 64 || hex::decode(&t.sha256).is_err() {
+                return Err(bad(format!("token[{i}].sha256"), "must be 64 hex digits"));
+            }
+            if t.admin == t.tenant.is_some() {
+                return Err(bad(
+                    format!("token[{i}]"),
+                    "a token is either admin = true or bound to a tenant",
+                ));
+            }
+            if t.tenant.as_deref().is_some_and(|x| !valid_name(x)) {
+                return Err(bad(format!("token[{i}].tenant"), "invalid tenant name"));
+            }
+        }
+        for (i, t) in self.instances.iter().enumerate() {
+            if !valid_name(&t.tenant) {
+                return Err(bad(format!("instance[{i}].tenant"), "invalid tenant name"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration `make demo` and the tests start from: a Unix socket and a local
+    /// sink under `dir`, one admin token.
+    pub fn embedded_default(dir: &Path, admin_token_sha256: &str) -> String {
+        format!(
+            r#"[server]
+unix_socket = "{d}/hostd.sock"
+state_dir = "{d}/state"
+restore_dirs = ["{d}/restores"]
+
+[libvirt]
+default_tenant = "demo"
+
+[[sink]]
+name = "local"
+path = "{d}/sink"
+
+[[token]]
+name = "admin"
+sha256 = "{admin_token_sha256}"
+admin = true
+"#,
+            d = dir.display()
+        )
+    }
+}
+
+/// Hex sha256 of a token, as the config stores it.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), t)
+    }
+
+    #[test]
+    fn defaults_and_embedded() {
+        let c = parse(&Config::embedded_default(
+            Path::new("/tmp/x"),
+            &token_hash("t"),
+        ))
+        .expect("ok");
+        assert_eq!(c.sinks[0].name, "local");
+        assert_eq!(c.limits.max_jobs, 2);
+        assert_eq!(c.server.scratch(), PathBuf::from("/tmp/x/state/scratch"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("[server]\nunix_sockett = \"/x\"\n").expect_err("unknown key");
+        assert!(e.to_string().contains("unix_sockett"), "{e}");
+        let e = parse("[[sink]]\nname = \"a/b\"\npath = \"/x\"\n").expect_err("bad name");
+        assert!(e.to_string().contains("sink[0].name"), "{e}");
+        let e =
+            parse("[[token]]\nname = \"t\"\nsha256 = \"zz\"\nadmin = true\n").expect_err("hash");
+        assert!(e.to_string().contains("token[0].sha256"), "{e}");
+        let e = parse("[server]\nlisten = \"127.0.0.1:1\"\n").expect_err("tls");
+        assert!(e.to_string().contains("server.listen"), "{e}");
+        let e = parse("[limits]\nmax_jobs = 0\n").expect_err("limits");
+        assert!(e.to_string().contains("limits"), "{e}");
+        let e = parse("[server]\nrestore_dirs = [\"/a/../etc\"]\n").expect_err("dotdot");
+        assert!(e.to_string().contains("restore_dirs[0]"), "{e}");
+    }
+}

@@ -1,0 +1,967 @@
+//! Jobs: journaled before they touch anything, run under per-host and per-tenant limits,
+//! observable (status, Server-Sent Events), cancellable, and recovered after a crash.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libcbt::engine::{self, catalog, BackupOptions, EngineError, RestoreTarget};
+use libcbt::job::{self, JobEvent, LibvirtJob, Observer};
+use libcbt::sink::local::LocalSink;
+use libcbt::sink::Sink;
+use libcbt::source::libvirt::{self as lvs, blocking};
+use libcbt::source::qemu::Requested;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::{watch, Semaphore};
+
+use crate::journal::{JobRow, Journal};
+use crate::state::AppState;
+
+/// What a client sees of a job.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct JobStatus {
+    pub id: String,
+    pub kind: String,
+    /// `queued`, `running`, `succeeded`, `failed`, `cancelled`, `interrupted`.
+    pub state: String,
+    pub phase: String,
+    pub tenant: Option<String>,
+    pub instance: String,
+    pub sink: String,
+    pub backup_id: String,
+    pub disks: BTreeMap<String, DiskStatus>,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub rate_bytes_per_sec: u64,
+    pub consistency: Option<String>,
+    pub freeze_ms: Option<u64>,
+    pub warnings: Vec<String>,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub error: Option<String>,
+    pub result: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DiskStatus {
+    pub level: Option<String>,
+    pub full_reason: Option<String>,
+    pub done: u64,
+    pub total: u64,
+}
+
+impl JobStatus {
+    pub fn terminal(&self) -> bool {
+        !crate::journal::ACTIVE.contains(&self.state.as_str())
+    }
+
+    pub fn from_row(r: &JobRow) -> JobStatus {
+        JobStatus {
+            id: r.id.clone(),
+            kind: r.kind.clone(),
+            state: r.state.clone(),
+            phase: String::new(),
+            tenant: r.tenant.clone(),
+            instance: r.instance.clone(),
+            sink: r.sink.clone(),
+            backup_id: r.backup_id.clone(),
+            created_ms: r.created_ms,
+            finished_ms: r.finished_ms,
+            error: r.error.clone(),
+            result: r.result.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A job of this daemon's life.
+pub struct Job {
+    pub id: String,
+    pub tenant: Option<String>,
+    pub status: watch::Sender<JobStatus>,
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Job {
+    pub fn snapshot(&self) -> JobStatus {
+        self.status.borrow().clone()
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub enum Work {
+    Backup {
+        domain_uuid: String,
+        disks: Option<Vec<String>>,
+        requested: Requested,
+        quiesce: Option<Duration>,
+        labels: BTreeMap<String, String>,
+    },
+    Restore {
+        domain_uuid: String,
+        disks: Vec<String>,
+        target: RestoreTo,
+    },
+    Verify {
+        domain_uuid: String,
+        disks: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum RestoreTo {
+    /// One disk into a new file (raw or qcow2).
+    File { path: PathBuf, qcow2: bool },
+    /// One disk into an NBD export.
+    Nbd { uri: String },
+    /// Every disk into a new domain beside the original.
+    Domain {
+        name: String,
+        dir: PathBuf,
+        start: bool,
+    },
+}
+
+pub struct Jobs {
+    live: Mutex<HashMap<String, Arc<Job>>>,
+    global: Arc<Semaphore>,
+    per_tenant: Mutex<HashMap<String, Arc<Semaphore>>>,
+    per_tenant_limit: usize,
+}
+
+impl Jobs {
+    pub fn new(max: usize, per_tenant: usize) -> Jobs {
+        Jobs {
+            live: Mutex::new(HashMap::new()),
+            global: Arc::new(Semaphore::new(max)),
+            per_tenant: Mutex::new(HashMap::new()),
+            per_tenant_limit: per_tenant,
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Job>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn tenant_slots(&self, tenant: &str) -> Arc<Semaphore> {
+        self.per_tenant
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tenant.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant_limit)))
+            .clone()
+    }
+
+    /// Jobs not yet ended.
+    pub fn active(&self) -> usize {
+        self.all()
+            .iter()
+            .filter(|j| !j.snapshot().terminal())
+            .count()
+    }
+}
+
+pub fn new_job_id() -> String {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::SmallRng::from_entropy();
+    format!("{:016x}", r.gen::<u64>())
+}
+
+pub fn valid_job_id(s: &str) -> bool {
+    s.len() == 16
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// A backup id from the clock: `YYYYMMDDTHHMMSS-xxxx` (20 characters, sortable).
+pub fn new_backup_id() -> String {
+    use rand::{Rng, SeedableRng};
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let (y, m, d) = civil(days as i64);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}-{:04x}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        rand::rngs::SmallRng::from_entropy().gen::<u16>()
+    )
+}
+
+fn civil(z: i64) -> (i64, u32, u32) {
+    // Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Journals and starts a job; returns at once.
+pub async fn submit(
+    st: &Arc<AppState>,
+    kind: &str,
+    tenant: Option<String>,
+    sink: &str,
+    backup_id: &str,
+    work: Work,
+    request: Value,
+) -> Result<Arc<Job>, crate::journal::JournalError> {
+    let id = new_job_id();
+    let instance = match &work {
+        Work::Backup { domain_uuid, .. }
+        | Work::Restore { domain_uuid, .. }
+        | Work::Verify { domain_uuid, .. } => domain_uuid.clone(),
+    };
+    let row = JobRow {
+        id: id.clone(),
+        kind: kind.into(),
+        tenant: tenant.clone(),
+        instance: instance.clone(),
+        sink: sink.into(),
+        backup_id: backup_id.into(),
+        request,
+        state: "queued".into(),
+        plan: None,
+        error: None,
+        result: None,
+        created_ms: Journal::now_ms(),
+        finished_ms: None,
+    };
+    let j2 = st.journal.clone();
+    let r2 = row.clone();
+    tokio::task::spawn_blocking(move || j2.insert(&r2))
+        .await
+        .map_err(|_| crate::journal::JournalError(rusqlite::Error::InvalidQuery))??;
+    let mut status = JobStatus::from_row(&row);
+    status.phase = "queued".into();
+    let job = Arc::new(Job {
+        id: id.clone(),
+        tenant,
+        status: watch::Sender::new(status),
+        cancel: Arc::new(AtomicBool::new(false)),
+    });
+    st.jobs
+        .live
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.clone(), job.clone());
+    st.metrics.jobs_queued.inc();
+    let (st2, job2, sink2, bid) = (
+        st.clone(),
+        job.clone(),
+        sink.to_string(),
+        backup_id.to_string(),
+    );
+    let span = tracing::info_span!("job", job = %id, kind, instance = %instance);
+    tokio::spawn(tracing::Instrument::instrument(
+        async move { run(st2, job2, sink2, bid, work).await },
+        span,
+    ));
+    Ok(job)
+}
+
+fn update(job: &Job, f: impl FnOnce(&mut JobStatus)) {
+    job.status.send_modify(f);
+}
+
+async fn finish(
+    st: &AppState,
+    job: &Job,
+    state: &str,
+    error: Option<String>,
+    result: Option<Value>,
+) {
+    let (j2, id, s2, e2, r2) = (
+        st.journal.clone(),
+        job.id.clone(),
+        state.to_string(),
+        error.clone(),
+        result.clone(),
+    );
+    let _ = tokio::task::spawn_blocking(move || j2.set_state(&id, &s2, e2.as_deref(), r2.as_ref()))
+        .await;
+    let kind = job.snapshot().kind;
+    st.metrics.job_ended(&kind, state);
+    update(job, |s| {
+        s.state = state.into();
+        s.phase = state.into();
+        s.error = error;
+        s.result = result;
+        s.finished_ms = Some(Journal::now_ms());
+    });
+}
+
+async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, work: Work) {
+    // Queue: one host slot and one slot of the tenant.
+    let tenant = job.tenant.clone().unwrap_or_else(|| "-".into());
+    let slots = st.jobs.tenant_slots(&tenant);
+    let permits = tokio::select! {
+        p = async {
+            let a = slots.acquire_owned().await;
+            let b = st.jobs.global.clone().acquire_owned().await;
+            (a, b)
+        } => Some(p),
+        _ = wait_cancel(&job.cancel) => None,
+    };
+    st.metrics.jobs_queued.dec();
+    let Some((Ok(_a), Ok(_b))) = permits else {
+        finish(
+            &st,
+            &job,
+            "cancelled",
+            Some("cancelled while queued".into()),
+            None,
+        )
+        .await;
+        return;
+    };
+    let (j2, id) = (st.journal.clone(), job.id.clone());
+    let _ = tokio::task::spawn_blocking(move || j2.set_state(&id, "running", None, None)).await;
+    update(&job, |s| {
+        s.state = "running".into();
+        s.phase = "starting".into();
+    });
+    st.metrics.jobs_running.inc();
+    let t = Instant::now();
+    let sink_dir = match st.sink_path(&sink) {
+        Some(p) => p,
+        None => {
+            st.metrics.jobs_running.dec();
+            finish(&st, &job, "failed", Some(format!("no sink {sink}")), None).await;
+            return;
+        }
+    };
+    let r = match LocalSink::open(&sink_dir) {
+        Ok(s) => match work {
+            Work::Backup {
+                domain_uuid,
+                disks,
+                requested,
+                quiesce,
+                labels,
+            } => {
+                run_backup(
+                    &st,
+                    &job,
+                    &s,
+                    &backup_id,
+                    &domain_uuid,
+                    disks,
+                    requested,
+                    quiesce,
+                    labels,
+                )
+                .await
+            }
+            Work::Restore {
+                domain_uuid,
+                disks,
+                target,
+            } => run_restore(&st, &job, &s, &backup_id, &domain_uuid, &disks, target).await,
+            Work::Verify { domain_uuid, disks } => {
+                run_verify(&job, &s, &backup_id, &domain_uuid, &disks).await
+            }
+        },
+        Err(e) => Err((format!("sink {sink}: {e}"), "sink")),
+    };
+    st.metrics.jobs_running.dec();
+    match r {
+        Ok(result) => {
+            if job.snapshot().kind == "backup" {
+                st.metrics.backup_seconds.observe(t.elapsed().as_secs_f64());
+            }
+            finish(&st, &job, "succeeded", None, Some(result)).await
+        }
+        Err((e, kind)) => {
+            let state = if job.cancel.load(Ordering::SeqCst) {
+                "cancelled"
+            } else {
+                st.metrics.error(kind);
+                "failed"
+            };
+            tracing::warn!(error = %e, state, "job ended");
+            finish(&st, &job, state, Some(e), None).await
+        }
+    }
+}
+
+async fn wait_cancel(c: &AtomicBool) {
+    while !c.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+type JobResult = Result<Value, (String, &'static str)>;
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+fn job_err_kind(e: &job::JobError) -> &'static str {
+    match e {
+        job::JobError::Libvirt(_) => "libvirt",
+        job::JobError::Engine {
+            source: EngineError::Cancelled,
+            ..
+        } => "cancelled",
+        job::JobError::Engine {
+            source: EngineError::Nbd(_),
+            ..
+        } => "nbd",
+        job::JobError::Engine {
+            source: EngineError::Sink(_),
+            ..
+        }
+        | job::JobError::Catalog(_) => "sink",
+        job::JobError::Engine { .. } => "engine",
+        job::JobError::Source(_) => "qemu",
+        job::JobError::Refused(_) => "refused",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_backup(
+    st: &Arc<AppState>,
+    job: &Arc<Job>,
+    sink: &LocalSink,
+    backup_id: &str,
+    uuid: &str,
+    disks: Option<Vec<String>>,
+    requested: Requested,
+    quiesce: Option<Duration>,
+    labels: BTreeMap<String, String>,
+) -> JobResult {
+    let src = st
+        .libvirt()
+        .ok_or(("libvirt is not enabled on this host".to_string(), "config"))?;
+    let started = Instant::now();
+    let planned: Arc<Mutex<Vec<String>>> = Arc::default();
+    let paused = Arc::new(AtomicBool::new(false));
+    let (j2, p2, jr, id) = (
+        job.clone(),
+        planned.clone(),
+        st.journal.clone(),
+        job.id.clone(),
+    );
+    let pz = paused.clone();
+    let obs = Observer(Arc::new(move |e: JobEvent| {
+        match &e {
+            JobEvent::Phase { phase } => {
+                if *phase == "copying" {
+                    // The plan is durable before any byte is copied: recovery needs it.
+                    let plan = json!({
+                        "disks": *p2.lock().unwrap_or_else(|e| e.into_inner()),
+                        "started_paused": pz.load(Ordering::SeqCst),
+                    });
+                    if let Err(e) = jr.set_plan(&id, &plan) {
+                        tracing::error!(error = %e, "journaling the plan failed");
+                    }
+                }
+                update(&j2, |s| s.phase = (*phase).into());
+            }
+            JobEvent::Disk {
+                disk,
+                level,
+                reason,
+            } => {
+                p2.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(disk.clone());
+                update(&j2, |s| {
+                    let d = s.disks.entry(disk.clone()).or_default();
+                    d.level = Some(format!("{level:?}").to_lowercase());
+                    d.full_reason = reason.map(|r| reason_name(&r));
+                });
+            }
+            JobEvent::Progress { disk, done, total } => update(&j2, |s| {
+                let d = s.disks.entry(disk.clone()).or_default();
+                d.done = *done;
+                d.total = *total;
+                s.bytes_done = s.disks.values().map(|d| d.done).sum();
+                s.bytes_total = s.disks.values().map(|d| d.total).sum();
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                s.rate_bytes_per_sec = (s.bytes_done as f64 / secs) as u64;
+            }),
+            JobEvent::PointInTime {
+                consistency,
+                freeze_ms,
+                warning,
+                started_paused,
+            } => {
+                pz.store(*started_paused, Ordering::SeqCst);
+                update(&j2, |s| {
+                    s.consistency = Some(format!("{consistency:?}").to_lowercase());
+                    s.freeze_ms = *freeze_ms;
+                    s.warnings.extend(warning.clone());
+                })
+            }
+        }
+    }));
+    let lj = LibvirtJob {
+        domain: uuid.into(),
+        backup_id: backup_id.into(),
+        disks,
+        requested,
+        quiesce,
+        scratch_root: st.cfg.server.scratch(),
+        observer: Some(obs),
+    };
+    let opts = BackupOptions {
+        cancel: Some(job.cancel.clone()),
+        ..Default::default()
+    };
+    let r = job::backup_libvirt(&src, sink, &lj, &opts)
+        .await
+        .map_err(|e| (chain(&e), job_err_kind(&e)))?;
+    let mut disks = Vec::new();
+    for d in &r.disks {
+        let m = &d.manifest;
+        st.metrics.bytes_read.inc_by(m.stats.bytes_scanned);
+        st.metrics.bytes_data.inc_by(m.stats.bytes_data);
+        st.metrics.bytes_stored.inc_by(m.stats.bytes_stored);
+        if let Some(reason) = m.full_reason {
+            st.metrics.full(&reason_name(&reason));
+        }
+        disks.push(json!({
+            "disk": m.disk, "level": m.level, "full_reason": m.full_reason, "parent": m.parent,
+            "disk_size": m.disk_size, "stats": m.stats, "seconds": d.seconds,
+        }));
+    }
+    if let Some(ms) = r.quiesce.freeze_ms {
+        st.metrics.freeze_seconds.observe(ms as f64 / 1000.0);
+    }
+    let record = json!({
+        "backup_id": backup_id, "instance": uuid, "labels": labels,
+        "checkpoint": r.checkpoint, "consistency": r.quiesce.consistency,
+        "freeze_ms": r.quiesce.freeze_ms, "warning": r.quiesce.warning,
+        "started_paused": r.started_paused, "disks": disks,
+    });
+    // Labels and the job's summary beside the manifests; the manifests stay the commit.
+    let _ = sink
+        .put(
+            &record_name(uuid, backup_id),
+            record.to_string().into_bytes(),
+        )
+        .await;
+    Ok(record)
+}
+
+/// Object name of a backup's summary record (labels, consistency) on the sink.
+pub fn record_name(uuid: &str, backup_id: &str) -> String {
+    format!("domains/{uuid}/{backup_id}.json")
+}
+
+pub fn reason_name(r: &libcbt::format::FullReason) -> String {
+    serde_json::to_value(r)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+async fn run_verify(
+    job: &Job,
+    sink: &LocalSink,
+    backup_id: &str,
+    uuid: &str,
+    disks: &[String],
+) -> JobResult {
+    let mut out = Vec::new();
+    let mut bad = 0;
+    for (i, t) in disks.iter().enumerate() {
+        update(job, |s| {
+            s.phase = format!("verifying {t} ({}/{})", i + 1, disks.len())
+        });
+        let disk = job::libvirt_disk_id(uuid, t);
+        let r = engine::verify_chain(sink, &disk, backup_id)
+            .await
+            .map_err(|e| (chain(&e), "engine"))?;
+        bad += r.problems.len();
+        out.push(json!({
+            "disk": disk, "backups": r.backups, "frames": r.frames, "bytes": r.bytes,
+            "problems": r.problems.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>(),
+        }));
+    }
+    if bad > 0 {
+        return Err((format!("{bad} problem(s): {}", Value::Array(out)), "verify"));
+    }
+    Ok(json!({ "ok": true, "disks": out }))
+}
+
+async fn run_restore(
+    st: &Arc<AppState>,
+    job: &Arc<Job>,
+    sink: &LocalSink,
+    backup_id: &str,
+    uuid: &str,
+    disks: &[String],
+    target: RestoreTo,
+) -> JobResult {
+    let plan_files =
+        |files: &[PathBuf], domain: Option<&str>| json!({"files": files, "domain": domain});
+    let journal_plan = |plan: Value| {
+        let (j, id) = (st.journal.clone(), job.id.clone());
+        async move {
+            let _ = tokio::task::spawn_blocking(move || j.set_plan(&id, &plan)).await;
+        }
+    };
+    let progress = |disk: String| {
+        let j = job.clone();
+        move |p: engine::Progress| {
+            update(&j, |s| {
+                let d = s.disks.entry(disk.clone()).or_default();
+                d.done = p.done;
+                d.total = p.total;
+                s.bytes_done = s.disks.values().map(|d| d.done).sum();
+                s.bytes_total = s.disks.values().map(|d| d.total).sum();
+            })
+        }
+    };
+    match target {
+        RestoreTo::File { path, qcow2 } => {
+            let t = &disks[0];
+            journal_plan(plan_files(std::slice::from_ref(&path), None)).await;
+            update(job, |s| s.phase = "restoring".into());
+            let disk = job::libvirt_disk_id(uuid, t);
+            let target = if qcow2 {
+                RestoreTarget::Qcow2(path.clone())
+            } else {
+                RestoreTarget::RawFile(path.clone())
+            };
+            let p = progress(disk.clone());
+            let r = engine::restore(sink, &disk, backup_id, &target, Some(&p)).await;
+            match r {
+                Ok(s) => Ok(
+                    json!({"disk": disk, "path": path, "bytes_written": s.bytes_written, "chain_len": s.chain_len}),
+                ),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    Err((chain(&e), "engine"))
+                }
+            }
+        }
+        RestoreTo::Nbd { uri } => {
+            let t = &disks[0];
+            update(job, |s| s.phase = "restoring".into());
+            let disk = job::libvirt_disk_id(uuid, t);
+            let p = progress(disk.clone());
+            let s = engine::restore(
+                sink,
+                &disk,
+                backup_id,
+                &RestoreTarget::Nbd(uri.clone()),
+                Some(&p),
+            )
+            .await
+            .map_err(|e| (chain(&e), "engine"))?;
+            Ok(
+                json!({"disk": disk, "uri": uri, "bytes_written": s.bytes_written, "chain_len": s.chain_len}),
+            )
+        }
+        RestoreTo::Domain { name, dir, start } => {
+            let src = st
+                .libvirt()
+                .ok_or(("libvirt is not enabled".to_string(), "config"))?;
+            let xml_obj = job::domain_xml_name(uuid, backup_id);
+            let xml = sink
+                .get(&xml_obj, 16 << 20)
+                .await
+                .map_err(|e| (format!("domain XML of the backup: {}", chain(&e)), "sink"))?;
+            let xml = String::from_utf8_lossy(&xml).into_owned();
+            let files: Vec<PathBuf> = disks
+                .iter()
+                .map(|t| dir.join(format!("{t}.qcow2")))
+                .collect();
+            journal_plan(plan_files(&files, Some(&name))).await;
+            let cleanup = |files: &[PathBuf]| {
+                for f in files {
+                    let _ = std::fs::remove_file(f);
+                }
+                let _ = std::fs::remove_dir(&dir);
+            };
+            std::fs::create_dir_all(&dir).map_err(|e| (format!("{}: {e}", dir.display()), "io"))?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
+            }
+            for (t, f) in disks.iter().zip(&files) {
+                update(job, |s| s.phase = format!("restoring {t}"));
+                let disk = job::libvirt_disk_id(uuid, t);
+                let p = progress(disk.clone());
+                if let Err(e) = engine::restore(
+                    sink,
+                    &disk,
+                    backup_id,
+                    &RestoreTarget::Qcow2(f.clone()),
+                    Some(&p),
+                )
+                .await
+                {
+                    cleanup(&files);
+                    return Err((chain(&e), "engine"));
+                }
+            }
+            update(job, |s| s.phase = "defining".into());
+            let new_xml = crate::inventory::staging_xml(
+                &xml,
+                &name,
+                &disks
+                    .iter()
+                    .cloned()
+                    .zip(files.iter().cloned())
+                    .collect::<Vec<_>>(),
+            )
+            .map_err(|e| (e, "xml"))?;
+            let n2 = name.clone();
+            let r = blocking(move || {
+                let d = src.define(&new_xml)?;
+                if start {
+                    if let Err(e) = d.start() {
+                        let _ = d.undefine();
+                        tracing::warn!(domain = %n2, "staging copy defined but would not start");
+                        return Err(e);
+                    }
+                }
+                Ok(d.describe()?.uuid)
+            })
+            .await;
+            match r {
+                Ok(new_uuid) => {
+                    Ok(json!({"domain": name, "uuid": new_uuid, "files": files, "started": start}))
+                }
+                Err(e) => {
+                    cleanup(&files);
+                    Err((chain(&e), "libvirt"))
+                }
+            }
+        }
+    }
+}
+
+/// Brings what an interrupted job left behind back to a consistent state. Called for every
+/// journaled job still queued or running when the daemon starts, before it serves requests.
+pub async fn reconcile(st: &Arc<AppState>, row: &JobRow) -> String {
+    let outcome = match row.kind.as_str() {
+        "backup" => reconcile_backup(st, row).await,
+        "restore" => reconcile_restore(st, row).await,
+        _ => Ok("interrupted".to_string()),
+    };
+    let (state, error) = match outcome {
+        Ok(s) if s == "succeeded" => ("succeeded".to_string(), None),
+        Ok(s) => (
+            "interrupted".to_string(),
+            Some(format!("interrupted by a daemon restart; {s}")),
+        ),
+        Err(e) => (
+            "interrupted".to_string(),
+            Some(format!("interrupted; recovery failed: {e}")),
+        ),
+    };
+    let (j, id, s2) = (st.journal.clone(), row.id.clone(), state.clone());
+    let _ =
+        tokio::task::spawn_blocking(move || j.set_state(&id, &s2, error.as_deref(), None)).await;
+    st.metrics.job_ended(&row.kind, &state);
+    tracing::info!(job = %row.id, kind = %row.kind, state = %state, "reconciled");
+    state
+}
+
+async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, String> {
+    let sink_dir = st.sink_path(&row.sink).ok_or("sink no longer configured")?;
+    let sink = LocalSink::open(&sink_dir).map_err(|e| e.to_string())?;
+    let uuid = row.instance.clone();
+    let prefix = format!("{uuid}.");
+    let disks: Vec<String> = catalog::list_disks(&sink)
+        .await
+        .map_err(|e| chain(&e))?
+        .into_iter()
+        .filter(|d| d.starts_with(&prefix))
+        .collect();
+    let mut committed = Vec::new();
+    for d in &disks {
+        if catalog::list_backups(&sink, d)
+            .await
+            .map_err(|e| chain(&e))?
+            .iter()
+            .any(|m| m.backup_id == row.backup_id)
+        {
+            committed.push(d.clone());
+        }
+    }
+    let planned: Vec<String> = row
+        .plan
+        .as_ref()
+        .and_then(|p| p.get("disks"))
+        .and_then(|d| serde_json::from_value(d.clone()).ok())
+        .unwrap_or_default();
+    let started_paused = row
+        .plan
+        .as_ref()
+        .and_then(|p| p.get("started_paused"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let complete = !planned.is_empty() && planned.iter().all(|d| committed.contains(d));
+    let checkpoint = format!("{}{}", lvs::CHECKPOINT_PREFIX, row.backup_id);
+    let scratch = st.cfg.server.scratch().join(&uuid);
+
+    if !complete {
+        for d in &committed {
+            catalog::forget_backup(&sink, d, &row.backup_id)
+                .await
+                .map_err(|e| chain(&e))?;
+        }
+        let _ = sink
+            .delete(&job::domain_xml_name(&uuid, &row.backup_id))
+            .await;
+        let _ = sink.delete(&record_name(&uuid, &row.backup_id)).await;
+    }
+    // What a backup of this instance still needs: the newest backups' checkpoints.
+    let mut keep = std::collections::BTreeSet::new();
+    for d in &disks {
+        if let Some(m) = catalog::latest(&sink, d).await.map_err(|e| chain(&e))? {
+            keep.extend(m.checkpoint);
+        }
+        for o in catalog::orphans(&sink, d).await.map_err(|e| chain(&e))? {
+            let _ = sink.delete(&o).await;
+        }
+    }
+    if let Some(src) = st.libvirt() {
+        let (u2, cp, scr) = (uuid.clone(), checkpoint.clone(), scratch.clone());
+        let r = blocking(move || {
+            let Ok(dom) = src.domain(&u2) else {
+                return Ok(()); // domain gone: nothing of ours left in libvirt
+            };
+            // The job outlives a killed daemon; it is ours if its socket is in our scratch.
+            if dom.is_active()? && dom.job_active()? {
+                if let Ok(x) = dom.backup_socket() {
+                    if x.starts_with(&scr) {
+                        dom.end_backup_job()?;
+                    }
+                }
+            }
+            if complete {
+                dom.retire_checkpoints(&keep)?;
+            } else if dom.checkpoints()?.iter().any(|c| c.name == cp) {
+                dom.delete_checkpoint(&cp)?;
+            }
+            if started_paused && dom.is_active()? && dom.is_paused()? {
+                dom.destroy()?;
+            }
+            Ok(())
+        })
+        .await;
+        r.map_err(|e| chain(&e))?;
+    }
+    let _ = std::fs::remove_dir_all(scratch.join(&row.backup_id));
+    Ok(if complete {
+        "succeeded".into()
+    } else {
+        format!(
+            "rolled back ({} disk(s) had committed, removed)",
+            committed.len()
+        )
+    })
+}
+
+async fn reconcile_restore(st: &Arc<AppState>, row: &JobRow) -> Result<String, String> {
+    let Some(plan) = &row.plan else {
+        return Ok("nothing was written".into());
+    };
+    if let Some(files) = plan.get("files").and_then(|f| f.as_array()) {
+        for f in files.iter().filter_map(Value::as_str) {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    if let (Some(name), Some(src)) = (plan.get("domain").and_then(Value::as_str), st.libvirt()) {
+        let n = name.to_string();
+        let _ = blocking(move || {
+            if let Ok(d) = src.domain(&n) {
+                let _ = d.destroy();
+                d.undefine()?;
+            }
+            Ok(())
+        })
+        .await;
+    }
+    Ok("partial restore output removed".into())
+}
+
+/// Whether a path may be written by a file restore: inside a configured restore directory,
+/// absolute, no `..`, not existing yet.
+pub fn allowed_restore_path(dirs: &[PathBuf], p: &Path) -> Result<(), String> {
+    if !p.is_absolute()
+        || p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err("path must be absolute, without '..'".into());
+    }
+    if !dirs.iter().any(|d| p.starts_with(d) && p != d) {
+        return Err("path is outside the configured restore directories".into());
+    }
+    if p.exists() {
+        return Err("path exists already".into());
+    }
+    if p.parent().is_some_and(|d| !d.is_dir()) {
+        return Err("parent directory does not exist".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(valid_job_id(&new_job_id()));
+        assert!(!valid_job_id("../etc/passwd0000"));
+        assert!(!valid_job_id("ABCDEF0123456789"));
+        let b = new_backup_id();
+        assert_eq!(b.len(), 20, "{b}");
+        assert!(b.starts_with("20"), "{b}");
+        assert_eq!(civil(0), (1970, 1, 1));
+        assert_eq!(civil(20_454), (2026, 1, 1));
+    }
+
+    #[test]
+    fn restore_paths() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dirs = vec![d.path().to_path_buf()];
+        assert!(allowed_restore_path(&dirs, &d.path().join("a.raw")).is_ok());
+        assert!(allowed_restore_path(&dirs, &d.path().join("../a.raw")).is_err());
+        assert!(allowed_restore_path(&dirs, Path::new("/etc/passwd")).is_err());
+        assert!(allowed_restore_path(&dirs, Path::new("a.raw")).is_err());
+        assert!(allowed_restore_path(&dirs, &d.path().join("no/such/dir.raw")).is_err());
+        std::fs::write(d.path().join("x"), b"").expect("write");
+        assert!(allowed_restore_path(&dirs, &d.path().join("x")).is_err());
+    }
+}

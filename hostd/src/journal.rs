@@ -1,0 +1,232 @@
+//! The job journal: one SQLite row per job, written before the job touches anything, so that
+//! a restarted daemon knows what an interrupted job may have left behind.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+#[error("job journal: {0}")]
+pub struct JournalError(#[from] pub rusqlite::Error);
+
+/// One journaled job.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRow {
+    pub id: String,
+    /// `backup`, `restore`, `verify`.
+    pub kind: String,
+    pub tenant: Option<String>,
+    /// Domain UUID.
+    pub instance: String,
+    pub sink: String,
+    pub backup_id: String,
+    pub request: Value,
+    /// `queued`, `running`, `succeeded`, `failed`, `cancelled`, `interrupted`.
+    pub state: String,
+    /// What the job has set up that a recovery must know (disk ids, output paths …).
+    pub plan: Option<Value>,
+    pub error: Option<String>,
+    pub result: Option<Value>,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+}
+
+pub const ACTIVE: [&str; 2] = ["queued", "running"];
+
+pub struct Journal {
+    conn: Mutex<Connection>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    let js = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+    Ok(JobRow {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        tenant: r.get(2)?,
+        instance: r.get(3)?,
+        sink: r.get(4)?,
+        backup_id: r.get(5)?,
+        request: js(r.get(6)?).unwrap_or(Value::Null),
+        state: r.get(7)?,
+        plan: js(r.get(8)?),
+        error: r.get(9)?,
+        result: js(r.get(10)?),
+        created_ms: r.get(11)?,
+        finished_ms: r.get(12)?,
+    })
+}
+
+const COLS: &str = "id, kind, tenant, instance, sink, backup_id, request, state, plan, error, result, created_ms, finished_ms";
+
+impl Journal {
+    pub fn open(path: &Path) -> Result<Arc<Journal>, JournalError> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS jobs (
+               id TEXT PRIMARY KEY, kind TEXT NOT NULL, tenant TEXT, instance TEXT NOT NULL,
+               sink TEXT NOT NULL, backup_id TEXT NOT NULL, request TEXT NOT NULL,
+               state TEXT NOT NULL, plan TEXT, error TEXT, result TEXT,
+               created_ms INTEGER NOT NULL, finished_ms INTEGER);
+             CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);",
+        )?;
+        Ok(Arc::new(Journal {
+            conn: Mutex::new(conn),
+        }))
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, JournalError> {
+        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(f(&c)?)
+    }
+
+    pub fn insert(&self, j: &JobRow) -> Result<(), JournalError> {
+        self.with(|c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO jobs ({COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
+                ),
+                params![
+                    j.id,
+                    j.kind,
+                    j.tenant,
+                    j.instance,
+                    j.sink,
+                    j.backup_id,
+                    j.request.to_string(),
+                    j.state,
+                    j.plan.as_ref().map(Value::to_string),
+                    j.error,
+                    j.result.as_ref().map(Value::to_string),
+                    j.created_ms,
+                    j.finished_ms
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn set_state(
+        &self,
+        id: &str,
+        state: &str,
+        error: Option<&str>,
+        result: Option<&Value>,
+    ) -> Result<(), JournalError> {
+        let finished = (!ACTIVE.contains(&state)).then(now_ms);
+        self.with(|c| {
+            c.execute(
+                "UPDATE jobs SET state = ?2, error = COALESCE(?3, error),
+                 result = COALESCE(?4, result), finished_ms = ?5 WHERE id = ?1",
+                params![id, state, error, result.map(Value::to_string), finished],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn set_plan(&self, id: &str, plan: &Value) -> Result<(), JournalError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE jobs SET plan = ?2 WHERE id = ?1",
+                params![id, plan.to_string()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<JobRow>, JournalError> {
+        self.with(|c| {
+            c.query_row(&format!("SELECT {COLS} FROM jobs WHERE id = ?1"), [id], row)
+                .optional()
+        })
+    }
+
+    /// Jobs a previous run left queued or running.
+    pub fn unfinished(&self) -> Result<Vec<JobRow>, JournalError> {
+        self.with(|c| {
+            let mut s = c.prepare(&format!(
+                "SELECT {COLS} FROM jobs WHERE state IN ('queued','running') ORDER BY created_ms"
+            ))?;
+            let v = s.query_map([], row)?.collect();
+            v
+        })
+    }
+
+    /// The newest `limit` jobs.
+    pub fn recent(&self, limit: usize) -> Result<Vec<JobRow>, JournalError> {
+        self.with(|c| {
+            let mut s = c.prepare(&format!(
+                "SELECT {COLS} FROM jobs ORDER BY created_ms DESC LIMIT ?1"
+            ))?;
+            let v = s.query_map([limit as i64], row)?.collect();
+            v
+        })
+    }
+
+    pub fn now_ms() -> i64 {
+        now_ms()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_round_trip_and_unfinished() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(&d.path().join("j.sqlite")).expect("open");
+        let mut r = JobRow {
+            id: "a".into(),
+            kind: "backup".into(),
+            tenant: Some("t".into()),
+            instance: "u".into(),
+            sink: "s".into(),
+            backup_id: "b".into(),
+            request: serde_json::json!({"x": 1}),
+            state: "queued".into(),
+            plan: None,
+            error: None,
+            result: None,
+            created_ms: 1,
+            finished_ms: None,
+        };
+        j.insert(&r).expect("insert");
+        r.id = "b".into();
+        r.created_ms = 2;
+        j.insert(&r).expect("insert");
+        j.set_plan("a", &serde_json::json!(["d1"])).expect("plan");
+        j.set_state(
+            "b",
+            "succeeded",
+            None,
+            Some(&serde_json::json!({"ok": true})),
+        )
+        .expect("state");
+        let u = j.unfinished().expect("unfinished");
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].plan, Some(serde_json::json!(["d1"])));
+        let b = j.get("b").expect("get").expect("row");
+        assert_eq!(b.state, "succeeded");
+        assert!(b.finished_ms.is_some());
+        assert_eq!(j.recent(10).expect("recent")[0].id, "b");
+        drop(j);
+        // Survives a reopen.
+        let j = Journal::open(&d.path().join("j.sqlite")).expect("reopen");
+        assert_eq!(j.unfinished().expect("u").len(), 1);
+    }
+}

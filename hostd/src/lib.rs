@@ -1,0 +1,24 @@
+//! `cbt-hostd`: the per-host backup daemon, and the HTTP client `cbtctl` uses to talk to it.
+//!
+//! | module | what it owns |
+//! |---|---|
+//! | [`config`] | TOML configuration, validated, errors naming the key |
+//! | [`api`] | routes, authentication, tenancy, request validation |
+//! | [`jobs`] | job queue, limits, progress, cancel, crash reconciliation |
+//! | [`journal`] | SQLite job journal |
+//! | [`inventory`] | instances (libvirt domains) and their tenants |
+//! | [`metrics`] | Prometheus metrics |
+//! | [`openapi`] | the OpenAPI document |
+//! | [`server`] | listeners, TLS, systemd, signals |
+//! | [`client`] | HTTP client over the Unix socket or TLS |
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod inventory;
+pub mod jobs;
+pub mod journal;
+pub mod metrics;
+pub mod openapi;
+pub mod server;
+pub mod state;

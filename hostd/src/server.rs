@@ -1,0 +1,193 @@
+//! Listeners (Unix socket, TCP with TLS), start-up reconciliation, systemd notification and
+//! the watchdog, and the orderly stop on SIGTERM.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::journal::Journal;
+use crate::state::AppState;
+
+fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("tls_cert {}", cert.display()))?,
+    ))
+    .collect::<Result<_, _>>()
+    .with_context(|| format!("tls_cert {}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("tls_key {}", key.display()))?,
+    ))
+    .with_context(|| format!("tls_key {}", key.display()))?
+    .with_context(|| format!("tls_key {}: no private key", key.display()))?;
+    let c = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("TLS certificate and key do not match")?;
+    Ok(Arc::new(c))
+}
+
+/// Loads what `--check-config` checks beyond the TOML itself: TLS material and sinks.
+pub fn check(cfg: &Config) -> Result<()> {
+    if let (Some(c), Some(k)) = (&cfg.server.tls_cert, &cfg.server.tls_key) {
+        tls_config(c, k)?;
+    }
+    for s in &cfg.sinks {
+        if s.path.exists() && !s.path.is_dir() {
+            anyhow::bail!("sink {}: {} is not a directory", s.name, s.path.display());
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+pub async fn run(cfg: Config) -> Result<()> {
+    let s = &cfg.server;
+    std::fs::create_dir_all(&s.state_dir)
+        .with_context(|| format!("state_dir {}", s.state_dir.display()))?;
+    std::fs::create_dir_all(s.scratch())
+        .with_context(|| format!("scratch {}", s.scratch().display()))?;
+    for d in &s.restore_dirs {
+        std::fs::create_dir_all(d).with_context(|| format!("restore_dir {}", d.display()))?;
+    }
+    for k in &cfg.sinks {
+        std::fs::create_dir_all(&k.path).with_context(|| format!("sink {}", k.path.display()))?;
+    }
+    let journal = Journal::open(&s.journal()).context("opening the job journal")?;
+    let st = AppState::new(cfg.clone(), journal);
+
+    // Nothing is served before what a previous life left behind is sorted out.
+    let unfinished = st.journal.unfinished().context("reading the job journal")?;
+    for row in &unfinished {
+        crate::jobs::reconcile(&st, row).await;
+    }
+    if !unfinished.is_empty() {
+        tracing::info!(jobs = unfinished.len(), "reconciled interrupted jobs");
+    }
+
+    let router = crate::api::router(st.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(path) = &s.unix_socket {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let _ = std::fs::remove_file(path);
+        let l = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("binding {}", path.display()))?;
+        // Root only: the socket is the admin's door.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let (r, mut rx) = (router.clone(), stop_rx.clone());
+        servers.spawn(async move {
+            let _ = axum::serve(l, r)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                })
+                .await;
+        });
+        tracing::info!(socket = %path.display(), "listening");
+    }
+    if let Some(addr) = s.listen {
+        let (Some(c), Some(k)) = (&s.tls_cert, &s.tls_key) else {
+            anyhow::bail!("server.listen needs tls_cert and tls_key");
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(c, k)?);
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let (r, mut rx) = (router.clone(), stop_rx.clone());
+        servers.spawn(async move {
+            loop {
+                let conn = tokio::select! {
+                    c = l.accept() => c,
+                    _ = rx.wait_for(|v| *v) => break,
+                };
+                let Ok((tcp, peer)) = conn else { continue };
+                let (acc, r) = (acceptor.clone(), r.clone());
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(Duration::from_secs(10), acc.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let svc = TowerToHyperService::new(r);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        tracing::info!(%addr, "listening (TLS)");
+    }
+
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let mut usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let period = Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            loop {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "cbt-hostd ready");
+
+    shutdown_signal().await;
+    tracing::info!("stopping: cancelling running jobs");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    st.shutting_down.store(true, Ordering::SeqCst);
+    for j in st.jobs.all() {
+        j.cancel.store(true, Ordering::SeqCst);
+    }
+    let grace = Duration::from_secs(st.cfg.server.shutdown_grace_secs);
+    let t = Instant::now();
+    while st.jobs.active() > 0 && t.elapsed() < grace {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if st.jobs.active() > 0 {
+        tracing::warn!(
+            jobs = st.jobs.active(),
+            "jobs still running at the end of the grace period; the next start reconciles them"
+        );
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if let Some(p) = &st.cfg.server.unix_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
