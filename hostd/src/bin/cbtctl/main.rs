@@ -1,8 +1,12 @@
 //! `cbtctl`: the operator's command line.
 //!
-//! Works directly on a QEMU (QMP socket) and a sink directory, without a daemon: `backup`,
-//! `restore`, `verify`, `list`; and inspects NBD exports with libcbt's own client (`info`,
-//! `map`). `qmp` sends one raw QMP command, for operators. The daemon API comes with hostd.
+//! Through a running `cbt-hostd` (Unix socket, or https with a token): every API operation
+//! (`instances`, `start-backup`, `jobs`, `watch`, `cancel`, `backups`, `start-restore`,
+//! `start-verify` …). Without a daemon: `backup` (QMP), `backup-domain` (libvirt), and on a
+//! sink directory `restore`, `verify`, `list`; `info` and `map` inspect NBD exports with
+//! libcbt's own client; `qmp` sends one raw QMP command.
+
+mod remote;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +24,8 @@ use libcbt::source::qemu::{QemuSource, Requested};
 #[derive(Parser)]
 #[command(name = "cbtctl", version, about = "cbt operator CLI")]
 struct Cli {
+    #[command(flatten)]
+    conn: remote::Conn,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,6 +39,8 @@ enum LevelArg {
 
 #[derive(Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Remote(remote::Remote),
     /// Back up disks of a running QEMU (through its QMP socket) to a sink directory.
     Backup {
         /// QMP socket of the QEMU (qemu-system or qemu-storage-daemon).
@@ -53,8 +61,6 @@ enum Command {
         /// Where scratch images and QEMU's NBD socket go (on the QEMU host).
         #[arg(long, default_value = "/var/lib/cbt/work")]
         work_dir: PathBuf,
-        #[arg(long)]
-        json: bool,
     },
     /// Back up disks of a libvirt domain (running or shut off) through libvirt checkpoints
     /// and a pull-mode backup job. Disk ids on the sink are `<domain uuid>.<target>`.
@@ -80,8 +86,6 @@ enum Command {
         scratch_dir: PathBuf,
         #[arg(long, default_value = libcbt::source::libvirt::DEFAULT_URI)]
         connect: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Delete every checkpoint cbt created on a libvirt domain (to hand it over to another
     /// tool); the next cbt backup of it is a full.
@@ -119,8 +123,6 @@ enum Command {
         disk: String,
         #[arg(long)]
         backup: Option<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// Backups on a sink.
     List {
@@ -128,8 +130,6 @@ enum Command {
         sink: PathBuf,
         #[arg(long)]
         disk: Option<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// Send one QMP command and print its result (for operators).
     Qmp {
@@ -142,9 +142,6 @@ enum Command {
     Info {
         /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH
         uri: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// The extents of one meta context, in the format of `nbdinfo --map`.
     Map {
@@ -152,9 +149,6 @@ enum Command {
         /// base:allocation, qemu:dirty-bitmap:NAME or qemu:allocation-depth.
         #[arg(long, default_value = nbd::BASE_ALLOCATION)]
         context: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
         /// Print totals per type instead of every extent.
         #[arg(long)]
         totals: bool,
@@ -254,7 +248,10 @@ fn describe(context: &str, flags: u32) -> String {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let json = cli.conn.json;
+    match cli.command {
+        Command::Remote(r) => remote::run(&cli.conn, r).await?,
         Command::Backup {
             qmp,
             disks,
@@ -262,7 +259,6 @@ async fn main() -> Result<()> {
             level,
             id,
             work_dir,
-            json,
         } => {
             let sink = LocalSink::open(&sink)?;
             let q = Arc::new(
@@ -311,7 +307,6 @@ async fn main() -> Result<()> {
             quiesce,
             scratch_dir,
             connect,
-            json,
         } => {
             use libcbt::source::libvirt::{blocking, LibvirtSource};
             let sink = LocalSink::open(&sink)?;
@@ -415,12 +410,7 @@ async fn main() -> Result<()> {
                 t.elapsed().as_secs_f64()
             );
         }
-        Command::Verify {
-            sink,
-            disk,
-            backup,
-            json,
-        } => {
+        Command::Verify { sink, disk, backup } => {
             let sink = LocalSink::open(&sink)?;
             let backup = newest(&sink, &disk, backup).await?;
             let r = engine::verify_chain(&sink, &disk, &backup).await?;
@@ -445,7 +435,7 @@ async fn main() -> Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::List { sink, disk, json } => {
+        Command::List { sink, disk } => {
             let sink = LocalSink::open(&sink)?;
             let disks = match disk {
                 Some(d) => vec![d],
@@ -491,7 +481,7 @@ async fn main() -> Result<()> {
                 v => println!("{}", serde_json::to_string_pretty(&v)?),
             }
         }
-        Command::Info { uri, json } => {
+        Command::Info { uri } => {
             let contexts = nbd::list_meta_contexts(&uri, &[]).await.unwrap_or_default();
             let opts = ConnectOptions {
                 connections: 1,
@@ -543,7 +533,6 @@ async fn main() -> Result<()> {
         Command::Map {
             uri,
             context,
-            json,
             totals,
         } => {
             let opts = ConnectOptions::with_contexts([context.as_str()]);

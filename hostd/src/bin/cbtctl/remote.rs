@@ -1,0 +1,470 @@
+//! `cbtctl` commands that go through a running `cbt-hostd` (its Unix socket, or a remote
+//! URL over TLS with a token).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use hostd::client::{Client, Endpoint};
+use serde_json::{json, Value};
+
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// The daemon: its Unix socket path, or https://HOST:PORT.
+    #[arg(
+        long,
+        global = true,
+        env = "CBT_HOSTD",
+        default_value = "/run/cbt/hostd.sock"
+    )]
+    pub hostd: String,
+    /// Bearer token.
+    #[arg(long, global = true, env = "CBT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) of the daemon's TLS certificate, for https.
+    #[arg(long, global = true, env = "CBT_CA")]
+    pub ca: Option<PathBuf>,
+    /// Print the daemon's JSON instead of a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Clone)]
+pub enum Remote {
+    /// Instances on the host that the token may see.
+    Instances,
+    /// One instance: disks, checkpoints, last backup per disk and sink.
+    Instance { id: String },
+    /// Start a backup; with --wait, follow it to the end.
+    StartBackup {
+        #[arg(long)]
+        instance: String,
+        #[arg(long)]
+        sink: String,
+        /// Disk targets (default: all).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        #[arg(long, default_value = "auto")]
+        level: String,
+        /// Freeze the guest's filesystems through qemu-ga for the point in time.
+        #[arg(long)]
+        quiesce: bool,
+        #[arg(long)]
+        quiesce_timeout: Option<u64>,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long)]
+        backup_id: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Jobs (newest first).
+    Jobs,
+    /// One job's status.
+    Job { id: String },
+    /// Follow a job to its end (progress bar on a terminal).
+    Watch { id: String },
+    /// Ask a job to stop; it rolls back.
+    Cancel { id: String },
+    /// Backups on a sink.
+    Backups {
+        #[arg(long)]
+        sink: String,
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// One backup.
+    ShowBackup {
+        #[arg(long)]
+        sink: String,
+        #[arg(long)]
+        instance: String,
+        backup_id: String,
+    },
+    /// Delete a backup no incremental depends on.
+    DeleteBackup {
+        #[arg(long)]
+        sink: String,
+        #[arg(long)]
+        instance: String,
+        backup_id: String,
+    },
+    /// Restore to a file, an NBD export, or a new (staging) domain.
+    StartRestore {
+        #[arg(long)]
+        sink: String,
+        #[arg(long)]
+        instance: String,
+        #[arg(long)]
+        backup_id: String,
+        #[arg(long)]
+        disk: Option<String>,
+        /// A new file in one of the daemon's restore directories.
+        #[arg(long, conflicts_with_all = ["to_nbd", "to_domain"])]
+        to_file: Option<PathBuf>,
+        #[arg(long, default_value = "raw")]
+        format: String,
+        #[arg(long, conflicts_with = "to_domain")]
+        to_nbd: Option<String>,
+        /// Name of a new domain defined from the backed-up domain XML.
+        #[arg(long)]
+        to_domain: Option<String>,
+        /// Start the new domain.
+        #[arg(long)]
+        start: bool,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Verify a backup's chain on the sink.
+    StartVerify {
+        #[arg(long)]
+        sink: String,
+        #[arg(long)]
+        instance: String,
+        #[arg(long)]
+        backup_id: String,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+fn client(c: &Conn) -> Result<Client> {
+    Ok(Client::new(
+        Endpoint::parse(&c.hostd, c.ca.clone())?,
+        c.token.clone(),
+    ))
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn call(cl: &Client, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+    let r = cl
+        .call(method, path, body.as_ref())
+        .await
+        .with_context(|| format!("{method} {path}"))?;
+    let v = r.json();
+    if r.status >= 400 {
+        let m = v["error"]["message"].as_str().unwrap_or("").to_string();
+        bail!(
+            "{} {}: {m}",
+            r.status,
+            v["error"]["code"].as_str().unwrap_or("error")
+        );
+    }
+    Ok(v)
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+fn print_job(s: &Value) {
+    println!(
+        "job {} {} {} ({}) backup {} on {}",
+        s["id"].as_str().unwrap_or(""),
+        s["kind"].as_str().unwrap_or(""),
+        s["state"].as_str().unwrap_or(""),
+        s["phase"].as_str().unwrap_or(""),
+        s["backup_id"].as_str().unwrap_or(""),
+        s["sink"].as_str().unwrap_or("")
+    );
+    if let Some(d) = s["disks"].as_object() {
+        for (k, v) in d {
+            println!(
+                "  {k}: {} {} {:.1}/{:.1} MiB",
+                v["level"].as_str().unwrap_or("-"),
+                v["full_reason"].as_str().unwrap_or(""),
+                mib(v["done"].as_u64().unwrap_or(0)),
+                mib(v["total"].as_u64().unwrap_or(0))
+            );
+        }
+    }
+    if let Some(e) = s["error"].as_str() {
+        println!("  error: {e}");
+    }
+    for w in s["warnings"].as_array().into_iter().flatten() {
+        println!("  warning: {}", w.as_str().unwrap_or(""));
+    }
+}
+
+/// Follows a job's event stream to its end; returns its final status.
+async fn watch(cl: &Client, id: &str, json: bool) -> Result<Value> {
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg:30} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut last = Value::Null;
+    let mut last_phase = String::new();
+    let status = cl
+        .events(&format!("/v1/jobs/{}/events", enc(id)), |s| {
+            let phase = s["phase"].as_str().unwrap_or("").to_string();
+            if let Some(b) = &bar {
+                b.set_length(s["bytes_total"].as_u64().unwrap_or(0));
+                b.set_position(s["bytes_done"].as_u64().unwrap_or(0));
+                b.set_message(phase.clone());
+            } else if !json && phase != last_phase {
+                eprintln!("{}: {phase}", s["id"].as_str().unwrap_or(""));
+            }
+            last_phase = phase;
+            last = s;
+            true
+        })
+        .await?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if status != 200 {
+        bail!("following job {id}: HTTP {status}");
+    }
+    Ok(last)
+}
+
+async fn started(cl: &Client, c: &Conn, v: Value, wait: bool) -> Result<()> {
+    let id = v["job"]["id"].as_str().unwrap_or("").to_string();
+    if !wait {
+        if c.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("job {id} started");
+        }
+        return Ok(());
+    }
+    let s = watch(cl, &id, c.json).await?;
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print_job(&s);
+    }
+    if s["state"] != "succeeded" {
+        bail!("job {id} {}", s["state"].as_str().unwrap_or("ended"));
+    }
+    Ok(())
+}
+
+pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
+    let cl = client(c)?;
+    let show = |v: &Value| -> Result<()> {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        Ok(())
+    };
+    match cmd {
+        Remote::Instances => {
+            let v = call(&cl, "GET", "/v1/instances", None).await?;
+            if c.json {
+                return show(&v);
+            }
+            for i in v["instances"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<30} {} {:<8} tenant={} disks={}",
+                    i["name"].as_str().unwrap_or(""),
+                    i["uuid"].as_str().unwrap_or(""),
+                    if i["active"].as_bool() == Some(true) {
+                        "running"
+                    } else {
+                        "off"
+                    },
+                    i["tenant"].as_str().unwrap_or("-"),
+                    i["disks"].as_array().map_or(0, Vec::len)
+                );
+            }
+        }
+        Remote::Instance { id } => {
+            show(&call(&cl, "GET", &format!("/v1/instances/{}", enc(&id)), None).await?)?
+        }
+        Remote::StartBackup {
+            instance,
+            sink,
+            disks,
+            level,
+            quiesce,
+            quiesce_timeout,
+            labels,
+            backup_id,
+            wait,
+        } => {
+            let mut l = serde_json::Map::new();
+            for kv in labels {
+                let (k, v) = kv.split_once('=').context("--label takes KEY=VALUE")?;
+                l.insert(k.into(), json!(v));
+            }
+            let mut body = json!({"instance": instance, "sink": sink, "level": level,
+                                  "quiesce": quiesce, "labels": l});
+            if !disks.is_empty() {
+                body["disks"] = json!(disks);
+            }
+            if let Some(t) = quiesce_timeout {
+                body["quiesce_timeout_secs"] = json!(t);
+            }
+            if let Some(b) = backup_id {
+                body["backup_id"] = json!(b);
+            }
+            let v = call(&cl, "POST", "/v1/backups", Some(body)).await?;
+            started(&cl, c, v, wait).await?;
+        }
+        Remote::Jobs => {
+            let v = call(&cl, "GET", "/v1/jobs", None).await?;
+            if c.json {
+                return show(&v);
+            }
+            for j in v["jobs"].as_array().into_iter().flatten() {
+                println!(
+                    "{} {:<8} {:<11} {:<22} {}",
+                    j["id"].as_str().unwrap_or(""),
+                    j["kind"].as_str().unwrap_or(""),
+                    j["state"].as_str().unwrap_or(""),
+                    j["backup_id"].as_str().unwrap_or(""),
+                    j["instance"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Remote::Job { id } => {
+            let v = call(&cl, "GET", &format!("/v1/jobs/{}", enc(&id)), None).await?;
+            if c.json {
+                return show(&v);
+            }
+            print_job(&v["job"]);
+        }
+        Remote::Watch { id } => {
+            let s = watch(&cl, &id, c.json).await?;
+            if c.json {
+                show(&s)?;
+            } else {
+                print_job(&s);
+            }
+        }
+        Remote::Cancel { id } => {
+            call(&cl, "POST", &format!("/v1/jobs/{}/cancel", enc(&id)), None).await?;
+            println!("cancel of {id} requested");
+        }
+        Remote::Backups { sink, instance } => {
+            let mut p = format!("/v1/backups?sink={}", enc(&sink));
+            if let Some(i) = instance {
+                p += &format!("&instance={}", enc(&i));
+            }
+            let v = call(&cl, "GET", &p, None).await?;
+            if c.json {
+                return show(&v);
+            }
+            for b in v["backups"].as_array().into_iter().flatten() {
+                let levels: Vec<String> = b["disks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|d| {
+                        format!(
+                            "{}:{}",
+                            d["target"].as_str().unwrap_or(""),
+                            d["level"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{:<22} {} {:<11} {}",
+                    b["backup_id"].as_str().unwrap_or(""),
+                    b["instance"].as_str().unwrap_or(""),
+                    b["consistency"].as_str().unwrap_or(""),
+                    levels.join(" ")
+                );
+            }
+        }
+        Remote::ShowBackup {
+            sink,
+            instance,
+            backup_id,
+        } => show(
+            &call(
+                &cl,
+                "GET",
+                &format!(
+                    "/v1/backups/{}/{}?instance={}",
+                    enc(&sink),
+                    enc(&backup_id),
+                    enc(&instance)
+                ),
+                None,
+            )
+            .await?,
+        )?,
+        Remote::DeleteBackup {
+            sink,
+            instance,
+            backup_id,
+        } => {
+            let v = call(
+                &cl,
+                "DELETE",
+                &format!(
+                    "/v1/backups/{}/{}?instance={}",
+                    enc(&sink),
+                    enc(&backup_id),
+                    enc(&instance)
+                ),
+                None,
+            )
+            .await?;
+            println!("deleted {backup_id} ({} objects)", v["objects"]);
+        }
+        Remote::StartRestore {
+            sink,
+            instance,
+            backup_id,
+            disk,
+            to_file,
+            format,
+            to_nbd,
+            to_domain,
+            start,
+            wait,
+        } => {
+            let target = if let Some(p) = to_file {
+                json!({"type": "file", "path": p, "format": format})
+            } else if let Some(u) = to_nbd {
+                json!({"type": "nbd", "uri": u})
+            } else if let Some(n) = to_domain {
+                json!({"type": "domain", "name": n, "start": start})
+            } else {
+                bail!("one of --to-file, --to-nbd, --to-domain");
+            };
+            let mut body = json!({"instance": instance, "sink": sink, "backup_id": backup_id, "target": target});
+            if let Some(d) = disk {
+                body["disk"] = json!(d);
+            }
+            let v = call(&cl, "POST", "/v1/restores", Some(body)).await?;
+            started(&cl, c, v, wait).await?;
+        }
+        Remote::StartVerify {
+            sink,
+            instance,
+            backup_id,
+            wait,
+        } => {
+            let v = call(
+                &cl,
+                "POST",
+                "/v1/verifications",
+                Some(json!({"instance": instance, "sink": sink, "backup_id": backup_id})),
+            )
+            .await?;
+            started(&cl, c, v, wait).await?;
+        }
+    }
+    Ok(())
+}
