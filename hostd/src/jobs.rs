@@ -478,9 +478,16 @@ async fn run_backup(
     let obs = Observer(Arc::new(move |e: JobEvent| {
         match &e {
             JobEvent::Phase { phase } => {
+                if *phase == "starting" {
+                    // From here libvirt may create a checkpoint and a job that outlive us.
+                    if let Err(e) = jr.set_plan(&id, &json!({"phase": "starting"})) {
+                        tracing::error!(error = %e, "journaling the plan failed");
+                    }
+                }
                 if *phase == "copying" {
                     // The plan is durable before any byte is copied: recovery needs it.
                     let plan = json!({
+                        "phase": "copying",
                         "disks": *p2.lock().unwrap_or_else(|e| e.into_inner()),
                         "started_paused": pz.load(Ordering::SeqCst),
                     });
@@ -776,6 +783,7 @@ pub async fn reconcile(st: &Arc<AppState>, row: &JobRow) -> String {
         "restore" => reconcile_restore(st, row).await,
         _ => Ok("interrupted".to_string()),
     };
+    tracing::info!(job = %row.id, outcome = ?outcome, "reconciliation");
     let (state, error) = match outcome {
         Ok(s) if s == "succeeded" => ("succeeded".to_string(), None),
         Ok(s) => (
@@ -830,6 +838,19 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, St
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let complete = !planned.is_empty() && planned.iter().all(|d| committed.contains(d));
+    // Killed inside backupBegin: libvirtd finishes the call on its own, maybe after we are
+    // back. Give it a moment to leave its checkpoint and job where we can see them.
+    let in_begin = row
+        .plan
+        .as_ref()
+        .and_then(|p| p.get("phase"))
+        .and_then(Value::as_str)
+        == Some("starting");
+    let quiesced = row
+        .request
+        .get("quiesce")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let checkpoint = format!("{}{}", lvs::CHECKPOINT_PREFIX, row.backup_id);
     let scratch = st.cfg.server.scratch().join(&uuid);
 
@@ -860,6 +881,33 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, St
             let Ok(dom) = src.domain(&u2) else {
                 return Ok(()); // domain gone: nothing of ours left in libvirt
             };
+            if quiesced && dom.is_active()? {
+                // A freeze the dead daemon could not end must not outlive it.
+                let _ = dom.thaw();
+            }
+            if in_begin && dom.is_active()? {
+                // Settled when the begin has visibly finished (checkpoint and a readable
+                // job), or when no job has shown up for 3 s.
+                let t = Instant::now();
+                loop {
+                    let job = dom.job_active()?;
+                    let cp_there = dom.checkpoints()?.iter().any(|c| c.name == cp);
+                    if (cp_there && job && dom.backup_socket().is_ok())
+                        || (cp_there && !job)
+                        || (!job && t.elapsed() > Duration::from_secs(3))
+                        || t.elapsed() > Duration::from_secs(60)
+                    {
+                        tracing::info!(
+                            job,
+                            cp_there,
+                            waited_ms = t.elapsed().as_millis() as u64,
+                            "backupBegin settled"
+                        );
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
             // The job outlives a killed daemon; it is ours if its socket is in our scratch.
             if dom.is_active()? && dom.job_active()? {
                 if let Ok(x) = dom.backup_socket() {

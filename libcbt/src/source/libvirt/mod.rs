@@ -366,9 +366,12 @@ impl LibvirtDomain {
 
     /// Whether a job (ours or anybody's) runs on the domain.
     pub fn job_active(&self) -> Result<bool, LibvirtError> {
-        ffi::job_type(&self.dom)
-            .map(|t| t != sys::VIR_DOMAIN_JOB_NONE as i32)
-            .map_err(lv("reading the job state"))
+        match ffi::job_type(&self.dom) {
+            Ok(t) => Ok(t != sys::VIR_DOMAIN_JOB_NONE as i32),
+            // A backup job being set up (or torn down) has no statistics yet: it exists.
+            Err(e) if e.message().contains("job data missing") => Ok(true),
+            Err(e) => Err(lv("reading the job state")(e)),
+        }
     }
 
     /// Aborts the running backup job and waits until libvirt reports it gone.

@@ -1,0 +1,819 @@
+//! `cbt-hostd` over real HTTP (its Unix socket and TLS on TCP) against libvirt domains:
+//! backups, progress, cancel, restore, verify; tenants and tokens; bad input; the OpenAPI
+//! document; SIGTERM; and kill -9 at many points of backups.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hostd::client::{Client, Endpoint};
+use hostd::config::token_hash;
+use libcbt::format::Manifest;
+use libcbt::sink::local::LocalSink;
+use rand::Rng;
+use serde_json::{json, Value};
+use support::common::lab::{assert_sink_holds_only, compare};
+use support::common::{free_port, require, rng, run, seed};
+use support::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+const ADMIN: &str = "admin-token-0123456789";
+const TA: &str = "tenant-a-token";
+const TB: &str = "tenant-b-token";
+
+fn config(extra: &str) -> String {
+    format!(
+        r#"[server]
+unix_socket = "{{dir}}/hostd.sock"
+state_dir = "{{dir}}/state"
+restore_dirs = ["{{dir}}/restores"]
+max_body_bytes = 65536
+shutdown_grace_secs = 20
+{extra}
+
+[libvirt]
+default_tenant = "nobody"
+
+[limits]
+max_jobs = 2
+max_jobs_per_tenant = 1
+
+[[sink]]
+name = "local"
+path = "{{dir}}/sink"
+
+[[sink]]
+name = "only-b"
+path = "{{dir}}/sink-b"
+tenants = ["p-b"]
+
+[[token]]
+name = "admin"
+sha256 = "{}"
+admin = true
+
+[[token]]
+name = "a"
+sha256 = "{}"
+tenant = "p-a"
+
+[[token]]
+name = "b"
+sha256 = "{}"
+tenant = "p-b"
+"#,
+        token_hash(ADMIN),
+        token_hash(TA),
+        token_hash(TB)
+    )
+}
+
+fn unix(h: &Hostd, token: Option<&str>) -> Client {
+    Client::new(Endpoint::Unix(h.socket()), token.map(String::from))
+}
+
+/// Sends and returns (status, JSON body).
+fn call(
+    rt: &tokio::runtime::Runtime,
+    c: &Client,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let r = rt
+        .block_on(c.call(method, path, body.as_ref()))
+        .expect("HTTP");
+    (r.status, r.json())
+}
+
+/// Follows a job over SSE to its end; returns every status seen.
+fn follow(rt: &tokio::runtime::Runtime, c: &Client, id: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    let st = rt
+        .block_on(c.events(&format!("/v1/jobs/{id}/events"), |v| {
+            seen.push(v);
+            true
+        }))
+        .expect("events");
+    assert_eq!(st, 200);
+    assert!(!seen.is_empty());
+    seen
+}
+
+fn start_backup(
+    rt: &tokio::runtime::Runtime,
+    c: &Client,
+    instance: &str,
+    sink: &str,
+    extra: Value,
+) -> String {
+    let mut body = json!({"instance": instance, "sink": sink});
+    if let Some(o) = extra.as_object() {
+        for (k, v) in o {
+            body[k] = v.clone();
+        }
+    }
+    let (s, v) = call(rt, c, "POST", "/v1/backups", Some(body));
+    assert_eq!(s, 202, "{v}");
+    v["job"]["id"].as_str().expect("job id").to_string()
+}
+
+fn committed(sink: &Path) -> Vec<Manifest> {
+    let rt = rt();
+    let s = LocalSink::open(sink).expect("sink");
+    let mut all = Vec::new();
+    for d in rt
+        .block_on(libcbt::engine::catalog::list_disks(&s))
+        .expect("disks")
+    {
+        all.extend(
+            rt.block_on(libcbt::engine::catalog::list_backups(&s, &d))
+                .expect("backups"),
+        );
+    }
+    all
+}
+
+#[test]
+fn api_backups_restores_tenants_bad_input_and_sigterm() {
+    let _g = serial();
+    let mut r = rng(seed("api"));
+    let a = Dom::owned(
+        "api-a",
+        &[Disk {
+            target: "vda",
+            format: "qcow2",
+            size: 1024 * MIB,
+        }],
+        "p-a",
+    );
+    let b = Dom::owned(
+        "api-b",
+        &[Disk {
+            target: "vda",
+            format: "qcow2",
+            size: 64 * MIB,
+        }],
+        "p-b",
+    );
+    // TLS on TCP with a certificate for localhost, signed by itself (the client's CA).
+    let certdir = shared_dir();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    std::fs::write(certdir.path().join("cert.pem"), ck.cert.pem()).expect("cert");
+    std::fs::write(certdir.path().join("key.pem"), ck.key_pair.serialize_pem()).expect("key");
+    let port = free_port();
+    let mut h = Hostd::start(&config(&format!(
+        "listen = \"127.0.0.1:{port}\"\ntls_cert = \"{0}/cert.pem\"\ntls_key = \"{0}/key.pem\"",
+        certdir.path().display()
+    )));
+    let rt = rt();
+    let tls = |token: &str| {
+        Client::new(
+            Endpoint::Https {
+                host: "localhost".into(),
+                port,
+                ca: certdir.path().join("cert.pem"),
+            },
+            Some(token.into()),
+        )
+    };
+    let (admin, ta, tb) = (unix(&h, Some(ADMIN)), tls(TA), tls(TB));
+
+    // --- authentication and tenancy ---
+    assert_eq!(
+        call(&rt, &unix(&h, None), "GET", "/v1/instances", None).0,
+        401
+    );
+    assert_eq!(
+        call(&rt, &unix(&h, Some("wrong")), "GET", "/v1/instances", None).0,
+        401
+    );
+    assert_eq!(call(&rt, &tls("wrong"), "GET", "/v1/jobs", None).0, 401);
+    let names = |c: &Client| -> BTreeSet<String> {
+        call(&rt, c, "GET", "/v1/instances", None).1["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .map(|i| i["name"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert!(names(&admin).contains(&a.name) && names(&admin).contains(&b.name));
+    assert_eq!(names(&ta), BTreeSet::from([a.name.clone()]));
+    assert_eq!(names(&tb), BTreeSet::from([b.name.clone()]));
+    assert_eq!(
+        call(&rt, &ta, "GET", &format!("/v1/instances/{}", b.name), None).0,
+        404
+    );
+    assert_eq!(
+        call(
+            &rt,
+            &ta,
+            "GET",
+            &format!("/v1/instances/{}", b.uuid()),
+            None
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call(&rt, &ta, "GET", &format!("/v1/instances/{}", a.name), None).0,
+        200
+    );
+    let (s, _) = call(
+        &rt,
+        &tb,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": a.name, "sink": "local"})),
+    );
+    assert_eq!(s, 404, "tenant b may not back up tenant a's instance");
+    let (s, _) = call(
+        &rt,
+        &ta,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": a.name, "sink": "only-b"})),
+    );
+    assert_eq!(s, 404, "tenant a may not use tenant b's sink");
+
+    // --- bad input: 4xx with a message, never a 500 ---
+    let bad = |c: &Client, method: &str, path: &str, body: Option<Value>, want: u16| {
+        let (s, v) = call(&rt, c, method, path, body.clone());
+        assert_eq!(s, want, "{method} {path} {body:?} → {s} {v}");
+        assert!(
+            !v["error"]["message"].as_str().unwrap_or("").is_empty(),
+            "{v}"
+        );
+    };
+    let inst = a.name.as_str();
+    bad(
+        &ta,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": inst, "sink": "local", "colour": "red"})),
+        400,
+    );
+    bad(
+        &ta,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": inst, "sink": "local", "level": "weekly"})),
+        400,
+    );
+    bad(
+        &ta,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": inst, "sink": "local", "backup_id": "../../etc"})),
+        400,
+    );
+    bad(
+        &ta,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": inst, "sink": "local", "disks": ["vdz"]})),
+        400,
+    );
+    bad(
+        &ta,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": inst, "sink": "local", "quiesce_timeout_secs": 0})),
+        400,
+    );
+    bad(
+        &ta,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": inst, "sink": "../sink"})),
+        404,
+    );
+    bad(
+        &ta,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": "../../etc/passwd", "sink": "local"})),
+        404,
+    );
+    bad(&ta, "GET", "/v1/jobs/..%2F..%2Fetc", None, 404);
+    bad(&ta, "GET", "/v1/jobs/0123456789abcdef", None, 404);
+    bad(&ta, "GET", "/v1/backups", None, 400);
+    bad(&ta, "GET", "/v1/no/such/route", None, 404);
+    bad(&ta, "PUT", "/v1/jobs", None, 405);
+    let many: serde_json::Map<String, Value> =
+        (0..40).map(|i| (format!("k{i}"), json!("v"))).collect();
+    bad(
+        &ta,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": inst, "sink": "local", "labels": many})),
+        400,
+    );
+    let big = rt
+        .block_on(ta.send_raw("POST", "/v1/backups", vec![b' '; 200_000], true))
+        .expect("send");
+    assert_eq!(big.status, 413, "{:?}", big.body);
+    let junk = rt
+        .block_on(ta.send_raw("POST", "/v1/backups", b"{not json".to_vec(), true))
+        .expect("send");
+    assert_eq!(junk.status, 400);
+    let no_ct = rt
+        .block_on(ta.send_raw("POST", "/v1/backups", b"{}".to_vec(), false))
+        .expect("send");
+    assert_eq!(no_ct.status, 415);
+
+    // --- a full and an incremental through TLS, followed over SSE ---
+    fill_random(&a, "vda", 192, &mut r);
+    a.scatter("vda", 1024 * MIB, 20, &mut r);
+    let r1 = a.reference("vda", "api1");
+    let id1 = start_backup(
+        &rt,
+        &ta,
+        inst,
+        "local",
+        json!({"labels": {"ticket": "T-1"}}),
+    );
+    let seen = follow(&rt, &ta, &id1);
+    let last = seen.last().expect("final");
+    assert_eq!(last["state"], "succeeded", "{last}");
+    assert!(
+        seen.iter().any(|s| s["phase"] == "copying"),
+        "no copying phase in {seen:?}"
+    );
+    let disk = last["disks"]
+        .as_object()
+        .expect("disks")
+        .values()
+        .next()
+        .expect("disk")
+        .clone();
+    assert_eq!(disk["level"], "full");
+    assert_eq!(disk["full_reason"], "first_backup");
+    assert!(disk["total"].as_u64().unwrap_or(0) >= 192 * MIB);
+    assert_eq!(disk["done"], disk["total"]);
+    let backup1 = last["backup_id"].as_str().expect("backup id").to_string();
+
+    a.scatter("vda", 1024 * MIB, 10, &mut r);
+    let r2 = a.reference("vda", "api2");
+    let id2 = start_backup(&rt, &ta, inst, "local", json!({"level": "incremental"}));
+    let last = follow(&rt, &ta, &id2).pop().expect("final");
+    assert_eq!(last["state"], "succeeded", "{last}");
+    let disk = last["disks"]
+        .as_object()
+        .expect("disks")
+        .values()
+        .next()
+        .expect("disk")
+        .clone();
+    assert_eq!(disk["level"], "incremental");
+    assert!(disk["total"].as_u64().unwrap_or(u64::MAX) <= 10 * 192 * 1024);
+    let backup2 = last["backup_id"].as_str().expect("id").to_string();
+
+    // Listing: tenant a sees both with their labels; tenant b sees none of them.
+    let (_, v) = call(
+        &rt,
+        &ta,
+        "GET",
+        &format!("/v1/backups?sink=local&instance={inst}"),
+        None,
+    );
+    let list = v["backups"].as_array().expect("backups");
+    assert_eq!(list.len(), 2, "{v}");
+    assert_eq!(list[0]["labels"]["ticket"], "T-1");
+    let (_, v) = call(&rt, &tb, "GET", "/v1/backups?sink=local", None);
+    assert_eq!(v["backups"].as_array().map(Vec::len), Some(0), "{v}");
+    assert_eq!(
+        call(&rt, &tb, "GET", &format!("/v1/jobs/{id1}"), None).0,
+        404
+    );
+    assert_eq!(
+        call(
+            &rt,
+            &tb,
+            "GET",
+            &format!("/v1/backups/local/{backup1}?instance={}", a.uuid()),
+            None
+        )
+        .0,
+        404
+    );
+    // The older backup has a dependent: it cannot be deleted.
+    assert_eq!(
+        call(
+            &rt,
+            &ta,
+            "DELETE",
+            &format!("/v1/backups/local/{backup1}?instance={inst}"),
+            None
+        )
+        .0,
+        409
+    );
+
+    // --- restores: to a file (checked by qemu-img compare), into a staging domain ---
+    let restores = h.dir.path().join("restores");
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "POST",
+        "/v1/restores",
+        Some(json!({"instance": inst, "sink": "local",
+        "backup_id": backup1, "target": {"type": "file", "path": "/etc/cbt-evil.raw"}})),
+    );
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "POST",
+        "/v1/restores",
+        Some(json!({"instance": inst, "sink": "local",
+        "backup_id": backup1, "target": {"type": "file", "path": format!("{}/../x.raw", restores.display())}})),
+    );
+    assert_eq!(s, 400, "{v}");
+    for (bid, reference) in [(&backup1, &r1), (&backup2, &r2)] {
+        let out = restores.join(format!("{bid}.raw"));
+        let (s, v) = call(
+            &rt,
+            &ta,
+            "POST",
+            "/v1/restores",
+            Some(json!({"instance": inst, "sink": "local",
+            "backup_id": bid, "target": {"type": "file", "path": out}})),
+        );
+        assert_eq!(s, 202, "{v}");
+        let last = follow(&rt, &ta, v["job"]["id"].as_str().expect("id"))
+            .pop()
+            .expect("final");
+        assert_eq!(last["state"], "succeeded", "{last}");
+        compare(&out, reference);
+    }
+    let staging = format!("{}-staging", a.name);
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "POST",
+        "/v1/restores",
+        Some(json!({"instance": inst, "sink": "local",
+        "backup_id": backup2, "target": {"type": "domain", "name": staging, "start": true}})),
+    );
+    assert_eq!(s, 202, "{v}");
+    let last = follow(&rt, &ta, v["job"]["id"].as_str().expect("id"))
+        .pop()
+        .expect("final");
+    assert_eq!(last["state"], "succeeded", "{last}");
+    assert!(virsh(&["domstate", &staging]).contains("running"));
+    // The copy runs beside the original, on its own restored disk, and is the same tenant's.
+    assert!(names(&ta).contains(&staging));
+    let img = restores.join(&staging).join("vda.qcow2");
+    let copy = h.dir.path().join("staging.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(&img)
+        .arg(&copy));
+    compare(&copy, &r2);
+    let _ = Command::new("virsh")
+        .args(["-c", "qemu:///system", "destroy", &staging])
+        .output();
+    let _ = Command::new("virsh")
+        .args(["-c", "qemu:///system", "undefine", &staging])
+        .output();
+
+    // --- verify ---
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "POST",
+        "/v1/verifications",
+        Some(json!({"instance": inst, "sink": "local", "backup_id": backup2})),
+    );
+    assert_eq!(s, 202, "{v}");
+    let last = follow(&rt, &ta, v["job"]["id"].as_str().expect("id"))
+        .pop()
+        .expect("final");
+    assert_eq!(last["state"], "succeeded", "{last}");
+
+    // --- cancel: one job queued behind the tenant's limit, one running ---
+    let running = start_backup(&rt, &ta, inst, "local", json!({"level": "full"}));
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "POST",
+        "/v1/verifications",
+        Some(json!({"instance": inst, "sink": "local", "backup_id": backup2})),
+    );
+    assert_eq!(s, 202, "{v}");
+    let queued = v["job"]["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        call(&rt, &ta, "GET", &format!("/v1/jobs/{queued}"), None).1["job"]["state"],
+        "queued"
+    );
+    assert_eq!(
+        call(&rt, &ta, "POST", &format!("/v1/jobs/{queued}/cancel"), None).0,
+        202
+    );
+    // Cancel the running full as soon as it copies.
+    let t = Instant::now();
+    loop {
+        let (_, v) = call(&rt, &ta, "GET", &format!("/v1/jobs/{running}"), None);
+        if v["job"]["phase"] == "copying"
+            || v["job"]["state"] != "running" && v["job"]["state"] != "queued"
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        call(
+            &rt,
+            &ta,
+            "POST",
+            &format!("/v1/jobs/{running}/cancel"),
+            None
+        )
+        .0,
+        202
+    );
+    let last = follow(&rt, &ta, &running).pop().expect("final");
+    assert_eq!(last["state"], "cancelled", "{last}");
+    let last = follow(&rt, &ta, &queued).pop().expect("final");
+    assert_eq!(last["state"], "cancelled", "{last}");
+    // Nothing of the cancelled backup is left: checkpoint, scratch, objects.
+    let sink_dir = h.dir.path().join("sink");
+    let all = committed(&sink_dir);
+    assert_eq!(all.len(), 2);
+    rt.block_on(assert_sink_holds_only(
+        &LocalSink::open(&sink_dir).expect("sink"),
+        &all.iter().collect::<Vec<_>>(),
+    ));
+    assert_eq!(a.checkpoints(), vec![format!("cbt-{backup2}")]);
+    let left = walk(&h.dir.path().join("state/scratch"));
+    assert!(left.is_empty(), "{left:?}");
+
+    // --- metrics ---
+    let m = rt
+        .block_on(unix(&h, None).call("GET", "/metrics", None))
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(
+        text.contains("cbt_jobs_total{kind=\"backup\",state=\"succeeded\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cbt_jobs_total{kind=\"backup\",state=\"cancelled\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cbt_backup_fulls_total{reason=\"first_backup\"} 1"),
+        "{text}"
+    );
+
+    // --- SIGTERM under a running backup: it stops within the grace period and rolls back ---
+    let id = start_backup(&rt, &admin, inst, "local", json!({"level": "full"}));
+    let t = Instant::now();
+    while call(&rt, &admin, "GET", &format!("/v1/jobs/{id}"), None).1["job"]["phase"] != "copying" {
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = h.term();
+    assert!(took < Duration::from_secs(20), "SIGTERM took {took:?}");
+    h.spawn();
+    let admin = unix(&h, Some(ADMIN));
+    let (_, v) = call(&rt, &admin, "GET", &format!("/v1/jobs/{id}"), None);
+    assert!(
+        ["cancelled", "succeeded"].contains(&v["job"]["state"].as_str().unwrap_or("")),
+        "{v}"
+    );
+    let all = committed(&sink_dir);
+    rt.block_on(assert_sink_holds_only(
+        &LocalSink::open(&sink_dir).expect("sink"),
+        &all.iter().collect::<Vec<_>>(),
+    ));
+    let newest = all
+        .iter()
+        .max_by_key(|m| m.finished_unix_ms)
+        .expect("newest");
+    assert_eq!(
+        a.checkpoints(),
+        vec![newest.checkpoint.clone().expect("checkpoint")]
+    );
+    assert!(h.log().contains("stopping"), "{}", h.log());
+}
+
+/// Every (METHOD, path) routed in `hostd/src/api.rs`, read from its source.
+fn routed() -> BTreeSet<(String, String)> {
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/api.rs"))
+        .expect("api.rs");
+    let mut out = BTreeSet::new();
+    let router = &src[src.find("Router::new()").expect("router")..];
+    let router = &router[..router.find(".fallback(").expect("fallback")];
+    for part in router.split(".route(").skip(1) {
+        let q0 = part.find('"').expect("quote") + 1;
+        let q1 = q0 + part[q0..].find('"').expect("quote");
+        let path = part[q0..q1].to_string();
+        for m in ["get", "post", "delete", "put", "patch"] {
+            if part[q1..].contains(&format!("{m}(")) {
+                out.insert((m.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn openapi_document_validates_and_matches_the_routes() {
+    let _g = serial();
+    require("python3");
+    let h = Hostd::start(&config(""));
+    let rt = rt();
+    let anon = unix(&h, None);
+    let doc = rt
+        .block_on(anon.call("GET", "/v1/openapi.json", None))
+        .expect("get");
+    assert_eq!(doc.status, 200);
+    let f = h.dir.path().join("openapi.json");
+    std::fs::write(&f, &doc.body).expect("write");
+    // An independent validator (openapi-spec-validator, installed by install-deps).
+    let out = Command::new("python3")
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&f)
+        .output()
+        .expect("run openapi_spec_validator");
+    assert!(
+        out.status.success(),
+        "OpenAPI document invalid: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let documented: BTreeSet<(String, String)> = hostd::openapi::operations().into_iter().collect();
+    assert_eq!(documented, routed(), "document and router disagree");
+    // And every documented operation is served: 401 without a token (public ones answer).
+    let public = ["/v1/openapi.json", "/v1/health", "/metrics"];
+    for (m, p) in &documented {
+        let path = p
+            .replace("{id}", "0123456789abcdef")
+            .replace("{sink}", "local")
+            .replace("{backup_id}", "b1");
+        let r = rt.block_on(anon.call(m, &path, None)).expect("call");
+        let want = if public.contains(&p.as_str()) {
+            200
+        } else {
+            401
+        };
+        assert_eq!(r.status, want, "{m} {p}");
+    }
+    let r = rt
+        .block_on(anon.call("GET", "/v1/undocumented", None))
+        .expect("call");
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (404, json!("no_route"))
+    );
+}
+
+#[test]
+fn kill_9_at_any_point_of_a_backup_loses_nothing() {
+    let _g = serial();
+    let mut r = rng(seed("kill9"));
+    let dom = Dom::owned(
+        "kill",
+        &[Disk {
+            target: "vda",
+            format: "qcow2",
+            size: 512 * MIB,
+        }],
+        "p-a",
+    );
+    fill_random(&dom, "vda", 160, &mut r);
+    let mut h = Hostd::start(&config(""));
+    let rt = rt();
+    let sink_dir = h.dir.path().join("sink");
+    let inst = dom.name.clone();
+    let backup = |h: &Hostd, extra: Value| -> Value {
+        let c = unix(h, Some(ADMIN));
+        let id = start_backup(&rt, &c, &inst, "local", extra);
+        follow(&rt, &c, &id).pop().expect("final")
+    };
+    let first = backup(&h, json!({}));
+    assert_eq!(first["state"], "succeeded", "{first}");
+    // Kills are spread over each kind of job's measured duration.
+    let took = |j: &Value| {
+        (j["finished_ms"].as_i64().unwrap_or(0) - j["created_ms"].as_i64().unwrap_or(0)).max(20)
+            as u64
+    };
+    let full_ms = took(&first);
+    let mut incr_ms = 100;
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    let points = 24;
+    for i in 0..points {
+        dom.scatter("vda", 512 * MIB, 3, &mut r);
+        let reference = dom.reference("vda", &format!("k{i}"));
+        // Every other round is a full (long copy), the others incrementals (short): kills
+        // land in planning, point in time, copy, commit and after.
+        let level = if i % 2 == 0 { "full" } else { "auto" };
+        let c = unix(&h, Some(ADMIN));
+        let id = start_backup(&rt, &c, &inst, "local", json!({"level": level}));
+        let delay =
+            Duration::from_millis(r.gen_range(0..if level == "full" { full_ms } else { incr_ms }));
+        std::thread::sleep(delay);
+        let phase = call(&rt, &c, "GET", &format!("/v1/jobs/{id}"), None).1["job"]["phase"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        h.kill9();
+        h.spawn(); // reconciles before it listens
+        let c = unix(&h, Some(ADMIN));
+        let (_, v) = call(&rt, &c, "GET", &format!("/v1/jobs/{id}"), None);
+        let state = v["job"]["state"].as_str().unwrap_or("").to_string();
+        assert!(
+            ["succeeded", "interrupted"].contains(&state.as_str()),
+            "round {i}: {v}"
+        );
+        *outcomes.entry(format!("{phase}→{state}")).or_default() += 1;
+        // Nothing stray: the sink holds exactly its committed backups, the domain exactly the
+        // checkpoint of the newest one, no job, no scratch.
+        let all = committed(&sink_dir);
+        rt.block_on(assert_sink_holds_only(
+            &LocalSink::open(&sink_dir).expect("sink"),
+            &all.iter().collect::<Vec<_>>(),
+        ));
+        let newest = all
+            .iter()
+            .max_by_key(|m| m.finished_unix_ms)
+            .expect("newest");
+        let log = h.log();
+        assert_eq!(
+            dom.checkpoints(),
+            vec![newest.checkpoint.clone().expect("cp")],
+            "round {i} ({phase}); daemon log: {}",
+            &log[log.len().saturating_sub(4000)..]
+        );
+        assert!(
+            !virsh(&["domjobinfo", &inst]).contains("Backup"),
+            "round {i}: job left running"
+        );
+        let left = walk(&h.dir.path().join("state/scratch"));
+        assert!(left.is_empty(), "round {i}: scratch left {left:?}");
+        let verify = |bid: &str| {
+            let out = h.dir.path().join(format!("restores/{bid}.raw"));
+            let (s, v) = call(
+                &rt,
+                &c,
+                "POST",
+                "/v1/restores",
+                Some(json!({"instance": inst, "sink": "local",
+                "backup_id": bid, "target": {"type": "file", "path": out}})),
+            );
+            assert_eq!(s, 202, "{v}");
+            let last = follow(&rt, &c, v["job"]["id"].as_str().expect("id"))
+                .pop()
+                .expect("final");
+            assert_eq!(last["state"], "succeeded", "{last}");
+            compare(&out, &reference);
+            let _ = std::fs::remove_file(&out);
+        };
+        if state == "succeeded" {
+            verify(v["job"]["backup_id"].as_str().expect("id"));
+        }
+        // The next backup is right, whatever happened: an incremental restoring exactly.
+        let next = backup(&h, json!({}));
+        assert_eq!(next["state"], "succeeded", "round {i}: {next}");
+        incr_ms = took(&next);
+        let d = next["disks"]
+            .as_object()
+            .expect("disks")
+            .values()
+            .next()
+            .expect("disk")
+            .clone();
+        assert_eq!(
+            d["level"], "incremental",
+            "round {i} ({phase}→{state}): {next}"
+        );
+        verify(next["backup_id"].as_str().expect("id"));
+    }
+    eprintln!("kill -9 outcomes (phase at kill → job state): {outcomes:?}");
+    let succeeded: usize = outcomes
+        .iter()
+        .filter(|(k, _)| k.ends_with("succeeded"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(
+        succeeded < points,
+        "every kill came too late to interrupt anything: {outcomes:?}"
+    );
+    assert!(
+        outcomes.keys().any(|k| k.starts_with("copying")),
+        "no kill during a copy: {outcomes:?}"
+    );
+}
