@@ -892,11 +892,12 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, St
                 loop {
                     let job = dom.job_active()?;
                     let cp_there = dom.checkpoints()?.iter().any(|c| c.name == cp);
-                    if (cp_there && job && dom.backup_socket().is_ok())
-                        || (cp_there && !job)
-                        || (!job && t.elapsed() > Duration::from_secs(3))
-                        || t.elapsed() > Duration::from_secs(60)
-                    {
+                    let settled = if job {
+                        cp_there && dom.backup_socket().is_ok()
+                    } else {
+                        cp_there || t.elapsed() > Duration::from_secs(3)
+                    };
+                    if settled || t.elapsed() > Duration::from_secs(60) {
                         tracing::info!(
                             job,
                             cp_there,
