@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all deps test lint unit demo bench bench-quick fuzz clean
+.PHONY: all deps test lint unit demo demo-qmp install bench bench-quick fuzz clean
 
 all: test
 
@@ -21,9 +21,26 @@ unit:
 
 test: deps lint unit
 
+# The main job through the daemon on a real guest (libvirt, TCG).
 demo: deps
 	$(CARGO) build --release --locked -p cbt-hostd
 	bash scripts/demo.sh
+
+# The same engine straight on QMP, without libvirt or the daemon.
+demo-qmp: deps
+	$(CARGO) build --release --locked -p cbt-hostd
+	bash scripts/demo-qmp.sh
+
+# Installs cbt-hostd and cbtctl, the systemd unit and (if missing) a configuration.
+PREFIX ?= /usr/local
+install:
+	$(CARGO) build --release --locked -p cbt-hostd
+	install -D -m 0755 target/release/cbt-hostd $(DESTDIR)$(PREFIX)/bin/cbt-hostd
+	install -D -m 0755 target/release/cbtctl $(DESTDIR)$(PREFIX)/bin/cbtctl
+	install -D -m 0644 hostd/systemd/cbt-hostd.service $(DESTDIR)/etc/systemd/system/cbt-hostd.service
+	[ -e $(DESTDIR)/etc/cbt/hostd.toml ] || install -D -m 0600 hostd/systemd/hostd.toml.example $(DESTDIR)/etc/cbt/hostd.toml
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed; set a token hash in /etc/cbt/hostd.toml (cbt-hostd --hash-token TOKEN), then: systemctl enable --now cbt-hostd"
 
 # Side-by-side benchmarks against nbdcopy and nbdinfo; results in bench/results/.
 bench: deps

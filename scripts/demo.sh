@@ -1,117 +1,119 @@
 #!/usr/bin/env bash
-# make demo: a real backup and restore of a live disk.
+# make demo: the main job, through the daemon, on a real guest.
 #
-# A VM (qemu-system-x86_64, KVM when /dev/kvm is usable, else TCG; firmware only, no guest
-# OS needed) runs with a 1 GiB qcow2 disk. cbtctl (libcbt, through QMP) takes a full backup
-# into a sink directory while the VM runs; guest-like writes land on the disk (QEMU's own
-# qemu-io, through the monitor); two incrementals follow. Every backup is restored and
-# compared by `qemu-img compare` with a copy of the disk taken at its point in time. Last,
-# libcbt's NBD maps of the point-in-time view are shown next to nbdinfo's.
+# A throwaway libvirt domain runs a real Linux guest (the Debian kernel with a busybox
+# initramfs, scripts/guest-initramfs.sh; TCG) that writes random 64 KiB blocks to its disk all
+# the time and runs qemu-ga. cbt-hostd starts on its embedded default configuration (Unix
+# socket, a local sink, a state directory, all under a scratch directory), and cbtctl drives
+# it like an orchestrator would:
+#   1. a quiesced full backup (qemu-ga freezes the guest's filesystems for the point in time);
+#   2. the guest writes on; an incremental;
+#   3. an exactness check: the guest is suspended for a moment (by this script) to copy its
+#      disk, an incremental's point in time is taken, the guest resumes and writes during the
+#      copy; the restored backup is compared with the copy by `qemu-img compare`;
+#   4. a restore into a staging copy of the instance (a new domain beside the original),
+#      which boots and writes on its own disk;
+#   5. a verify of the chain; then what happened, in numbers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CBTCTL=${CBTCTL:-./target/release/cbtctl}
-work=$(mktemp -d /tmp/cbt-demo.XXXXXX)
-vm_pid=""
-cleanup() { [ -n "$vm_pid" ] && kill "$vm_pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
+BIN=${BIN:-./target/release}
+CBTCTL=$BIN/cbtctl
+HOSTD=$BIN/cbt-hostd
+work=$(mktemp -d /var/tmp/cbt-demo.XXXXXX)
+chmod 755 "$work"
+dom=cbt-demo-$$
+staging=$dom-staging
+hostd_pid=""
+V="virsh -c qemu:///system"
+cleanup() {
+  [ -n "$hostd_pid" ] && kill -TERM "$hostd_pid" 2>/dev/null && wait "$hostd_pid" 2>/dev/null || true
+  for d in "$staging" "$dom"; do
+    $V destroy "$d" >/dev/null 2>&1 || true
+    $V undefine --checkpoints-metadata "$d" >/dev/null 2>&1 || true
+  done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
-img=$work/vda.qcow2
-qmp=$work/qmp.sock
-sink=$work/sink
-accel=tcg
-if [ -w /dev/kvm ]; then accel=kvm; fi
+if ! $V version >/dev/null 2>&1; then
+  echo "== starting libvirtd"
+  virtlogd -d || true
+  libvirtd -d
+  for _ in $(seq 100); do $V version >/dev/null 2>&1 && break; sleep 0.1; done
+fi
 
-hmp() { "$CBTCTL" qmp "$qmp" human-monitor-command "{\"command-line\": \"$1\"}"; }
-guest_io() { hmp "qemu-io -d vd0/virtio-backend \\\"$1\\\"" >/dev/null; }
-reference() { hmp "qemu-io -d vd0/virtio-backend flush" >/dev/null; qemu-img convert -U -f qcow2 -O raw "$img" "$1"; }
-now() { date +%s.%N; }
+echo "== guest: Debian kernel + busybox initramfs with qemu-ga, writing to its disk all the time"
+bash scripts/guest-initramfs.sh "$work/guest"
+qemu-img create -q -f qcow2 "$work/vda.qcow2" 256M
+cat > "$work/domain.xml" <<XML
+<domain type='qemu'>
+  <name>$dom</name>
+  <metadata><nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'><nova:owner>
+    <nova:project uuid='demo'>demo</nova:project></nova:owner></nova:instance></metadata>
+  <memory unit='MiB'>256</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>$work/guest/vmlinuz</kernel>
+    <initrd>$work/guest/initrd.gz</initrd><cmdline>console=ttyS0 quiet panic=-1</cmdline></os>
+  <features><acpi/></features><on_reboot>destroy</on_reboot>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$work/vda.qcow2'/><target dev='vda' bus='virtio'/></disk>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <serial type='file'><source path='$work/console.log'/><target port='0'/></serial>
+    <controller type='usb' model='none'/><memballoon model='none'/>
+  </devices>
+</domain>
+XML
+$V define "$work/domain.xml" >/dev/null
+$V start "$dom" >/dev/null
+counter() { grep -ao 'CBT-COUNTER [0-9]*' "$1" 2>/dev/null | tail -1 | awk '{print $2+0}'; }
+for _ in $(seq 600); do [ "$(counter "$work/console.log")" -gt 3 ] 2>/dev/null && break; sleep 0.2; done
+echo "   booted; the guest has written $(counter "$work/console.log") blocks so far"
 
-echo "== disk: 1 GiB qcow2 with 64 MiB of data already on it"
-qemu-img create -q -f qcow2 "$img" 1G
-head -c 32M /dev/urandom > "$work/random.bin"
-printf 'write -q -s %s 0 32M\nwrite -q -P 0x61 256M 32M\n' "$work/random.bin" | qemu-io -t unsafe -f qcow2 "$img" >/dev/null
-head -c 1M /dev/urandom > "$work/guest-1m.bin"
+echo "== cbt-hostd on its embedded default configuration ($work)"
+token=demo-admin-token
+"$HOSTD" --print-default-config "$work" | sed "s/<sha256.*>/$("$HOSTD" --hash-token "$token")/" > "$work/hostd.toml"
+"$HOSTD" --config "$work/hostd.toml" --check-config
+CBT_LOG=warn "$HOSTD" --config "$work/hostd.toml" 2>"$work/hostd.log" &
+hostd_pid=$!
+for _ in $(seq 100); do [ -S "$work/hostd.sock" ] && break; sleep 0.05; done
+export CBT_HOSTD=$work/hostd.sock CBT_TOKEN=$token
+$CBTCTL instances | grep "$dom"
 
-echo "== VM: qemu-system-x86_64 -accel $accel, the disk as virtio-blk; it keeps running throughout"
-qemu-system-x86_64 -accel "$accel" -machine q35 -nodefaults -display none -m 128 \
-  -blockdev "driver=file,node-name=file0,filename=$img" -blockdev driver=qcow2,node-name=vda,file=file0 \
-  -device virtio-blk-pci,drive=vda,id=vd0 -qmp "unix:$qmp,server=on,wait=off" >"$work/vm.log" 2>&1 &
-vm_pid=$!
-for _ in $(seq 100); do [ -S "$qmp" ] && break; sleep 0.05; done
+newest() { $CBTCTL backups --sink local --instance "$dom" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["backups"][-1]["backup_id"])'; }
 
-declare -a ids levels btimes
-backup() {
-  local id=$1 t0 t1
-  t0=$(now)
-  "$CBTCTL" backup --qmp "$qmp" --disk vda=demo-vda --sink "$sink" --work-dir "$work/scratch" --id "$id"
-  t1=$(now)
-  reference "$work/ref-$id.raw"
-  ids+=("$id"); btimes+=("$(echo "$t1 - $t0" | bc)")
-}
+echo; echo "== 1. quiesced full backup"
+$CBTCTL start-backup --instance "$dom" --sink local --quiesce --label purpose=demo --wait
+echo "   freeze hook in the guest: $(grep -c 'FSFREEZE-HOOK freeze' "$work/console.log") freeze, $(grep -c 'FSFREEZE-HOOK thaw' "$work/console.log") thaw"
+sleep 3
+echo; echo "== 2. incremental while the guest writes (counter $(counter "$work/console.log"))"
+$CBTCTL start-backup --instance "$dom" --sink local --wait
 
-echo; echo "== full backup b0"
-backup b0
-echo; echo "== guest writes: 8 MiB pattern, 4 MiB random, 1 MiB zeroes, a discard, 41 scattered 64 KiB writes"
-guest_io "write -P 0xab 100M 8M"
-for i in 0 1 2 3; do guest_io "write -s $work/guest-1m.bin $((120 + i))M 1M"; done
-guest_io "write -z 300M 1M"
-guest_io "discard 256M 4M"
-for i in $(seq 0 40); do guest_io "write -P $((i + 1)) $((512 + i * 7))M 64k"; done
-echo "== incremental b1"
-backup b1
-echo; echo "== more guest writes: 16 MiB pattern, 2 MiB random, 21 scattered 128 KiB writes"
-guest_io "write -P 0xcd 900M 16M"
-for i in 0 1; do guest_io "write -s $work/guest-1m.bin $((700 + i * 5))M 1M"; done
-for i in $(seq 0 20); do guest_io "write -P $((i + 100)) $((600 + i * 3))M 128k"; done
-echo "== incremental b2"
-backup b2
+echo; echo "== 3. exactness: point in time taken with the guest suspended by this script only"
+$V suspend "$dom" >/dev/null
+qemu-img convert -U -f qcow2 -O raw "$work/vda.qcow2" "$work/reference.raw"
+c0=$(counter "$work/console.log")
+job=$($CBTCTL start-backup --instance "$dom" --sink local --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["job"]["id"])')
+until $CBTCTL job "$job" --json | grep -q '"phase": "\(copying\|committing\|succeeded\|failed\)"'; do sleep 0.05; done
+$V resume "$dom" >/dev/null
+$CBTCTL watch "$job"
+c1=$(counter "$work/console.log")
+b=$(newest)
+$CBTCTL start-restore --instance "$dom" --sink local --backup-id "$b" --to-file "$work/restores/$b.raw" --wait >/dev/null
+if qemu-img compare -q -f raw -F raw "$work/restores/$b.raw" "$work/reference.raw"; then
+  echo "   restore of $b is identical to the disk at its point in time (qemu-img compare); the guest wrote $((c1 - c0)) blocks meanwhile"
+else
+  echo "   MISMATCH: restore of $b differs from the reference" >&2; exit 1
+fi
 
-echo; echo "== restores, each compared by qemu-img with the disk at its point in time"
-status=0
-printf '%-4s %-12s %10s %10s %10s  %s\n' id level "stored MiB" "backup s" "restore s" "qemu-img compare"
-listing=$("$CBTCTL" list --sink "$sink" --json)
-for i in "${!ids[@]}"; do
-  id=${ids[$i]}
-  t0=$(now)
-  "$CBTCTL" restore --sink "$sink" --disk demo-vda --backup "$id" --to "raw:$work/restored-$id.raw" >/dev/null
-  t1=$(now)
-  if qemu-img compare -q -f raw -F raw "$work/restored-$id.raw" "$work/ref-$id.raw"; then verdict="identical"; else verdict="DIFFERENT"; status=1; fi
-  level=$(printf '%s' "$listing" | python3 -c "import json,sys; print([m['level'] for m in json.load(sys.stdin) if m['backup_id']=='$id'][0])" 2>/dev/null || echo "?")
-  stored=$(printf '%s' "$listing" | python3 -c "import json,sys; print('%.1f' % ([m['stats']['bytes_stored'] for m in json.load(sys.stdin) if m['backup_id']=='$id'][0] / 1048576))" 2>/dev/null || echo "?")
-  printf '%-4s %-12s %10s %10.2f %10.2f  %s\n' "$id" "$level" "$stored" "${btimes[$i]}" "$(echo "$t1 - $t0" | bc)" "$verdict"
-  rm -f "$work/restored-$id.raw"
-done
+echo; echo "== 4. restore into a staging copy of the instance, started beside the original"
+$CBTCTL start-restore --instance "$dom" --sink local --backup-id "$b" --to-domain "$staging" --start --wait
+sleep 15
+echo "   $($V domstate "$staging") — its console: $(grep -ac 'CBT-COUNTER' "$work/console.log-$staging" 2>/dev/null || echo 0) blocks written on its own disk"
 
-echo; echo "== restore of b2 into a new qcow2, then qemu-img compare"
-"$CBTCTL" restore --sink "$sink" --disk demo-vda --backup b2 --to "qcow2:$work/restored.qcow2"
-if qemu-img compare -q -f qcow2 -F raw "$work/restored.qcow2" "$work/ref-b2.raw"; then echo "-- identical"; else echo "-- DIFFERENT"; status=1; fi
+echo; echo "== 5. verify the chain"
+$CBTCTL start-verify --instance "$dom" --sink local --backup-id "$b" --wait
 
-echo; echo "== verify the chain, and what the sink holds"
-"$CBTCTL" verify --sink "$sink" --disk demo-vda --backup b2
-"$CBTCTL" list --sink "$sink"
-du -sh "$sink" | awk '{print "sink size on disk: " $1 " (for ~100 MiB of data, ~38 MiB of it random)"}'
-
-echo; echo "== the VM never stopped: $("$CBTCTL" qmp "$qmp" query-status | tr -d '\n ' )"
-echo "== leftovers in QEMU: bitmaps $("$CBTCTL" qmp "$qmp" query-named-block-nodes '{"flat": true}' | python3 -c "import json,sys; print([b['name'] for n in json.load(sys.stdin) if n['node-name']=='vda' for b in n.get('dirty-bitmaps',[])])" 2>/dev/null), scratch dir: $(ls "$work/scratch" | tr '\n' ' ')"
-
-echo; echo "== libcbt's NBD maps of the disk, next to nbdinfo --map (after a few more writes)"
-for i in 0 1 2; do guest_io "write -P 0x77 $((40 + i * 10))M 256k"; done
-exp=$work/exp.sock
-"$CBTCTL" qmp "$qmp" nbd-server-start "{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"$exp\"}}}" >/dev/null
-"$CBTCTL" qmp "$qmp" block-dirty-bitmap-disable '{"node": "vda", "name": "cbt-b2"}' >/dev/null
-"$CBTCTL" qmp "$qmp" block-export-add '{"type": "nbd", "id": "peek", "node-name": "vda", "name": "vda", "writable": false, "bitmaps": ["cbt-b2"]}' >/dev/null
-uri="nbd+unix:///vda?socket=$exp"
-merge() { awk '{ if (n && o+l == $1 && t == $3) { l += $2 } else { if (n) print o, l, t; o=$1; l=$2; t=$3; n=1 } } END { if (n) print o, l, t }'; }
-for ctx in base:allocation qemu:dirty-bitmap:cbt-b2; do
-  ours=$("$CBTCTL" map --context "$ctx" "$uri")
-  theirs=$(nbdinfo --map="$ctx" "$uri")
-  echo "-- $ctx (libcbt | nbdinfo)"
-  paste <(printf '%s\n' "$ours" | head -8 | awk '{printf "%12s %12s %3s %-10s\n", $1, $2, $3, $4}') \
-        <(printf '%s\n' "$theirs" | head -8 | awk '{printf "| %12s %12s %3s %s\n", $1, $2, $3, $4}')
-  if diff <(printf '%s\n' "$ours" | merge) <(printf '%s\n' "$theirs" | merge) >/dev/null; then
-    echo "   agree ($(printf '%s\n' "$ours" | wc -l) extents)"
-  else
-    echo "   MISMATCH"; status=1
-  fi
-done
-exit $status
+echo; echo "== what happened"
+$CBTCTL backups --sink local --instance "$dom"
+$CBTCTL jobs
+curl -s --unix-socket "$work/hostd.sock" http://localhost/metrics | grep -E '^cbt_(jobs_total|backup_(read|stored)_bytes_total|freeze_duration_seconds_(sum|count)|compression_ratio)' || true
+echo; echo "demo: OK"

@@ -8,6 +8,14 @@
 # qemu-nbd, qemu-io and qemu-storage-daemon all match the 7.2 emulator.
 set -euo pipefail
 
+# The OpenAPI document is validated by an independent tool from PyPI (needs python3 + pip).
+pip_deps() {
+  python3 -c 'import openapi_spec_validator' >/dev/null 2>&1 && return 0
+  echo "install-deps: installing openapi-spec-validator (PyPI)" >&2
+  python3 -m pip install -q openapi-spec-validator 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages openapi-spec-validator
+}
+
 tools=(qemu-img qemu-nbd qemu-io qemu-storage-daemon qemu-system-x86_64 nbdinfo nbdcopy nbdkit)
 missing=()
 for t in "${tools[@]}"; do
@@ -18,11 +26,15 @@ done
 [ -x /usr/bin/time ] || missing+=(time)
 # libvirt (daemon, virsh, and libvirt.so + pkg-config for the `virt` crate), the peer tool
 # virtnbdbackup, and the test guest: a Debian kernel, busybox, qemu-ga, cpio.
-for t in libvirtd virtlogd virsh virtnbdbackup busybox qemu-ga cpio pkg-config; do
+# hostd's packaging checks (systemd-analyze, vagrant with its libvirt provider) and the demo
+# (curl).
+for t in libvirtd virtlogd virsh virtnbdbackup busybox qemu-ga cpio pkg-config systemd-analyze vagrant curl; do
   command -v "$t" >/dev/null 2>&1 || missing+=("$t")
 done
 pkg-config --exists libvirt 2>/dev/null || missing+=(libvirt-dev)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || missing+=(linux-image)
+dpkg -s vagrant-libvirt >/dev/null 2>&1 || missing+=(vagrant-libvirt)
+
 command -v bc >/dev/null 2>&1 || missing+=(bc)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 
@@ -37,6 +49,7 @@ if [ ${#missing[@]} -eq 0 ]; then
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then
+  pip_deps
   exit 0
 fi
 
@@ -56,10 +69,13 @@ $SUDO apt-get install -y -qq --allow-downgrades \
   qemu-system-x86 "qemu-utils=$ver" "qemu-block-extra=$ver" \
   libnbd-bin nbdkit time bc python3 \
   libvirt-daemon-system libvirt-dev pkg-config virtnbdbackup \
-  busybox-static qemu-guest-agent cpio linux-image-amd64 >/dev/null
+  busybox-static qemu-guest-agent cpio linux-image-amd64 \
+  systemd vagrant vagrant-libvirt curl >/dev/null
 
 for t in "${tools[@]}" libvirtd virsh virtnbdbackup busybox qemu-ga; do
   command -v "$t" >/dev/null 2>&1 || { echo "install-deps: $t still missing after install" >&2; exit 1; }
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || { echo "install-deps: no kernel in /boot after install" >&2; exit 1; }
 echo "install-deps: $(qemu-img --version | head -1); $(nbdkit --version); $(nbdinfo --version | head -1)" >&2
+(python3 -m pip --version >/dev/null 2>&1) || $SUDO apt-get install -y -qq python3-pip >/dev/null
+pip_deps
