@@ -416,6 +416,14 @@ fn failures_leave_no_stray_checkpoint_scratch_or_object() {
     )
     .expect("begin");
     virsh(&["domjobabort", &dom.name]);
+    // Wait until libvirt has ended the job: QEMU 7.2 can wedge the job's teardown (and with it
+    // libvirt's state lock, for minutes) when an NBD client has requests in flight at that
+    // moment, which is why our engine closes every connection before a job is ended.
+    let t = Instant::now();
+    while !virsh(&["domjobinfo", &dom.name]).contains("None") {
+        assert!(t.elapsed() < Duration::from_secs(60), "job did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let sd = &session.disks[0];
     let copy = rt.block_on(async {
         let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref()).await?;

@@ -382,19 +382,25 @@ async fn copy_data<S: Sink>(
     let producer = {
         let (client, reads, frames) = (client.clone(), reads.clone(), frames.clone());
         tokio::spawn(async move {
+            // The chunk tasks live in this set: aborting the producer aborts them, so no read
+            // (and no client handle) outlives a failed copy. A source may need every
+            // connection closed before it can end its export cleanly.
+            let mut tasks = tokio::task::JoinSet::new();
             for c in chunks {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
                 let (client, tx, reads, frames) =
                     (client.clone(), tx.clone(), reads.clone(), frames.clone());
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let r = read_and_encode(&client, c, piece, reads, frames)
                         .await
                         .map(|item| (item, permit));
                     let _ = tx.send(r).await;
                 });
+                while tasks.try_join_next().is_some() {}
             }
+            while tasks.join_next().await.is_some() {}
         })
     };
     // Abort the producer (and so stop reading) if this future is dropped or fails.

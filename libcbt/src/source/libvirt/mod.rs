@@ -276,7 +276,15 @@ impl LibvirtDomain {
         if !name.starts_with(CHECKPOINT_PREFIX) {
             return Err(LibvirtError::InvalidName(name.to_string()));
         }
-        match ffi::checkpoint_delete(&self.dom, name, 0) {
+        let mut r = ffi::checkpoint_delete(&self.dom, name, 0);
+        for _ in 0..3 {
+            match &r {
+                // The domain is busy ending a job; libvirt waited 30 s already. Again.
+                Err(e) if busy(e) => r = ffi::checkpoint_delete(&self.dom, name, 0),
+                _ => break,
+            }
+        }
+        match r {
             Ok(()) => Ok(()),
             // Its bitmap is gone already (removed behind libvirt's back, or lost in a crash):
             // only the metadata is left to delete.
@@ -370,6 +378,8 @@ impl LibvirtDomain {
             Ok(t) => Ok(t != sys::VIR_DOMAIN_JOB_NONE as i32),
             // A backup job being set up (or torn down) has no statistics yet: it exists.
             Err(e) if e.message().contains("job data missing") => Ok(true),
+            // libvirt is still processing the job's events (state change lock held): busy.
+            Err(e) if busy(&e) => Ok(true),
             Err(e) => Err(lv("reading the job state")(e)),
         }
     }
@@ -406,6 +416,12 @@ impl LibvirtDomain {
         let _ = ffi::agent_timeout(&self.dom, -2);
         r
     }
+}
+
+/// libvirt timed out waiting for the domain's state change lock (another job or its events).
+fn busy(e: &virt::error::Error) -> bool {
+    e.code() == virt::error::ErrorNumberEnum::Known(virt::error::ErrorNumber::OperationTimeout)
+        || e.message().contains("cannot acquire state change lock")
 }
 
 fn order_parents_first(mut all: Vec<CheckpointDesc>) -> Vec<CheckpointDesc> {
