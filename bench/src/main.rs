@@ -42,6 +42,12 @@ enum Cmd {
     /// Backups through QMP of an 8 GiB qcow2 in qemu-storage-daemon: full vs nbdcopy to a raw
     /// file, 1% incremental, restore of a 10-deep chain vs a single full.
     Backup(BackupArgs),
+    /// B6: zero check + lz4 + crc32 frame encode/decode throughput on one core, per kind of
+    /// block (random; half: each 512 B = 256 random + 256 text; text; zero).
+    Codec {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Every scenario; a table on stdout and a JSON file.
     All {
         /// Smaller disks and fewer runs, for a smoke test.
@@ -942,6 +948,82 @@ fn machine() -> serde_json::Value {
     })
 }
 
+/// Throughput of the engine's frame codec (zero check, lz4, crc32) on one core.
+#[derive(Debug, Clone, Serialize)]
+struct CodecResult {
+    kind: String,
+    /// Stored bytes per raw byte.
+    ratio: f64,
+    encode_mb_s: f64,
+    decode_mb_s: f64,
+}
+
+fn codec_block(kind: &str, len: usize, rng: &mut SmallRng) -> Vec<u8> {
+    const TEXT: &[u8] = b"The quick brown fox jumps over the lazy dog; backups are never wrong. ";
+    let text = |n: usize| TEXT.iter().cycle().take(n).copied().collect::<Vec<u8>>();
+    match kind {
+        "random" => (0..len).map(|_| rng.gen()).collect(),
+        "text" => text(len),
+        "zero" => vec![0; len],
+        // Each 512 bytes: 256 random, 256 text.
+        _ => (0..len / 512)
+            .flat_map(|_| {
+                let mut b: Vec<u8> = (0..256).map(|_| rng.gen()).collect();
+                b.extend(text(256));
+                b
+            })
+            .collect(),
+    }
+}
+
+fn bench_codec(runs: usize) -> Result<Vec<CodecResult>> {
+    use libcbt::format::segment;
+    const TOTAL: usize = 256 << 20;
+    const FRAME: usize = 1 << 20;
+    let mut rng = SmallRng::seed_from_u64(6);
+    let mut out = Vec::new();
+    for kind in ["random", "half", "text", "zero"] {
+        let data = codec_block(kind, TOTAL, &mut rng);
+        let (mut enc, mut dec) = (Vec::new(), Vec::new());
+        let mut stored = 0usize;
+        for _ in 0..runs.max(1) {
+            let mut frames: Vec<(segment::FrameHeader, Vec<u8>)> = Vec::new();
+            let mut scratch = Vec::new();
+            let t = Instant::now();
+            for (i, raw) in data.chunks(FRAME).enumerate() {
+                // As the engine does: zero blocks are recorded, never compressed.
+                if libcbt::engine::is_zero(raw) {
+                    continue;
+                }
+                let mut buf = Vec::with_capacity(FRAME + 64);
+                let h = segment::encode_frame_with((i * FRAME) as u64, raw, &mut scratch, &mut buf)?;
+                frames.push((h, buf));
+            }
+            enc.push(TOTAL as f64 / t.elapsed().as_secs_f64() / 1e6);
+            stored = frames.iter().map(|(_, b)| b.len()).sum();
+            let mut raw = vec![0u8; FRAME];
+            let t = Instant::now();
+            for (h, b) in &frames {
+                let body = &b[b.len() - h.stored_len as usize..];
+                segment::decode_frame_body(h, body, &mut raw[..h.raw_len as usize])?;
+            }
+            // Zero blocks are never frames: nothing to decode.
+            dec.push(if frames.is_empty() { 0.0 } else { TOTAL as f64 / t.elapsed().as_secs_f64() / 1e6 });
+        }
+        out.push(CodecResult {
+            kind: kind.into(),
+            ratio: stored as f64 / TOTAL as f64,
+            encode_mb_s: median(&mut enc),
+            decode_mb_s: median(&mut dec),
+        });
+    }
+    println!("{:<8} {:>8} {:>12} {:>12}", "B6 block", "stored", "encode MB/s", "decode MB/s");
+    for r in &out {
+        println!("{:<8} {:>8.3} {:>12.0} {:>12.0}", r.kind, r.ratio, r.encode_mb_s, r.decode_mb_s);
+    }
+    Ok(out)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     match Cli::parse().command {
@@ -967,6 +1049,7 @@ async fn main() -> Result<()> {
             print_table(&s);
             Ok(())
         }
+        Cmd::Codec { runs } => bench_codec(runs).map(|_| ()),
         Cmd::All {
             quick,
             out,
@@ -992,13 +1075,14 @@ async fn main() -> Result<()> {
                 seed: 1,
                 workdir,
             };
+            let codec = bench_codec(runs)?;
             let mut scenarios = vec![bench_nbd_read(&read).await?, bench_block_status(&bs).await?];
             scenarios.extend(bench_backup(&bk).await?);
             print_table(&scenarios);
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            let doc = serde_json::json!({ "machine": machine(), "scenarios": scenarios });
+            let doc = serde_json::json!({ "machine": machine(), "scenarios": scenarios, "codec": codec });
             std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
             eprintln!("wrote {}", out.display());
             Ok(())

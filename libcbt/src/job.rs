@@ -177,6 +177,7 @@ impl std::fmt::Debug for Observer {
 }
 
 impl Observer {
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
     fn emit(o: &Option<Observer>, e: JobEvent) {
         if let Some(o) = o {
             (o.0)(e);

@@ -18,7 +18,9 @@ pub mod catalog;
 mod restore;
 mod verify;
 
-pub use backup::{backup_disk, scan_export, BackupOptions, DiskBackup, Revalidate, Scan, Trusted};
+pub use backup::{
+    backup_disk, is_zero, scan_export, BackupOptions, DiskBackup, Revalidate, Scan, Trusted,
+};
 pub use restore::{load_chain, restore, RestoreStats, RestoreTarget};
 pub use verify::{verify_chain, Problem, VerifyReport};
 
