@@ -48,6 +48,10 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// B1/B2/B3 against virtnbdbackup on libvirt domains: full (and virtnbdbackup -z), 1% and
+    /// 10% incrementals end to end; two identical domains, since virtnbdbackup refuses
+    /// checkpoints it did not create.
+    Virtnbd(BackupArgs),
     /// Every scenario; a table on stdout and a JSON file.
     All {
         /// Smaller disks and fewer runs, for a smoke test.
@@ -948,6 +952,225 @@ fn machine() -> serde_json::Value {
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// virtnbdbackup on libvirt
+
+fn virsh(args: &[&str]) -> Result<()> {
+    run_ok(Command::new("virsh").arg("-c").arg("qemu:///system").args(args).stdout(Stdio::null()))
+}
+
+/// A bare KVM domain (no guest OS) on `image`; returns its name.
+fn bench_domain(dir: &Path, name: &str, image: &Path) -> Result<()> {
+    let _ = virsh(&["destroy", name]);
+    let _ = virsh(&["undefine", "--checkpoints-metadata", name]);
+    let accel = if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
+        "kvm"
+    } else {
+        "qemu"
+    };
+    let xml = format!(
+        "<domain type='{accel}'><name>{name}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>\
+         <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+         <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>",
+        image.display()
+    );
+    let f = dir.join(format!("{name}.xml"));
+    std::fs::write(&f, xml)?;
+    virsh(&["define", &f.display().to_string()])?;
+    virsh(&["start", name])
+}
+
+/// Dirties `pct`% of both images identically in scattered 64 KiB writes (offline, through
+/// qemu-io, which also sets the persistent bitmaps).
+fn dirty_images(images: &[&Path], size: u64, pct: f64, rng: &mut SmallRng) -> Result<u64> {
+    use std::io::Write;
+    let n = ((size as f64 * pct / 100.0) / 65536.0) as u64;
+    let mut cmds = String::new();
+    for _ in 0..n {
+        let off = rng.gen_range(0..size / 65536) * 65536;
+        cmds += &format!("write -q -P {} {off} 64k\n", rng.gen_range(1..=255u8));
+    }
+    for img in images {
+        let mut c = Command::new("qemu-io")
+            .args(["-t", "unsafe", "-f", "qcow2"])
+            .arg(img)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        c.stdin.take().context("stdin")?.write_all(cmds.as_bytes())?;
+        if !c.wait()?.success() {
+            bail!("qemu-io on {} failed", img.display());
+        }
+    }
+    Ok(n * 65536)
+}
+
+fn sh(cmd: String) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), cmd]
+}
+
+async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
+    for t in ["virtnbdbackup", "virsh", "qemu-io"] {
+        if Command::new("sh").arg("-c").arg(format!("command -v {t}")).stdout(Stdio::null()).status()?.code() != Some(0) {
+            bail!("{t} is not installed (make bench installs it)");
+        }
+    }
+    std::fs::create_dir_all(&a.workdir)?;
+    let base = a.workdir.join(format!("b1-{}-{}.qcow2", a.size, a.seed));
+    if !base.exists() {
+        eprintln!("virtnbd: generating {}", base.display());
+        make_read_workload(&base, a.size, a.seed).await?;
+    }
+    let dir = a.workdir.join("virtnbd-run");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let (ia, ib) = (dir.join("ours.qcow2"), dir.join("peer.qcow2"));
+    for i in [&ia, &ib] {
+        run_ok(Command::new("cp").arg("--sparse=always").arg(&base).arg(i))?;
+    }
+    let (da, db) = ("cbt-bench-ours", "cbt-bench-peer");
+    bench_domain(&dir, da, &ia)?;
+    bench_domain(&dir, db, &ib)?;
+    let ctl = cbtctl()?;
+    let scratch = dir.join("scratch");
+    let ours_backup = |sink: &Path, level: &str, id: &str| {
+        sh(format!(
+            "{ctl} backup-domain --domain {da} --sink {s} --level {level} --id {id} --scratch-dir {sc} >/dev/null && sync -f {s}",
+            s = sink.display(),
+            sc = scratch.display()
+        ))
+    };
+    let peer_backup = |out: &Path, level: &str, z: bool| {
+        sh(format!(
+            "virtnbdbackup -d {db} -l {level} {} -o {o} >/dev/null 2>&1 && sync -f {o}",
+            if z { "-z" } else { "" },
+            o = out.display()
+        ))
+    };
+    let mut scenarios = Vec::new();
+    let mut rng = SmallRng::seed_from_u64(a.seed ^ 0xb2);
+
+    // B1: fulls, alternating; every run into a fresh directory, after one untimed warm-up
+    // of each (both then read a warm page cache).
+    for (i, c) in [ours_backup(&dir.join("warm"), "full", "w0"), peer_backup(&dir.join("warm-vnb"), "full", false)]
+        .iter()
+        .enumerate()
+    {
+        measure(c)?;
+        let _ = std::fs::remove_dir_all(dir.join(if i == 0 { "warm" } else { "warm-vnb" }));
+    }
+    let (mut ours, mut peer, mut peer_z) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..a.runs {
+        let s = dir.join(format!("sink-full-{i}"));
+        let (m, _) = measure(&ours_backup(&s, "full", &format!("f{i}")))?;
+        eprintln!("  B1 run {}: ours {:.3}s", i + 1, m.wall_s);
+        ours.push(m);
+        let _ = std::fs::remove_dir_all(&s);
+        for (z, v) in [(false, &mut peer), (true, &mut peer_z)] {
+            let o = dir.join(format!("vnb-full-{i}-{z}"));
+            let (m, _) = measure(&peer_backup(&o, "full", z))?;
+            eprintln!("  B1 run {}: virtnbdbackup{} {:.3}s", i + 1, if z { " -z" } else { "" }, m.wall_s);
+            v.push(m);
+            let _ = std::fs::remove_dir_all(&o);
+        }
+    }
+    let o = stats("cbt backup-domain (full)", ours);
+    for (p, tool) in [(peer, "virtnbdbackup full"), (peer_z, "virtnbdbackup -z full")] {
+        let p = stats(tool, p);
+        scenarios.push(Scenario {
+            name: if tool.contains("-z") { "B1 full -z" } else { "B1 full" }.into(),
+            workload: format!("{} GiB qcow2, ~50% allocated, half compressible, libvirt domain", a.size >> 30),
+            ratio_ours_over_peer: o.wall_median_s / p.wall_median_s,
+            target: if tool.contains("-z") { "peer/ours ≥ 4".into() } else { "informational".into() },
+            extra: serde_json::json!({"peer_over_ours": p.wall_median_s / o.wall_median_s}),
+            ours: o.clone(),
+            peer: p,
+        });
+    }
+
+    // B2/B3: incrementals end to end (checkpoint + copy + commit), on a chain begun by a full.
+    let (sink, out) = (dir.join("sink-chain"), dir.join("vnb-chain"));
+    measure(&ours_backup(&sink, "full", "c0"))?;
+    measure(&peer_backup(&out, "full", false))?;
+    for (name, pct, target) in [("B2 incr 1%", 1.0, "peer/ours ≥ 5"), ("B3 incr 10%", 10.0, "peer/ours ≥ 4")] {
+        let (mut o, mut p) = (Vec::new(), Vec::new());
+        let mut dirtied = 0;
+        for i in 0..a.runs {
+            virsh(&["destroy", da])?;
+            virsh(&["destroy", db])?;
+            dirtied = dirty_images(&[&ia, &ib], a.size, pct, &mut rng)?;
+            virsh(&["start", da])?;
+            virsh(&["start", db])?;
+            let (m, _) = measure(&ours_backup(&sink, "incremental", &format!("i{}-{i}", pct as u32)))?;
+            eprintln!("  {name} run {}: ours {:.3}s", i + 1, m.wall_s);
+            o.push(m);
+            let (m, _) = measure(&peer_backup(&out, "inc", false))?;
+            eprintln!("  {name} run {}: virtnbdbackup {:.3}s", i + 1, m.wall_s);
+            p.push(m);
+        }
+        let (o, p) = (stats("cbt backup-domain (incr)", o), stats("virtnbdbackup inc", p));
+        scenarios.push(Scenario {
+            name: name.into(),
+            workload: format!("{pct}% of the disk ({} MiB) in scattered 64 KiB writes", dirtied >> 20),
+            ratio_ours_over_peer: o.wall_median_s / p.wall_median_s,
+            target: target.into(),
+            extra: serde_json::json!({"peer_over_ours": p.wall_median_s / o.wall_median_s}),
+            ours: o,
+            peer: p,
+        });
+    }
+    // B4: restore of the whole chain (a full and every incremental above) to a new image.
+    let uuid = String::from_utf8_lossy(
+        &Command::new("virsh").args(["-c", "qemu:///system", "domuuid", da]).output()?.stdout,
+    )
+    .trim()
+    .to_string();
+    let chain_len = 1 + 2 * a.runs;
+    let (mut o, mut p) = (Vec::new(), Vec::new());
+    for i in 0..a.runs {
+        let raw = dir.join(format!("restore-{i}.raw"));
+        let (m, _) = measure(&sh(format!(
+            "{ctl} restore --sink {} --disk {uuid}.vda --to raw:{r} >/dev/null && sync -f {r}",
+            sink.display(),
+            r = raw.display()
+        )))?;
+        eprintln!("  B4 run {}: ours {:.3}s", i + 1, m.wall_s);
+        o.push(m);
+        let _ = std::fs::remove_file(&raw);
+        let rd = dir.join(format!("vnb-restore-{i}"));
+        let (m, _) = measure(&sh(format!(
+            "virtnbdrestore -n -i {} -o {r} >/dev/null 2>&1 && sync -f {r}",
+            out.display(),
+            r = rd.display()
+        )))?;
+        eprintln!("  B4 run {}: virtnbdrestore {:.3}s", i + 1, m.wall_s);
+        p.push(m);
+        let _ = std::fs::remove_dir_all(&rd);
+    }
+    let (o, p) = (stats("cbtctl restore (raw)", o), stats("virtnbdrestore", p));
+    scenarios.push(Scenario {
+        name: "B4 restore".into(),
+        workload: format!("chain of {chain_len}: the full and the B2/B3 incrementals"),
+        ratio_ours_over_peer: o.wall_median_s / p.wall_median_s,
+        target: "peer/ours ≥ 4".into(),
+        extra: serde_json::json!({"peer_over_ours": p.wall_median_s / o.wall_median_s}),
+        ours: o,
+        peer: p,
+    });
+    for d in [da, db] {
+        let _ = virsh(&["destroy", d]);
+        let _ = virsh(&["undefine", "--checkpoints-metadata", d]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(scenarios)
+}
+
 /// Throughput of the engine's frame codec (zero check, lz4, crc32) on one core.
 #[derive(Debug, Clone, Serialize)]
 struct CodecResult {
@@ -1050,6 +1273,11 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Codec { runs } => bench_codec(runs).map(|_| ()),
+        Cmd::Virtnbd(a) => {
+            let s = bench_virtnbd(&a).await?;
+            print_table(&s);
+            Ok(())
+        }
         Cmd::All {
             quick,
             out,
@@ -1078,6 +1306,11 @@ async fn main() -> Result<()> {
             let codec = bench_codec(runs)?;
             let mut scenarios = vec![bench_nbd_read(&read).await?, bench_block_status(&bs).await?];
             scenarios.extend(bench_backup(&bk).await?);
+            let vn = BackupArgs {
+                runs: if quick { 2 } else { 3 },
+                ..bk.clone()
+            };
+            scenarios.extend(bench_virtnbd(&vn).await?);
             print_table(&scenarios);
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;
