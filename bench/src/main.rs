@@ -956,14 +956,25 @@ fn machine() -> serde_json::Value {
 // virtnbdbackup on libvirt
 
 fn virsh(args: &[&str]) -> Result<()> {
-    run_ok(Command::new("virsh").arg("-c").arg("qemu:///system").args(args).stdout(Stdio::null()))
+    run_ok(
+        Command::new("virsh")
+            .arg("-c")
+            .arg("qemu:///system")
+            .args(args)
+            .stdout(Stdio::null()),
+    )
 }
 
 /// A bare KVM domain (no guest OS) on `image`; returns its name.
 fn bench_domain(dir: &Path, name: &str, image: &Path) -> Result<()> {
     let _ = virsh(&["destroy", name]);
     let _ = virsh(&["undefine", "--checkpoints-metadata", name]);
-    let accel = if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
+    let accel = if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
         "kvm"
     } else {
         "qemu"
@@ -999,7 +1010,10 @@ fn dirty_images(images: &[&Path], size: u64, pct: f64, rng: &mut SmallRng) -> Re
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()?;
-        c.stdin.take().context("stdin")?.write_all(cmds.as_bytes())?;
+        c.stdin
+            .take()
+            .context("stdin")?
+            .write_all(cmds.as_bytes())?;
         if !c.wait()?.success() {
             bail!("qemu-io on {} failed", img.display());
         }
@@ -1013,7 +1027,14 @@ fn sh(cmd: String) -> Vec<String> {
 
 async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
     for t in ["virtnbdbackup", "virsh", "qemu-io"] {
-        if Command::new("sh").arg("-c").arg(format!("command -v {t}")).stdout(Stdio::null()).status()?.code() != Some(0) {
+        if Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .stdout(Stdio::null())
+            .status()?
+            .code()
+            != Some(0)
+        {
             bail!("{t} is not installed (make bench installs it)");
         }
     }
@@ -1058,9 +1079,12 @@ async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
 
     // B1: fulls, alternating; every run into a fresh directory, after one untimed warm-up
     // of each (both then read a warm page cache).
-    for (i, c) in [ours_backup(&dir.join("warm"), "full", "w0"), peer_backup(&dir.join("warm-vnb"), "full", false)]
-        .iter()
-        .enumerate()
+    for (i, c) in [
+        ours_backup(&dir.join("warm"), "full", "w0"),
+        peer_backup(&dir.join("warm-vnb"), "full", false),
+    ]
+    .iter()
+    .enumerate()
     {
         measure(c)?;
         let _ = std::fs::remove_dir_all(dir.join(if i == 0 { "warm" } else { "warm-vnb" }));
@@ -1075,19 +1099,39 @@ async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
         for (z, v) in [(false, &mut peer), (true, &mut peer_z)] {
             let o = dir.join(format!("vnb-full-{i}-{z}"));
             let (m, _) = measure(&peer_backup(&o, "full", z))?;
-            eprintln!("  B1 run {}: virtnbdbackup{} {:.3}s", i + 1, if z { " -z" } else { "" }, m.wall_s);
+            eprintln!(
+                "  B1 run {}: virtnbdbackup{} {:.3}s",
+                i + 1,
+                if z { " -z" } else { "" },
+                m.wall_s
+            );
             v.push(m);
             let _ = std::fs::remove_dir_all(&o);
         }
     }
     let o = stats("cbt backup-domain (full)", ours);
-    for (p, tool) in [(peer, "virtnbdbackup full"), (peer_z, "virtnbdbackup -z full")] {
+    for (p, tool) in [
+        (peer, "virtnbdbackup full"),
+        (peer_z, "virtnbdbackup -z full"),
+    ] {
         let p = stats(tool, p);
         scenarios.push(Scenario {
-            name: if tool.contains("-z") { "B1 full -z" } else { "B1 full" }.into(),
-            workload: format!("{} GiB qcow2, ~50% allocated, half compressible, libvirt domain", a.size >> 30),
+            name: if tool.contains("-z") {
+                "B1 full -z"
+            } else {
+                "B1 full"
+            }
+            .into(),
+            workload: format!(
+                "{} GiB qcow2, ~50% allocated, half compressible, libvirt domain",
+                a.size >> 30
+            ),
             ratio_ours_over_peer: o.wall_median_s / p.wall_median_s,
-            target: if tool.contains("-z") { "peer/ours ≥ 4".into() } else { "informational".into() },
+            target: if tool.contains("-z") {
+                "peer/ours ≥ 4".into()
+            } else {
+                "informational".into()
+            },
             extra: serde_json::json!({"peer_over_ours": p.wall_median_s / o.wall_median_s}),
             ours: o.clone(),
             peer: p,
@@ -1098,7 +1142,10 @@ async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
     let (sink, out) = (dir.join("sink-chain"), dir.join("vnb-chain"));
     measure(&ours_backup(&sink, "full", "c0"))?;
     measure(&peer_backup(&out, "full", false))?;
-    for (name, pct, target) in [("B2 incr 1%", 1.0, "peer/ours ≥ 5"), ("B3 incr 10%", 10.0, "peer/ours ≥ 4")] {
+    for (name, pct, target) in [
+        ("B2 incr 1%", 1.0, "peer/ours ≥ 5"),
+        ("B3 incr 10%", 10.0, "peer/ours ≥ 4"),
+    ] {
         let (mut o, mut p) = (Vec::new(), Vec::new());
         let mut dirtied = 0;
         for i in 0..a.runs {
@@ -1107,17 +1154,27 @@ async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
             dirtied = dirty_images(&[&ia, &ib], a.size, pct, &mut rng)?;
             virsh(&["start", da])?;
             virsh(&["start", db])?;
-            let (m, _) = measure(&ours_backup(&sink, "incremental", &format!("i{}-{i}", pct as u32)))?;
+            let (m, _) = measure(&ours_backup(
+                &sink,
+                "incremental",
+                &format!("i{}-{i}", pct as u32),
+            ))?;
             eprintln!("  {name} run {}: ours {:.3}s", i + 1, m.wall_s);
             o.push(m);
             let (m, _) = measure(&peer_backup(&out, "inc", false))?;
             eprintln!("  {name} run {}: virtnbdbackup {:.3}s", i + 1, m.wall_s);
             p.push(m);
         }
-        let (o, p) = (stats("cbt backup-domain (incr)", o), stats("virtnbdbackup inc", p));
+        let (o, p) = (
+            stats("cbt backup-domain (incr)", o),
+            stats("virtnbdbackup inc", p),
+        );
         scenarios.push(Scenario {
             name: name.into(),
-            workload: format!("{pct}% of the disk ({} MiB) in scattered 64 KiB writes", dirtied >> 20),
+            workload: format!(
+                "{pct}% of the disk ({} MiB) in scattered 64 KiB writes",
+                dirtied >> 20
+            ),
             ratio_ours_over_peer: o.wall_median_s / p.wall_median_s,
             target: target.into(),
             extra: serde_json::json!({"peer_over_ours": p.wall_median_s / o.wall_median_s}),
@@ -1127,7 +1184,10 @@ async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
     }
     // B4: restore of the whole chain (a full and every incremental above) to a new image.
     let uuid = String::from_utf8_lossy(
-        &Command::new("virsh").args(["-c", "qemu:///system", "domuuid", da]).output()?.stdout,
+        &Command::new("virsh")
+            .args(["-c", "qemu:///system", "domuuid", da])
+            .output()?
+            .stdout,
     )
     .trim()
     .to_string();
@@ -1163,6 +1223,13 @@ async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
         ours: o,
         peer: p,
     });
+    if std::env::var_os("CBT_BENCH_KEEP").is_some() {
+        eprintln!(
+            "virtnbd: kept {} and the domains (CBT_BENCH_KEEP)",
+            dir.display()
+        );
+        return Ok(scenarios);
+    }
     for d in [da, db] {
         let _ = virsh(&["destroy", d]);
         let _ = virsh(&["undefine", "--checkpoints-metadata", d]);
@@ -1219,7 +1286,8 @@ fn bench_codec(runs: usize) -> Result<Vec<CodecResult>> {
                     continue;
                 }
                 let mut buf = Vec::with_capacity(FRAME + 64);
-                let h = segment::encode_frame_with((i * FRAME) as u64, raw, &mut scratch, &mut buf)?;
+                let h =
+                    segment::encode_frame_with((i * FRAME) as u64, raw, &mut scratch, &mut buf)?;
                 frames.push((h, buf));
             }
             enc.push(TOTAL as f64 / t.elapsed().as_secs_f64() / 1e6);
@@ -1231,7 +1299,11 @@ fn bench_codec(runs: usize) -> Result<Vec<CodecResult>> {
                 segment::decode_frame_body(h, body, &mut raw[..h.raw_len as usize])?;
             }
             // Zero blocks are never frames: nothing to decode.
-            dec.push(if frames.is_empty() { 0.0 } else { TOTAL as f64 / t.elapsed().as_secs_f64() / 1e6 });
+            dec.push(if frames.is_empty() {
+                0.0
+            } else {
+                TOTAL as f64 / t.elapsed().as_secs_f64() / 1e6
+            });
         }
         out.push(CodecResult {
             kind: kind.into(),
@@ -1240,9 +1312,15 @@ fn bench_codec(runs: usize) -> Result<Vec<CodecResult>> {
             decode_mb_s: median(&mut dec),
         });
     }
-    println!("{:<8} {:>8} {:>12} {:>12}", "B6 block", "stored", "encode MB/s", "decode MB/s");
+    println!(
+        "{:<8} {:>8} {:>12} {:>12}",
+        "B6 block", "stored", "encode MB/s", "decode MB/s"
+    );
     for r in &out {
-        println!("{:<8} {:>8.3} {:>12.0} {:>12.0}", r.kind, r.ratio, r.encode_mb_s, r.decode_mb_s);
+        println!(
+            "{:<8} {:>8.3} {:>12.0} {:>12.0}",
+            r.kind, r.ratio, r.encode_mb_s, r.decode_mb_s
+        );
     }
     Ok(out)
 }
@@ -1315,7 +1393,8 @@ async fn main() -> Result<()> {
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            let doc = serde_json::json!({ "machine": machine(), "scenarios": scenarios, "codec": codec });
+            let doc =
+                serde_json::json!({ "machine": machine(), "scenarios": scenarios, "codec": codec });
             std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
             eprintln!("wrote {}", out.display());
             Ok(())
