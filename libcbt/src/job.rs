@@ -442,8 +442,10 @@ async fn backup_libvirt_running<S: Sink>(
         });
     }
     Observer::emit(&job.observer, JobEvent::Phase { phase: "starting" });
+    tracing::debug!("planned");
     let d2 = dom.clone();
     let session = blocking(move || lvs::begin(&d2, req)).await?;
+    tracing::debug!("point in time taken");
     for (p, s) in plan.iter_mut().zip(&session.disks) {
         p.1 = s.decision.clone();
         Observer::emit(

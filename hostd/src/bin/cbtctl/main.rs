@@ -249,6 +249,13 @@ fn describe(context: &str, flags: u32) -> String {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    // CBT_LOG=debug shows what the library does, with timestamps, on stderr.
+    if let Ok(f) = tracing_subscriber::EnvFilter::try_from_env("CBT_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(f)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let json = cli.conn.json;
     match cli.command {
         Command::Remote(r) => remote::run(&cli.conn, r).await?,
