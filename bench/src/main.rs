@@ -353,17 +353,19 @@ async fn make_read_workload(path: &Path, size: u64, seed: u64) -> Result<()> {
     Ok(())
 }
 
-async fn bench_nbd_read(a: &NbdReadArgs) -> Result<Scenario> {
-    std::fs::create_dir_all(&a.workdir)?;
-    let img = a.workdir.join(format!("b1-{}-{}.qcow2", a.size, a.seed));
+/// The cached B1 image of `size` and `seed` in `workdir`, generated on first use.
+async fn b1_image(workdir: &Path, size: u64, seed: u64) -> Result<PathBuf> {
+    std::fs::create_dir_all(workdir)?;
+    let img = workdir.join(format!("b1-{size}-{seed}.qcow2"));
     if !img.exists() {
-        eprintln!(
-            "nbd-read: generating {} ({} GiB)",
-            img.display(),
-            a.size >> 30
-        );
-        make_read_workload(&img, a.size, a.seed).await?;
+        eprintln!("generating {} ({} GiB)", img.display(), size >> 30);
+        make_read_workload(&img, size, seed).await?;
     }
+    Ok(img)
+}
+
+async fn bench_nbd_read(a: &NbdReadArgs) -> Result<Scenario> {
+    let img = b1_image(&a.workdir, a.size, a.seed).await?;
     let sock = a.workdir.join("b1.sock");
     let _ = std::fs::remove_file(&sock);
     let mut child = Command::new("qemu-nbd")
@@ -731,12 +733,7 @@ fn restore_argv(sink: &Path, id: &str, out: &Path) -> Result<Vec<String>> {
 }
 
 async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
-    std::fs::create_dir_all(&a.workdir)?;
-    let base = a.workdir.join(format!("b1-{}-{}.qcow2", a.size, a.seed));
-    if !base.exists() {
-        eprintln!("backup: generating {}", base.display());
-        make_read_workload(&base, a.size, a.seed).await?;
-    }
+    let base = b1_image(&a.workdir, a.size, a.seed).await?;
     let dir = a.workdir.join("backup-run");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -1038,12 +1035,7 @@ async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
             bail!("{t} is not installed (make bench installs it)");
         }
     }
-    std::fs::create_dir_all(&a.workdir)?;
-    let base = a.workdir.join(format!("b1-{}-{}.qcow2", a.size, a.seed));
-    if !base.exists() {
-        eprintln!("virtnbd: generating {}", base.display());
-        make_read_workload(&base, a.size, a.seed).await?;
-    }
+    let base = b1_image(&a.workdir, a.size, a.seed).await?;
     let dir = a.workdir.join("virtnbd-run");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;

@@ -495,6 +495,7 @@ async fn backups_on(
         out.push(json!({
             "backup_id": id,
             "instance": uuid,
+            "tenant": tenants.get(&uuid).cloned().flatten(),
             "sink": sink_name,
             "finished_unix_ms": finished,
             "labels": record.as_ref().and_then(|r| r.get("labels")).cloned().unwrap_or(json!({})),
@@ -681,9 +682,10 @@ async fn backup_targets(
     sink: &str,
     id: &str,
     instance: &str,
-) -> ApiResult<(String, Vec<String>)> {
+) -> ApiResult<(String, Option<String>, Vec<String>)> {
     let b = find_backup(st, c, sink, id, instance).await?;
     let uuid = b["instance"].as_str().unwrap_or_default().to_string();
+    let tenant = b["tenant"].as_str().map(String::from);
     let targets = b["disks"]
         .as_array()
         .map(|a| {
@@ -692,7 +694,7 @@ async fn backup_targets(
                 .collect()
         })
         .unwrap_or_default();
-    Ok((uuid, targets))
+    Ok((uuid, tenant, targets))
 }
 
 async fn start_restore(
@@ -703,7 +705,8 @@ async fn start_restore(
     let c = auth(&st, &h)?;
     accepting(&st)?;
     let Json(r) = body?;
-    let (uuid, targets) = backup_targets(&st, &c, &r.sink, &r.backup_id, &r.instance).await?;
+    let (uuid, tenant, targets) =
+        backup_targets(&st, &c, &r.sink, &r.backup_id, &r.instance).await?;
     let one_disk = || -> ApiResult<Vec<String>> {
         match &r.disk {
             Some(d) if targets.contains(d) => Ok(vec![d.clone()]),
@@ -784,7 +787,6 @@ async fn start_restore(
             )
         }
     };
-    let tenant = c.tenant.clone().or(tenant_of_uuid_quick(&st, &uuid).await);
     let request = json!({"instance": uuid, "sink": r.sink, "backup_id": r.backup_id, "disks": disks, "caller": c.token});
     let job = jobs::submit(
         &st,
@@ -804,15 +806,6 @@ async fn start_restore(
     Ok(accepted(&job))
 }
 
-async fn tenant_of_uuid_quick(st: &AppState, uuid: &str) -> Option<String> {
-    let src = st.libvirt()?;
-    inventory::get(&st.cfg, &src, uuid)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|i| i.tenant)
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VerifyReq {
@@ -829,8 +822,7 @@ async fn start_verify(
     let c = auth(&st, &h)?;
     accepting(&st)?;
     let Json(r) = body?;
-    let (uuid, disks) = backup_targets(&st, &c, &r.sink, &r.backup_id, &r.instance).await?;
-    let tenant = c.tenant.clone().or(tenant_of_uuid_quick(&st, &uuid).await);
+    let (uuid, tenant, disks) = backup_targets(&st, &c, &r.sink, &r.backup_id, &r.instance).await?;
     let request =
         json!({"instance": uuid, "sink": r.sink, "backup_id": r.backup_id, "caller": c.token});
     let job = jobs::submit(

@@ -54,6 +54,15 @@ pub struct DiskStatus {
 }
 
 impl JobStatus {
+    /// Records one disk's progress and the job's totals.
+    fn disk_progress(&mut self, disk: &str, done: u64, total: u64) {
+        let d = self.disks.entry(disk.to_string()).or_default();
+        d.done = done;
+        d.total = total;
+        self.bytes_done = self.disks.values().map(|d| d.done).sum();
+        self.bytes_total = self.disks.values().map(|d| d.total).sum();
+    }
+
     pub fn terminal(&self) -> bool {
         !crate::journal::ACTIVE.contains(&self.state.as_str())
     }
@@ -512,11 +521,7 @@ async fn run_backup(
                 });
             }
             JobEvent::Progress { disk, done, total } => update(&j2, |s| {
-                let d = s.disks.entry(disk.clone()).or_default();
-                d.done = *done;
-                d.total = *total;
-                s.bytes_done = s.disks.values().map(|d| d.done).sum();
-                s.bytes_total = s.disks.values().map(|d| d.total).sum();
+                s.disk_progress(disk, *done, *total);
                 let secs = started.elapsed().as_secs_f64().max(0.001);
                 s.rate_bytes_per_sec = (s.bytes_done as f64 / secs) as u64;
             }),
@@ -644,15 +649,7 @@ async fn run_restore(
     };
     let progress = |disk: String| {
         let j = job.clone();
-        move |p: engine::Progress| {
-            update(&j, |s| {
-                let d = s.disks.entry(disk.clone()).or_default();
-                d.done = p.done;
-                d.total = p.total;
-                s.bytes_done = s.disks.values().map(|d| d.done).sum();
-                s.bytes_total = s.disks.values().map(|d| d.total).sum();
-            })
-        }
+        move |p: engine::Progress| update(&j, |s| s.disk_progress(&disk, p.done, p.total))
     };
     match target {
         RestoreTo::File { path, qcow2 } => {

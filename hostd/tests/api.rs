@@ -19,14 +19,6 @@ use support::common::lab::{assert_sink_holds_only, compare};
 use support::common::{free_port, require, rng, run, seed};
 use support::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 const ADMIN: &str = "admin-token-0123456789";
 const TA: &str = "tenant-a-token";
 const TB: &str = "tenant-b-token";
@@ -108,6 +100,15 @@ fn follow(rt: &tokio::runtime::Runtime, c: &Client, id: &str) -> Vec<Value> {
     assert_eq!(st, 200);
     assert!(!seen.is_empty());
     seen
+}
+
+/// POSTs a job, expects 202, follows it to its end; returns its final status.
+fn run_job(rt: &tokio::runtime::Runtime, c: &Client, path: &str, body: Option<Value>) -> Value {
+    let (s, v) = call(rt, c, "POST", path, body);
+    assert_eq!(s, 202, "{v}");
+    follow(rt, c, v["job"]["id"].as_str().expect("id"))
+        .pop()
+        .expect("final")
 }
 
 fn start_backup(
@@ -442,34 +443,24 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
     assert_eq!(s, 400, "{v}");
     for (bid, reference) in [(&backup1, &r1), (&backup2, &r2)] {
         let out = restores.join(format!("{bid}.raw"));
-        let (s, v) = call(
+        let last = run_job(
             &rt,
             &ta,
-            "POST",
             "/v1/restores",
             Some(json!({"instance": inst, "sink": "local",
             "backup_id": bid, "target": {"type": "file", "path": out}})),
         );
-        assert_eq!(s, 202, "{v}");
-        let last = follow(&rt, &ta, v["job"]["id"].as_str().expect("id"))
-            .pop()
-            .expect("final");
         assert_eq!(last["state"], "succeeded", "{last}");
         compare(&out, reference);
     }
     let staging = format!("{}-staging", a.name);
-    let (s, v) = call(
+    let last = run_job(
         &rt,
         &ta,
-        "POST",
         "/v1/restores",
         Some(json!({"instance": inst, "sink": "local",
         "backup_id": backup2, "target": {"type": "domain", "name": staging, "start": true}})),
     );
-    assert_eq!(s, 202, "{v}");
-    let last = follow(&rt, &ta, v["job"]["id"].as_str().expect("id"))
-        .pop()
-        .expect("final");
     assert_eq!(last["state"], "succeeded", "{last}");
     assert!(virsh(&["domstate", &staging]).contains("running"));
     // The copy runs beside the original, on its own restored disk, and is the same tenant's.
@@ -489,17 +480,12 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         .output();
 
     // --- verify ---
-    let (s, v) = call(
+    let last = run_job(
         &rt,
         &ta,
-        "POST",
         "/v1/verifications",
         Some(json!({"instance": inst, "sink": "local", "backup_id": backup2})),
     );
-    assert_eq!(s, 202, "{v}");
-    let last = follow(&rt, &ta, v["job"]["id"].as_str().expect("id"))
-        .pop()
-        .expect("final");
     assert_eq!(last["state"], "succeeded", "{last}");
 
     // --- cancel: one job queued behind the tenant's limit, one running ---
@@ -766,18 +752,13 @@ fn kill_9_at_any_point_of_a_backup_loses_nothing() {
         assert!(left.is_empty(), "round {i}: scratch left {left:?}");
         let verify = |bid: &str| {
             let out = h.dir.path().join(format!("restores/{bid}.raw"));
-            let (s, v) = call(
+            let last = run_job(
                 &rt,
                 &c,
-                "POST",
                 "/v1/restores",
                 Some(json!({"instance": inst, "sink": "local",
                 "backup_id": bid, "target": {"type": "file", "path": out}})),
             );
-            assert_eq!(s, 202, "{v}");
-            let last = follow(&rt, &c, v["job"]["id"].as_str().expect("id"))
-                .pop()
-                .expect("final");
             assert_eq!(last["state"], "succeeded", "{last}");
             compare(&out, &reference);
             let _ = std::fs::remove_file(&out);

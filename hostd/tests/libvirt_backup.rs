@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use libcbt::engine::{self, BackupOptions};
 use libcbt::format::{Consistency, FullReason, Level, Manifest};
 use libcbt::job;
-use libcbt::sink::local::LocalSink;
 use libcbt::source::libvirt as lvs;
 use support::common::lab::{assert_sink_holds_only, restore_matches};
 use support::common::{coalesce, nbdinfo_map, require, rng, run, seed};
@@ -42,11 +41,7 @@ fn two_disks_full_then_incrementals_restore_exactly() {
             },
         ],
     );
-    let sink_dir = tempfile::tempdir().expect("tempdir");
-    let sink = LocalSink::open(sink_dir.path()).expect("sink");
-    let scratch = shared_dir();
-    let src = source();
-    let rt = rt();
+    let env = Env::new();
     dom.scatter("vda", 64 * MIB, 12, &mut r);
     dom.scatter("vdb", 32 * MIB, 6, &mut r);
     let mut manifests = Vec::new();
@@ -57,14 +52,7 @@ fn two_disks_full_then_incrementals_restore_exactly() {
         }
         let ra = dom.reference("vda", id);
         let rb = dom.reference("vdb", id);
-        let res = rt
-            .block_on(job::backup_libvirt(
-                &src,
-                &sink,
-                &job(&dom, id, scratch.path()),
-                &BackupOptions::default(),
-            ))
-            .expect("backup");
+        let res = env.backup(&dom, id).expect("backup");
         if i == 0 {
             assert_eq!(
                 level(&res, &dom, "vda"),
@@ -80,24 +68,31 @@ fn two_disks_full_then_incrementals_restore_exactly() {
             );
         }
         assert_eq!(res.quiesce.consistency, Some(Consistency::Crash));
-        rt.block_on(restore_matches(&sink, &dom.disk_id("vda"), id, &ra));
-        rt.block_on(restore_matches(&sink, &dom.disk_id("vdb"), id, &rb));
+        env.rt
+            .block_on(restore_matches(&env.sink, &dom.disk_id("vda"), id, &ra));
+        env.rt
+            .block_on(restore_matches(&env.sink, &dom.disk_id("vdb"), id, &rb));
         // Our checkpoints are plain libvirt checkpoints, and only the newest is kept.
         assert_eq!(dom.checkpoints(), vec![format!("cbt-{id}")]);
-        scratch_is_empty(scratch.path());
+        scratch_is_empty(env.scratch.path());
         manifests.extend(res.disks.into_iter().map(|d| d.manifest));
     }
     // The domain XML is kept with each backup, for restores into a new domain.
     use libcbt::sink::Sink;
-    let saved = rt
-        .block_on(sink.get(&job::domain_xml_name(&dom.uuid(), "b3"), 1 << 20))
+    let saved = env
+        .rt
+        .block_on(
+            env.sink
+                .get(&job::domain_xml_name(&dom.uuid(), "b3"), 1 << 20),
+        )
         .expect("domain xml on the sink");
     assert!(String::from_utf8_lossy(&saved).contains(&dom.name));
     // Restoring an older point in time still works after newer incrementals.
     let r1 = dom.path("ref-vda-b1.raw");
-    rt.block_on(restore_matches(&sink, &dom.disk_id("vda"), "b1", &r1));
+    env.rt
+        .block_on(restore_matches(&env.sink, &dom.disk_id("vda"), "b1", &r1));
     let refs: Vec<&Manifest> = manifests.iter().collect();
-    rt.block_on(assert_sink_holds_only(&sink, &refs));
+    env.rt.block_on(assert_sink_holds_only(&env.sink, &refs));
 }
 
 #[test]
@@ -112,46 +107,16 @@ fn writes_during_the_copy_stay_out_and_the_dirty_map_matches_nbdinfo() {
             size: 64 * MIB,
         }],
     );
-    let sink_dir = tempfile::tempdir().expect("tempdir");
-    let sink = LocalSink::open(sink_dir.path()).expect("sink");
-    let scratch = shared_dir();
-    let src = source();
-    let rt = rt();
+    let env = Env::new();
     dom.scatter("vda", 64 * MIB, 10, &mut r);
-    let first = rt
-        .block_on(job::backup_libvirt(
-            &src,
-            &sink,
-            &job(&dom, "b1", scratch.path()),
-            &BackupOptions::default(),
-        ))
-        .expect("b1");
+    let first = env.backup(&dom, "b1").expect("b1");
     dom.scatter("vda", 64 * MIB, 8, &mut r);
     let reference = dom.reference("vda", "b2");
 
     // Begin by hand so that the guest can write between the point in time and the copy.
-    let d = src.domain(&dom.name).expect("domain");
+    let d = env.src.domain(&dom.name).expect("domain");
     let parent = first.disks[0].manifest.clone();
-    let session = lvs::begin(
-        &d,
-        lvs::BeginRequest {
-            backup_id: "b2".into(),
-            disks: vec![(
-                "vda".into(),
-                libcbt::source::qemu::Decision {
-                    level: Level::Incremental,
-                    since: Some("cbt-b1".into()),
-                    reason: None,
-                },
-            )],
-            also_tracked: vec![],
-            untracked: vec![],
-            scratch_root: scratch.path().to_path_buf(),
-            quiesce: None,
-            started_paused: false,
-        },
-    )
-    .expect("begin");
+    let session = begin_incremental(&d, "b2", "cbt-b1", env.scratch.path());
     let sd = &session.disks[0];
     let ctx = sd
         .dirty_context
@@ -161,7 +126,8 @@ fn writes_during_the_copy_stay_out_and_the_dirty_map_matches_nbdinfo() {
     // The guest writes on, over dirty and clean areas alike, and grows nothing.
     dom.scatter("vda", 64 * MIB, 12, &mut r);
     dom.io("vda", "write -z 0 1M");
-    let scan = rt
+    let scan = env
+        .rt
         .block_on(engine::scan_export(&sd.uri, Some(&ctx)))
         .expect("scan");
     let ours: Vec<(u64, u64, u32)> = scan
@@ -186,36 +152,25 @@ fn writes_during_the_copy_stay_out_and_the_dirty_map_matches_nbdinfo() {
         before, after,
         "the frozen dirty map moved with guest writes"
     );
-    let dj = engine::DiskBackup {
-        disk: dom.disk_id("vda"),
-        backup_id: "b2".into(),
-        uri: sd.uri.clone(),
-        parent: Some(parent),
-        level: Level::Incremental,
-        full_reason: None,
-        checkpoint: Some(session.checkpoint.clone()),
-        consistency: Consistency::Crash,
-        freeze_ms: None,
-        warnings: vec![],
-    };
-    rt.block_on(engine::backup_disk(
-        &sink,
-        &dj,
-        &scan,
-        &engine::Trusted,
-        &BackupOptions::default(),
-        None,
-    ))
-    .expect("copy");
+    env.rt
+        .block_on(copy_incremental(
+            &env.sink,
+            &dom.disk_id("vda"),
+            &session,
+            "b2",
+            &parent,
+            Some(scan),
+        ))
+        .expect("copy");
     lvs::end(&d, session, true, &BTreeSet::new()).expect("end");
-    rt.block_on(restore_matches(
-        &sink,
+    env.rt.block_on(restore_matches(
+        &env.sink,
         &dom.disk_id("vda"),
         "b2",
         &reference,
     ));
     assert_eq!(dom.checkpoints(), vec!["cbt-b2".to_string()]);
-    scratch_is_empty(scratch.path());
+    scratch_is_empty(env.scratch.path());
 }
 
 #[test]
@@ -230,19 +185,10 @@ fn lost_metadata_offline_domain_broken_bitmap_and_hot_added_disk() {
             size: 64 * MIB,
         }],
     );
-    let sink_dir = tempfile::tempdir().expect("tempdir");
-    let sink = LocalSink::open(sink_dir.path()).expect("sink");
-    let scratch = shared_dir();
-    let src = source();
-    let rt = rt();
+    let env = Env::new();
     let backup = |id: &str| {
-        rt.block_on(job::backup_libvirt(
-            &src,
-            &sink,
-            &job(&dom, id, scratch.path()),
-            &BackupOptions::default(),
-        ))
-        .unwrap_or_else(|e| panic!("backup {id}: {e:?}"))
+        env.backup(&dom, id)
+            .unwrap_or_else(|e| panic!("backup {id}: {e:?}"))
     };
     dom.scatter("vda", 64 * MIB, 8, &mut r);
     backup("b1");
@@ -270,8 +216,8 @@ fn lost_metadata_offline_domain_broken_bitmap_and_hot_added_disk() {
         !virsh(&["domstate", &dom.name]).contains("running"),
         "domain left running"
     );
-    rt.block_on(restore_matches(
-        &sink,
+    env.rt.block_on(restore_matches(
+        &env.sink,
         &dom.disk_id("vda"),
         "b2",
         &reference,
@@ -288,8 +234,8 @@ fn lost_metadata_offline_domain_broken_bitmap_and_hot_added_disk() {
         level(&res, &dom, "vda"),
         (Level::Full, Some(FullReason::BitmapInconsistent))
     );
-    rt.block_on(restore_matches(
-        &sink,
+    env.rt.block_on(restore_matches(
+        &env.sink,
         &dom.disk_id("vda"),
         "b3",
         &reference,
@@ -323,15 +269,18 @@ fn lost_metadata_offline_domain_broken_bitmap_and_hot_added_disk() {
         level(&res, &dom, "vdc"),
         (Level::Full, Some(FullReason::FirstBackup))
     );
-    rt.block_on(restore_matches(&sink, &dom.disk_id("vda"), "b4", &ra));
-    rt.block_on(restore_matches(&sink, &dom.disk_id("vdc"), "b4", &rc));
+    env.rt
+        .block_on(restore_matches(&env.sink, &dom.disk_id("vda"), "b4", &ra));
+    env.rt
+        .block_on(restore_matches(&env.sink, &dom.disk_id("vdc"), "b4", &rc));
     dom.scatter("vdc", 32 * MIB, 2, &mut r);
     let rc = dom.reference("vdc", "b5");
     let res = backup("b5");
     assert_eq!(level(&res, &dom, "vda"), (Level::Incremental, None));
     assert_eq!(level(&res, &dom, "vdc"), (Level::Incremental, None));
-    rt.block_on(restore_matches(&sink, &dom.disk_id("vdc"), "b5", &rc));
-    scratch_is_empty(scratch.path());
+    env.rt
+        .block_on(restore_matches(&env.sink, &dom.disk_id("vdc"), "b5", &rc));
+    scratch_is_empty(env.scratch.path());
 }
 
 #[test]
@@ -346,20 +295,9 @@ fn failures_leave_no_stray_checkpoint_scratch_or_object() {
             size: 64 * MIB,
         }],
     );
-    let sink_dir = tempfile::tempdir().expect("tempdir");
-    let sink = LocalSink::open(sink_dir.path()).expect("sink");
-    let scratch = shared_dir();
-    let src = source();
-    let rt = rt();
+    let env = Env::new();
     dom.scatter("vda", 64 * MIB, 8, &mut r);
-    let first = rt
-        .block_on(job::backup_libvirt(
-            &src,
-            &sink,
-            &job(&dom, "b1", scratch.path()),
-            &BackupOptions::default(),
-        ))
-        .expect("b1");
+    let first = env.backup(&dom, "b1").expect("b1");
     let committed = [first.disks[0].manifest.clone()];
     dom.scatter("vda", 64 * MIB, 5, &mut r);
     let reference = dom.reference("vda", "next");
@@ -373,9 +311,9 @@ fn failures_leave_no_stray_checkpoint_scratch_or_object() {
         .args(["if=/dev/zero", "bs=4k", "count=1000"])
         .arg(format!("of={}/filler", full.path().display()))
         .output();
-    let e = rt.block_on(job::backup_libvirt(
-        &src,
-        &sink,
+    let e = env.rt.block_on(job::backup_libvirt(
+        &env.src,
+        &env.sink,
         &job(&dom, "b2", full.path()),
         &BackupOptions::default(),
     ));
@@ -388,33 +326,14 @@ fn failures_leave_no_stray_checkpoint_scratch_or_object() {
         "scratch left on the full file system: {left:?}"
     );
     assert_eq!(dom.checkpoints(), vec!["cbt-b1".to_string()]);
-    rt.block_on(assert_sink_holds_only(
-        &sink,
+    env.rt.block_on(assert_sink_holds_only(
+        &env.sink,
         &committed.iter().collect::<Vec<_>>(),
     ));
 
     // 2. The backup job aborted under the copy (an operator's `virsh domjobabort`).
-    let d = src.domain(&dom.name).expect("domain");
-    let session = lvs::begin(
-        &d,
-        lvs::BeginRequest {
-            backup_id: "b3".into(),
-            disks: vec![(
-                "vda".into(),
-                libcbt::source::qemu::Decision {
-                    level: Level::Incremental,
-                    since: Some("cbt-b1".into()),
-                    reason: None,
-                },
-            )],
-            also_tracked: vec![],
-            untracked: vec![],
-            scratch_root: scratch.path().join(dom.uuid()),
-            quiesce: None,
-            started_paused: false,
-        },
-    )
-    .expect("begin");
+    let d = env.src.domain(&dom.name).expect("domain");
+    let session = begin_incremental(&d, "b3", "cbt-b1", &env.scratch.path().join(dom.uuid()));
     virsh(&["domjobabort", &dom.name]);
     // Wait until libvirt has ended the job: QEMU 7.2 can wedge the job's teardown (and with it
     // libvirt's state lock, for minutes) when an NBD client has requests in flight at that
@@ -424,37 +343,20 @@ fn failures_leave_no_stray_checkpoint_scratch_or_object() {
         assert!(t.elapsed() < Duration::from_secs(60), "job did not end");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let sd = &session.disks[0];
-    let copy = rt.block_on(async {
-        let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref()).await?;
-        let dj = engine::DiskBackup {
-            disk: dom.disk_id("vda"),
-            backup_id: "b3".into(),
-            uri: sd.uri.clone(),
-            parent: Some(committed[0].clone()),
-            level: Level::Incremental,
-            full_reason: None,
-            checkpoint: Some(session.checkpoint.clone()),
-            consistency: Consistency::Crash,
-            freeze_ms: None,
-            warnings: vec![],
-        };
-        engine::backup_disk(
-            &sink,
-            &dj,
-            &scan,
-            &engine::Trusted,
-            &BackupOptions::default(),
-            None,
-        )
-        .await
-    });
+    let copy = env.rt.block_on(copy_incremental(
+        &env.sink,
+        &dom.disk_id("vda"),
+        &session,
+        "b3",
+        &committed[0],
+        None,
+    ));
     assert!(copy.is_err(), "copy from an aborted job succeeded");
     lvs::end(&d, session, false, &BTreeSet::new()).expect("rollback");
     assert_eq!(dom.checkpoints(), vec!["cbt-b1".to_string()]);
-    scratch_is_empty(scratch.path());
-    rt.block_on(assert_sink_holds_only(
-        &sink,
+    scratch_is_empty(env.scratch.path());
+    env.rt.block_on(assert_sink_holds_only(
+        &env.sink,
         &committed.iter().collect::<Vec<_>>(),
     ));
 
@@ -465,25 +367,26 @@ fn failures_leave_no_stray_checkpoint_scratch_or_object() {
         std::thread::sleep(Duration::from_millis(100));
     }
     start_libvirtd();
-    let src = source();
-    let res = rt
+    // A new connection: the old one died with libvirtd.
+    let res = env
+        .rt
         .block_on(job::backup_libvirt(
-            &src,
-            &sink,
-            &job(&dom, "b4", scratch.path()),
+            &source(),
+            &env.sink,
+            &job(&dom, "b4", env.scratch.path()),
             &BackupOptions::default(),
         ))
         .expect("b4 after libvirtd restart");
     assert_eq!(level(&res, &dom, "vda"), (Level::Incremental, None));
     // Nothing written since b1 was lost by the failures in between.
-    rt.block_on(restore_matches(
-        &sink,
+    env.rt.block_on(restore_matches(
+        &env.sink,
         &dom.disk_id("vda"),
         "b4",
         &reference,
     ));
     assert_eq!(dom.checkpoints(), vec!["cbt-b4".to_string()]);
-    scratch_is_empty(scratch.path());
+    scratch_is_empty(env.scratch.path());
 }
 
 #[test]
@@ -499,11 +402,7 @@ fn checkpoints_coexist_with_virsh_and_virtnbdbackup() {
             size: 64 * MIB,
         }],
     );
-    let sink_dir = tempfile::tempdir().expect("tempdir");
-    let sink = LocalSink::open(sink_dir.path()).expect("sink");
-    let scratch = shared_dir();
-    let src = source();
-    let rt = rt();
+    let env = Env::new();
     let vnb = |level: &str, out: &Path| {
         Command::new("virtnbdbackup")
             .args(["-d", &dom.name, "-l", level, "-o"])
@@ -524,18 +423,18 @@ fn checkpoints_coexist_with_virsh_and_virtnbdbackup() {
     for id in ["b1", "b2"] {
         dom.scatter("vda", 64 * MIB, 4, &mut r);
         let reference = dom.reference("vda", id);
-        let res = rt
-            .block_on(job::backup_libvirt(
-                &src,
-                &sink,
-                &job(&dom, id, scratch.path()),
-                &BackupOptions::default(),
-            ))
+        let res = env
+            .backup(&dom, id)
             .expect("backup next to virtnbdbackup's checkpoints");
         if id == "b2" {
             assert_eq!(level(&res, &dom, "vda"), (Level::Incremental, None));
         }
-        rt.block_on(restore_matches(&sink, &dom.disk_id("vda"), id, &reference));
+        env.rt.block_on(restore_matches(
+            &env.sink,
+            &dom.disk_id("vda"),
+            id,
+            &reference,
+        ));
     }
     let now = dom.checkpoints();
     for t in &theirs {
@@ -556,7 +455,8 @@ fn checkpoints_coexist_with_virsh_and_virtnbdbackup() {
         "virtnbdbackup copy: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let gone = src
+    let gone = env
+        .src
         .domain(&dom.name)
         .expect("domain")
         .release()
@@ -571,20 +471,13 @@ fn checkpoints_coexist_with_virsh_and_virtnbdbackup() {
     // And we take over again with a full (our checkpoint is gone).
     dom.scatter("vda", 64 * MIB, 2, &mut r);
     let reference = dom.reference("vda", "b3");
-    let res = rt
-        .block_on(job::backup_libvirt(
-            &src,
-            &sink,
-            &job(&dom, "b3", scratch.path()),
-            &BackupOptions::default(),
-        ))
-        .expect("b3");
+    let res = env.backup(&dom, "b3").expect("b3");
     assert_eq!(
         level(&res, &dom, "vda"),
         (Level::Full, Some(FullReason::CheckpointMissing))
     );
-    rt.block_on(restore_matches(
-        &sink,
+    env.rt.block_on(restore_matches(
+        &env.sink,
         &dom.disk_id("vda"),
         "b3",
         &reference,
@@ -595,20 +488,17 @@ fn checkpoints_coexist_with_virsh_and_virtnbdbackup() {
 fn real_guest_writing_continuously_quiesced_and_exact() {
     let _g = serial();
     let dom = guest("guest", "");
-    let sink_dir = tempfile::tempdir().expect("tempdir");
-    let sink = LocalSink::open(sink_dir.path()).expect("sink");
-    let scratch = shared_dir();
-    let src = source();
-    let rt = rt();
+    let env = Env::new();
 
     // Application-consistent full: the agent's freeze hook runs, then its thaw hook.
-    let mut j = job(&dom, "b1", scratch.path());
+    let mut j = job(&dom, "b1", env.scratch.path());
     j.quiesce = Some(Duration::from_secs(10));
     let c0 = counter(&dom);
-    let res = rt
+    let res = env
+        .rt
         .block_on(job::backup_libvirt(
-            &src,
-            &sink,
+            &env.src,
+            &env.sink,
             &j,
             &BackupOptions::default(),
         ))
@@ -623,8 +513,9 @@ fn real_guest_writing_continuously_quiesced_and_exact() {
     );
     assert_eq!(console_count(&dom, "FSFREEZE-HOOK freeze"), 1);
     assert_eq!(console_count(&dom, "FSFREEZE-HOOK thaw"), 1);
-    let report = rt
-        .block_on(engine::verify_chain(&sink, &dom.disk_id("vda"), "b1"))
+    let report = env
+        .rt
+        .block_on(engine::verify_chain(&env.sink, &dom.disk_id("vda"), "b1"))
         .expect("verify");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     eprintln!(
@@ -635,61 +526,31 @@ fn real_guest_writing_continuously_quiesced_and_exact() {
     // Incrementals while the guest writes on. The reference is the disk at the point in
     // time: the test (never the backup) suspends the guest, copies the disk, begins the
     // backup, and resumes the guest before the copy runs.
-    let d = src.domain(&dom.name).expect("domain");
+    let d = env.src.domain(&dom.name).expect("domain");
     let mut parent = res.disks[0].manifest.clone();
     for (i, id) in ["b2", "b3", "b4"].into_iter().enumerate() {
         std::thread::sleep(Duration::from_millis(500 + 300 * i as u64));
         virsh(&["suspend", &dom.name]);
         let reference = dom.reference("vda", id);
-        let session = lvs::begin(
+        let session = begin_incremental(
             &d,
-            lvs::BeginRequest {
-                backup_id: id.into(),
-                disks: vec![(
-                    "vda".into(),
-                    libcbt::source::qemu::Decision {
-                        level: Level::Incremental,
-                        since: parent.checkpoint.clone(),
-                        reason: None,
-                    },
-                )],
-                also_tracked: vec![],
-                untracked: vec![],
-                scratch_root: scratch.path().to_path_buf(),
-                quiesce: None,
-                started_paused: false,
-            },
-        )
-        .expect("begin");
+            id,
+            parent.checkpoint.as_deref().expect("checkpoint"),
+            env.scratch.path(),
+        );
         virsh(&["resume", &dom.name]);
         let at_resume = counter(&dom);
         std::thread::sleep(Duration::from_millis(400)); // let the guest overwrite some blocks
-        let sd = &session.disks[0];
-        let m = rt
-            .block_on(async {
-                let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref()).await?;
-                let dj = engine::DiskBackup {
-                    disk: dom.disk_id("vda"),
-                    backup_id: id.into(),
-                    uri: sd.uri.clone(),
-                    parent: Some(parent.clone()),
-                    level: Level::Incremental,
-                    full_reason: None,
-                    checkpoint: Some(session.checkpoint.clone()),
-                    consistency: Consistency::Crash,
-                    freeze_ms: None,
-                    warnings: vec![],
-                };
-                engine::backup_disk(
-                    &sink,
-                    &dj,
-                    &scan,
-                    &engine::Trusted,
-                    &BackupOptions::default(),
-                    None,
-                )
-                .await
-            })
+        let m = env
+            .rt
+            .block_on(copy_incremental(
+                &env.sink,
+                &dom.disk_id("vda"),
+                &session,
+                id,
+                &parent,
+                None,
+            ))
             .expect("copy");
         let after_copy = counter(&dom);
         lvs::end(&d, session, true, &BTreeSet::new()).expect("end");
@@ -698,7 +559,12 @@ fn real_guest_writing_continuously_quiesced_and_exact() {
             "the guest did not write during the copy ({at_resume} → {after_copy})"
         );
         assert!(m.stats.bytes_scanned > 0, "no changed blocks in {id}");
-        rt.block_on(restore_matches(&sink, &dom.disk_id("vda"), id, &reference));
+        env.rt.block_on(restore_matches(
+            &env.sink,
+            &dom.disk_id("vda"),
+            id,
+            &reference,
+        ));
         eprintln!(
             "{id}: {} changed bytes, guest wrote {} blocks during the copy",
             m.stats.bytes_scanned,
@@ -707,25 +573,22 @@ fn real_guest_writing_continuously_quiesced_and_exact() {
         parent = m;
     }
     assert_eq!(dom.checkpoints(), vec!["cbt-b4".to_string()]);
-    scratch_is_empty(scratch.path());
+    scratch_is_empty(env.scratch.path());
 }
 
 #[test]
 fn a_hung_guest_agent_is_thawed_at_the_deadline_and_the_backup_goes_on() {
     let _g = serial();
     let dom = guest("hang", "cbt.hang_freeze=1");
-    let sink_dir = tempfile::tempdir().expect("tempdir");
-    let sink = LocalSink::open(sink_dir.path()).expect("sink");
-    let scratch = shared_dir();
-    let src = source();
-    let rt = rt();
-    let mut j = job(&dom, "b1", scratch.path());
+    let env = Env::new();
+    let mut j = job(&dom, "b1", env.scratch.path());
     j.quiesce = Some(Duration::from_secs(3));
     let t = Instant::now();
-    let res = rt
+    let res = env
+        .rt
         .block_on(job::backup_libvirt(
-            &src,
-            &sink,
+            &env.src,
+            &env.sink,
             &j,
             &BackupOptions::default(),
         ))
@@ -754,8 +617,9 @@ fn a_hung_guest_agent_is_thawed_at_the_deadline_and_the_backup_goes_on() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let report = rt
-        .block_on(engine::verify_chain(&sink, &dom.disk_id("vda"), "b1"))
+    let report = env
+        .rt
+        .block_on(engine::verify_chain(&env.sink, &dom.disk_id("vda"), "b1"))
         .expect("verify");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(dom.checkpoints(), vec!["cbt-b1".to_string()]);

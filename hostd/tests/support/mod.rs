@@ -272,6 +272,108 @@ pub fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// What a libvirt test backs up with: a sink, a scratch root QEMU can reach, a connection and
+/// a runtime.
+pub struct Env {
+    _sink_dir: tempfile::TempDir,
+    pub sink: libcbt::sink::local::LocalSink,
+    pub scratch: tempfile::TempDir,
+    pub src: LibvirtSource,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let sink_dir = tempfile::tempdir().expect("tempdir");
+        Env {
+            sink: libcbt::sink::local::LocalSink::open(sink_dir.path()).expect("sink"),
+            _sink_dir: sink_dir,
+            scratch: shared_dir(),
+            src: source(),
+            rt: rt(),
+        }
+    }
+
+    /// A backup of every disk of `dom` as `id`, level auto.
+    pub fn backup(&self, dom: &Dom, id: &str) -> Result<LibvirtResult, job::JobError> {
+        self.rt.block_on(job::backup_libvirt(
+            &self.src,
+            &self.sink,
+            &job(dom, id, self.scratch.path()),
+            &libcbt::engine::BackupOptions::default(),
+        ))
+    }
+}
+
+/// Begins incremental backup `id` of disk `vda` since checkpoint `since` by hand, for tests
+/// that act between the point in time and the copy.
+pub fn begin_incremental(
+    d: &libcbt::source::libvirt::LibvirtDomain,
+    id: &str,
+    since: &str,
+    scratch_root: &Path,
+) -> libcbt::source::libvirt::Session {
+    libcbt::source::libvirt::begin(
+        d,
+        libcbt::source::libvirt::BeginRequest {
+            backup_id: id.into(),
+            disks: vec![(
+                "vda".into(),
+                libcbt::source::qemu::Decision {
+                    level: Level::Incremental,
+                    since: Some(since.into()),
+                    reason: None,
+                },
+            )],
+            also_tracked: vec![],
+            untracked: vec![],
+            scratch_root: scratch_root.to_path_buf(),
+            quiesce: None,
+            started_paused: false,
+        },
+    )
+    .expect("begin")
+}
+
+/// Copies the first disk of a hand-begun session as incremental `id` of `disk` on top of
+/// `parent`; `scan` when the test read the maps already.
+pub async fn copy_incremental(
+    sink: &libcbt::sink::local::LocalSink,
+    disk: &str,
+    session: &libcbt::source::libvirt::Session,
+    id: &str,
+    parent: &Manifest,
+    scan: Option<libcbt::engine::Scan>,
+) -> Result<Manifest, libcbt::engine::EngineError> {
+    use libcbt::engine;
+    let sd = &session.disks[0];
+    let scan = match scan {
+        Some(s) => s,
+        None => engine::scan_export(&sd.uri, sd.dirty_context.as_deref()).await?,
+    };
+    let dj = engine::DiskBackup {
+        disk: disk.into(),
+        backup_id: id.into(),
+        uri: sd.uri.clone(),
+        parent: Some(parent.clone()),
+        level: Level::Incremental,
+        full_reason: None,
+        checkpoint: Some(session.checkpoint.clone()),
+        consistency: libcbt::format::Consistency::Crash,
+        freeze_ms: None,
+        warnings: vec![],
+    };
+    engine::backup_disk(
+        sink,
+        &dj,
+        &scan,
+        &engine::Trusted,
+        &engine::BackupOptions::default(),
+        None,
+    )
+    .await
+}
+
 pub fn source() -> LibvirtSource {
     LibvirtSource::connect(URI).expect("connect to libvirtd")
 }

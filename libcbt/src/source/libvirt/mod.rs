@@ -599,19 +599,19 @@ pub fn begin(dom: &LibvirtDomain, req: BeginRequest) -> Result<Session, LibvirtE
     }
     let mut result = Err(LibvirtError::Worker("no attempt".into()));
     for _ in 0..=disks.len() {
-        let reqs: Vec<xml::BackupDiskReq<'_>> = Vec::new();
         let scratch_files: Vec<String> = disks
             .iter()
             .map(|(t, _)| scratch.join(format!("{t}.scratch")).display().to_string())
             .collect();
-        let mut reqs = reqs;
-        for ((t, dec), s) in disks.iter().zip(&scratch_files) {
-            reqs.push(xml::BackupDiskReq {
+        let reqs: Vec<xml::BackupDiskReq<'_>> = disks
+            .iter()
+            .zip(&scratch_files)
+            .map(|((t, dec), s)| xml::BackupDiskReq {
                 target: t,
                 incremental: dec.since.as_deref(),
                 scratch: s,
-            });
-        }
+            })
+            .collect();
         let skipped: Vec<&str> = req
             .also_tracked
             .iter()
