@@ -49,7 +49,25 @@ async fn random_reads_match(
             got == reference[off as usize..(off + len) as usize],
             "mismatch at {off:#x}+{len:#x}"
         );
+        // The same range into a longer, reused buffer: only its prefix is the read, and
+        // the tail stays as it was.
+        let tail = rng.gen_range(1..=8192usize);
+        let got = client
+            .read_into(off, len, vec![0x5c; len as usize + tail])
+            .await
+            .expect("read_into");
+        assert_eq!(got.len(), len as usize + tail, "buffer given back whole");
+        assert!(
+            got[..len as usize] == reference[off as usize..(off + len) as usize],
+            "read_into mismatch at {off:#x}+{len:#x}"
+        );
+        assert!(
+            got[len as usize..].iter().all(|b| *b == 0x5c),
+            "tail touched"
+        );
     }
+    // A buffer shorter than the read is refused before anything is sent.
+    assert!(client.read_into(0, 8192, vec![0; 4096]).await.is_err());
 }
 
 fn assert_same_image(ours: &[u8], reference: &[u8], what: &str) {

@@ -69,14 +69,17 @@ pub struct DiskBackup {
     pub warnings: Vec<String>,
 }
 
-thread_local! {
-    /// Per blocking-pool thread: the compressor's worst-case output buffer.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 enum Item {
-    Zero { offset: u64, len: u64 },
-    Frame { header: FrameHeader, bytes: Vec<u8> },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    /// The frame is `bytes[..len]`; `bytes` is a pooled worst-case buffer.
+    Frame {
+        header: FrameHeader,
+        bytes: Vec<u8>,
+        len: usize,
+    },
 }
 
 /// The maps of a point-in-time view, read before any data.
@@ -427,8 +430,8 @@ async fn copy_data<S: Sink>(
                     stats.bytes_zero += len;
                     *done += len;
                 }
-                Item::Frame { header, bytes } => {
-                    let frame_len = bytes.len() as u64;
+                Item::Frame { header, bytes, len } => {
+                    let frame_len = len as u64;
                     if writer
                         .as_ref()
                         .is_some_and(|(_, w)| w.len() + frame_len > opts.segment_size)
@@ -451,7 +454,7 @@ async fn copy_data<S: Sink>(
                     };
                     let pos = w.len();
                     // The frame's own buffer goes to the sink, and comes back for reuse.
-                    frames.give(w.append(bytes).await?);
+                    frames.give(w.append_prefix(bytes, len).await?);
                     entries.push(IndexEntry {
                         offset: header.offset,
                         len: header.raw_len,
@@ -502,11 +505,15 @@ async fn read_and_encode(
     frames: Arc<Pool>,
 ) -> Result<Item, EngineError> {
     let len = c.len();
-    // Chunks are at most 4 MiB.
+    // Chunks are at most 4 MiB. Read buffers keep their length in the pool; only the first
+    // `len` bytes of one are this chunk.
+    let n = len as usize;
     let buf = if c.start / piece == (c.end - 1) / piece {
-        client.read(c.start, reads.take(len as usize)).await?
+        client
+            .read_into(c.start, len, reads.take_at_least(n))
+            .await?
     } else {
-        let mut buf = reads.take(len as usize);
+        let mut buf = reads.take_at_least(n);
         let one: ExtentMap = [c].into_iter().collect();
         for p in one.chunks(piece) {
             let part = client.read(p.start, vec![0u8; p.len() as usize]).await?;
@@ -514,30 +521,48 @@ async fn read_and_encode(
         }
         buf
     };
-    tokio::task::spawn_blocking(move || {
-        let item = if is_zero(&buf) {
-            Item::Zero {
-                offset: c.start,
-                len,
-            }
-        } else {
-            let mut bytes = frames.take_empty();
-            let header = SCRATCH
-                .with(|s| {
-                    segment::encode_frame_with(c.start, &buf, &mut s.borrow_mut(), &mut bytes)
-                })
-                .map_err(|source| EngineError::Corrupt {
+    // Small chunks (the scattered 64 KiB of an incremental) are encoded right here: tens of
+    // microseconds, less than the hand-off to the blocking pool and back costs.
+    if n <= INLINE_ENCODE {
+        return encode_chunk(c, buf, n, &reads, &frames);
+    }
+    tokio::task::spawn_blocking(move || encode_chunk(c, buf, n, &reads, &frames))
+        .await
+        .map_err(EngineError::Task)?
+}
+
+/// Largest chunk encoded on the async runtime rather than the blocking pool.
+const INLINE_ENCODE: usize = 128 << 10;
+
+/// Encodes the first `n` bytes of `buf` (chunk `c`) and gives `buf` back to `reads`.
+fn encode_chunk(
+    c: Extent,
+    buf: Vec<u8>,
+    n: usize,
+    reads: &Pool,
+    frames: &Pool,
+) -> Result<Item, EngineError> {
+    let len = c.len();
+    let raw = &buf[..n];
+    let item = if is_zero(raw) {
+        Item::Zero {
+            offset: c.start,
+            len,
+        }
+    } else {
+        let mut bytes = frames.take_at_least(0);
+        let (header, len) =
+            segment::encode_frame_in_place(c.start, raw, &mut bytes).map_err(|source| {
+                EngineError::Corrupt {
                     object: "frame being encoded".into(),
                     pos: c.start,
                     source,
-                })?;
-            Item::Frame { header, bytes }
-        };
-        reads.give(buf);
-        Ok(item)
-    })
-    .await
-    .map_err(EngineError::Task)?
+                }
+            })?;
+        Item::Frame { header, bytes, len }
+    };
+    reads.give(buf);
+    Ok(item)
 }
 
 /// True when every byte is zero. OR-folds 256-byte blocks (which the compiler vectorizes)

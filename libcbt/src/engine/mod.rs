@@ -87,36 +87,39 @@ pub(crate) struct Pool {
 impl Pool {
     /// A buffer of exactly `len` bytes (contents unspecified: it is about to be overwritten).
     pub(crate) fn take(&self, len: usize) -> Vec<u8> {
-        let mut v = match self.free.lock().ok().and_then(|mut f| f.pop()) {
-            // A much larger buffer would pin memory for a small frame: let it go.
-            Some(v) if v.capacity() <= len.saturating_mul(2).max(64 << 10) => v,
-            _ => Vec::new(),
-        };
-        v.resize(len, 0);
+        let mut v = self.take_at_least(len);
+        v.truncate(len);
         v
     }
-    /// An empty buffer with whatever capacity a returned one had.
-    pub(crate) fn take_empty(&self) -> Vec<u8> {
+    /// A buffer of at least `len` bytes, contents unspecified: a pooled buffer that is long
+    /// enough is given as it is (no clearing), so a caller that uses only a prefix of it
+    /// (see [`crate::nbd::Client::read_into`]) pays nothing for buffers of mixed sizes.
+    /// Pooled buffers are kept whatever their size: the caller bounds them (chunks).
+    pub(crate) fn take_at_least(&self, len: usize) -> Vec<u8> {
         let mut v = self
             .free
             .lock()
             .ok()
             .and_then(|mut f| f.pop())
             .unwrap_or_default();
-        v.clear();
+        if v.len() < len {
+            v.resize(len, 0);
+        }
         v
     }
     pub(crate) fn give(&self, v: Vec<u8>) {
         if let Ok(mut f) = self.free.lock() {
-            if f.len() < MAX_POOLED {
+            let held: usize = f.iter().map(Vec::capacity).sum();
+            if f.len() < MAX_POOLED && held + v.capacity() <= MAX_POOLED_BYTES {
                 f.push(v);
             }
         }
     }
 }
 
-/// Buffers a [`Pool`] keeps for reuse at most.
+/// Buffers a [`Pool`] keeps for reuse at most, and their total capacity at most.
 const MAX_POOLED: usize = 64;
+const MAX_POOLED_BYTES: usize = 64 << 20;
 
 /// A random 128-bit id (segment names), from the standard library's per-process random keys.
 pub(crate) fn random_u128() -> u128 {

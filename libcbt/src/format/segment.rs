@@ -183,14 +183,27 @@ pub fn encode_frame(
     encode_frame_with(offset, raw, &mut Vec::new(), out)
 }
 
-/// [`encode_frame`] with a caller-kept `scratch` buffer for the compressor: once it has grown
-/// to the worst case, encoding allocates and zero-fills nothing (the hot path of a backup).
+/// [`encode_frame`] with a caller-kept `scratch` buffer for the compressor.
 pub fn encode_frame_with(
     offset: u64,
     raw: &[u8],
     scratch: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Result<FrameHeader, FormatError> {
+    let (header, n) = encode_frame_in_place(offset, raw, scratch)?;
+    out.extend_from_slice(&scratch[..n]);
+    Ok(header)
+}
+
+/// Encodes `raw` as one frame at the start of `buf` and returns its header and length; `buf`
+/// keeps its length (grown to the worst case when shorter, never shrunk), and what lies past
+/// the frame is unspecified. With a buffer that has reached the worst case once, encoding
+/// neither allocates nor clears nor copies the compressed bytes again (the backup's hot path).
+pub fn encode_frame_in_place(
+    offset: u64,
+    raw: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<(FrameHeader, usize), FormatError> {
     let raw_len = u32::try_from(raw.len())
         .ok()
         .filter(|l| *l > 0 && *l <= MAX_FRAME_RAW)
@@ -201,26 +214,27 @@ pub fn encode_frame_with(
         })?;
     // lz4_flex wants room for its worst case; whatever does not shrink is stored raw.
     let room = lz4_flex::block::get_maximum_output_size(raw.len());
-    if scratch.len() < room {
-        scratch.resize(room, 0);
+    if buf.len() < FRAME_HEADER_LEN + room {
+        buf.resize(FRAME_HEADER_LEN + room, 0);
     }
-    let (codec, stored): (Codec, &[u8]) =
-        match lz4_flex::block::compress_into(raw, &mut scratch[..room]) {
-            Ok(n) if n > 0 && n < raw.len() => (Codec::Lz4, &scratch[..n]),
-            _ => (Codec::None, raw),
-        };
+    let body = &mut buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + room];
+    let (codec, stored_len) = match lz4_flex::block::compress_into(raw, body) {
+        Ok(n) if n > 0 && n < raw.len() => (Codec::Lz4, n),
+        _ => {
+            body[..raw.len()].copy_from_slice(raw);
+            (Codec::None, raw.len())
+        }
+    };
     let header = FrameHeader {
         codec,
         offset,
         raw_len,
-        // stored.len() <= raw_len, which fits u32.
-        stored_len: stored.len() as u32,
-        crc: crc32fast::hash(stored),
+        // stored_len <= raw_len, which fits u32.
+        stored_len: stored_len as u32,
+        crc: crc32fast::hash(&body[..stored_len]),
     };
-    out.reserve(FRAME_HEADER_LEN + stored.len());
-    out.extend_from_slice(&header.encode());
-    out.extend_from_slice(stored);
-    Ok(header)
+    buf[..FRAME_HEADER_LEN].copy_from_slice(&header.encode());
+    Ok((header, FRAME_HEADER_LEN + stored_len))
 }
 
 /// Checks the stored bytes of a frame against its header and decodes them into `out`, which
@@ -349,6 +363,25 @@ mod tests {
                 let mut out = vec![0u8; h.raw_len as usize];
                 decode_frame_body(h, &seg[start..start + h.stored_len as usize], &mut out).expect("decode");
                 prop_assert_eq!(&out, raw);
+            }
+        }
+
+        #[test]
+        fn in_place_encoding_into_a_dirty_reused_buffer_matches_encode_frame(
+            blocks in prop::collection::vec(prop::collection::vec(0u8..3, 1..70_000), 1..6),
+            garbage in any::<u8>(),
+        ) {
+            // One buffer reused across frames of different sizes, as the backup does, and
+            // full of garbage to begin with: what lies past a frame must not matter.
+            let mut buf = vec![garbage; 3 << 16];
+            for (i, raw) in blocks.iter().enumerate() {
+                let before = buf.len();
+                let (h, n) = encode_frame_in_place(i as u64 * 4096, raw, &mut buf).expect("encode");
+                prop_assert!(buf.len() >= before, "the buffer shrank");
+                let mut want = Vec::new();
+                let wh = encode_frame(i as u64 * 4096, raw, &mut want).expect("encode");
+                prop_assert_eq!(h, wh);
+                prop_assert_eq!(&buf[..n], &want[..]);
             }
         }
 

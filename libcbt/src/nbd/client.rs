@@ -716,7 +716,10 @@ impl Conn {
         let (tx, rx) = mpsc::channel(max_in_flight + 2);
         let reader = tokio::spawn(reader_loop(
             shared.clone(),
-            BufReader::with_capacity(256 << 10, r),
+            // Small: reply headers and metadata go through it, while data payloads larger
+            // than it are read straight into the caller's buffer (a large buffer here made
+            // every data reply pass up to its size through an extra copy).
+            BufReader::with_capacity(16 << 10, r),
         ));
         let writer = tokio::spawn(writer_loop(shared.clone(), rx, w));
         let conn = Conn {
@@ -925,7 +928,10 @@ async fn process(
             }
             match &mut p.state {
                 PendingState::Read { buf, chunks } => {
-                    r.read_exact(buf).await.map_err(io_err("reading data"))?;
+                    // The request length fits the caller's buffer (checked at submit).
+                    r.read_exact(&mut buf[..req.len as usize])
+                        .await
+                        .map_err(io_err("reading data"))?;
                     chunks.push((0, u64::from(req.len)));
                 }
                 PendingState::BlockStatus { .. } => {
@@ -1226,6 +1232,25 @@ impl Client {
     /// Dropping the future abandons the buffer; the connection stays usable.
     pub async fn read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>, NbdError> {
         let len = buf.len() as u64;
+        self.read_into(offset, len, buf).await
+    }
+
+    /// Reads `len` bytes at `offset` into the start of `buf` (at least `len` long), and gives
+    /// `buf` back whole: what lies past `len` is left as it was. Lets a caller reuse buffers
+    /// of one size for reads of any smaller size without clearing them.
+    pub async fn read_into(
+        &self,
+        offset: u64,
+        len: u64,
+        buf: Vec<u8>,
+    ) -> Result<Vec<u8>, NbdError> {
+        if len > buf.len() as u64 {
+            return Err(NbdError::InvalidRequest {
+                what: "read longer than its buffer",
+                offset,
+                len,
+            });
+        }
         self.check_range(
             "read larger than the export's maximum request",
             offset,

@@ -114,7 +114,18 @@ pub trait Sink: Clone + Send + Sync + 'static {
 /// Sequential writer of one object.
 pub trait ObjectWriter: Send + 'static {
     /// Appends `data`; returns the buffer for reuse.
-    fn append(&mut self, data: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, SinkError>> + Send;
+    fn append(&mut self, data: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, SinkError>> + Send {
+        let len = data.len();
+        self.append_prefix(data, len)
+    }
+    /// Appends the first `len` bytes of `data` (at most its length); returns the buffer
+    /// whole, for reuse at its full length (the backup keeps frame buffers of the worst-case
+    /// size and never clears them).
+    fn append_prefix(
+        &mut self,
+        data: Vec<u8>,
+        len: usize,
+    ) -> impl Future<Output = Result<Vec<u8>, SinkError>> + Send;
     /// Bytes appended so far.
     fn len(&self) -> u64;
     /// True when nothing was appended.
