@@ -21,8 +21,12 @@ pub const MAX_INDEX: u64 = 1 << 30;
 const MAX_COALESCED_READ: u64 = 4 << 20;
 /// Largest decoded size of one coalesced group.
 const MAX_COALESCED_RAW: u64 = 8 << 20;
-/// Concurrent writes into a raw-file target.
-const FILE_WRITERS: usize = 2;
+/// Concurrent writes into a raw-file target (mostly O_DIRECT through io_uring: the disk
+/// needs several in flight; synchronous O_DIRECT writes into a sparse ext4 file serialize on
+/// its inode lock).
+const FILE_WRITERS: usize = 16;
+/// Alignment of O_DIRECT writes (memory, offset and length).
+const ALIGN: usize = 4096;
 /// Groups of frames being read, decoded and written at once.
 const RESTORE_PARALLEL: usize = 6;
 
@@ -132,6 +136,35 @@ pub(crate) async fn read_frames<S: Sink>(
     group: &[FrameRead],
     pool: &Pool,
 ) -> Result<Vec<Vec<u8>>, EngineError> {
+    Ok(read_frames_at(sink, disk, group, pool, false)
+        .await?
+        .into_iter()
+        .map(|d| d.buf)
+        .collect())
+}
+
+/// A decoded frame: its raw bytes are `buf[start..start + len]`.
+pub(crate) struct Decoded {
+    pub buf: Vec<u8>,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl Decoded {
+    pub fn raw(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+/// [`read_frames`], decoding each frame at an [`ALIGN`]ed address when `aligned` (for
+/// O_DIRECT writes), else at the start of its buffer.
+async fn read_frames_at<S: Sink>(
+    sink: &S,
+    disk: &str,
+    group: &[FrameRead],
+    pool: &Pool,
+    aligned: bool,
+) -> Result<Vec<Decoded>, EngineError> {
     let first = &group[0];
     let object = format::segment_name(disk, first.segment);
     let end = group
@@ -158,9 +191,24 @@ pub(crate) async fn read_frames<S: Sink>(
                 what: "frame header differs from the index entry",
             });
         }
-        let mut raw = pool.take(h.raw_len as usize);
-        segment::decode_frame_body(&h, &frame[FRAME_HEADER_LEN..], &mut raw).map_err(corrupt)?;
-        out.push(raw);
+        let len = h.raw_len as usize;
+        let (buf, start) = if aligned {
+            let mut buf = pool.take_at_least(len + ALIGN);
+            let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+            segment::decode_frame_body(
+                &h,
+                &frame[FRAME_HEADER_LEN..],
+                &mut buf[start..start + len],
+            )
+            .map_err(corrupt)?;
+            (buf, start)
+        } else {
+            let mut buf = pool.take(len);
+            segment::decode_frame_body(&h, &frame[FRAME_HEADER_LEN..], &mut buf)
+                .map_err(corrupt)?;
+            (buf, 0)
+        };
+        out.push(Decoded { buf, start, len });
     }
     Ok(out)
 }
@@ -195,56 +243,135 @@ pub(crate) fn coalesce(frames: &[FrameRead]) -> Vec<&[FrameRead]> {
 }
 
 enum Target {
-    /// The file, and a limit on concurrent writes into it: six buffered writers on one ext4
-    /// file spent 18% of all CPU spinning on its inode lock, one writer made chains of small
-    /// frames wait (restore-chain ratio 1.31); two is the measured middle.
-    File(Arc<std::fs::File>, Arc<Semaphore>),
+    /// The file opened twice: with O_DIRECT for pieces aligned to [`ALIGN`] (nearly all:
+    /// extents are cluster-aligned), buffered for the rest, and a limit on concurrent writes.
+    /// Buffered writes of a whole disk cost more system time than the restore's decoding
+    /// (page-cache allocation, reclaim on a host whose cache is full, inode-lock spinning:
+    /// 9-10 s of system time for a 7-deep chain of an 8 GiB disk, against 2.4 s with
+    /// O_DIRECT, also for its tens of thousands of 64 KiB pieces) and left most of the disk
+    /// writing to the final fsync.
+    /// No page is written both ways: a direct write covers whole pages that no other piece
+    /// touches.
+    File {
+        direct: Option<(Arc<std::fs::File>, crate::sink::uring::Uring)>,
+        buffered: Arc<std::fs::File>,
+        writers: Arc<Semaphore>,
+    },
     Nbd(Client),
 }
 
 impl Target {
+    /// A new sparse raw file of `size` at `path` (refused if it exists), with blocks
+    /// allocated for the `data` ranges when O_DIRECT is available.
+    fn raw_file(
+        path: &std::path::Path,
+        size: u64,
+        data: &crate::extent::ExtentMap,
+    ) -> Result<Target, EngineError> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io("creating", path))?;
+        f.set_len(size).map_err(io("sizing", path))?;
+        // The second handle, with O_DIRECT; a filesystem without it (tmpfs) gets buffered
+        // writes only.
+        let direct = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .ok()
+                .zip(crate::sink::uring::Uring::new().ok())
+                .map(|(f, ring)| (Arc::new(f), ring))
+        };
+        if direct.is_some() {
+            // Best effort: without it the writes are only slower.
+            for e in data.iter() {
+                if crate::sink::uring::preallocate(&f, e.start, e.len()).is_err() {
+                    break;
+                }
+            }
+        }
+        Ok(Target::File {
+            direct,
+            buffered: Arc::new(f),
+            writers: Arc::new(Semaphore::new(FILE_WRITERS)),
+        })
+    }
+
     /// Writes the `pieces` (disk ranges inside the frame at `base`) of one decoded frame and
     /// gives the frame's buffer back.
     async fn write_pieces(
         &self,
         base: u64,
-        raw: Vec<u8>,
+        d: Decoded,
         pieces: Vec<std::ops::Range<u64>>,
     ) -> Result<Vec<u8>, EngineError> {
         match self {
-            Target::File(f, one_writer) => {
-                let f = f.clone();
-                let _turn = one_writer
+            Target::File {
+                direct,
+                buffered,
+                writers,
+            } => {
+                let _turn = writers
                     .acquire()
                     .await
                     .map_err(|_| EngineError::Invalid("restore cancelled".into()))?;
-                tokio::task::spawn_blocking(move || {
-                    for p in &pieces {
-                        // Pieces lie inside the frame (plan_restore guarantees it).
-                        f.write_all_at(
-                            &raw[(p.start - base) as usize..(p.end - base) as usize],
-                            p.start,
-                        )?;
-                    }
-                    Ok::<_, std::io::Error>(raw)
-                })
-                .await
-                .map_err(EngineError::Task)?
-                .map_err(|source| EngineError::Io {
+                let io_err = |source| EngineError::Io {
                     op: "writing",
                     path: "restore target".into(),
                     source,
-                })
+                };
+                let a = ALIGN as u64;
+                let mut buf = d.buf;
+                for p in pieces {
+                    // Pieces lie inside the frame (plan_restore guarantees it).
+                    let range =
+                        d.start + (p.start - base) as usize..d.start + (p.end - base) as usize;
+                    let aligned = p.start % a == 0
+                        && (p.end - p.start) % a == 0
+                        && (buf[range.start..].as_ptr() as usize) % ALIGN == 0;
+                    if let (Some((f, ring)), true) = (direct, aligned) {
+                        let (r, back) = ring
+                            .write_part(f.clone(), buf, range.clone(), p.start)
+                            .await;
+                        buf = back.ok_or_else(|| {
+                            io_err(std::io::Error::other("io_uring write lost its buffer"))
+                        })?;
+                        match r {
+                            // A filesystem may refuse O_DIRECT for some ranges: those go
+                            // through the page cache below.
+                            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                            r => {
+                                r.map_err(io_err)?;
+                                continue;
+                            }
+                        }
+                    }
+                    let f = buffered.clone();
+                    buf = tokio::task::spawn_blocking(move || {
+                        f.write_all_at(&buf[range], p.start).map(|()| buf)
+                    })
+                    .await
+                    .map_err(EngineError::Task)?
+                    .map_err(io_err)?;
+                }
+                Ok(buf)
             }
             Target::Nbd(c) => {
                 let max = u64::from(c.info().max_request());
                 let whole = pieces.len() == 1
                     && pieces[0].start == base
-                    && pieces[0].end - base == raw.len() as u64;
-                if whole && raw.len() as u64 <= max {
+                    && pieces[0].end - base == d.len as u64;
+                if whole && d.start == 0 && d.len as u64 <= max {
+                    let mut raw = d.buf;
+                    raw.truncate(d.len);
                     c.write(base, raw, false).await?;
                     return Ok(Vec::new());
                 }
+                let raw = d.raw();
                 for p in &pieces {
                     let mut at = p.start;
                     while at < p.end {
@@ -254,7 +381,7 @@ impl Target {
                         at += n;
                     }
                 }
-                Ok(raw)
+                Ok(d.buf)
             }
         }
     }
@@ -284,22 +411,17 @@ pub async fn restore<S: Sink>(
     };
     let tgt = match target {
         RestoreTarget::RawFile(path) => {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .map_err(|source| EngineError::Io {
-                    op: "creating",
-                    path: path.display().to_string(),
-                    source,
-                })?;
-            f.set_len(plan.disk_size)
-                .map_err(|source| EngineError::Io {
-                    op: "sizing",
-                    path: path.display().to_string(),
-                    source,
-                })?;
-            Target::File(Arc::new(f), Arc::new(Semaphore::new(FILE_WRITERS)))
+            let data: crate::extent::ExtentMap = plan
+                .frames
+                .iter()
+                .flat_map(|f| &f.pieces)
+                .map(|r| crate::extent::Extent {
+                    start: r.start,
+                    end: r.end,
+                    flags: 0,
+                })
+                .collect();
+            Target::raw_file(path, plan.disk_size, &data)?
         }
         RestoreTarget::Qcow2(_) => unreachable!("handled above"),
         RestoreTarget::Nbd(uri) => {
@@ -318,6 +440,13 @@ pub async fn restore<S: Sink>(
         }
     };
     let total = plan.data_bytes();
+    let aligned = matches!(
+        tgt,
+        Target::File {
+            direct: Some(_),
+            ..
+        }
+    );
     let tgt = Arc::new(tgt);
     let sem = Arc::new(Semaphore::new(RESTORE_PARALLEL));
     let pool = Arc::new(Pool::default());
@@ -347,12 +476,18 @@ pub async fn restore<S: Sink>(
         let (sink, pool) = (sink.clone(), pool.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            let raws = read_frames(&sink, &disk, &group, &pool).await?;
+            let raws = read_frames_at(&sink, &disk, &group, &pool, aligned).await?;
             let mut written = 0;
             let bytes: u64 = group.iter().map(|f| u64::from(f.frame_len)).sum();
+            // The group's frames are written concurrently: O_DIRECT writes want a deep queue.
+            let mut writes = tokio::task::JoinSet::new();
             for (f, raw) in group.iter().zip(raws) {
                 written += f.pieces.iter().map(|p| p.end - p.start).sum::<u64>();
-                pool.give(tgt.write_pieces(f.offset, raw, f.pieces.clone()).await?);
+                let (tgt, offset, pieces) = (tgt.clone(), f.offset, f.pieces.clone());
+                writes.spawn(async move { tgt.write_pieces(offset, raw, pieces).await });
+            }
+            while let Some(r) = writes.join_next().await {
+                pool.give(r.map_err(EngineError::Task)??);
             }
             Ok::<_, EngineError>((written, bytes, group.len() as u64))
         });
@@ -368,8 +503,9 @@ pub async fn restore<S: Sink>(
     }
     stats.bytes_written = done;
     match &*tgt {
-        Target::File(f, _) => {
-            let f = f.clone();
+        Target::File { buffered, .. } => {
+            // One fsync covers both handles' writes (same inode).
+            let f = buffered.clone();
             tokio::task::spawn_blocking(move || f.sync_all())
                 .await
                 .map_err(EngineError::Task)?
@@ -479,6 +615,7 @@ async fn restore_qcow2<S: Sink>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ops::Range;
 
     fn frame(pos: u64, frame_len: u32, len: u32) -> FrameRead {
         FrameRead {
@@ -511,5 +648,78 @@ mod tests {
         assert_eq!(coalesce(&f).len(), 2);
         assert_eq!(coalesce(&f[..1]).len(), 1);
         assert!(coalesce(&[]).is_empty());
+    }
+    /// A decoded frame of `len` bytes (byte i = (seed + i) % 251) at an aligned address.
+    fn decoded(len: usize, seed: usize) -> Decoded {
+        let mut buf = vec![0u8; len + ALIGN];
+        let start = buf.as_ptr().align_offset(ALIGN);
+        for (i, b) in buf[start..start + len].iter_mut().enumerate() {
+            *b = ((seed + i) % 251) as u8;
+        }
+        Decoded { buf, start, len }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn raw_file_target_writes_aligned_pieces_directly_and_the_rest_buffered() {
+        // In the source tree, not /tmp: tmpfs (a common /tmp) has no O_DIRECT, and the direct
+        // path is what this tests.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
+        let path = dir.path().join("out.raw");
+        let size = 2 << 20;
+        // Frame A at 0 (1 MiB): aligned pieces (direct) and unaligned ones (buffered) side
+        // by side; frame B at an unaligned base, whole.
+        let a: Vec<Range<u64>> = vec![
+            0..4096,
+            4608..9216,
+            16384..278_528,
+            278_628..278_728,
+            282_624..(1 << 20),
+        ];
+        let (b_base, b_len) = (1_300_001u64, 10_000usize);
+        let b: Vec<Range<u64>> = std::iter::once(b_base..b_base + b_len as u64).collect();
+        let data: crate::extent::ExtentMap = a
+            .iter()
+            .chain(&b)
+            .map(|r| crate::extent::Extent {
+                start: r.start,
+                end: r.end,
+                flags: 0,
+            })
+            .collect();
+        let tgt = Target::raw_file(&path, size, &data).expect("target");
+        let Target::File {
+            direct, buffered, ..
+        } = &tgt
+        else {
+            panic!("not a file target")
+        };
+        assert!(
+            direct.is_some(),
+            "no O_DIRECT/io_uring on the filesystem of {}: the direct path is untested",
+            dir.path().display()
+        );
+        let buffered = buffered.clone();
+        tgt.write_pieces(0, decoded(1 << 20, 0), a.clone())
+            .await
+            .expect("frame A");
+        tgt.write_pieces(b_base, decoded(b_len, 7), b.clone())
+            .await
+            .expect("frame B");
+        buffered.sync_all().expect("fsync");
+        let got = std::fs::read(&path).expect("read back");
+        assert_eq!(got.len() as u64, size);
+        for (i, byte) in got.iter().enumerate() {
+            let i = i as u64;
+            let want = if a.iter().any(|r| r.contains(&i)) {
+                (i % 251) as u8
+            } else if b[0].contains(&i) {
+                ((7 + i - b_base) % 251) as u8
+            } else {
+                0
+            };
+            assert_eq!(*byte, want, "byte {i}");
+        }
+        // Refused when the file exists: a restore never overwrites.
+        assert!(Target::raw_file(&path, size, &data).is_err());
     }
 }
