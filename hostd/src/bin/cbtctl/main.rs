@@ -37,6 +37,32 @@ enum LevelArg {
     Incremental,
 }
 
+/// Tuning of the copy (the defaults suit most hosts).
+#[derive(clap::Args, Clone)]
+struct Tuning {
+    /// Largest NBD read and stored frame, in bytes: a power of two, 4 KiB..4 MiB.
+    #[arg(long, default_value_t = BackupOptions::default().chunk_size)]
+    chunk_size: u32,
+    /// NBD connections to the export (when it allows several).
+    #[arg(long, default_value_t = BackupOptions::default().connections)]
+    connections: usize,
+    /// Chunks being read, compressed or written at once (bounds memory: about
+    /// in-flight × chunk size × 2).
+    #[arg(long, default_value_t = BackupOptions::default().in_flight)]
+    in_flight: usize,
+}
+
+impl Tuning {
+    fn options(&self) -> BackupOptions {
+        BackupOptions {
+            chunk_size: self.chunk_size,
+            connections: self.connections.max(1),
+            in_flight: self.in_flight.max(1),
+            ..BackupOptions::default()
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     #[command(flatten)]
@@ -61,6 +87,8 @@ enum Command {
         /// Where scratch images and QEMU's NBD socket go (on the QEMU host).
         #[arg(long, default_value = "/var/lib/cbt/work")]
         work_dir: PathBuf,
+        #[command(flatten)]
+        tuning: Tuning,
     },
     /// Back up disks of a libvirt domain (running or shut off) through libvirt checkpoints
     /// and a pull-mode backup job. Disk ids on the sink are `<domain uuid>.<target>`.
@@ -86,6 +114,8 @@ enum Command {
         scratch_dir: PathBuf,
         #[arg(long, default_value = libcbt::source::libvirt::DEFAULT_URI)]
         connect: String,
+        #[command(flatten)]
+        tuning: Tuning,
     },
     /// Delete every checkpoint cbt created on a libvirt domain (to hand it over to another
     /// tool); the next cbt backup of it is a full.
@@ -266,6 +296,7 @@ async fn main() -> Result<()> {
             level,
             id,
             work_dir,
+            tuning,
         } => {
             let sink = LocalSink::open(&sink)?;
             let q = Arc::new(
@@ -281,15 +312,8 @@ async fn main() -> Result<()> {
             let requested = requested(level);
             let id = id.unwrap_or_else(timestamp_id);
             let t = Instant::now();
-            let result = job::backup_qemu(
-                &source,
-                &sink,
-                &id,
-                &specs,
-                requested,
-                &BackupOptions::default(),
-            )
-            .await;
+            let result =
+                job::backup_qemu(&source, &sink, &id, &specs, requested, &tuning.options()).await;
             source.close().await?;
             let results = result?;
             if json {
@@ -314,6 +338,7 @@ async fn main() -> Result<()> {
             quiesce,
             scratch_dir,
             connect,
+            tuning,
         } => {
             use libcbt::source::libvirt::{blocking, LibvirtSource};
             let sink = LocalSink::open(&sink)?;
@@ -329,7 +354,7 @@ async fn main() -> Result<()> {
                 observer: None,
             };
             let t = Instant::now();
-            let r = job::backup_libvirt(&src, &sink, &job, &BackupOptions::default()).await?;
+            let r = job::backup_libvirt(&src, &sink, &job, &tuning.options()).await?;
             if json {
                 let v: Vec<_> = r
                     .disks
