@@ -905,7 +905,11 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
         target: "ratio ≤ 1.2".into(),
         extra: serde_json::Value::Null,
     };
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("CBT_BENCH_KEEP").is_some() {
+        eprintln!("backup: kept {} (CBT_BENCH_KEEP)", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(vec![full, incremental, restore])
 }
 

@@ -119,7 +119,7 @@ impl Pool {
 
 /// Buffers a [`Pool`] keeps for reuse at most, and their total capacity at most.
 const MAX_POOLED: usize = 64;
-const MAX_POOLED_BYTES: usize = 64 << 20;
+const MAX_POOLED_BYTES: usize = 32 << 20;
 
 /// A random 128-bit id (segment names), from the standard library's per-process random keys.
 pub(crate) fn random_u128() -> u128 {

@@ -219,7 +219,13 @@ impl Sink for LocalSink {
         blocking("writing", name, move || write_atomic(&path, &n, &data)).await
     }
 
-    async fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, SinkError> {
+    async fn get_range_into(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>, SinkError> {
         let path = self.path(name)?;
         let n = name.to_string();
         let want = usize::try_from(len).map_err(|_| SinkError::TooLarge {
@@ -247,7 +253,7 @@ impl Sink for LocalSink {
             })
             .await?;
             return uring
-                .read(Arc::new(file), want, offset)
+                .read_into(Arc::new(file), buf, want, offset)
                 .await
                 .map_err(|e| SinkError::io("reading", &n, e));
         }
@@ -266,7 +272,7 @@ impl Sink for LocalSink {
                     got: size.saturating_sub(offset),
                 });
             }
-            let mut buf = vec![0u8; want];
+            buf.resize(want, 0);
             f.read_exact_at(&mut buf, offset)
                 .map_err(|e| SinkError::io("reading", &n, e))?;
             Ok(buf)
@@ -704,6 +710,10 @@ mod tests {
                         let len = (*len).min(expect.len() as u64 - off);
                         let r = sink.get_range("o/seg", off, len).await.expect("range");
                         assert!(r[..] == expect[off as usize..(off + len) as usize], "{backend:?} range {off}+{len}");
+                        // Into a reused buffer longer or shorter than the range, full of junk.
+                        let junk = vec![0x77u8; (len as usize * 3 / 2) ^ 5];
+                        let r = sink.get_range_into("o/seg", off, len, junk).await.expect("range into");
+                        assert!(r[..] == expect[off as usize..(off + len) as usize], "{backend:?} range into {off}+{len}");
                     }
                     files.push(got);
                 }

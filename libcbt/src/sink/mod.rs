@@ -101,6 +101,17 @@ pub trait Sink: Clone + Send + Sync + 'static {
         name: &str,
         offset: u64,
         len: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, SinkError>> + Send {
+        self.get_range_into(name, offset, len, Vec::new())
+    }
+    /// [`get_range`](Sink::get_range) into `buf`, which comes back exactly `len` long: a
+    /// caller reading many ranges reuses its buffers (no allocation, no clearing).
+    fn get_range_into(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: Vec<u8>,
     ) -> impl Future<Output = Result<Vec<u8>, SinkError>> + Send;
     /// Reads a whole object of at most `max` bytes.
     fn get(&self, name: &str, max: u64) -> impl Future<Output = Result<Vec<u8>, SinkError>> + Send;

@@ -255,8 +255,21 @@ impl Uring {
 
     /// Reads exactly `len` bytes at `offset` (an error at end of file).
     pub async fn read(&self, file: Arc<File>, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+        self.read_into(file, Vec::new(), len, offset).await
+    }
+
+    /// [`read`](Self::read) into `buf`, made exactly `len` long (a reused buffer that is long
+    /// enough is not cleared first).
+    pub async fn read_into(
+        &self,
+        file: Arc<File>,
+        mut buf: Vec<u8>,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<Vec<u8>> {
+        buf.resize(len, 0);
         let (r, b) = self
-            .submit(Kind::Read, file, Some(Buf::Plain(vec![0u8; len])), offset)
+            .submit(Kind::Read, file, Some(Buf::Plain(buf)), offset)
             .await;
         r?;
         match b {
