@@ -42,7 +42,8 @@ install:
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed; set a token hash in /etc/cbt/hostd.toml (cbt-hostd --hash-token TOKEN), then: systemctl enable --now cbt-hostd"
 
-# Side-by-side benchmarks against nbdcopy and nbdinfo; results in bench/results/.
+# Side-by-side benchmarks against nbdcopy, nbdinfo, qemu-img and virtnbdbackup (≈ 12 min);
+# results in bench/results/.
 bench: deps
 	$(CARGO) build --release --locked -p cbt-bench -p cbt-hostd
 	./target/release/cbt-bench all --out bench/results/latest.json

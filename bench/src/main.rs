@@ -40,7 +40,7 @@ enum Cmd {
     /// Dirty-bitmap walk of N scattered extents on a large disk: libcbt vs nbdinfo --map.
     BlockStatus(BlockStatusArgs),
     /// Backups through QMP of an 8 GiB qcow2 in qemu-storage-daemon: full vs nbdcopy to a raw
-    /// file, 1% incremental, restore of a 10-deep chain vs a single full.
+    /// file, 1% incremental, restore of a 31-deep chain vs a single full.
     Backup(BackupArgs),
     /// B6: zero check + lz4 + crc32 frame encode/decode throughput on one core, per kind of
     /// block (random; half: each 512 B = 256 random + 256 text; text; zero).
