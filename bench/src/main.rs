@@ -917,7 +917,6 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
 /// evenly over the disk, each filled with one byte pattern (cheap to make and to store: this
 /// scenario measures what the disk size costs, not compression).
 fn scale_image(workdir: &Path, size: u64, pct: f64) -> Result<PathBuf> {
-    use std::io::Write;
     std::fs::create_dir_all(workdir)?;
     let img = workdir.join(format!("scale-{size}-{pct}.qcow2"));
     if img.exists() {
@@ -941,19 +940,7 @@ fn scale_image(workdir: &Path, size: u64, pct: f64) -> Result<PathBuf> {
     for i in 0..n {
         cmds += &format!("write -q -P {} {} 1M\n", 1 + i % 255, i * stride);
     }
-    let mut c = Command::new("qemu-io")
-        .args(["-t", "unsafe", "-f", "qcow2"])
-        .arg(&tmp)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()?;
-    c.stdin
-        .take()
-        .context("stdin")?
-        .write_all(cmds.as_bytes())?;
-    if !c.wait()?.success() {
-        bail!("qemu-io on {} failed", tmp.display());
-    }
+    qemu_io_script(&tmp, &cmds)?;
     std::fs::rename(&tmp, &img)?;
     Ok(img)
 }
@@ -1138,7 +1125,6 @@ fn wait_idle(domain: &str) -> Result<()> {
 /// Dirties `pct`% of both images identically in scattered 64 KiB writes (offline, through
 /// qemu-io, which also sets the persistent bitmaps).
 fn dirty_images(images: &[&Path], size: u64, pct: f64, rng: &mut SmallRng) -> Result<u64> {
-    use std::io::Write;
     let n = ((size as f64 * pct / 100.0) / 65536.0) as u64;
     let mut cmds = String::new();
     for _ in 0..n {
@@ -1146,21 +1132,28 @@ fn dirty_images(images: &[&Path], size: u64, pct: f64, rng: &mut SmallRng) -> Re
         cmds += &format!("write -q -P {} {off} 64k\n", rng.gen_range(1..=255u8));
     }
     for img in images {
-        let mut c = Command::new("qemu-io")
-            .args(["-t", "unsafe", "-f", "qcow2"])
-            .arg(img)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()?;
-        c.stdin
-            .take()
-            .context("stdin")?
-            .write_all(cmds.as_bytes())?;
-        if !c.wait()?.success() {
-            bail!("qemu-io on {} failed", img.display());
-        }
+        qemu_io_script(img, &cmds)?;
     }
     Ok(n * 65536)
+}
+
+/// Runs `cmds` (one qemu-io command a line) on the qcow2 `img`, offline.
+fn qemu_io_script(img: &Path, cmds: &str) -> Result<()> {
+    use std::io::Write;
+    let mut c = Command::new("qemu-io")
+        .args(["-t", "unsafe", "-f", "qcow2"])
+        .arg(img)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    c.stdin
+        .take()
+        .context("stdin")?
+        .write_all(cmds.as_bytes())?;
+    if !c.wait()?.success() {
+        bail!("qemu-io on {} failed", img.display());
+    }
+    Ok(())
 }
 
 fn sh(cmd: String) -> Vec<String> {
