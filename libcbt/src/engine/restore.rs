@@ -18,17 +18,20 @@ pub const MAX_CHAIN: usize = 10_000;
 /// Largest index object read (32 bytes an entry: 2^25 entries).
 pub const MAX_INDEX: u64 = 1 << 30;
 /// Frames read together when they are adjacent in one segment.
-const MAX_COALESCED_READ: u64 = 4 << 20;
+const MAX_COALESCED_READ: u64 = 2 << 20;
 /// Largest decoded size of one coalesced group.
-const MAX_COALESCED_RAW: u64 = 8 << 20;
+const MAX_COALESCED_RAW: u64 = 4 << 20;
 /// Concurrent writes into a raw-file target (mostly O_DIRECT through io_uring: the disk
 /// needs several in flight; synchronous O_DIRECT writes into a sparse ext4 file serialize on
 /// its inode lock).
-const FILE_WRITERS: usize = 16;
+const FILE_WRITERS: usize = 32;
 /// Alignment of O_DIRECT writes (memory, offset and length).
 const ALIGN: usize = 4096;
-/// Groups of frames being read, decoded and written at once.
-const RESTORE_PARALLEL: usize = 6;
+/// Groups of frames being read, decoded and written at once. With O_DIRECT writes the disk
+/// wants depth: 10 smaller groups (2 MiB read, 4 MiB decoded) against 6 of twice the size
+/// restored a 31-deep chain of an 8 GiB disk in 4.8-5.4 s instead of 4.9-5.3 s by hand, and
+/// peaked at 150-168 MiB RSS instead of 168-212 MiB.
+const RESTORE_PARALLEL: usize = 10;
 
 /// Where a restore writes.
 #[derive(Debug, Clone)]
