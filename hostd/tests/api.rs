@@ -145,6 +145,25 @@ fn committed(sink: &Path) -> Vec<Manifest> {
     all
 }
 
+/// Checks that the sink at `sink_dir` holds exactly its committed backups (no stray object)
+/// and returns their manifests.
+fn only_committed(rt: &tokio::runtime::Runtime, sink_dir: &Path) -> Vec<Manifest> {
+    let all = committed(sink_dir);
+    rt.block_on(assert_sink_holds_only(
+        &LocalSink::open(sink_dir).expect("sink"),
+        &all.iter().collect::<Vec<_>>(),
+    ));
+    all
+}
+
+/// The checkpoint the newest of `all` names: the one a domain must keep.
+fn newest_checkpoint(all: &[Manifest]) -> String {
+    all.iter()
+        .max_by_key(|m| m.finished_unix_ms)
+        .and_then(|m| m.checkpoint.clone())
+        .expect("newest backup's checkpoint")
+}
+
 #[test]
 fn api_backups_restores_tenants_bad_input_and_sigterm() {
     let _g = serial();
@@ -536,12 +555,8 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
     assert_eq!(last["state"], "cancelled", "{last}");
     // Nothing of the cancelled backup is left: checkpoint, scratch, objects.
     let sink_dir = h.dir.path().join("sink");
-    let all = committed(&sink_dir);
+    let all = only_committed(&rt, &sink_dir);
     assert_eq!(all.len(), 2);
-    rt.block_on(assert_sink_holds_only(
-        &LocalSink::open(&sink_dir).expect("sink"),
-        &all.iter().collect::<Vec<_>>(),
-    ));
     assert_eq!(a.checkpoints(), vec![format!("cbt-{backup2}")]);
     let left = walk(&h.dir.path().join("state/scratch"));
     assert!(left.is_empty(), "{left:?}");
@@ -580,19 +595,8 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         ["cancelled", "succeeded"].contains(&v["job"]["state"].as_str().unwrap_or("")),
         "{v}"
     );
-    let all = committed(&sink_dir);
-    rt.block_on(assert_sink_holds_only(
-        &LocalSink::open(&sink_dir).expect("sink"),
-        &all.iter().collect::<Vec<_>>(),
-    ));
-    let newest = all
-        .iter()
-        .max_by_key(|m| m.finished_unix_ms)
-        .expect("newest");
-    assert_eq!(
-        a.checkpoints(),
-        vec![newest.checkpoint.clone().expect("checkpoint")]
-    );
+    let all = only_committed(&rt, &sink_dir);
+    assert_eq!(a.checkpoints(), vec![newest_checkpoint(&all)]);
     assert!(h.log().contains("stopping"), "{}", h.log());
 }
 
@@ -728,19 +732,11 @@ fn kill_9_at_any_point_of_a_backup_loses_nothing() {
         *outcomes.entry(format!("{phase}→{state}")).or_default() += 1;
         // Nothing stray: the sink holds exactly its committed backups, the domain exactly the
         // checkpoint of the newest one, no job, no scratch.
-        let all = committed(&sink_dir);
-        rt.block_on(assert_sink_holds_only(
-            &LocalSink::open(&sink_dir).expect("sink"),
-            &all.iter().collect::<Vec<_>>(),
-        ));
-        let newest = all
-            .iter()
-            .max_by_key(|m| m.finished_unix_ms)
-            .expect("newest");
+        let all = only_committed(&rt, &sink_dir);
         let log = h.log();
         assert_eq!(
             dom.checkpoints(),
-            vec![newest.checkpoint.clone().expect("cp")],
+            vec![newest_checkpoint(&all)],
             "round {i} ({phase}); daemon log: {}",
             &log[log.len().saturating_sub(4000)..]
         );

@@ -180,18 +180,9 @@ pub fn encode_frame(
     raw: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<FrameHeader, FormatError> {
-    encode_frame_with(offset, raw, &mut Vec::new(), out)
-}
-
-/// [`encode_frame`] with a caller-kept `scratch` buffer for the compressor.
-pub fn encode_frame_with(
-    offset: u64,
-    raw: &[u8],
-    scratch: &mut Vec<u8>,
-    out: &mut Vec<u8>,
-) -> Result<FrameHeader, FormatError> {
-    let (header, n) = encode_frame_in_place(offset, raw, scratch)?;
-    out.extend_from_slice(&scratch[..n]);
+    let mut frame = Vec::new();
+    let (header, n) = encode_frame_in_place(offset, raw, &mut frame)?;
+    out.extend_from_slice(&frame[..n]);
     Ok(header)
 }
 
