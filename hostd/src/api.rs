@@ -33,6 +33,7 @@ use serde_json::{json, Value};
 use crate::config::{token_hash, valid_name};
 use crate::inventory::{self, Instance};
 use crate::jobs::{self, JobStatus, RestoreTo, Work};
+use crate::safe_fs;
 use crate::state::AppState;
 
 /// An API error: status, stable code, message.
@@ -214,6 +215,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
 async fn instances_of(st: &AppState) -> ApiResult<Vec<Instance>> {
     let src = st
         .libvirt()
+        .await
         .ok_or_else(|| ApiError::unavailable("libvirt is unreachable"))?;
     inventory::list(&st.cfg, &src)
         .await
@@ -224,6 +226,7 @@ async fn instances_of(st: &AppState) -> ApiResult<Vec<Instance>> {
 async fn visible_instance(st: &AppState, c: &Caller, id: &str) -> ApiResult<Instance> {
     let src = st
         .libvirt()
+        .await
         .ok_or_else(|| ApiError::unavailable("libvirt is unreachable"))?;
     match inventory::get(&st.cfg, &src, id)
         .await
@@ -250,6 +253,7 @@ async fn show_instance(
     let i = visible_instance(&st, &c, &id).await?;
     let src = st
         .libvirt()
+        .await
         .ok_or_else(|| ApiError::unavailable("libvirt is unreachable"))?;
     let uuid = i.uuid.clone();
     let checkpoints = libcbt::source::libvirt::blocking(move || src.domain(&uuid)?.checkpoints())
@@ -325,6 +329,29 @@ fn check_backup_id(id: &str) -> ApiResult<()> {
         ));
     }
     Ok(())
+}
+
+fn submit_error(e: jobs::SubmitError) -> ApiError {
+    match e {
+        jobs::SubmitError::InstanceBusy(_) => {
+            ApiError::new(StatusCode::CONFLICT, "busy", e.to_string())
+        }
+        jobs::SubmitError::QueueFull(_) => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
+        }
+        jobs::SubmitError::Journal(_) => ApiError::internal(chain(&e)),
+    }
+}
+
+/// An error and its causes, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
 }
 
 fn accepting(st: &AppState) -> ApiResult<()> {
@@ -414,7 +441,7 @@ async fn start_backup(
         request,
     )
     .await
-    .map_err(ApiError::internal)?;
+    .map_err(submit_error)?;
     Ok(accepted(&job))
 }
 
@@ -429,7 +456,7 @@ struct BackupsQuery {
 /// Tenant of the instance with `uuid`: from libvirt if it still exists, else from the domain
 /// XML saved with its newest backup on `sink`.
 async fn tenant_of_uuid(st: &AppState, sink: &LocalSink, uuid: &str) -> Option<String> {
-    if let Some(src) = st.libvirt() {
+    if let Some(src) = st.libvirt().await {
         if let Ok(Some(i)) = inventory::get(&st.cfg, &src, uuid).await {
             return i.tenant;
         }
@@ -514,7 +541,7 @@ async fn backups_on(
 
 async fn resolve_uuid(st: &AppState, c: &Caller, instance: &str) -> ApiResult<String> {
     // A live instance by name or UUID; else a UUID of an instance that may be gone.
-    if let Some(src) = st.libvirt() {
+    if let Some(src) = st.libvirt().await {
         if let Ok(Some(i)) = inventory::get(&st.cfg, &src, instance).await {
             if c.sees(i.tenant.as_deref()) {
                 return Ok(i.uuid);
@@ -593,6 +620,8 @@ async fn delete_backup(
     let Query(q) = q?;
     let b = find_backup(&st, &c, &sink, &id, &q.instance).await?;
     let uuid = b["instance"].as_str().unwrap_or_default().to_string();
+    // No backup of this instance may start while its backups are being deleted.
+    let _claim = st.jobs.claim(&uuid).map_err(submit_error)?;
     if st.jobs.all().iter().any(|j| {
         let s = j.snapshot();
         !s.terminal() && s.instance == uuid && s.sink == sink
@@ -676,6 +705,44 @@ struct RestoreReq {
     target: TargetReq,
 }
 
+/// A UUID or Nova's `instance-%08x`: names a staging copy may not take, since instances are
+/// found by them.
+fn reserved_staging_name(name: &str) -> bool {
+    let uuid = name.len() == 36
+        && name.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    let nova = name.len() == 17
+        && name.starts_with("instance-")
+        && name[9..].bytes().all(|b| b.is_ascii_hexdigit());
+    uuid || nova
+}
+
+/// A refused target path: exists → 409, a symlink or outside → 403, else 400.
+fn path_refused(key: &str, e: std::io::Error) -> ApiError {
+    match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            ApiError::new(StatusCode::CONFLICT, "exists", format!("{key}: {e}"))
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{key}: {e}"))
+        }
+        std::io::ErrorKind::NotFound => {
+            ApiError::bad(format!("{key}: parent directory does not exist"))
+        }
+        _ => ApiError::bad(format!("{key}: {e}")),
+    }
+}
+
+async fn blocking_io<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
 async fn backup_targets(
     st: &AppState,
     c: &Caller,
@@ -728,19 +795,34 @@ async fn start_restore(
                     )))
                 }
             };
-            jobs::allowed_restore_path(&st.cfg.server.restore_dirs, path)
+            let (root, rel) = safe_fs::split_beneath(&st.cfg.server.restore_dirs, path)
                 .map_err(|e| ApiError::bad(format!("target.path: {e}")))?;
-            (
-                one_disk()?,
-                RestoreTo::File {
-                    path: path.clone(),
-                    qcow2,
-                },
-            )
+            let (root, rel) = (root.to_path_buf(), rel);
+            let (r2, l2) = (root.clone(), rel.clone());
+            blocking_io(move || safe_fs::check_new_beneath(&r2, &l2))
+                .await
+                .map_err(|e| path_refused("target.path", e))?;
+            (one_disk()?, RestoreTo::File { root, rel, qcow2 })
         }
         TargetReq::Nbd { uri } => {
+            // Raw NBD endpoints are the operator's: a tenant naming one could make the
+            // root daemon write into anything the host reaches.
+            if c.tenant.is_some() {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "NBD targets are for admin tokens only; restore into a file or a staging domain",
+                ));
+            }
             if uri.len() > 1024 || libcbt::nbd::uri::NbdUri::parse(uri).is_err() {
                 return Err(ApiError::bad("target.uri: not an NBD URI"));
+            }
+            if !st.cfg.restore.nbd_allowed(uri) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "target.uri: not in restore.nbd_allow of the configuration",
+                ));
             }
             (one_disk()?, RestoreTo::Nbd { uri: uri.clone() })
         }
@@ -750,21 +832,23 @@ async fn start_restore(
                     "target.name: letters, digits, '-', '_', '.' only",
                 ));
             }
-            let dir = st
+            if reserved_staging_name(name) {
+                return Err(ApiError::bad(
+                    "target.name: a UUID or a Nova instance name (instance-XXXXXXXX) is reserved",
+                ));
+            }
+            let root = st
                 .cfg
                 .server
                 .restore_dirs
                 .first()
                 .ok_or_else(|| ApiError::bad("no restore directory configured"))?
-                .join(name);
-            if dir.exists() {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "exists",
-                    format!("{} exists", dir.display()),
-                ));
-            }
-            if let Some(src) = st.libvirt() {
+                .clone();
+            let (r2, n2) = (root.clone(), PathBuf::from(name));
+            blocking_io(move || safe_fs::check_new_beneath(&r2, &n2))
+                .await
+                .map_err(|e| path_refused("target.name", e))?;
+            if let Some(src) = st.libvirt().await {
                 if let Ok(Some(_)) = inventory::get(&st.cfg, &src, name).await {
                     return Err(ApiError::new(
                         StatusCode::CONFLICT,
@@ -781,7 +865,7 @@ async fn start_restore(
                 disks,
                 RestoreTo::Domain {
                     name: name.clone(),
-                    dir,
+                    root,
                     start: *start,
                 },
             )
@@ -802,7 +886,7 @@ async fn start_restore(
         request,
     )
     .await
-    .map_err(ApiError::internal)?;
+    .map_err(submit_error)?;
     Ok(accepted(&job))
 }
 
@@ -838,7 +922,7 @@ async fn start_verify(
         request,
     )
     .await
-    .map_err(ApiError::internal)?;
+    .map_err(submit_error)?;
     Ok(accepted(&job))
 }
 
@@ -903,7 +987,7 @@ async fn cancel_job(
         ));
     }
     if let Some(j) = st.jobs.get(&id) {
-        j.cancel.store(true, Ordering::SeqCst);
+        j.request_cancel();
     }
     Ok((
         StatusCode::ACCEPTED,

@@ -69,6 +69,27 @@ pub struct Config {
     pub tokens: Vec<TokenCfg>,
     #[serde(default, rename = "instance")]
     pub instances: Vec<InstanceCfg>,
+    #[serde(default)]
+    pub restore: RestoreCfg,
+}
+
+/// What restores may write to besides files under `server.restore_dirs` and new domains.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestoreCfg {
+    /// NBD URIs an admin may restore into: exact URIs, or prefixes ending in `*`
+    /// (`nbd+unix:///vol?socket=/run/cbt/nbd/*`). Tenants never name NBD targets.
+    pub nbd_allow: Vec<String>,
+}
+
+impl RestoreCfg {
+    /// Whether `uri` is on the allow-list.
+    pub fn nbd_allowed(&self, uri: &str) -> bool {
+        self.nbd_allow.iter().any(|a| match a.strip_suffix('*') {
+            Some(prefix) => uri.starts_with(prefix) && !uri[prefix.len()..].contains(".."),
+            None => a == uri,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -137,6 +158,15 @@ impl Default for Libvirt {
 pub struct Limits {
     pub max_jobs: usize,
     pub max_jobs_per_tenant: usize,
+    /// Jobs waiting for a slot, all tenants together; beyond it requests get 429.
+    pub max_queued_jobs: usize,
+    /// Finished jobs kept in memory (older ones are still in the journal).
+    pub keep_finished_jobs: usize,
+    /// Finished jobs are dropped from the journal after this many days.
+    pub journal_retention_days: u64,
+    /// Unreferenced sink objects younger than this are never collected: another host or
+    /// process may be writing the backup that will reference them.
+    pub gc_grace_secs: u64,
 }
 
 impl Default for Limits {
@@ -144,6 +174,10 @@ impl Default for Limits {
         Limits {
             max_jobs: 2,
             max_jobs_per_tenant: 1,
+            max_queued_jobs: 64,
+            keep_finished_jobs: 256,
+            journal_retention_days: 30,
+            gc_grace_secs: 24 * 3600,
         }
     }
 }
@@ -241,6 +275,36 @@ impl Config {
         }
         if self.limits.max_jobs == 0 || self.limits.max_jobs_per_tenant == 0 {
             return Err(bad("limits".into(), "limits must be at least 1"));
+        }
+        if !(1..=100_000).contains(&self.limits.max_queued_jobs) {
+            return Err(bad(
+                "limits.max_queued_jobs".into(),
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.limits.keep_finished_jobs > 100_000 {
+            return Err(bad(
+                "limits.keep_finished_jobs".into(),
+                "must be at most 100000",
+            ));
+        }
+        if self.limits.journal_retention_days == 0 {
+            return Err(bad(
+                "limits.journal_retention_days".into(),
+                "must be at least 1",
+            ));
+        }
+        for (i, a) in self.restore.nbd_allow.iter().enumerate() {
+            let exact = a.strip_suffix('*').unwrap_or(a);
+            if exact.is_empty()
+                || a.len() > 1024
+                || (!a.ends_with('*') && libcbt::nbd::uri::NbdUri::parse(a).is_err())
+            {
+                return Err(bad(
+                    format!("restore.nbd_allow[{i}]"),
+                    "an NBD URI, or a prefix of one ending in '*'",
+                ));
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, k) in self.sinks.iter().enumerate() {

@@ -15,9 +15,10 @@ use libcbt::source::libvirt::{self as lvs, blocking};
 use libcbt::source::qemu::Requested;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::journal::{JobRow, Journal};
+use crate::safe_fs::{self, FileId};
 use crate::state::AppState;
 
 /// What a client sees of a job.
@@ -91,12 +92,21 @@ pub struct Job {
     pub id: String,
     pub tenant: Option<String>,
     pub status: watch::Sender<JobStatus>,
+    /// The job's one cancellation flag, shared with the engine.
     pub cancel: Arc<AtomicBool>,
+    /// Wakes a queued job when it is cancelled (no polling).
+    cancel_wake: Notify,
 }
 
 impl Job {
     pub fn snapshot(&self) -> JobStatus {
         self.status.borrow().clone()
+    }
+
+    /// Asks the job to stop; a queued job ends at once, a running one at its next check.
+    pub fn request_cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        self.cancel_wake.notify_waiters();
     }
 }
 
@@ -123,32 +133,106 @@ pub enum Work {
 
 #[derive(Debug, Clone)]
 pub enum RestoreTo {
-    /// One disk into a new file (raw or qcow2).
-    File { path: PathBuf, qcow2: bool },
-    /// One disk into an NBD export.
+    /// One disk into a new file (raw or qcow2) `rel` beneath the restore directory `root`.
+    File {
+        root: PathBuf,
+        rel: PathBuf,
+        qcow2: bool,
+    },
+    /// One disk into an NBD export (admin only, from the config's allow-list).
     Nbd { uri: String },
-    /// Every disk into a new domain beside the original.
+    /// Every disk into a new domain beside the original, its images in `root/<name>/`.
     Domain {
         name: String,
-        dir: PathBuf,
+        root: PathBuf,
         start: bool,
     },
 }
 
+/// Why a job was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("a backup or deletion of instance {0} is in progress")]
+    InstanceBusy(String),
+    #[error("{0} jobs are queued already; try again later")]
+    QueueFull(usize),
+    #[error("journaling the job")]
+    Journal(#[source] crate::journal::JournalError),
+}
+
+/// The jobs of this daemon's life, their queue and the per-instance locks.
+///
+/// | lock | held by | for |
+/// |---|---|---|
+/// | `live` (std mutex, never across an await) | registry calls | the job map |
+/// | `claims` (std mutex, never across an await) | [`Jobs::claim`] | which instances are taken |
+/// | an [`InstanceClaim`] | a backup job from admission to its end, a deletion while it runs | one backup/delete per instance |
 pub struct Jobs {
     live: Mutex<HashMap<String, Arc<Job>>>,
+    /// Finished job ids, oldest first: dropped from `live` beyond `keep_finished`.
+    finished: Mutex<std::collections::VecDeque<String>>,
+    keep_finished: usize,
     global: Arc<Semaphore>,
     per_tenant: Mutex<HashMap<String, Arc<Semaphore>>>,
     per_tenant_limit: usize,
+    queued: std::sync::atomic::AtomicUsize,
+    max_queued: usize,
+    claims: Arc<Mutex<std::collections::HashSet<String>>>,
+}
+
+/// An instance taken for a backup or a deletion; released when dropped.
+pub struct InstanceClaim {
+    claims: Arc<Mutex<std::collections::HashSet<String>>>,
+    instance: String,
+}
+
+impl Drop for InstanceClaim {
+    fn drop(&mut self) {
+        self.claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.instance);
+    }
 }
 
 impl Jobs {
-    pub fn new(max: usize, per_tenant: usize) -> Jobs {
+    pub fn new(limits: &crate::config::Limits) -> Jobs {
         Jobs {
             live: Mutex::new(HashMap::new()),
-            global: Arc::new(Semaphore::new(max)),
+            finished: Mutex::default(),
+            keep_finished: limits.keep_finished_jobs,
+            global: Arc::new(Semaphore::new(limits.max_jobs)),
             per_tenant: Mutex::new(HashMap::new()),
-            per_tenant_limit: per_tenant,
+            per_tenant_limit: limits.max_jobs_per_tenant,
+            queued: Default::default(),
+            max_queued: limits.max_queued_jobs,
+            claims: Arc::default(),
+        }
+    }
+
+    /// Takes `instance` for a backup or a deletion, or says it is taken.
+    pub fn claim(&self, instance: &str) -> Result<InstanceClaim, SubmitError> {
+        let mut c = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        if !c.insert(instance.to_string()) {
+            return Err(SubmitError::InstanceBusy(instance.to_string()));
+        }
+        Ok(InstanceClaim {
+            claims: self.claims.clone(),
+            instance: instance.to_string(),
+        })
+    }
+
+    /// A job ended: it stays in memory until `keep_finished` newer ones have ended.
+    fn retire(&self, id: &str) {
+        let mut f = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        f.push_back(id.to_string());
+        while f.len() > self.keep_finished {
+            if let Some(old) = f.pop_front() {
+                self.live
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&old);
+            }
         }
     }
 
@@ -239,12 +323,30 @@ pub async fn submit(
     backup_id: &str,
     work: Work,
     request: Value,
-) -> Result<Arc<Job>, crate::journal::JournalError> {
+) -> Result<Arc<Job>, SubmitError> {
     let id = new_job_id();
     let instance = match &work {
         Work::Backup { domain_uuid, .. }
         | Work::Restore { domain_uuid, .. }
         | Work::Verify { domain_uuid, .. } => domain_uuid.clone(),
+    };
+    // Admission: a place in the queue, and the instance for a backup.
+    let jobs = &st.jobs;
+    let queued = jobs.queued.fetch_add(1, Ordering::SeqCst);
+    let unqueue = || jobs.queued.fetch_sub(1, Ordering::SeqCst);
+    if queued >= jobs.max_queued {
+        unqueue();
+        return Err(SubmitError::QueueFull(queued));
+    }
+    let claim = match &work {
+        Work::Backup { .. } => match jobs.claim(&instance) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                unqueue();
+                return Err(e);
+            }
+        },
+        _ => None,
     };
     let row = JobRow {
         id: id.clone(),
@@ -263,9 +365,14 @@ pub async fn submit(
     };
     let j2 = st.journal.clone();
     let r2 = row.clone();
-    tokio::task::spawn_blocking(move || j2.insert(&r2))
+    let inserted = tokio::task::spawn_blocking(move || j2.insert(&r2))
         .await
-        .map_err(|_| crate::journal::JournalError(rusqlite::Error::InvalidQuery))??;
+        .map_err(|_| crate::journal::JournalError(rusqlite::Error::InvalidQuery))
+        .and_then(|r| r);
+    if let Err(e) = inserted {
+        unqueue();
+        return Err(SubmitError::Journal(e));
+    }
     let mut status = JobStatus::from_row(&row);
     status.phase = "queued".into();
     let job = Arc::new(Job {
@@ -273,6 +380,7 @@ pub async fn submit(
         tenant,
         status: watch::Sender::new(status),
         cancel: Arc::new(AtomicBool::new(false)),
+        cancel_wake: Notify::new(),
     });
     st.jobs
         .live
@@ -288,7 +396,11 @@ pub async fn submit(
     );
     let span = tracing::info_span!("job", job = %id, kind, instance = %instance);
     tokio::spawn(tracing::Instrument::instrument(
-        async move { run(st2, job2, sink2, bid, work).await },
+        async move {
+            let _claim = claim;
+            run(st2.clone(), job2.clone(), sink2, bid, work).await;
+            st2.jobs.retire(&job2.id);
+        },
         span,
     ));
     Ok(job)
@@ -335,8 +447,9 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, 
             let b = st.jobs.global.clone().acquire_owned().await;
             (a, b)
         } => Some(p),
-        _ = wait_cancel(&job.cancel) => None,
+        _ = wait_cancel(&job) => None,
     };
+    st.jobs.queued.fetch_sub(1, Ordering::SeqCst);
     st.metrics.jobs_queued.dec();
     let Some((Ok(_a), Ok(_b))) = permits else {
         finish(
@@ -407,7 +520,7 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, 
             finish(&st, &job, "succeeded", None, Some(result)).await
         }
         Err((e, kind)) => {
-            let state = if job.cancel.load(Ordering::SeqCst) {
+            let state = if kind != "journal" && job.cancel.load(Ordering::SeqCst) {
                 "cancelled"
             } else {
                 st.metrics.error(kind);
@@ -419,9 +532,18 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, 
     }
 }
 
-async fn wait_cancel(c: &AtomicBool) {
-    while !c.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// Returns once `job` is cancelled: woken by [`Job::request_cancel`]; a slow poll catches a
+/// flag set directly.
+async fn wait_cancel(job: &Job) {
+    loop {
+        let woken = job.cancel_wake.notified();
+        if job.cancel.load(Ordering::SeqCst) {
+            return;
+        }
+        tokio::select! {
+            _ = woken => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 
@@ -473,7 +595,8 @@ async fn run_backup(
 ) -> JobResult {
     let src = st
         .libvirt()
-        .ok_or(("libvirt is not enabled on this host".to_string(), "config"))?;
+        .await
+        .ok_or(("libvirt is disabled or unreachable".to_string(), "libvirt"))?;
     let started = Instant::now();
     let planned: Arc<Mutex<Vec<String>>> = Arc::default();
     let paused = Arc::new(AtomicBool::new(false));
@@ -484,14 +607,25 @@ async fn run_backup(
         job.id.clone(),
     );
     let pz = paused.clone();
+    let journal_failed: Arc<Mutex<Option<String>>> = Arc::default();
+    let jf = journal_failed.clone();
+    // A plan that is not durable is a job that cannot be recovered: stop it (the engine rolls
+    // back at its next cancellation check) before it touches anything more.
+    let durable = move |job: &Job, plan: Value| {
+        let r = tokio::task::block_in_place(|| jr.set_plan(&id, &plan));
+        if let Err(e) = r {
+            tracing::error!(error = %e, "journaling the plan failed; stopping the job");
+            *jf.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(format!("journaling the job's plan failed: {e}"));
+            job.request_cancel();
+        }
+    };
     let obs = Observer(Arc::new(move |e: JobEvent| {
         match &e {
             JobEvent::Phase { phase } => {
                 if *phase == "starting" {
                     // From here libvirt may create a checkpoint and a job that outlive us.
-                    if let Err(e) = jr.set_plan(&id, &json!({"phase": "starting"})) {
-                        tracing::error!(error = %e, "journaling the plan failed");
-                    }
+                    durable(&j2, json!({"phase": "starting"}));
                 }
                 if *phase == "copying" {
                     // The plan is durable before any byte is copied: recovery needs it.
@@ -500,9 +634,7 @@ async fn run_backup(
                         "disks": *p2.lock().unwrap_or_else(|e| e.into_inner()),
                         "started_paused": pz.load(Ordering::SeqCst),
                     });
-                    if let Err(e) = jr.set_plan(&id, &plan) {
-                        tracing::error!(error = %e, "journaling the plan failed");
-                    }
+                    durable(&j2, plan);
                 }
                 update(&j2, |s| s.phase = (*phase).into());
             }
@@ -553,9 +685,15 @@ async fn run_backup(
         cancel: Some(job.cancel.clone()),
         ..Default::default()
     };
-    let r = job::backup_libvirt(&src, sink, &lj, &opts)
-        .await
-        .map_err(|e| (chain(&e), job_err_kind(&e)))?;
+    let r = job::backup_libvirt(&src, sink, &lj, &opts).await;
+    if let Some(e) = journal_failed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        return Err((e, "journal"));
+    }
+    let r = r.map_err(|e| (chain(&e), job_err_kind(&e)))?;
     let mut disks = Vec::new();
     for d in &r.disks {
         let m = &d.manifest;
@@ -630,6 +768,66 @@ async fn run_verify(
     Ok(json!({ "ok": true, "disks": out }))
 }
 
+/// What a restore created, journaled as it goes: recovery removes exactly these and nothing
+/// else (a name someone else reused since is left alone).
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct RestoreLedger {
+    /// The configured restore directory everything below is relative to.
+    pub root: PathBuf,
+    /// A directory we made for a staging copy.
+    #[serde(default)]
+    pub dir: Option<Made>,
+    /// Files we made, in order.
+    #[serde(default)]
+    pub files: Vec<Made>,
+    /// The staging domain: its UUID is chosen and journaled before it is defined.
+    #[serde(default)]
+    pub domain: Option<StagingDomain>,
+}
+
+/// Something a job made beneath the restore directory.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Made {
+    pub rel: PathBuf,
+    pub id: FileId,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct StagingDomain {
+    pub name: String,
+    pub uuid: String,
+}
+
+/// A random RFC 4122 version 4 UUID.
+pub fn new_uuid() -> String {
+    use rand::{Rng, SeedableRng};
+    let mut b: [u8; 16] = rand::rngs::SmallRng::from_entropy().gen();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Removes what `ledger` says a restore made, newest first, each only if it is still ours.
+fn undo_restore(ledger: &RestoreLedger) -> Vec<String> {
+    let mut gone = Vec::new();
+    for m in ledger.files.iter().rev().chain(ledger.dir.iter()) {
+        match safe_fs::remove_beneath(&ledger.root, &m.rel, m.id) {
+            Ok(true) => gone.push(m.rel.display().to_string()),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(path = %m.rel.display(), error = %e, "could not remove"),
+        }
+    }
+    gone
+}
+
 async fn run_restore(
     st: &Arc<AppState>,
     job: &Arc<Job>,
@@ -639,37 +837,76 @@ async fn run_restore(
     disks: &[String],
     target: RestoreTo,
 ) -> JobResult {
-    let plan_files =
-        |files: &[PathBuf], domain: Option<&str>| json!({"files": files, "domain": domain});
-    let journal_plan = |plan: Value| {
+    let journal_plan = |ledger: &RestoreLedger| {
         let (j, id) = (st.journal.clone(), job.id.clone());
+        let plan = serde_json::to_value(ledger).unwrap_or_default();
         async move {
-            let _ = tokio::task::spawn_blocking(move || j.set_plan(&id, &plan)).await;
+            tokio::task::spawn_blocking(move || j.set_plan(&id, &plan))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map_err(|e| (format!("journaling the restore plan: {e}"), "journal"))
         }
     };
     let progress = |disk: String| {
         let j = job.clone();
         move |p: engine::Progress| update(&j, |s| s.disk_progress(&disk, p.done, p.total))
     };
+    let work_dir = st.cfg.server.state_dir.join("restore-sockets");
+    let private_dir = || -> Result<(), (String, &'static str)> {
+        use std::os::unix::fs::DirBuilderExt;
+        match std::fs::DirBuilder::new().mode(0o700).create(&work_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err((format!("{}: {e}", work_dir.display()), "io")),
+        }
+    };
     match target {
-        RestoreTo::File { path, qcow2 } => {
+        RestoreTo::File { root, rel, qcow2 } => {
             let t = &disks[0];
-            journal_plan(plan_files(std::slice::from_ref(&path), None)).await;
+            let mut ledger = RestoreLedger {
+                root: root.clone(),
+                ..Default::default()
+            };
+            let created = blocking_io({
+                let (root, rel) = (root.clone(), rel.clone());
+                move || safe_fs::create_beneath(&root, &rel)
+            })
+            .await
+            .map_err(|e| {
+                (
+                    format!("target.path {}: {e}", root.join(&rel).display()),
+                    "io",
+                )
+            })?;
+            ledger.files.push(Made {
+                rel: rel.clone(),
+                id: created.id,
+            });
+            if let Err(e) = journal_plan(&ledger).await {
+                undo_restore(&ledger);
+                return Err(e);
+            }
             update(job, |s| s.phase = "restoring".into());
             let disk = job::libvirt_disk_id(uuid, t);
+            let file = Arc::new(created.file);
             let target = if qcow2 {
-                RestoreTarget::Qcow2(path.clone())
+                private_dir()?;
+                RestoreTarget::Qcow2Opened {
+                    file,
+                    work_dir: work_dir.clone(),
+                }
             } else {
-                RestoreTarget::RawFile(path.clone())
+                RestoreTarget::RawOpened(file)
             };
             let p = progress(disk.clone());
-            let r = engine::restore(sink, &disk, backup_id, &target, Some(&p)).await;
-            match r {
+            let path = root.join(&rel);
+            match engine::restore(sink, &disk, backup_id, &target, Some(&p)).await {
                 Ok(s) => Ok(
                     json!({"disk": disk, "path": path, "bytes_written": s.bytes_written, "chain_len": s.chain_len}),
                 ),
                 Err(e) => {
-                    let _ = std::fs::remove_file(&path);
+                    undo_restore(&ledger);
                     Err((chain(&e), "engine"))
                 }
             }
@@ -692,46 +929,74 @@ async fn run_restore(
                 json!({"disk": disk, "uri": uri, "bytes_written": s.bytes_written, "chain_len": s.chain_len}),
             )
         }
-        RestoreTo::Domain { name, dir, start } => {
+        RestoreTo::Domain { name, root, start } => {
             let src = st
                 .libvirt()
-                .ok_or(("libvirt is not enabled".to_string(), "config"))?;
+                .await
+                .ok_or(("libvirt is disabled or unreachable".to_string(), "libvirt"))?;
             let xml_obj = job::domain_xml_name(uuid, backup_id);
             let xml = sink
                 .get(&xml_obj, 16 << 20)
                 .await
                 .map_err(|e| (format!("domain XML of the backup: {}", chain(&e)), "sink"))?;
             let xml = String::from_utf8_lossy(&xml).into_owned();
-            let files: Vec<PathBuf> = disks
-                .iter()
-                .map(|t| dir.join(format!("{t}.qcow2")))
-                .collect();
-            journal_plan(plan_files(&files, Some(&name))).await;
-            let cleanup = |files: &[PathBuf]| {
-                for f in files {
-                    let _ = std::fs::remove_file(f);
-                }
-                let _ = std::fs::remove_dir(&dir);
+            let new_uuid = new_uuid();
+            let mut ledger = RestoreLedger {
+                root: root.clone(),
+                domain: Some(StagingDomain {
+                    name: name.clone(),
+                    uuid: new_uuid.clone(),
+                }),
+                ..Default::default()
             };
-            std::fs::create_dir_all(&dir).map_err(|e| (format!("{}: {e}", dir.display()), "io"))?;
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
-            }
-            for (t, f) in disks.iter().zip(&files) {
+            private_dir()?;
+            // The staging directory must be searchable by QEMU's user; the images are
+            // handed to it by libvirt's labelling.
+            let dir_id = blocking_io({
+                let (root, name) = (root.clone(), name.clone());
+                move || safe_fs::mkdir_beneath(&root, Path::new(&name), 0o711)
+            })
+            .await
+            .map_err(|e| (format!("{}: {e}", root.join(&name).display()), "io"))?;
+            ledger.dir = Some(Made {
+                rel: PathBuf::from(&name),
+                id: dir_id,
+            });
+            journal_plan(&ledger).await.inspect_err(|_| {
+                undo_restore(&ledger);
+            })?;
+            let mut files = Vec::new();
+            for t in disks {
                 update(job, |s| s.phase = format!("restoring {t}"));
-                let disk = job::libvirt_disk_id(uuid, t);
-                let p = progress(disk.clone());
-                if let Err(e) = engine::restore(
-                    sink,
-                    &disk,
-                    backup_id,
-                    &RestoreTarget::Qcow2(f.clone()),
-                    Some(&p),
-                )
+                let rel = Path::new(&name).join(format!("{t}.qcow2"));
+                let created = match blocking_io({
+                    let (root, rel) = (root.clone(), rel.clone());
+                    move || safe_fs::create_beneath(&root, &rel)
+                })
                 .await
                 {
-                    cleanup(&files);
+                    Ok(c) => c,
+                    Err(e) => {
+                        undo_restore(&ledger);
+                        return Err((format!("{}: {e}", root.join(&rel).display()), "io"));
+                    }
+                };
+                ledger.files.push(Made {
+                    rel: rel.clone(),
+                    id: created.id,
+                });
+                journal_plan(&ledger).await.inspect_err(|_| {
+                    undo_restore(&ledger);
+                })?;
+                files.push(root.join(&rel));
+                let disk = job::libvirt_disk_id(uuid, t);
+                let p = progress(disk.clone());
+                let target = RestoreTarget::Qcow2Opened {
+                    file: Arc::new(created.file),
+                    work_dir: work_dir.clone(),
+                };
+                if let Err(e) = engine::restore(sink, &disk, backup_id, &target, Some(&p)).await {
+                    undo_restore(&ledger);
                     return Err((chain(&e), "engine"));
                 }
             }
@@ -745,8 +1010,12 @@ async fn run_restore(
                     .zip(files.iter().cloned())
                     .collect::<Vec<_>>(),
             )
-            .map_err(|e| (e, "xml"))?;
-            let n2 = name.clone();
+            .map(|x| with_uuid(&x, &new_uuid))
+            .map_err(|e| {
+                undo_restore(&ledger);
+                (e, "xml")
+            })?;
+            let (n2, u2) = (name.clone(), new_uuid.clone());
             let r = blocking(move || {
                 let d = src.define(&new_xml)?;
                 if start {
@@ -756,7 +1025,11 @@ async fn run_restore(
                         return Err(e);
                     }
                 }
-                Ok(d.describe()?.uuid)
+                let got = d.describe()?.uuid;
+                if !got.eq_ignore_ascii_case(&u2) {
+                    tracing::error!(domain = %n2, want = %u2, got = %got, "libvirt gave another UUID");
+                }
+                Ok(got)
             })
             .await;
             match r {
@@ -764,7 +1037,7 @@ async fn run_restore(
                     Ok(json!({"domain": name, "uuid": new_uuid, "files": files, "started": start}))
                 }
                 Err(e) => {
-                    cleanup(&files);
+                    undo_restore(&ledger);
                     Err((chain(&e), "libvirt"))
                 }
             }
@@ -772,9 +1045,86 @@ async fn run_restore(
     }
 }
 
+/// `xml` (a domain without `<uuid>`) with `<uuid>` set right after `<name>`.
+fn with_uuid(xml: &str, uuid: &str) -> String {
+    match xml.find("</name>") {
+        Some(i) => {
+            let at = i + "</name>".len();
+            format!("{}<uuid>{uuid}</uuid>{}", &xml[..at], &xml[at..])
+        }
+        None => xml.to_string(),
+    }
+}
+
+/// Runs blocking file-system work off the runtime.
+async fn blocking_io<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Drops jobs that ended more than `limits.journal_retention_days` ago from the journal, now
+/// and every hour while the daemon runs.
+pub fn start_housekeeping(st: &Arc<AppState>) {
+    let st = st.clone();
+    tokio::spawn(async move {
+        loop {
+            let keep_ms = i64::try_from(st.cfg.limits.journal_retention_days)
+                .unwrap_or(i64::MAX / 86_400_000)
+                .saturating_mul(86_400_000);
+            let before = Journal::now_ms().saturating_sub(keep_ms);
+            let j = st.journal.clone();
+            match tokio::task::spawn_blocking(move || j.prune_finished(before)).await {
+                Ok(Ok(n)) if n > 0 => tracing::info!(jobs = n, "old jobs dropped from the journal"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "pruning the journal failed"),
+                Err(e) => tracing::error!(error = %e, "pruning the journal failed"),
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    });
+}
+
 /// Brings what an interrupted job left behind back to a consistent state. Called for every
-/// journaled job still queued or running when the daemon starts, before it serves requests.
+/// journaled job still queued, running or recovering when the daemon starts, before it serves
+/// requests.
+///
+/// A recovery that cannot finish now (libvirt unreachable, a libvirt call failing) does not
+/// close the row: it stays `recovering`, the instance stays claimed (no new backup of it), and
+/// the recovery is retried in the background with backoff until it settles. Returns the state
+/// the row has now.
 pub async fn reconcile(st: &Arc<AppState>, row: &JobRow) -> String {
+    match reconcile_once(st, row).await {
+        Some(state) => state,
+        None => {
+            let claim = st.jobs.claim(&row.instance).ok();
+            let (st, row) = (st.clone(), row.clone());
+            tokio::spawn(async move {
+                let _claim = claim;
+                let mut delay = Duration::from_secs(2);
+                loop {
+                    tokio::time::sleep(delay).await;
+                    if st.shutting_down.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if reconcile_once(&st, &row).await.is_some() {
+                        return;
+                    }
+                    delay = (delay * 2).min(RECOVERY_BACKOFF_MAX);
+                }
+            });
+            "recovering".into()
+        }
+    }
+}
+
+/// The longest pause between two tries of a recovery.
+const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// One try: `Some(state)` once the row is closed, `None` when it is to be tried again.
+async fn reconcile_once(st: &Arc<AppState>, row: &JobRow) -> Option<String> {
     let outcome = match row.kind.as_str() {
         "backup" => reconcile_backup(st, row).await,
         "restore" => reconcile_restore(st, row).await,
@@ -787,21 +1137,60 @@ pub async fn reconcile(st: &Arc<AppState>, row: &JobRow) -> String {
             "interrupted".to_string(),
             Some(format!("interrupted by a daemon restart; {s}")),
         ),
-        Err(e) => (
-            "interrupted".to_string(),
-            Some(format!("interrupted; recovery failed: {e}")),
-        ),
+        Err(e) => {
+            tracing::warn!(job = %row.id, error = %e, "recovery not finished; will retry");
+            let (j, id) = (st.journal.clone(), row.id.clone());
+            let msg = format!("recovery pending: {e}");
+            let _ = tokio::task::spawn_blocking(move || {
+                j.set_state(&id, "recovering", Some(&msg), None)
+            })
+            .await;
+            return None;
+        }
     };
     let (j, id, s2) = (st.journal.clone(), row.id.clone(), state.clone());
-    let _ =
+    let r =
         tokio::task::spawn_blocking(move || j.set_state(&id, &s2, error.as_deref(), None)).await;
+    if !matches!(r, Ok(Ok(()))) {
+        tracing::error!(job = %row.id, "journaling the recovery's outcome failed; will retry");
+        return None;
+    }
     st.metrics.job_ended(&row.kind, &state);
     tracing::info!(job = %row.id, kind = %row.kind, state = %state, "reconciled");
-    state
+    Some(state)
 }
 
 async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, String> {
-    let sink_dir = st.sink_path(&row.sink).ok_or("sink no longer configured")?;
+    let quiesced = row
+        .request
+        .get("quiesce")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    // Whatever else waits, a guest frozen by the dead daemon is thawed first.
+    let src = if st.cfg.libvirt.enabled {
+        let src = st
+            .libvirt()
+            .await
+            .ok_or("libvirt is unreachable: its checkpoint, job and guest are still to settle")?;
+        if quiesced {
+            let (s2, u2) = (src.clone(), row.instance.clone());
+            let _ = blocking(move || {
+                if let Ok(dom) = s2.domain_by_uuid(&u2) {
+                    if dom.is_active()? {
+                        let _ = dom.thaw();
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        }
+        Some(src)
+    } else {
+        None
+    };
+    let Some(sink_dir) = st.sink_path(&row.sink) else {
+        return Ok("its sink is no longer configured; nothing on it was touched".into());
+    };
     let sink = LocalSink::open(&sink_dir).map_err(|e| e.to_string())?;
     let uuid = row.instance.clone();
     let prefix = format!("{uuid}.");
@@ -843,11 +1232,6 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, St
         .and_then(|p| p.get("phase"))
         .and_then(Value::as_str)
         == Some("starting");
-    let quiesced = row
-        .request
-        .get("quiesce")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
     let checkpoint = format!("{}{}", lvs::CHECKPOINT_PREFIX, row.backup_id);
     let scratch = st.cfg.server.scratch().join(&uuid);
 
@@ -872,10 +1256,10 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, St
             let _ = sink.delete(&o).await;
         }
     }
-    if let Some(src) = st.libvirt() {
+    if let Some(src) = src {
         let (u2, cp, scr) = (uuid.clone(), checkpoint.clone(), scratch.clone());
         let r = blocking(move || {
-            let Ok(dom) = src.domain(&u2) else {
+            let Ok(dom) = src.domain_by_uuid(&u2) else {
                 return Ok(()); // domain gone: nothing of ours left in libvirt
             };
             if quiesced && dom.is_active()? {
@@ -942,44 +1326,32 @@ async fn reconcile_restore(st: &Arc<AppState>, row: &JobRow) -> Result<String, S
     let Some(plan) = &row.plan else {
         return Ok("nothing was written".into());
     };
-    if let Some(files) = plan.get("files").and_then(|f| f.as_array()) {
-        for f in files.iter().filter_map(Value::as_str) {
-            let _ = std::fs::remove_file(f);
-        }
-    }
-    if let (Some(name), Some(src)) = (plan.get("domain").and_then(Value::as_str), st.libvirt()) {
-        let n = name.to_string();
-        let _ = blocking(move || {
-            if let Ok(d) = src.domain(&n) {
-                let _ = d.destroy();
-                d.undefine()?;
+    let ledger: RestoreLedger =
+        serde_json::from_value(plan.clone()).map_err(|e| format!("journaled restore plan: {e}"))?;
+    if let Some(d) = &ledger.domain {
+        // Only the domain with the UUID we chose: a name may have been taken since.
+        let src = st
+            .libvirt()
+            .await
+            .ok_or("libvirt is unreachable; the staging domain is still to be removed")?;
+        let u = d.uuid.clone();
+        blocking(move || {
+            if let Ok(dom) = src.domain_by_uuid(&u) {
+                let _ = dom.destroy();
+                dom.undefine()?;
             }
             Ok(())
         })
-        .await;
+        .await
+        .map_err(|e| chain(&e))?;
     }
-    Ok("partial restore output removed".into())
-}
-
-/// Whether a path may be written by a file restore: inside a configured restore directory,
-/// absolute, no `..`, not existing yet.
-pub fn allowed_restore_path(dirs: &[PathBuf], p: &Path) -> Result<(), String> {
-    if !p.is_absolute()
-        || p.components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return Err("path must be absolute, without '..'".into());
-    }
-    if !dirs.iter().any(|d| p.starts_with(d) && p != d) {
-        return Err("path is outside the configured restore directories".into());
-    }
-    if p.exists() {
-        return Err("path exists already".into());
-    }
-    if p.parent().is_some_and(|d| !d.is_dir()) {
-        return Err("parent directory does not exist".into());
-    }
-    Ok(())
+    let gone = tokio::task::spawn_blocking(move || undo_restore(&ledger))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(format!(
+        "partial restore output removed ({} item(s))",
+        gone.len()
+    ))
 }
 
 #[cfg(test)]
@@ -996,18 +1368,5 @@ mod tests {
         assert!(b.starts_with("20"), "{b}");
         assert_eq!(civil(0), (1970, 1, 1));
         assert_eq!(civil(20_454), (2026, 1, 1));
-    }
-
-    #[test]
-    fn restore_paths() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let dirs = vec![d.path().to_path_buf()];
-        assert!(allowed_restore_path(&dirs, &d.path().join("a.raw")).is_ok());
-        assert!(allowed_restore_path(&dirs, &d.path().join("../a.raw")).is_err());
-        assert!(allowed_restore_path(&dirs, Path::new("/etc/passwd")).is_err());
-        assert!(allowed_restore_path(&dirs, Path::new("a.raw")).is_err());
-        assert!(allowed_restore_path(&dirs, &d.path().join("no/such/dir.raw")).is_err());
-        std::fs::write(d.path().join("x"), b"").expect("write");
-        assert!(allowed_restore_path(&dirs, &d.path().join("x")).is_err());
     }
 }

@@ -34,7 +34,9 @@ pub struct JobRow {
     pub finished_ms: Option<i64>,
 }
 
-pub const ACTIVE: [&str; 2] = ["queued", "running"];
+/// States of a job that has not ended; `recovering`: a previous life's job whose recovery
+/// could not finish yet (libvirt unreachable, say) and is being retried.
+pub const ACTIVE: [&str; 3] = ["queued", "running", "recovering"];
 
 pub struct Journal {
     conn: Mutex<Connection>,
@@ -155,11 +157,22 @@ impl Journal {
         })
     }
 
-    /// Jobs a previous run left queued or running.
+    /// Deletes jobs that ended before `before_ms`; returns how many.
+    pub fn prune_finished(&self, before_ms: i64) -> Result<usize, JournalError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms < ?1
+                 AND state NOT IN ('queued','running','recovering')",
+                params![before_ms],
+            )
+        })
+    }
+
+    /// Jobs a previous run left queued, running or recovering.
     pub fn unfinished(&self) -> Result<Vec<JobRow>, JournalError> {
         self.with(|c| {
             let mut s = c.prepare(&format!(
-                "SELECT {COLS} FROM jobs WHERE state IN ('queued','running') ORDER BY created_ms"
+                "SELECT {COLS} FROM jobs WHERE state IN ('queued','running','recovering') ORDER BY created_ms"
             ))?;
             let v = s.query_map([], row)?.collect();
             v

@@ -20,5 +20,6 @@ pub mod jobs;
 pub mod journal;
 pub mod metrics;
 pub mod openapi;
+pub mod safe_fs;
 pub mod server;
 pub mod state;

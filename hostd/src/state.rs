@@ -18,43 +18,76 @@ pub struct AppState {
     pub jobs: Jobs,
     pub shutting_down: AtomicBool,
     libvirt: Mutex<Option<LibvirtSource>>,
+    connecting: tokio::sync::Mutex<()>,
 }
+
+/// How long a libvirt connect may take before the caller is told libvirt is unreachable.
+const LIBVIRT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl AppState {
     pub fn new(cfg: Config, journal: Arc<Journal>) -> Arc<AppState> {
         Arc::new(AppState {
-            jobs: Jobs::new(cfg.limits.max_jobs, cfg.limits.max_jobs_per_tenant),
+            jobs: Jobs::new(&cfg.limits),
             cfg,
             journal,
             metrics: Metrics::new(),
             shutting_down: AtomicBool::new(false),
             libvirt: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
         })
     }
 
     /// A live libvirt connection (reconnects after a libvirtd restart); `None` when libvirt
     /// is disabled or unreachable.
-    pub fn libvirt(&self) -> Option<LibvirtSource> {
+    ///
+    /// The connect runs on the blocking pool with a deadline and one at a time (`connecting`);
+    /// the std mutex guards only the cached handle and is never held across an await, so a
+    /// hung libvirtd stalls neither the runtime nor the handlers that need no libvirt.
+    pub async fn libvirt(&self) -> Option<LibvirtSource> {
         if !self.cfg.libvirt.enabled {
             return None;
         }
-        let mut g = self.libvirt.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = g.as_ref() {
-            if c.is_alive() {
-                return Some(c.clone());
-            }
+        let cached = || {
+            self.libvirt
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .filter(|c| c.is_alive())
+                .cloned()
+        };
+        if let Some(c) = cached() {
+            return Some(c);
         }
-        match LibvirtSource::connect(&self.cfg.libvirt.uri) {
-            Ok(c) => {
-                *g = Some(c.clone());
-                Some(c)
-            }
-            Err(e) => {
+        let _one = self.connecting.lock().await;
+        if let Some(c) = cached() {
+            return Some(c);
+        }
+        let uri = self.cfg.libvirt.uri.clone();
+        let r = tokio::time::timeout(
+            LIBVIRT_CONNECT_TIMEOUT,
+            tokio::task::spawn_blocking(move || LibvirtSource::connect(&uri)),
+        )
+        .await;
+        let c = match r {
+            Ok(Ok(Ok(c))) => Some(c),
+            Ok(Ok(Err(e))) => {
                 tracing::error!(error = %e, "libvirt unreachable");
-                *g = None;
                 None
             }
-        }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "libvirt connect task failed");
+                None
+            }
+            Err(_) => {
+                tracing::error!(
+                    secs = LIBVIRT_CONNECT_TIMEOUT.as_secs(),
+                    "libvirt did not answer the connect in time"
+                );
+                None
+            }
+        };
+        *self.libvirt.lock().unwrap_or_else(|e| e.into_inner()) = c.clone();
+        c
     }
 
     pub fn sink_path(&self, name: &str) -> Option<PathBuf> {

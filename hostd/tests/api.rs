@@ -39,6 +39,8 @@ default_tenant = "nobody"
 [limits]
 max_jobs = 2
 max_jobs_per_tenant = 1
+max_queued_jobs = 3
+keep_finished_jobs = 2
 
 [[sink]]
 name = "local"
@@ -601,6 +603,266 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
 }
 
 /// Every (METHOD, path) routed in `hostd/src/api.rs`, read from its source.
+/// Issue 11 from outside: restore targets that leave the restore directory (symlinks,
+/// dangling final symlinks), raw NBD endpoints, reserved staging names, name/UUID confusion,
+/// one backup per instance at a time, and the queue cap.
+#[test]
+fn hardening_restore_targets_names_queue_and_instance_lock() {
+    let _g = serial();
+    let mut r = rng(seed("hardening"));
+    let disk = |size| Disk {
+        target: "vda",
+        format: "qcow2",
+        size,
+    };
+    let a = Dom::owned("hard-a", &[disk(256 * MIB)], "p-a");
+    let b = Dom::owned("hard-b", &[disk(64 * MIB)], "p-b");
+    let nbd_dir = shared_dir();
+    let mut h = Hostd::start(&config(&format!(
+        "[restore]\nnbd_allow = [\"nbd+unix:///?socket={}/*\"]\n",
+        nbd_dir.path().display()
+    )));
+    let _ = &mut h;
+    let rt = rt();
+    let (admin, ta, tb) = (
+        unix(&h, Some(ADMIN)),
+        unix(&h, Some(TA)),
+        unix(&h, Some(TB)),
+    );
+    fill_random(&a, "vda", 64, &mut r);
+    let ra = a.reference("vda", "hard");
+    let last = run_job(
+        &rt,
+        &ta,
+        "/v1/backups",
+        Some(json!({"instance": a.name, "sink": "local"})),
+    );
+    assert_eq!(last["state"], "succeeded", "{last}");
+    let bid = last["backup_id"].as_str().expect("id").to_string();
+    let last = run_job(
+        &rt,
+        &tb,
+        "/v1/backups",
+        Some(json!({"instance": b.name, "sink": "local"})),
+    );
+    assert_eq!(last["state"], "succeeded", "{last}");
+    let restore = |c: &Client, target: Value| {
+        call(
+            &rt,
+            c,
+            "POST",
+            "/v1/restores",
+            Some(json!({"instance": a.name, "sink": "local", "backup_id": bid, "target": target})),
+        )
+    };
+
+    // (1) A symlinked directory inside the restore directory is not followed.
+    let restores = h.dir.path().join("restores");
+    let outside = shared_dir();
+    std::os::unix::fs::symlink(outside.path(), restores.join("link")).expect("symlink");
+    let (s, v) = restore(
+        &ta,
+        json!({"type": "file", "path": restores.join("link/x.raw")}),
+    );
+    assert_eq!(s, 403, "{v}");
+    // A dangling final symlink is not created through, for raw or qcow2.
+    std::os::unix::fs::symlink(outside.path().join("made.qcow2"), restores.join("d.qcow2"))
+        .expect("symlink");
+    for format in ["raw", "qcow2"] {
+        let (s, v) = restore(
+            &ta,
+            json!({"type": "file", "path": restores.join("d.qcow2"), "format": format}),
+        );
+        assert_eq!(s, 409, "{v}");
+    }
+    let (s, v) = restore(
+        &ta,
+        json!({"type": "file", "path": restores.join("no/such/dir.raw")}),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        walk(outside.path()).is_empty(),
+        "written outside: {:?}",
+        walk(outside.path())
+    );
+    // Restores that stay inside: owner-only files, exact content.
+    for (name, format) in [("ok.raw", "raw"), ("ok.qcow2", "qcow2")] {
+        let out = restores.join(name);
+        let last = run_job(
+            &rt,
+            &ta,
+            "/v1/restores",
+            Some(
+                json!({"instance": a.name, "sink": "local", "backup_id": bid,
+                "target": {"type": "file", "path": out, "format": format}}),
+            ),
+        );
+        assert_eq!(last["state"], "succeeded", "{last}");
+        use std::os::unix::fs::MetadataExt;
+        let mode = std::fs::metadata(&out).expect("restored").mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name} has mode {mode:o}");
+        let raw = h.dir.path().join(format!("{name}.check.raw"));
+        run(Command::new("qemu-img")
+            .args(["convert", "-f", format, "-O", "raw"])
+            .arg(&out)
+            .arg(&raw));
+        compare(&raw, &ra);
+    }
+    assert!(
+        std::fs::read_dir(h.dir.path().join("state/restore-sockets"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0,
+        "qemu-nbd sockets left behind"
+    );
+
+    // (2) NBD targets: never a tenant's, an admin's only from the allow-list.
+    let host_sock = json!({"type": "nbd", "uri": "nbd+unix:///?socket=/run/libvirt/libvirt-sock"});
+    let (s, v) = restore(&ta, host_sock.clone());
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = restore(&admin, host_sock);
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = restore(
+        &admin,
+        json!({"type": "nbd", "uri": format!("nbd+unix:///?socket={}/../x.sock", nbd_dir.path().display())}),
+    );
+    assert_eq!(s, 403, "{v}");
+    let img = nbd_dir.path().join("target.raw");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&img)
+        .arg((256 * MIB).to_string()));
+    let sock = nbd_dir.path().join("t.sock");
+    let mut nbd = Command::new("qemu-nbd")
+        .args(["-f", "raw", "--persistent", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .spawn()
+        .expect("qemu-nbd");
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "qemu-nbd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let last = run_job(
+        &rt,
+        &admin,
+        "/v1/restores",
+        Some(
+            json!({"instance": a.name, "sink": "local", "backup_id": bid,
+            "target": {"type": "nbd", "uri": format!("nbd+unix:///?socket={}", sock.display())}}),
+        ),
+    );
+    assert_eq!(last["state"], "succeeded", "{last}");
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    compare(&img, &ra);
+
+    // (4) Staging copies may not be named like an instance is looked up.
+    for name in [b.uuid(), "instance-0000abcd".to_string()] {
+        let (s, v) = restore(&ta, json!({"type": "domain", "name": name}));
+        assert_eq!(s, 400, "{name}: {v}");
+    }
+    // b's instance leaves this host (migrated, deleted); its backups stay on the shared sink.
+    // A domain of tenant a named after b's UUID must not make them a's.
+    let b_uuid = b.uuid();
+    assert!(virsh_ok(&["destroy", &b.name]));
+    assert!(virsh_ok(&["undefine", "--checkpoints-metadata", &b.name]));
+    let xml = format!(
+        "<domain type='qemu'><name>{b_uuid}</name><memory unit='MiB'>64</memory>\
+         <metadata><nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'>\
+         <nova:owner><nova:project uuid='p-a'>p</nova:project></nova:owner></nova:instance></metadata>\
+         <os><type arch='x86_64'>hvm</type></os></domain>"
+    );
+    let xml_path = h.dir.path().join("impostor.xml");
+    std::fs::write(&xml_path, xml).expect("xml");
+    assert!(virsh_ok(&["define", &xml_path.display().to_string()]));
+    let instances_of = |c: &Client, q: &str| -> (u16, Vec<String>) {
+        let (s, v) = call(&rt, c, "GET", &format!("/v1/backups?sink=local{q}"), None);
+        let ids = v["backups"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|b| b["instance"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (s, ids)
+    };
+    let by_a = instances_of(&ta, "");
+    let by_a_named = instances_of(&ta, &format!("&instance={b_uuid}"));
+    let by_b = instances_of(&tb, "");
+    let by_b_named = instances_of(&tb, &format!("&instance={b_uuid}"));
+    let _ = virsh_ok(&["undefine", &b_uuid]);
+    assert!(
+        !by_a.1.contains(&b_uuid) && !by_a_named.1.contains(&b_uuid),
+        "tenant a saw b's backups through a domain named after b's UUID: {by_a:?} {by_a_named:?}"
+    );
+    assert!(by_b.1.contains(&b_uuid), "{by_b:?}");
+    assert_eq!(by_b_named, (200, vec![b_uuid.clone()]));
+
+    // (9) One backup of an instance at a time: the second request is refused at once.
+    let first = start_backup(&rt, &ta, &a.name, "local", json!({}));
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": a.name, "sink": "local"})),
+    );
+    assert_eq!(s, 409, "{v}");
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "DELETE",
+        &format!("/v1/backups/local/{bid}?instance={}", a.name),
+        None,
+    );
+    assert_eq!(s, 409, "{v}");
+    let last = follow(&rt, &ta, &first).pop().expect("final");
+    assert_eq!(last["state"], "succeeded", "{last}");
+
+    // (10) The queue is bounded: beyond limits.max_queued_jobs, 429.
+    let mut statuses = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let (s, v) = call(
+            &rt,
+            &ta,
+            "POST",
+            "/v1/verifications",
+            Some(json!({"instance": a.name, "sink": "local", "backup_id": bid})),
+        );
+        if s == 202 {
+            ids.push(v["job"]["id"].as_str().expect("id").to_string());
+        } else {
+            assert!(
+                !v["error"]["message"].as_str().unwrap_or("").is_empty(),
+                "{v}"
+            );
+        }
+        statuses.push(s);
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 202 || *s == 429),
+        "{statuses:?}"
+    );
+    for id in &ids {
+        let last = follow(&rt, &ta, id).pop().expect("final");
+        assert_eq!(last["state"], "succeeded", "{last}");
+    }
+    // Finished jobs beyond limits.keep_finished_jobs leave memory, not the journal.
+    assert_eq!(
+        call(&rt, &ta, "GET", &format!("/v1/jobs/{}", ids[0]), None).0,
+        200
+    );
+    drop(h);
+}
+
 fn routed() -> BTreeSet<(String, String)> {
     let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/api.rs"))
         .expect("api.rs");

@@ -43,6 +43,16 @@ pub enum RestoreTarget {
     Nbd(String),
     /// A new qcow2 file (refused if it exists), written through a `qemu-nbd` started for it.
     Qcow2(PathBuf),
+    /// A raw file the caller has just created (empty, opened read-write): the engine sizes it
+    /// and writes through this descriptor, never through a name. The caller owns its removal.
+    /// hostd creates such files beneath a restore directory without following symlinks.
+    RawOpened(Arc<std::fs::File>),
+    /// The same for a qcow2 image, made by `qemu-img`/`qemu-nbd` through `/proc/<pid>/fd/<n>`
+    /// (exactly this inode); `work_dir` is a private directory for `qemu-nbd`'s socket.
+    Qcow2Opened {
+        file: Arc<std::fs::File>,
+        work_dir: PathBuf,
+    },
 }
 
 /// What a restore did.
@@ -284,15 +294,27 @@ impl Target {
             .create_new(true)
             .open(path)
             .map_err(io("creating", path))?;
+        Target::raw_opened(Arc::new(f), path, size, data)
+    }
+
+    /// A raw target on a file already open for writing; `path` names it in errors only.
+    fn raw_opened(
+        f: Arc<std::fs::File>,
+        path: &std::path::Path,
+        size: u64,
+        data: &crate::extent::ExtentMap,
+    ) -> Result<Target, EngineError> {
+        use std::os::fd::AsRawFd;
         f.set_len(size).map_err(io("sizing", path))?;
-        // The second handle, with O_DIRECT; a filesystem without it (tmpfs) gets buffered
+        // The second handle, with O_DIRECT, opened through our own descriptor (the same inode
+        // whatever happened to the name); a filesystem without it (tmpfs) gets buffered
         // writes only.
         let direct = {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_DIRECT)
-                .open(path)
+                .open(format!("/proc/self/fd/{}", f.as_raw_fd()))
                 .ok()
                 .zip(crate::sink::uring::Uring::new().ok())
                 .map(|(f, ring)| (Arc::new(f), ring))
@@ -307,7 +329,7 @@ impl Target {
         }
         Ok(Target::File {
             direct,
-            buffered: Arc::new(f),
+            buffered: f,
             writers: Arc::new(Semaphore::new(FILE_WRITERS)),
         })
     }
@@ -408,8 +430,23 @@ pub async fn restore<S: Sink>(
     target: &RestoreTarget,
     progress: Option<&ProgressFn<'_>>,
 ) -> Result<RestoreStats, EngineError> {
-    if let RestoreTarget::Qcow2(path) = target {
-        return restore_qcow2(sink, disk, backup, path, progress).await;
+    match target {
+        RestoreTarget::Qcow2(path) => {
+            if path.exists() {
+                return Err(EngineError::Invalid(format!("{} exists", path.display())));
+            }
+            let sock = path.with_extension("restore.sock");
+            let _ = std::fs::remove_file(&sock);
+            return restore_qcow2(sink, disk, backup, path, &sock, true, progress).await;
+        }
+        RestoreTarget::Qcow2Opened { file, work_dir } => {
+            use std::os::fd::AsRawFd;
+            let (pid, fd) = (std::process::id(), file.as_raw_fd());
+            let path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
+            let sock = work_dir.join(format!("qcow2-{pid}-{fd}-{:x}.sock", unique()));
+            return restore_qcow2(sink, disk, backup, &path, &sock, false, progress).await;
+        }
+        _ => {}
     }
     let chain = load_chain(sink, disk, backup).await?;
     let indexes: Vec<&Index> = chain.iter().map(|(_, i)| i).collect();
@@ -421,7 +458,7 @@ pub async fn restore<S: Sink>(
         ..Default::default()
     };
     let tgt = match target {
-        RestoreTarget::RawFile(path) => {
+        RestoreTarget::RawFile(_) | RestoreTarget::RawOpened(_) => {
             let data: crate::extent::ExtentMap = plan
                 .frames
                 .iter()
@@ -432,9 +469,20 @@ pub async fn restore<S: Sink>(
                     flags: 0,
                 })
                 .collect();
-            Target::raw_file(path, plan.disk_size, &data)?
+            match target {
+                RestoreTarget::RawOpened(f) => Target::raw_opened(
+                    f.clone(),
+                    std::path::Path::new("the target file"),
+                    plan.disk_size,
+                    &data,
+                )?,
+                RestoreTarget::RawFile(path) => Target::raw_file(path, plan.disk_size, &data)?,
+                _ => unreachable!("a raw file target"),
+            }
         }
-        RestoreTarget::Qcow2(_) => unreachable!("handled above"),
+        RestoreTarget::Qcow2(_) | RestoreTarget::Qcow2Opened { .. } => {
+            unreachable!("handled above")
+        }
         RestoreTarget::Nbd(uri) => {
             let c = Client::connect_with(uri, &ConnectOptions::default()).await?;
             if c.size() < plan.disk_size {
@@ -545,19 +593,28 @@ fn io<'a>(
     }
 }
 
-/// Restores into a new qcow2: `qemu-img create`, a private `qemu-nbd`, an NBD restore, flush,
-/// then `qemu-nbd` is stopped with SIGTERM so that it closes the image cleanly.
+/// A number that differs between calls of one process (socket names).
+fn unique() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Restores into a new qcow2: `qemu-img create`, a private `qemu-nbd` on `sock`, an NBD
+/// restore, flush, then `qemu-nbd` is stopped with SIGTERM so that it closes the image cleanly.
+/// `remove_on_error`: the image is ours to delete if the restore fails.
 async fn restore_qcow2<S: Sink>(
     sink: &S,
     disk: &str,
     backup: &str,
     path: &std::path::Path,
+    sock: &std::path::Path,
+    remove_on_error: bool,
     progress: Option<&ProgressFn<'_>>,
 ) -> Result<RestoreStats, EngineError> {
     use std::process::Command;
-    if path.exists() {
-        return Err(EngineError::Invalid(format!("{} exists", path.display())));
-    }
     let chain = load_chain(sink, disk, backup).await?;
     let size = chain.last().map_or(0, |(m, _)| m.disk_size);
     let out = Command::new("qemu-img")
@@ -573,11 +630,9 @@ async fn restore_qcow2<S: Sink>(
             source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
         });
     }
-    let sock = path.with_extension("restore.sock");
-    let _ = std::fs::remove_file(&sock);
     let mut child = Command::new("qemu-nbd")
         .args(["-f", "qcow2", "--shared=8", "--persistent", "-k"])
-        .arg(&sock)
+        .arg(sock)
         .arg(path)
         // Its only chatter is about our readiness probe; failures show as a restore error.
         .stdout(std::process::Stdio::null())
@@ -586,7 +641,7 @@ async fn restore_qcow2<S: Sink>(
         .map_err(io("starting qemu-nbd for", path))?;
     let result = async {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while tokio::net::UnixStream::connect(&sock).await.is_err() {
+        while tokio::net::UnixStream::connect(sock).await.is_err() {
             if std::time::Instant::now() > deadline
                 || child
                     .try_wait()
@@ -600,7 +655,7 @@ async fn restore_qcow2<S: Sink>(
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        let uri = crate::nbd::NbdUri::unix(&sock, "").to_string();
+        let uri = crate::nbd::NbdUri::unix(sock, "").to_string();
         Box::pin(restore(
             sink,
             disk,
@@ -616,8 +671,8 @@ async fn restore_qcow2<S: Sink>(
         .arg(child.id().to_string())
         .status();
     let _ = child.wait();
-    let _ = std::fs::remove_file(&sock);
-    if result.is_err() {
+    let _ = std::fs::remove_file(sock);
+    if result.is_err() && remove_on_error {
         let _ = std::fs::remove_file(path);
     }
     result

@@ -156,6 +156,16 @@ impl LibvirtSource {
         Ok(LibvirtDomain { dom, name })
     }
 
+    /// The domain with UUID `uuid`, never one merely named so (blocking).
+    pub fn domain_by_uuid(&self, uuid: &str) -> Result<LibvirtDomain, LibvirtError> {
+        let dom = self
+            .conn
+            .lookup_domain_by_uuid_string(uuid)
+            .map_err(|_| LibvirtError::NoSuchDomain(uuid.to_string()))?;
+        let name = dom.name().map_err(lv("reading a domain's name"))?;
+        Ok(LibvirtDomain { dom, name })
+    }
+
     /// Every domain of this host, running or not (blocking).
     pub fn domains(&self) -> Result<Vec<LibvirtDomain>, LibvirtError> {
         let all = self
