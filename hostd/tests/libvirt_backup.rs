@@ -305,7 +305,7 @@ fn failures_leave_no_stray_checkpoint_scratch_or_object() {
     // 1. A full scratch file system: the job cannot begin.
     let full = shared_dir();
     run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k,mode=0777", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs"])
         .arg(full.path()));
     let _ = Command::new("dd")
         .args(["if=/dev/zero", "bs=4k", "count=1000"])
@@ -623,4 +623,277 @@ fn a_hung_guest_agent_is_thawed_at_the_deadline_and_the_backup_goes_on() {
         .expect("verify");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(dom.checkpoints(), vec!["cbt-b1".to_string()]);
+}
+
+/// An error and its causes, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+/// QEMU's user and group as libvirt runs it on this host (Debian's default; the test host's
+/// qemu.conf does not set them).
+fn qemu_ids() -> (u32, u32) {
+    user_ids("libvirt-qemu").expect("user libvirt-qemu (package libvirt-daemon-system)")
+}
+
+#[test]
+fn scratch_belongs_to_qemu_and_planted_paths_are_refused() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let _g = serial();
+    let dom = Dom::bare(
+        "scratch",
+        &[Disk {
+            target: "vda",
+            format: "qcow2",
+            size: 64 * MIB,
+        }],
+    );
+    let env = Env::new();
+    let (quid, qgid) = qemu_ids();
+    let (luid, lgid) = local_user("cbt-test-user");
+    let domain_root = env.scratch.path().join(dom.uuid());
+
+    // A running backup: its directory is QEMU's and private, every level above is closed to
+    // other users, and the socket QEMU listens on is QEMU's.
+    let d = env.src.domain(&dom.name).expect("domain");
+    let session = lvs::begin(
+        &d,
+        lvs::BeginRequest {
+            backup_id: "b1".into(),
+            disks: vec![(
+                "vda".into(),
+                libcbt::source::qemu::Decision {
+                    level: Level::Full,
+                    since: None,
+                    reason: Some(FullReason::FirstBackup),
+                },
+            )],
+            also_tracked: vec![],
+            untracked: vec![],
+            scratch_root: domain_root.clone(),
+            quiesce: None,
+            started_paused: false,
+        },
+    )
+    .expect("begin");
+    let dir = session.scratch_dir().to_path_buf();
+    assert_eq!(dir, domain_root.join("b1"));
+    let md = std::fs::symlink_metadata(&dir).expect("scratch dir");
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o7777),
+        (quid, qgid, 0o700),
+        "scratch dir of a running backup"
+    );
+    let md = std::fs::symlink_metadata(&domain_root).expect("domain level");
+    assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (0, qgid, 0o750));
+    let md = std::fs::symlink_metadata(env.scratch.path()).expect("root");
+    assert_eq!(md.mode() & 0o022, 0, "scratch root writable by others");
+    let sock = std::fs::symlink_metadata(dir.join("nbd.sock")).expect("socket");
+    assert!(sock.file_type().is_socket());
+    assert_eq!(sock.uid(), quid, "the NBD socket is not QEMU's");
+    lvs::end(&d, session, false, &BTreeSet::new()).expect("end");
+    assert!(dom.checkpoints().is_empty());
+
+    let decoy = shared_dir();
+    let untouched = |what: &str| {
+        assert!(
+            walk(decoy.path()).is_empty(),
+            "{what}: something was written through the plant"
+        );
+        assert!(
+            dom.checkpoints().is_empty(),
+            "{what}: a checkpoint was left"
+        );
+    };
+    // A symlink planted where the domain's scratch level goes: refused, not followed.
+    std::fs::remove_dir(&domain_root).expect("rmdir");
+    std::os::unix::fs::symlink(decoy.path(), &domain_root).expect("symlink");
+    let e = env
+        .backup(&dom, "b2")
+        .expect_err("backup through a symlink");
+    assert!(
+        chain(&e).contains("refusing scratch directory"),
+        "{}",
+        chain(&e)
+    );
+    untouched("symlink");
+    let e = lvs::begin(
+        &d,
+        lvs::BeginRequest {
+            backup_id: "b2".into(),
+            disks: vec![(
+                "vda".into(),
+                libcbt::source::qemu::Decision {
+                    level: Level::Full,
+                    since: None,
+                    reason: Some(FullReason::FirstBackup),
+                },
+            )],
+            also_tracked: vec![],
+            untracked: vec![],
+            scratch_root: domain_root.clone(),
+            quiesce: None,
+            started_paused: false,
+        },
+    )
+    .expect_err("begin through a symlink");
+    assert!(
+        matches!(e, lvs::LibvirtError::UnsafeScratch { .. }),
+        "{e:?}"
+    );
+    untouched("symlink, begin");
+    assert!(std::fs::symlink_metadata(&domain_root)
+        .expect("link")
+        .file_type()
+        .is_symlink());
+
+    // A directory of another local user there: refused, left as it was.
+    std::fs::remove_file(&domain_root).expect("rm link");
+    std::fs::create_dir(&domain_root).expect("mkdir");
+    std::fs::write(domain_root.join("theirs"), b"x").expect("their file");
+    std::fs::create_dir(domain_root.join("b3")).expect("their dir");
+    for p in [
+        &domain_root,
+        &domain_root.join("theirs"),
+        &domain_root.join("b3"),
+    ] {
+        std::os::unix::fs::chown(p, Some(luid), Some(lgid)).expect("chown");
+    }
+    let e = env
+        .backup(&dom, "b3")
+        .expect_err("backup into a foreign directory");
+    assert!(chain(&e).contains("not by us"), "{}", chain(&e));
+    untouched("foreign directory");
+    let md = std::fs::symlink_metadata(&domain_root).expect("still there");
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (luid, lgid),
+        "its ownership was changed"
+    );
+    assert!(domain_root.join("theirs").exists() && domain_root.join("b3").exists());
+
+    // Inside our own level, a directory of theirs is not cleaned away, and a backup with its
+    // name is refused.
+    std::fs::remove_dir_all(&domain_root).expect("rm");
+    std::fs::create_dir(&domain_root).expect("mkdir");
+    std::fs::create_dir(domain_root.join("b4")).expect("their dir");
+    std::os::unix::fs::chown(domain_root.join("b4"), Some(luid), Some(lgid)).expect("chown");
+    let e = env
+        .backup(&dom, "b4")
+        .expect_err("backup into a planted backup level");
+    assert!(chain(&e).contains("exists already"), "{}", chain(&e));
+    untouched("planted backup level");
+    let md = std::fs::symlink_metadata(domain_root.join("b4")).expect("still there");
+    assert_eq!(md.uid(), luid);
+
+    // Without the plants, backups work again.
+    std::fs::remove_dir(domain_root.join("b4")).expect("rm");
+    env.backup(&dom, "b5")
+        .expect("backup after the plants are gone");
+    scratch_is_empty(env.scratch.path());
+}
+
+#[test]
+fn a_socket_of_another_local_user_is_not_qemus() {
+    let (luid, lgid) = local_user("cbt-test-user");
+    let (quid, qgid) = qemu_ids();
+    let qemu = lvs::QemuIdentity::of_host().expect("QEMU's identity");
+    assert_eq!(
+        qemu,
+        lvs::QemuIdentity {
+            uid: quid,
+            gid: qgid
+        }
+    );
+    let dir = shared_dir();
+    let s = dir.path().join("nbd.sock");
+    // A real socket, handed to the local user.
+    let _l = std::os::unix::net::UnixListener::bind(&s).expect("bind");
+    std::os::unix::fs::chown(&s, Some(luid), Some(lgid)).expect("chown");
+    let e = lvs::check_socket(&s, qemu).expect_err("a local user's socket passed");
+    assert!(e.to_string().contains(&format!("uid {luid}")), "{e}");
+    // The same socket once it is QEMU's passes.
+    std::os::unix::fs::chown(&s, Some(quid), Some(qgid)).expect("chown");
+    lvs::check_socket(&s, qemu).expect("QEMU's socket");
+    // A symlink to it does not.
+    let l = dir.path().join("link.sock");
+    std::os::unix::fs::symlink(&s, &l).expect("symlink");
+    std::os::unix::fs::lchown(&l, Some(quid), Some(qgid)).expect("lchown");
+    assert!(lvs::check_socket(&l, qemu).is_err());
+}
+
+#[test]
+fn a_staging_copy_of_a_real_guest_defines_boots_and_records_its_tenant() {
+    use libcbt::sink::Sink;
+    use libcbt::source::libvirt::xml;
+    let _g = serial();
+    let dom = guest("stage", "");
+    let env = Env::new();
+    env.backup(&dom, "b1").expect("backup");
+    let files = shared_dir();
+    let f = files.path().join("vda.qcow2");
+    env.rt
+        .block_on(engine::restore(
+            &env.sink,
+            &dom.disk_id("vda"),
+            "b1",
+            &engine::RestoreTarget::Qcow2(f.clone()),
+            None,
+        ))
+        .expect("restore");
+    let saved = env
+        .rt
+        .block_on(
+            env.sink
+                .get(&job::domain_xml_name(&dom.uuid(), "b1"), 16 << 20),
+        )
+        .expect("saved domain XML");
+    let saved = String::from_utf8_lossy(&saved).into_owned();
+    assert!(saved.contains("console.log") && saved.contains("<kernel>"));
+    let record = lvs::StagingMeta {
+        tenant: "p-a".into(),
+        source: dom.uuid(),
+        backup: "b1".into(),
+    };
+    let name = format!("{}-copy", dom.name);
+    let copy = hostd::inventory::staging_domain_xml(&saved, &name, &[("vda".into(), f)], &record)
+        .expect("staging XML");
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            for a in [&["destroy", &self.0][..], &["undefine", &self.0][..]] {
+                let _ = Command::new("virsh").args(["-c", URI]).args(a).output();
+            }
+        }
+    }
+    let _gone = Gone(name.clone());
+    let x = files.path().join("copy.xml");
+    std::fs::write(&x, &copy).expect("write");
+    virsh(&["define", &x.display().to_string()]);
+    virsh(&["start", &name]);
+    // Booted: the guest's agent answers on the copy's own channel.
+    let t = Instant::now();
+    while !virsh_ok(&["qemu-agent-command", &name, r#"{"execute":"guest-ping"}"#]) {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the staging copy's guest agent did not answer within 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let live = virsh(&["dumpxml", &name]);
+    assert!(
+        !live.contains("console.log"),
+        "shares the original's console log"
+    );
+    let desc = xml::domain(&live).expect("parses");
+    assert_eq!(desc.staging, Some(record), "libvirt kept our record");
+    assert_ne!(desc.uuid, dom.uuid());
+    // The original runs on, untouched.
+    assert!(virsh(&["domstate", &dom.name]).contains("running"));
 }

@@ -600,3 +600,32 @@ pub fn fill_random(dom: &Dom, target: &str, mib: u64, r: &mut rand::rngs::SmallR
     dom.io(target, &format!("write -s {} 0 {}M", f.display(), mib));
     let _ = std::fs::remove_file(&f);
 }
+
+/// uid and gid of local user `name`, if it exists.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let o = Command::new("id").arg(flag).arg(name).output().ok()?;
+        if !o.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+/// A non-root local user (created with `useradd` when missing): somebody on the host who is
+/// neither root nor QEMU.
+pub fn local_user(name: &str) -> (u32, u32) {
+    if let Some(ids) = user_ids(name) {
+        return ids;
+    }
+    require("useradd");
+    run(Command::new("useradd").args([
+        "--system",
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+        name,
+    ]));
+    user_ids(name).unwrap_or_else(|| panic!("useradd {name} made no user"))
+}

@@ -27,6 +27,7 @@
 //! way, and destroyed again. The result is crash-consistent and exact.
 
 mod ffi;
+pub mod scratch;
 pub mod xml;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,7 +42,8 @@ use virt::sys;
 
 use crate::format::{Consistency, FullReason, Level, Manifest};
 use crate::source::qemu::{Decision, Requested};
-pub use xml::{CheckpointDesc, DiskSource, DomainDesc, DomainDisk};
+pub use scratch::{check_socket, QemuIdentity};
+pub use xml::{CheckpointDesc, DiskSource, DomainDesc, DomainDisk, StagingMeta};
 
 /// Prefix of the checkpoints (and their bitmaps) this library creates.
 pub const CHECKPOINT_PREFIX: &str = "cbt-";
@@ -75,6 +77,18 @@ pub enum LibvirtError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read QEMU's user and group from {path:?}")]
+    QemuConf {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU's {what} {name:?} is unknown on this host")]
+    QemuUserUnknown { what: &'static str, name: String },
+    #[error("refusing scratch directory {path:?}: {reason}")]
+    UnsafeScratch { path: PathBuf, reason: String },
+    #[error("refusing NBD socket {path:?}: {reason}")]
+    ForeignSocket { path: PathBuf, reason: String },
     #[error("invalid name {0:?} (letters, digits, '-', '_' only; at most 20)")]
     InvalidName(String),
     #[error("the libvirt worker thread failed: {0}")]
@@ -133,15 +147,16 @@ impl LibvirtSource {
         self.conn.is_alive().unwrap_or(false)
     }
 
-    /// The domain named `id`, or with UUID `id` (blocking).
+    /// The domain with UUID `id` when `id` parses as a UUID ([`parse_uuid`]), else the domain
+    /// named `id`; never both, so a domain named like another's UUID cannot stand in for it
+    /// (blocking).
     pub fn domain(&self, id: &str) -> Result<LibvirtDomain, LibvirtError> {
-        let dom = match self.conn.lookup_domain_by_name(id) {
-            Ok(d) => d,
-            Err(_) => self
-                .conn
-                .lookup_domain_by_uuid_string(id)
-                .map_err(|_| LibvirtError::NoSuchDomain(id.to_string()))?,
-        };
+        let dom = if parse_uuid(id).is_some() {
+            self.conn.lookup_domain_by_uuid_string(id)
+        } else {
+            self.conn.lookup_domain_by_name(id)
+        }
+        .map_err(|_| LibvirtError::NoSuchDomain(id.to_string()))?;
         let name = dom.name().map_err(lv("reading a domain's name"))?;
         Ok(LibvirtDomain { dom, name })
     }
@@ -194,6 +209,32 @@ impl std::fmt::Debug for LibvirtDomain {
             .field("name", &self.name)
             .finish()
     }
+}
+
+/// The 16 bytes of `s` when it parses as a UUID the way libvirt's `virUUIDParse` reads one:
+/// leading spaces, 32 hex digits in pairs with any `-` or ` ` between pairs, trailing
+/// whitespace. Every string libvirt would look up as a UUID is one here.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let b = s.trim_start_matches(' ').as_bytes();
+    let mut out = [0u8; 16];
+    let (mut i, mut n) = (0usize, 0usize);
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    while n < 16 {
+        match b.get(i)? {
+            b'-' | b' ' => i += 1,
+            &c => {
+                let hi = hex(c)?;
+                let lo = hex(*b.get(i + 1)?)?;
+                out[n] = hi << 4 | lo;
+                n += 1;
+                i += 2;
+            }
+        }
+    }
+    b[i..]
+        .iter()
+        .all(|c| c.is_ascii_whitespace())
+        .then_some(out)
 }
 
 /// A bitmap libvirt reported broken when asked to use it.
@@ -535,6 +576,13 @@ pub struct Session {
     scratch: PathBuf,
 }
 
+impl Session {
+    /// The backup's scratch directory (QEMU's NBD socket and copy-before-write images).
+    pub fn scratch_dir(&self) -> &Path {
+        &self.scratch
+    }
+}
+
 /// A backup to begin.
 #[derive(Debug, Clone)]
 pub struct BeginRequest {
@@ -561,8 +609,8 @@ pub fn begin(dom: &LibvirtDomain, req: BeginRequest) -> Result<Session, LibvirtE
     if dom.checkpoints()?.iter().any(|c| c.name == checkpoint) {
         return Err(LibvirtError::CheckpointExists(checkpoint));
     }
-    let scratch = req.scratch_root.join(&req.backup_id);
-    make_scratch(&scratch)?;
+    let qemu = QemuIdentity::of_host()?;
+    let scratch = scratch::make(&req.scratch_root, &req.backup_id, qemu)?;
     let socket = scratch.join("nbd.sock");
     let mut disks = req.disks.clone();
     let mut tracked: Vec<&str> = disks.iter().map(|(t, _)| t.as_str()).collect();
@@ -682,7 +730,8 @@ pub fn begin(dom: &LibvirtDomain, req: BeginRequest) -> Result<Session, LibvirtE
         let _ = std::fs::remove_dir_all(&scratch);
         return Err(e);
     }
-    let exports = match dom.backup_exports() {
+    // QEMU made the socket in a directory only it and root can write: it must be QEMU's.
+    let exports = match check_socket(&socket, qemu).and_then(|()| dom.backup_exports()) {
         Ok(x) => x,
         Err(e) => {
             let _ = dom.end_backup_job();
@@ -747,33 +796,37 @@ pub fn end(
     r
 }
 
-fn make_scratch(dir: &Path) -> Result<(), LibvirtError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |source| LibvirtError::Scratch {
-        path: dir.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    // QEMU runs as its own user: it must be able to create the socket and scratch files.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).map_err(err)
-}
-
 /// Removes what interrupted backups left in a domain's scratch directory. Only when no job
 /// runs on the domain: libvirt runs one backup job per domain at a time, and ours live there.
+/// A `domain_root` that is a symlink or somebody else's is refused; inside it, only
+/// directories owned by QEMU's user or by root are removed (symlinks and anything else stay).
 pub fn clean_scratch(
     dom: &LibvirtDomain,
     domain_root: &Path,
 ) -> Result<Vec<PathBuf>, LibvirtError> {
+    use std::os::unix::fs::MetadataExt;
+    if !scratch::check_domain_root(domain_root)? {
+        return Ok(Vec::new());
+    }
     let Ok(rd) = std::fs::read_dir(domain_root) else {
         return Ok(Vec::new());
     };
     if dom.is_active()? && dom.job_active()? {
         return Ok(Vec::new());
     }
+    let qemu = QemuIdentity::of_host()?;
     let mut gone = Vec::new();
     for e in rd.flatten() {
         let p = e.path();
-        if p.is_dir() && std::fs::remove_dir_all(&p).is_ok() {
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let ours = md.uid() == qemu.uid || md.uid() == 0;
+        if !md.file_type().is_dir() || !ours {
+            tracing::warn!(path = %p.display(), uid = md.uid(), "not ours: left in the scratch directory");
+            continue;
+        }
+        if std::fs::remove_dir_all(&p).is_ok() {
             gone.push(p);
         }
     }
@@ -800,6 +853,33 @@ mod tests {
         m.checkpoint = Some(checkpoint.into());
         m.disk_size = size;
         m
+    }
+
+    #[test]
+    fn uuids_parse_as_libvirt_reads_them() {
+        let u = "d164e3bc-ac33-4206-b894-dba491c0a8a4";
+        let bytes = parse_uuid(u).expect("canonical");
+        assert_eq!(bytes[0], 0xd1);
+        assert_eq!(bytes[15], 0xa4);
+        for same in [
+            "d164e3bcac334206b894dba491c0a8a4",
+            "D164E3BC-AC33-4206-B894-DBA491C0A8A4",
+            "  d1-64-e3bc ac33 4206b894dba491c0a8a4 \n",
+        ] {
+            assert_eq!(parse_uuid(same), Some(bytes), "{same:?}");
+        }
+        for not in [
+            "",
+            "instance-00000001",
+            "d164e3bc-ac33-4206-b894-dba491c0a8a",
+            "d164e3bc-ac33-4206-b894-dba491c0a8a4x",
+            "d164e3bc-ac33-4206-b894-dba491c0a8a4-",
+            "d164e3bc-ac33-4206-b894-dba491c0a8a4a4",
+            "d-164e3bc-ac33-4206-b894-dba491c0a8a4",
+            "vm-1",
+        ] {
+            assert_eq!(parse_uuid(not), None, "{not:?}");
+        }
     }
 
     #[test]

@@ -19,6 +19,11 @@ pub enum XmlError {
         what: &'static str,
         missing: &'static str,
     },
+    #[error("libvirt XML of {what} has an invalid {field}")]
+    Invalid {
+        what: &'static str,
+        field: &'static str,
+    },
 }
 
 fn parse<'a>(what: &'static str, xml: &'a str) -> Result<Document<'a>, XmlError> {
@@ -94,7 +99,79 @@ pub struct DomainDesc {
     pub uuid: String,
     /// Nova's `<nova:owner><nova:project uuid>`, when Nova defined the domain.
     pub project: Option<String>,
+    /// Our record on a staging copy (restore into a new domain): whose copy it is.
+    pub staging: Option<StagingMeta>,
     pub disks: Vec<DomainDisk>,
+}
+
+/// Namespace of our staging record in a domain's `<metadata>`.
+/// Do not change: staging copies on every host carry it.
+pub const STAGING_NS: &str = "https://cbt.invalid/staging/1";
+/// Longest tenant, source UUID or backup id in a staging record.
+pub const MAX_STAGING_FIELD: usize = 256;
+
+/// What a staging copy records about itself, in its `<metadata>` as
+/// `<cbt:staging xmlns:cbt="https://cbt.invalid/staging/1" tenant="…" source="…" backup="…"/>`:
+/// the tenant it was made for (who owns it, whatever its name or the original's owner), the
+/// UUID of the instance it was restored from and the backup id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StagingMeta {
+    pub tenant: String,
+    pub source: String,
+    pub backup: String,
+}
+
+impl StagingMeta {
+    /// The `<cbt:staging/>` element (for a domain's `<metadata>`).
+    pub fn to_xml(&self) -> String {
+        format!(
+            "<cbt:staging xmlns:cbt=\"{STAGING_NS}\" tenant=\"{}\" source=\"{}\" backup=\"{}\"/>",
+            esc(&self.tenant),
+            esc(&self.source),
+            esc(&self.backup)
+        )
+    }
+}
+
+/// The staging record under `<metadata>` (our namespace only; the prefix does not matter).
+fn staging(root: Node<'_, '_>, what: &'static str) -> Result<Option<StagingMeta>, XmlError> {
+    let Some(m) = child(root, "metadata") else {
+        return Ok(None);
+    };
+    let mut found = m
+        .children()
+        .filter(|n| n.is_element() && n.tag_name().namespace() == Some(STAGING_NS));
+    let Some(n) = found.next() else {
+        return Ok(None);
+    };
+    if found.next().is_some() || n.tag_name().name() != "staging" {
+        return Err(XmlError::Invalid {
+            what,
+            field: "staging record",
+        });
+    }
+    let field = |name: &'static str| -> Result<String, XmlError> {
+        match n.attribute(name) {
+            Some(v) if !v.is_empty() && v.len() <= MAX_STAGING_FIELD => Ok(v.to_string()),
+            Some(_) => Err(XmlError::Invalid { what, field: name }),
+            None => Err(XmlError::Missing {
+                what,
+                missing: "an attribute of the staging record",
+            }),
+        }
+    };
+    Ok(Some(StagingMeta {
+        tenant: field("tenant")?,
+        source: field("source")?,
+        backup: field("backup")?,
+    }))
+}
+
+/// The staging record of a domain XML, if it carries one (see [`StagingMeta`]).
+pub fn staging_meta(xml: &str) -> Result<Option<StagingMeta>, XmlError> {
+    const W: &str = "domain";
+    let doc = parse(W, xml)?;
+    staging(doc.root_element(), W)
 }
 
 /// Parses a domain XML (`virDomainGetXMLDesc`).
@@ -107,6 +184,7 @@ pub fn domain(xml: &str) -> Result<DomainDesc, XmlError> {
         missing: "<name>",
     })?;
     let uuid = text(child(root, "uuid")).unwrap_or_default();
+    let staging = staging(root, W)?;
     let project = root
         .descendants()
         .find(|n| n.is_element() && n.tag_name().name() == "project")
@@ -154,6 +232,7 @@ pub fn domain(xml: &str) -> Result<DomainDesc, XmlError> {
         name,
         uuid,
         project,
+        staging,
         disks,
     })
 }
@@ -372,6 +451,52 @@ mod tests {
                 name: "vms/c".into()
             }
         );
+    }
+
+    #[test]
+    fn staging_record_round_trip() {
+        let m = StagingMeta {
+            tenant: "p-a\"<&'".into(),
+            source: "d164e3bc-ac33-4206-b894-dba491c0a8a4".into(),
+            backup: "b-1".into(),
+        };
+        let x = format!(
+            "<domain><name>copy</name><metadata>{}<x:other xmlns:x='urn:x' tenant='evil'/></metadata></domain>",
+            m.to_xml()
+        );
+        assert_eq!(staging_meta(&x).expect("parses"), Some(m.clone()));
+        assert_eq!(domain(&x).expect("parses").staging, Some(m));
+        // Another prefix for our namespace is still ours (libvirt may rewrite prefixes).
+        let other = format!(
+            "<domain><name>c</name><metadata><s:staging xmlns:s='{STAGING_NS}' tenant='t' source='s' backup='b'/></metadata></domain>"
+        );
+        assert_eq!(
+            staging_meta(&other).expect("parses").map(|m| m.tenant),
+            Some("t".into())
+        );
+        // An element of that name in another namespace is not ours.
+        let foreign = "<domain><name>c</name><metadata><s:staging xmlns:s='urn:other' tenant='t' source='s' backup='b'/></metadata></domain>";
+        assert_eq!(staging_meta(foreign).expect("parses"), None);
+        assert_eq!(staging_meta(DOMAIN).expect("parses"), None);
+    }
+
+    #[test]
+    fn a_malformed_staging_record_is_an_error() {
+        let with = |el: &str| format!("<domain><name>c</name><metadata>{el}</metadata></domain>");
+        let ns = format!("xmlns:cbt='{STAGING_NS}'");
+        let long = "x".repeat(MAX_STAGING_FIELD + 1);
+        for el in [
+            format!("<cbt:staging {ns} tenant='t' source='s'/>"),
+            format!("<cbt:staging {ns} tenant='' source='s' backup='b'/>"),
+            format!("<cbt:staging {ns} tenant='{long}' source='s' backup='b'/>"),
+            format!("<cbt:other {ns} tenant='t' source='s' backup='b'/>"),
+            format!(
+                "<cbt:staging {ns} tenant='t' source='s' backup='b'/><cbt:staging {ns} tenant='u' source='s' backup='b'/>"
+            ),
+        ] {
+            assert!(staging_meta(&with(&el)).is_err(), "{el}");
+            assert!(domain(&with(&el)).is_err(), "{el}");
+        }
     }
 
     #[test]
