@@ -705,20 +705,6 @@ struct RestoreReq {
     target: TargetReq,
 }
 
-/// A UUID or Nova's `instance-%08x`: names a staging copy may not take, since instances are
-/// found by them.
-fn reserved_staging_name(name: &str) -> bool {
-    let uuid = name.len() == 36
-        && name.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        });
-    let nova = name.len() == 17
-        && name.starts_with("instance-")
-        && name[9..].bytes().all(|b| b.is_ascii_hexdigit());
-    uuid || nova
-}
-
 /// A refused target path: exists → 409, a symlink or outside → 403, else 400.
 fn path_refused(key: &str, e: std::io::Error) -> ApiError {
     match e.kind() {
@@ -832,7 +818,7 @@ async fn start_restore(
                     "target.name: letters, digits, '-', '_', '.' only",
                 ));
             }
-            if reserved_staging_name(name) {
+            if inventory::reserved_staging_name(name) {
                 return Err(ApiError::bad(
                     "target.name: a UUID or a Nova instance name (instance-XXXXXXXX) is reserved",
                 ));

@@ -1001,17 +1001,24 @@ async fn run_restore(
                 }
             }
             update(job, |s| s.phase = "defining".into());
-            let new_xml = crate::inventory::staging_xml(
-                &xml,
-                &name,
-                &disks
-                    .iter()
-                    .cloned()
-                    .zip(files.iter().cloned())
-                    .collect::<Vec<_>>(),
-            )
-            .map(|x| with_uuid(&x, &new_uuid))
-            .map_err(|e| {
+            let restored: Vec<(String, PathBuf)> =
+                disks.iter().cloned().zip(files.iter().cloned()).collect();
+            // The copy's tenant is recorded in it, never derived again from its name.
+            let built = match &job.tenant {
+                Some(tenant) => crate::inventory::staging_domain_xml(
+                    &xml,
+                    &name,
+                    &restored,
+                    &lvs::xml::StagingMeta {
+                        tenant: tenant.clone(),
+                        source: uuid.to_string(),
+                        backup: backup_id.to_string(),
+                    },
+                )
+                .map_err(|e| e.to_string()),
+                None => crate::inventory::staging_xml(&xml, &name, &restored),
+            };
+            let new_xml = built.map(|x| with_uuid(&x, &new_uuid)).map_err(|e| {
                 undo_restore(&ledger);
                 (e, "xml")
             })?;

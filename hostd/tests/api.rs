@@ -1055,4 +1055,50 @@ fn kill_9_at_any_point_of_a_backup_loses_nothing() {
         outcomes.keys().any(|k| k.starts_with("copying")),
         "no kill during a copy: {outcomes:?}"
     );
+
+    // Recovery with libvirt away: the job is neither closed nor forgotten; it settles once
+    // libvirt is back (issue 11, item 14).
+    let c = unix(&h, Some(ADMIN));
+    let id = start_backup(&rt, &c, &inst, "local", json!({"level": "full"}));
+    let t = Instant::now();
+    loop {
+        let (_, v) = call(&rt, &c, "GET", &format!("/v1/jobs/{id}"), None);
+        if v["job"]["phase"] == "copying" {
+            break;
+        }
+        assert!(
+            v["job"]["state"] == "running" || v["job"]["state"] == "queued",
+            "ended before the copy: {v}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(60), "never copying: {v}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.kill9();
+    let good = std::fs::read_to_string(&h.config).expect("config");
+    let away = good.replace(
+        "[libvirt]\n",
+        "[libvirt]\nuri = \"qemu+unix:///system?socket=/nonexistent/libvirt-sock\"\n",
+    );
+    assert_ne!(good, away);
+    std::fs::write(&h.config, away).expect("config");
+    h.spawn();
+    let c = unix(&h, Some(ADMIN));
+    let (_, v) = call(&rt, &c, "GET", &format!("/v1/jobs/{id}"), None);
+    assert_eq!(v["job"]["state"], "recovering", "{v}");
+    assert!(
+        dom.checkpoints().contains(&format!(
+            "cbt-{}",
+            v["job"]["backup_id"].as_str().unwrap_or("")
+        )),
+        "the interrupted backup's checkpoint went without libvirt?"
+    );
+    h.kill9();
+    std::fs::write(&h.config, good).expect("config");
+    h.spawn();
+    let c = unix(&h, Some(ADMIN));
+    let (_, v) = call(&rt, &c, "GET", &format!("/v1/jobs/{id}"), None);
+    assert_eq!(v["job"]["state"], "interrupted", "{v}");
+    let all = only_committed(&rt, &sink_dir);
+    assert_eq!(dom.checkpoints(), vec![newest_checkpoint(&all)]);
+    assert!(!virsh(&["domjobinfo", &inst]).contains("Backup"));
 }
