@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use super::{EngineError, Pool, Progress, ProgressFn};
+use super::{cancelled, is_cancelled, CancelToken, EngineError, Pool, Progress, ProgressFn};
 use crate::format::segment::{self, FrameHeader, FRAME_HEADER_LEN};
 use crate::format::{self, plan_restore, FrameRead, Index, Level, Manifest, RestorePlan};
-use crate::nbd::{Client, ConnectOptions};
+use crate::nbd::{Client, ConnectOptions, Timeouts};
 use crate::sink::Sink;
 
 /// Deepest chain accepted (a cycle or a runaway chain is refused).
@@ -43,6 +43,18 @@ pub enum RestoreTarget {
     Nbd(String),
     /// A new qcow2 file (refused if it exists), written through a `qemu-nbd` started for it.
     Qcow2(PathBuf),
+}
+
+/// How a restore runs.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Set to stop the restore: it fails with [`EngineError::Cancelled`] before the next
+    /// group of frames (or within [`super::CANCEL_POLL`] of a stuck step). What it wrote
+    /// stays: the caller removes the target it created.
+    pub cancel: Option<CancelToken>,
+    /// Deadlines of the NBD connection to an [`RestoreTarget::Nbd`] target and of the
+    /// private `qemu-nbd` of a [`RestoreTarget::Qcow2`] one.
+    pub nbd_timeouts: Timeouts,
 }
 
 /// What a restore did.
@@ -173,9 +185,10 @@ async fn read_frames_at<S: Sink>(
 ) -> Result<Vec<Decoded>, EngineError> {
     let first = &group[0];
     let object = format::segment_name(disk, first.segment);
+    // plan_restore and Index::decode refuse frames that end past 2^64.
     let end = group
         .iter()
-        .map(|f| f.pos + u64::from(f.frame_len))
+        .map(|f| f.pos.saturating_add(u64::from(f.frame_len)))
         .max()
         .unwrap_or(first.pos);
     // Read buffers come from the pool too: a fresh 4 MiB buffer per group cost a page
@@ -185,14 +198,17 @@ async fn read_frames_at<S: Sink>(
         .await?;
     let mut out = Vec::with_capacity(group.len());
     for f in group {
-        // Inside `bytes` by construction of the group.
-        let at = (f.pos - first.pos) as usize;
-        let frame = &bytes[at..at + f.frame_len as usize];
         let corrupt = |source| EngineError::Corrupt {
             object: object.clone(),
             pos: f.pos,
             source,
         };
+        // Inside `bytes` by construction of the group, and the sink returns what was asked;
+        // checked all the same, as a short frame rather than a panic.
+        let at = (f.pos - first.pos) as usize;
+        let frame = bytes
+            .get(at..at.saturating_add(f.frame_len as usize))
+            .ok_or_else(|| corrupt(format::FormatError::Truncated { what: "frame" }))?;
         let h = FrameHeader::decode(frame).map_err(corrupt)?;
         if h.offset != f.offset || h.raw_len != f.len || h.frame_len() != u64::from(f.frame_len) {
             return Err(EngineError::Mismatch {
@@ -238,7 +254,8 @@ pub(crate) fn coalesce(frames: &[FrameRead]) -> Vec<&[FrameRead]> {
                 let (a, b) = (&frames[i - 1], &frames[i]);
                 b.segment != a.segment
                     || b.pos != a.pos + u64::from(a.frame_len)
-                    || b.pos + u64::from(b.frame_len) - frames[start].pos > MAX_COALESCED_READ
+                    || b.pos.saturating_add(u64::from(b.frame_len)) - frames[start].pos
+                        > MAX_COALESCED_READ
                     || raw + u64::from(b.len) > MAX_COALESCED_RAW
             };
         if split && i > start {
@@ -251,6 +268,27 @@ pub(crate) fn coalesce(frames: &[FrameRead]) -> Vec<&[FrameRead]> {
         }
     }
     groups
+}
+
+/// Checks that `pieces` lie inside the `len` decoded bytes of the frame at `base`.
+/// [`plan_restore`] guarantees it; a write outside would take stale pooled bytes, so it is
+/// checked again where it matters.
+fn check_pieces(
+    base: u64,
+    len: usize,
+    pieces: &[std::ops::Range<u64>],
+) -> Result<(), EngineError> {
+    let end = base.saturating_add(len as u64);
+    match pieces
+        .iter()
+        .find(|p| p.start < base || p.end > end || p.start > p.end)
+    {
+        Some(p) => Err(EngineError::Invalid(format!(
+            "restore piece {:#x}..{:#x} outside its frame {base:#x}..{end:#x}",
+            p.start, p.end
+        ))),
+        None => Ok(()),
+    }
 }
 
 enum Target {
@@ -336,9 +374,10 @@ impl Target {
                     source,
                 };
                 let a = ALIGN as u64;
+                check_pieces(base, d.len, &pieces)?;
                 let mut buf = d.buf;
                 for p in pieces {
-                    // Pieces lie inside the frame (plan_restore guarantees it).
+                    // Inside the frame's decoded bytes (checked above).
                     let range =
                         d.start + (p.start - base) as usize..d.start + (p.end - base) as usize;
                     let aligned = p.start % a == 0
@@ -372,6 +411,7 @@ impl Target {
                 Ok(buf)
             }
             Target::Nbd(c) => {
+                check_pieces(base, d.len, &pieces)?;
                 let max = u64::from(c.info().max_request());
                 let whole = pieces.len() == 1
                     && pieces[0].start == base
@@ -400,7 +440,8 @@ impl Target {
 
 /// Restores `backup` of `disk` to `target`: merges the chain's indexes newest-wins, then reads
 /// each needed frame once, in storage order, checks its crc, decompresses it and writes the
-/// pieces the plan takes from it.
+/// pieces the plan takes from it. [`restore_with`] with default options (no cancel, default
+/// NBD timeouts).
 pub async fn restore<S: Sink>(
     sink: &S,
     disk: &str,
@@ -408,12 +449,60 @@ pub async fn restore<S: Sink>(
     target: &RestoreTarget,
     progress: Option<&ProgressFn<'_>>,
 ) -> Result<RestoreStats, EngineError> {
-    if let RestoreTarget::Qcow2(path) = target {
-        return restore_qcow2(sink, disk, backup, path, progress).await;
+    restore_with(
+        sink,
+        disk,
+        backup,
+        target,
+        progress,
+        &RestoreOptions::default(),
+    )
+    .await
+}
+
+/// [`restore`] with options: a cancellation token and NBD timeouts.
+///
+/// # Cancel safety
+/// Dropping the future stops the restore, but a [`RestoreTarget::Qcow2`] restore then leaves
+/// its `qemu-nbd` running: cancel through [`RestoreOptions::cancel`] instead.
+pub async fn restore_with<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+    target: &RestoreTarget,
+    progress: Option<&ProgressFn<'_>>,
+    opts: &RestoreOptions,
+) -> Result<RestoreStats, EngineError> {
+    if is_cancelled(opts.cancel.as_ref()) {
+        return Err(EngineError::Cancelled);
     }
+    if let RestoreTarget::Qcow2(path) = target {
+        return restore_qcow2(sink, disk, backup, path, progress, opts).await;
+    }
+    tokio::select! {
+        r = restore_direct(sink, disk, backup, target, progress, opts) => r,
+        () = cancelled(opts.cancel.as_ref()) => Err(EngineError::Cancelled),
+    }
+}
+
+/// A restore to a raw file or an NBD export.
+async fn restore_direct<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+    target: &RestoreTarget,
+    progress: Option<&ProgressFn<'_>>,
+    opts: &RestoreOptions,
+) -> Result<RestoreStats, EngineError> {
     let chain = load_chain(sink, disk, backup).await?;
     let indexes: Vec<&Index> = chain.iter().map(|(_, i)| i).collect();
-    let plan: RestorePlan = plan_restore(&indexes);
+    let plan: RestorePlan = plan_restore(&indexes).map_err(|source| EngineError::Plan {
+        object: chain
+            .get(source.index())
+            .map_or_else(String::new, |(m, _)| m.index.name.clone()),
+        offset: source.offset(),
+        source,
+    })?;
     let mut stats = RestoreStats {
         disk_size: plan.disk_size,
         chain_len: chain.len(),
@@ -436,7 +525,11 @@ pub async fn restore<S: Sink>(
         }
         RestoreTarget::Qcow2(_) => unreachable!("handled above"),
         RestoreTarget::Nbd(uri) => {
-            let c = Client::connect_with(uri, &ConnectOptions::default()).await?;
+            let copts = ConnectOptions {
+                timeouts: opts.nbd_timeouts,
+                ..ConnectOptions::default()
+            };
+            let c = Client::connect_with(uri, &copts).await?;
             if c.size() < plan.disk_size {
                 return Err(EngineError::Invalid(format!(
                     "target {uri} is {} bytes, the disk {}",
@@ -445,6 +538,9 @@ pub async fn restore<S: Sink>(
                 )));
             }
             for z in plan.zeros.iter() {
+                if is_cancelled(opts.cancel.as_ref()) {
+                    return Err(EngineError::Cancelled);
+                }
                 c.write_zeroes(z.start, z.len(), true).await?;
             }
             Target::Nbd(c)
@@ -468,6 +564,10 @@ pub async fn restore<S: Sink>(
         .collect();
     let mut done = 0u64;
     for group in groups {
+        if is_cancelled(opts.cancel.as_ref()) {
+            // Dropping `tasks` aborts the groups in flight.
+            return Err(EngineError::Cancelled);
+        }
         let permit = sem
             .clone()
             .acquire_owned()
@@ -553,6 +653,7 @@ async fn restore_qcow2<S: Sink>(
     backup: &str,
     path: &std::path::Path,
     progress: Option<&ProgressFn<'_>>,
+    opts: &RestoreOptions,
 ) -> Result<RestoreStats, EngineError> {
     use std::process::Command;
     if path.exists() {
@@ -587,6 +688,9 @@ async fn restore_qcow2<S: Sink>(
     let result = async {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while tokio::net::UnixStream::connect(&sock).await.is_err() {
+            if is_cancelled(opts.cancel.as_ref()) {
+                return Err(EngineError::Cancelled);
+            }
             if std::time::Instant::now() > deadline
                 || child
                     .try_wait()
@@ -601,12 +705,13 @@ async fn restore_qcow2<S: Sink>(
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         let uri = crate::nbd::NbdUri::unix(&sock, "").to_string();
-        Box::pin(restore(
+        Box::pin(restore_with(
             sink,
             disk,
             backup,
             &RestoreTarget::Nbd(uri),
             progress,
+            opts,
         ))
         .await
     }
