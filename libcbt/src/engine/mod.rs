@@ -70,8 +70,9 @@ pub enum EngineError {
     Plan {
         object: String,
         offset: u64,
+        // Boxed: the error is rare, and keeps every Result of the engine small.
         #[source]
-        source: PlanError,
+        source: Box<PlanError>,
     },
     #[error("invalid argument: {0}")]
     Invalid(String),

@@ -273,11 +273,7 @@ pub(crate) fn coalesce(frames: &[FrameRead]) -> Vec<&[FrameRead]> {
 /// Checks that `pieces` lie inside the `len` decoded bytes of the frame at `base`.
 /// [`plan_restore`] guarantees it; a write outside would take stale pooled bytes, so it is
 /// checked again where it matters.
-fn check_pieces(
-    base: u64,
-    len: usize,
-    pieces: &[std::ops::Range<u64>],
-) -> Result<(), EngineError> {
+fn check_pieces(base: u64, len: usize, pieces: &[std::ops::Range<u64>]) -> Result<(), EngineError> {
     let end = base.saturating_add(len as u64);
     match pieces
         .iter()
@@ -501,7 +497,7 @@ async fn restore_direct<S: Sink>(
             .get(source.index())
             .map_or_else(String::new, |(m, _)| m.index.name.clone()),
         offset: source.offset(),
-        source,
+        source: Box::new(source),
     })?;
     let mut stats = RestoreStats {
         disk_size: plan.disk_size,

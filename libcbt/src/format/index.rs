@@ -363,10 +363,13 @@ pub fn plan_restore(chain: &[&Index]) -> Result<RestorePlan, PlanError> {
         std::collections::HashMap::new();
     for (index, idx) in chain.iter().enumerate() {
         for e in &idx.entries {
-            let end = e.offset.checked_add(u64::from(e.len)).ok_or(PlanError::EntryEnd {
-                index,
-                offset: e.offset,
-            })?;
+            let end = e
+                .offset
+                .checked_add(u64::from(e.len))
+                .ok_or(PlanError::EntryEnd {
+                    index,
+                    offset: e.offset,
+                })?;
             if let Location::Frame {
                 segment,
                 pos,

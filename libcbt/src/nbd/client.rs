@@ -281,7 +281,7 @@ async fn deadline<T>(
 ) -> Result<T, NbdError> {
     tokio::time::timeout(after, f)
         .await
-        .unwrap_or(Err(NbdError::Timeout { step, after }))
+        .unwrap_or_else(|_| Err(NbdError::Timeout { step, after }))
 }
 
 /// Connection settings.
@@ -625,12 +625,8 @@ pub async fn list_meta_contexts_with(
     timeouts: &Timeouts,
 ) -> Result<Vec<String>, NbdError> {
     let uri = parse_uri(uri)?;
-    let (mut r, mut w) = deadline(
-        Step::Connect,
-        timeouts.connect,
-        open_socket(&uri.address),
-    )
-    .await?;
+    let (mut r, mut w) =
+        deadline(Step::Connect, timeouts.connect, open_socket(&uri.address)).await?;
     deadline(Step::Handshake, timeouts.handshake, async {
         let no_zeroes = Negotiator::start(&mut r, &mut w).await?;
         let mut n = Negotiator {
