@@ -753,9 +753,16 @@ async fn run_verify(
             s.phase = format!("verifying {t} ({}/{})", i + 1, disks.len())
         });
         let disk = job::libvirt_disk_id(uuid, t);
-        let r = engine::verify_chain(sink, &disk, backup_id)
-            .await
-            .map_err(|e| (chain(&e), "engine"))?;
+        let r = engine::verify_chain_with(
+            sink,
+            &disk,
+            backup_id,
+            &engine::VerifyOptions {
+                cancel: Some(job.cancel.clone()),
+            },
+        )
+        .await
+        .map_err(|e| (chain(&e), "engine"))?;
         bad += r.problems.len();
         out.push(json!({
             "disk": disk, "backups": r.backups, "frames": r.frames, "bytes": r.bytes,
@@ -852,6 +859,10 @@ async fn run_restore(
         let j = job.clone();
         move |p: engine::Progress| update(&j, |s| s.disk_progress(&disk, p.done, p.total))
     };
+    let ropts = engine::RestoreOptions {
+        cancel: Some(job.cancel.clone()),
+        ..Default::default()
+    };
     let work_dir = st.cfg.server.state_dir.join("restore-sockets");
     let private_dir = || -> Result<(), (String, &'static str)> {
         use std::os::unix::fs::DirBuilderExt;
@@ -901,7 +912,7 @@ async fn run_restore(
             };
             let p = progress(disk.clone());
             let path = root.join(&rel);
-            match engine::restore(sink, &disk, backup_id, &target, Some(&p)).await {
+            match engine::restore_with(sink, &disk, backup_id, &target, Some(&p), &ropts).await {
                 Ok(s) => Ok(
                     json!({"disk": disk, "path": path, "bytes_written": s.bytes_written, "chain_len": s.chain_len}),
                 ),
@@ -916,12 +927,13 @@ async fn run_restore(
             update(job, |s| s.phase = "restoring".into());
             let disk = job::libvirt_disk_id(uuid, t);
             let p = progress(disk.clone());
-            let s = engine::restore(
+            let s = engine::restore_with(
                 sink,
                 &disk,
                 backup_id,
                 &RestoreTarget::Nbd(uri.clone()),
                 Some(&p),
+                &ropts,
             )
             .await
             .map_err(|e| (chain(&e), "engine"))?;
@@ -995,7 +1007,9 @@ async fn run_restore(
                     file: Arc::new(created.file),
                     work_dir: work_dir.clone(),
                 };
-                if let Err(e) = engine::restore(sink, &disk, backup_id, &target, Some(&p)).await {
+                if let Err(e) =
+                    engine::restore_with(sink, &disk, backup_id, &target, Some(&p), &ropts).await
+                {
                     undo_restore(&ledger);
                     return Err((chain(&e), "engine"));
                 }

@@ -74,7 +74,7 @@ pub fn format_objects(data: &[u8]) {
     }
     let _ = crate::format::segment::FrameHeader::decode(data);
     if let Ok(idx) = crate::format::Index::decode(data) {
-        let _ = crate::format::plan_restore(&[&idx]);
+        let _ = crate::format::plan_restore(&[&idx, &idx]);
     }
     let _ = crate::format::Manifest::decode(data);
 }

@@ -1,6 +1,7 @@
 //! The NBD client against a scripted in-process server that misbehaves on purpose: replies out
 //! of order, unknown cookies, chunks after DONE, extents and data outside the request,
-//! malformed bytes, refused GO. Real-server behaviour is covered in `nbd_peers.rs`.
+//! malformed bytes, refused GO, endless replies, silence. Real-server behaviour is covered in
+//! `nbd_peers.rs`.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use libcbt::nbd::proto::{
     self, chunk, cmd, errno, handshake, opt, rep, tflag, Greeting, OptReplyHeader, ReplyHeader,
     Request,
 };
-use libcbt::nbd::{Client, ConnectOptions, ErrorKind, NbdError, Violation};
+use libcbt::nbd::{Client, ConnectOptions, ErrorKind, NbdError, Step, Timeouts, Violation};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -43,6 +44,50 @@ fn serve_inner(go_supported: bool, close_after_first: bool, respond: Respond) ->
         if negotiate(&mut s, go_supported).await.is_ok() {
             let _ = transmission(&mut s, close_after_first, respond).await;
         }
+    });
+    Server {
+        uri: format!("nbd+unix:///?socket={}", path.display()),
+        _dir: dir,
+    }
+}
+
+/// Starts a server that negotiates, reads one request, then sends `chunk(req, i)` for
+/// i = 0, 1, ... until the client hangs up: a reply without end.
+fn serve_endless(mut chunk: Box<dyn FnMut(Request, u64) -> Vec<u8> + Send>) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        if negotiate(&mut s, true).await.is_err() {
+            return;
+        }
+        let mut h = [0u8; proto::REQUEST_LEN];
+        if s.read_exact(&mut h).await.is_err() {
+            return;
+        }
+        let req = Request::decode(&h).expect("client sends valid requests");
+        for i in 0.. {
+            if s.write_all(&chunk(req, i)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Server {
+        uri: format!("nbd+unix:///?socket={}", path.display()),
+        _dir: dir,
+    }
+}
+
+/// Starts a server that accepts one connection and never says a word (holding it open).
+fn serve_silent() -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
     });
     Server {
         uri: format!("nbd+unix:///?socket={}", path.display()),
@@ -584,4 +629,187 @@ async fn requests_out_of_range_are_refused_locally() {
     assert_eq!(e.kind(), ErrorKind::InvalidRequest);
     // The connection was not disturbed.
     within(client.read(0, vec![0; 4096])).await.expect("read");
+}
+
+fn assert_too_large(e: &NbdError) {
+    assert_eq!(e.kind(), ErrorKind::ConnectionLost, "{e:?}");
+    assert_eq!(e.root_cause().kind(), ErrorKind::ReplyTooLarge, "{e:?}");
+}
+
+#[tokio::test]
+async fn endless_overlapping_data_chunks_fail_the_read_at_once() {
+    // The same 4 KiB again and again, never DONE: before, each was taken and the reply
+    // never ended.
+    let srv = serve_endless(Box::new(|req, _| {
+        data_chunk(false, req.cookie, req.offset, &pattern(req.offset, 4096))
+    }));
+    let client = Client::connect_with(&srv.uri, &single(1))
+        .await
+        .expect("connect");
+    let e = within(client.read(0, vec![0; 8192]))
+        .await
+        .expect_err("must fail");
+    assert_violation(&e, |v| matches!(v, Violation::ReadOverlap { .. }));
+}
+
+#[tokio::test]
+async fn endless_error_chunks_end_at_the_reply_bound() {
+    // Error chunks may come several to a reply, so each is well-formed: only the aggregate
+    // bound stops them.
+    let srv = serve_endless(Box::new(|req, i| {
+        let mut p = errno::EIO.to_be_bytes().to_vec();
+        let msg = format!("error {i}");
+        p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+        p.extend_from_slice(msg.as_bytes());
+        structured(0, chunk::ERROR, req.cookie, &p)
+    }));
+    let client = Client::connect_with(&srv.uri, &single(1))
+        .await
+        .expect("connect");
+    let e = within(client.read(0, vec![0; 4096]))
+        .await
+        .expect_err("must fail");
+    assert_too_large(&e);
+    assert!(
+        matches!(
+            e.root_cause(),
+            NbdError::ReplyTooLarge { what: "chunks", max } if *max == u64::from(proto::MAX_REPLY_CHUNKS)
+        ),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn endless_large_error_chunks_to_a_block_status_request_end_at_the_byte_bound() {
+    // A second block-status chunk for the requested context is a violation already; what
+    // stays well-formed chunk by chunk is error chunks with the longest message: the bound
+    // on the reply's payload bytes stops them.
+    let srv = serve_endless(Box::new(|req, _| {
+        let mut p = errno::EIO.to_be_bytes().to_vec();
+        let msg = vec![b'x'; proto::MAX_STRING];
+        p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+        p.extend_from_slice(&msg);
+        structured(0, chunk::ERROR, req.cookie, &p)
+    }));
+    let client = Client::connect_with(&srv.uri, &single(1))
+        .await
+        .expect("connect");
+    let e = within(client.block_status(CTX, 0, SIZE as u32))
+        .await
+        .expect_err("must fail");
+    assert_too_large(&e);
+    assert!(
+        matches!(
+            e.root_cause(),
+            NbdError::ReplyTooLarge { what: "payload bytes", max } if *max == proto::MAX_REPLY_METADATA
+        ),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn one_byte_block_status_extents_are_kept_up_to_the_reply_bound() {
+    // 2^20 one-byte extents in one chunk (the largest chunk accepted): 24 MiB of extents
+    // before, at most MAX_REPLY_EXTENTS now; the map walks on from where they end.
+    let srv = serve(
+        true,
+        Box::new(|req| {
+            let d: Vec<(u32, u32)> = (0..req.len.min(1 << 20))
+                .map(|i| (1, (req.offset + u64::from(i)) as u32 % 2))
+                .collect();
+            block_status_chunk(req.cookie, CTX_ID, &d)
+        }),
+    );
+    let client = Client::connect_with(&srv.uri, &single(1))
+        .await
+        .expect("connect");
+    let ext = within(client.block_status(CTX, 0, SIZE as u32))
+        .await
+        .expect("block status");
+    assert_eq!(ext.len(), proto::MAX_REPLY_EXTENTS);
+    assert_eq!(
+        ext.last().map(|e| e.end),
+        Some(proto::MAX_REPLY_EXTENTS as u64)
+    );
+    let ext = within(client.block_status(CTX, 4096, 4096))
+        .await
+        .expect("small block status");
+    assert_eq!(ext.len(), 4096);
+}
+
+fn timeouts(ms: u64) -> Timeouts {
+    let t = Duration::from_millis(ms);
+    Timeouts {
+        connect: t,
+        handshake: t,
+        request: t,
+    }
+}
+
+#[tokio::test]
+async fn silent_peer_in_the_handshake_times_out() {
+    let srv = serve_silent();
+    let opts = ConnectOptions {
+        timeouts: timeouts(300),
+        ..single(1)
+    };
+    let e = within(Client::connect_with(&srv.uri, &opts))
+        .await
+        .expect_err("must time out");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e:?}");
+    assert!(
+        matches!(
+            e,
+            NbdError::Timeout {
+                step: Step::Handshake,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("handshake"), "{e}");
+}
+
+#[tokio::test]
+async fn silent_peer_on_a_read_times_out_and_ends_the_connection() {
+    // Negotiates, then never answers a request.
+    let srv = serve(true, Box::new(|_| Vec::new()));
+    let opts = ConnectOptions {
+        timeouts: Timeouts {
+            request: Duration::from_millis(300),
+            ..Timeouts::default()
+        },
+        ..single(1)
+    };
+    let client = Client::connect_with(&srv.uri, &opts)
+        .await
+        .expect("connect");
+    let c2 = client.clone();
+    let other = tokio::spawn(async move { c2.read(8192, vec![0; 4096]).await });
+    let e = within(client.read(0, vec![0; 4096]))
+        .await
+        .expect_err("must time out");
+    assert!(
+        matches!(
+            e,
+            NbdError::Timeout {
+                step: Step::Request,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // The other request in flight, and every later one, fail with the timeout as cause.
+    let e2 = within(other)
+        .await
+        .expect("task")
+        .expect_err("never answered");
+    assert_eq!(e2.root_cause().kind(), ErrorKind::Timeout, "{e2:?}");
+    let e3 = within(client.read(0, vec![0; 4096]))
+        .await
+        .expect_err("connection is gone");
+    assert_eq!(e3.kind(), ErrorKind::ConnectionLost, "{e3:?}");
+    assert_eq!(e3.root_cause().kind(), ErrorKind::Timeout, "{e3:?}");
+    // Disconnecting from it does not hang either.
+    within(client.disconnect()).await;
 }

@@ -12,6 +12,11 @@
 //! Memory is bounded by the number of chunks in flight, whatever the disk size. Cancelling a
 //! backup is dropping its future: writers remove their partial objects, and no manifest is
 //! written, so the backup does not exist.
+//!
+//! Every job kind takes the same [`CancelToken`] (`BackupOptions::cancel`,
+//! [`RestoreOptions::cancel`], [`VerifyOptions::cancel`]): set it, and the job fails with
+//! [`EngineError::Cancelled`] at its next check (between chunks, groups of frames, or within
+//! [`CANCEL_POLL`] of any wait), after cleaning up what it started (a restore's `qemu-nbd`).
 
 mod backup;
 pub mod catalog;
@@ -21,9 +26,13 @@ mod verify;
 pub use backup::{
     backup_disk, is_zero, scan_export, BackupOptions, DiskBackup, Revalidate, Scan, Trusted,
 };
-pub use restore::{load_chain, restore, RestoreStats, RestoreTarget};
-pub use verify::{verify_chain, Problem, VerifyReport};
+pub use restore::{load_chain, restore, restore_with, RestoreOptions, RestoreStats, RestoreTarget};
+pub use verify::{verify_chain, verify_chain_with, Problem, VerifyOptions, VerifyReport};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::format::index::PlanError;
 use crate::format::FormatError;
 use crate::nbd::NbdError;
 use crate::sink::SinkError;
@@ -57,6 +66,14 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    #[error("index {object}: entry at disk offset {offset:#x} is refused")]
+    Plan {
+        object: String,
+        offset: u64,
+        // Boxed: the error is rare, and keeps every Result of the engine small.
+        #[source]
+        source: Box<PlanError>,
+    },
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("a worker task failed")]
@@ -65,6 +82,28 @@ pub enum EngineError {
     Source(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cancelled")]
     Cancelled,
+}
+
+/// The cancellation token of every job kind: set it to `true` to stop the job.
+pub type CancelToken = Arc<AtomicBool>;
+
+/// How often a waiting job looks at its cancellation token.
+pub const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// True when `token` is set.
+pub(crate) fn is_cancelled(token: Option<&CancelToken>) -> bool {
+    token.is_some_and(|c| c.load(Ordering::Relaxed))
+}
+
+/// Resolves once `token` is set (never without one): raced against a job's future, it
+/// bounds how long a cancel waits for a stuck step.
+pub(crate) async fn cancelled(token: Option<&CancelToken>) {
+    let Some(c) = token else {
+        return std::future::pending().await;
+    };
+    while !c.load(Ordering::Relaxed) {
+        tokio::time::sleep(CANCEL_POLL).await;
+    }
 }
 
 /// Progress of a job: bytes done out of bytes to do.

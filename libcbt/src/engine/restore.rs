@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use super::{EngineError, Pool, Progress, ProgressFn};
+use super::{cancelled, is_cancelled, CancelToken, EngineError, Pool, Progress, ProgressFn};
 use crate::format::segment::{self, FrameHeader, FRAME_HEADER_LEN};
 use crate::format::{self, plan_restore, FrameRead, Index, Level, Manifest, RestorePlan};
-use crate::nbd::{Client, ConnectOptions};
+use crate::nbd::{Client, ConnectOptions, Timeouts};
 use crate::sink::Sink;
 
 /// Deepest chain accepted (a cycle or a runaway chain is refused).
@@ -53,6 +53,18 @@ pub enum RestoreTarget {
         file: Arc<std::fs::File>,
         work_dir: PathBuf,
     },
+}
+
+/// How a restore runs.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Set to stop the restore: it fails with [`EngineError::Cancelled`] before the next
+    /// group of frames (or within [`super::CANCEL_POLL`] of a stuck step). What it wrote
+    /// stays: the caller removes the target it created.
+    pub cancel: Option<CancelToken>,
+    /// Deadlines of the NBD connection to an [`RestoreTarget::Nbd`] target and of the
+    /// private `qemu-nbd` of a [`RestoreTarget::Qcow2`] one.
+    pub nbd_timeouts: Timeouts,
 }
 
 /// What a restore did.
@@ -183,9 +195,10 @@ async fn read_frames_at<S: Sink>(
 ) -> Result<Vec<Decoded>, EngineError> {
     let first = &group[0];
     let object = format::segment_name(disk, first.segment);
+    // plan_restore and Index::decode refuse frames that end past 2^64.
     let end = group
         .iter()
-        .map(|f| f.pos + u64::from(f.frame_len))
+        .map(|f| f.pos.saturating_add(u64::from(f.frame_len)))
         .max()
         .unwrap_or(first.pos);
     // Read buffers come from the pool too: a fresh 4 MiB buffer per group cost a page
@@ -195,14 +208,17 @@ async fn read_frames_at<S: Sink>(
         .await?;
     let mut out = Vec::with_capacity(group.len());
     for f in group {
-        // Inside `bytes` by construction of the group.
-        let at = (f.pos - first.pos) as usize;
-        let frame = &bytes[at..at + f.frame_len as usize];
         let corrupt = |source| EngineError::Corrupt {
             object: object.clone(),
             pos: f.pos,
             source,
         };
+        // Inside `bytes` by construction of the group, and the sink returns what was asked;
+        // checked all the same, as a short frame rather than a panic.
+        let at = (f.pos - first.pos) as usize;
+        let frame = bytes
+            .get(at..at.saturating_add(f.frame_len as usize))
+            .ok_or_else(|| corrupt(format::FormatError::Truncated { what: "frame" }))?;
         let h = FrameHeader::decode(frame).map_err(corrupt)?;
         if h.offset != f.offset || h.raw_len != f.len || h.frame_len() != u64::from(f.frame_len) {
             return Err(EngineError::Mismatch {
@@ -248,7 +264,8 @@ pub(crate) fn coalesce(frames: &[FrameRead]) -> Vec<&[FrameRead]> {
                 let (a, b) = (&frames[i - 1], &frames[i]);
                 b.segment != a.segment
                     || b.pos != a.pos + u64::from(a.frame_len)
-                    || b.pos + u64::from(b.frame_len) - frames[start].pos > MAX_COALESCED_READ
+                    || b.pos.saturating_add(u64::from(b.frame_len)) - frames[start].pos
+                        > MAX_COALESCED_READ
                     || raw + u64::from(b.len) > MAX_COALESCED_RAW
             };
         if split && i > start {
@@ -261,6 +278,23 @@ pub(crate) fn coalesce(frames: &[FrameRead]) -> Vec<&[FrameRead]> {
         }
     }
     groups
+}
+
+/// Checks that `pieces` lie inside the `len` decoded bytes of the frame at `base`.
+/// [`plan_restore`] guarantees it; a write outside would take stale pooled bytes, so it is
+/// checked again where it matters.
+fn check_pieces(base: u64, len: usize, pieces: &[std::ops::Range<u64>]) -> Result<(), EngineError> {
+    let end = base.saturating_add(len as u64);
+    match pieces
+        .iter()
+        .find(|p| p.start < base || p.end > end || p.start > p.end)
+    {
+        Some(p) => Err(EngineError::Invalid(format!(
+            "restore piece {:#x}..{:#x} outside its frame {base:#x}..{end:#x}",
+            p.start, p.end
+        ))),
+        None => Ok(()),
+    }
 }
 
 enum Target {
@@ -358,9 +392,10 @@ impl Target {
                     source,
                 };
                 let a = ALIGN as u64;
+                check_pieces(base, d.len, &pieces)?;
                 let mut buf = d.buf;
                 for p in pieces {
-                    // Pieces lie inside the frame (plan_restore guarantees it).
+                    // Inside the frame's decoded bytes (checked above).
                     let range =
                         d.start + (p.start - base) as usize..d.start + (p.end - base) as usize;
                     let aligned = p.start % a == 0
@@ -394,6 +429,7 @@ impl Target {
                 Ok(buf)
             }
             Target::Nbd(c) => {
+                check_pieces(base, d.len, &pieces)?;
                 let max = u64::from(c.info().max_request());
                 let whole = pieces.len() == 1
                     && pieces[0].start == base
@@ -422,7 +458,8 @@ impl Target {
 
 /// Restores `backup` of `disk` to `target`: merges the chain's indexes newest-wins, then reads
 /// each needed frame once, in storage order, checks its crc, decompresses it and writes the
-/// pieces the plan takes from it.
+/// pieces the plan takes from it. [`restore_with`] with default options (no cancel, default
+/// NBD timeouts).
 pub async fn restore<S: Sink>(
     sink: &S,
     disk: &str,
@@ -430,6 +467,33 @@ pub async fn restore<S: Sink>(
     target: &RestoreTarget,
     progress: Option<&ProgressFn<'_>>,
 ) -> Result<RestoreStats, EngineError> {
+    restore_with(
+        sink,
+        disk,
+        backup,
+        target,
+        progress,
+        &RestoreOptions::default(),
+    )
+    .await
+}
+
+/// [`restore`] with options: a cancellation token and NBD timeouts.
+///
+/// # Cancel safety
+/// Dropping the future stops the restore, but a qcow2 restore then leaves its `qemu-nbd`
+/// running: cancel through [`RestoreOptions::cancel`] instead.
+pub async fn restore_with<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+    target: &RestoreTarget,
+    progress: Option<&ProgressFn<'_>>,
+    opts: &RestoreOptions,
+) -> Result<RestoreStats, EngineError> {
+    if is_cancelled(opts.cancel.as_ref()) {
+        return Err(EngineError::Cancelled);
+    }
     match target {
         RestoreTarget::Qcow2(path) => {
             if path.exists() {
@@ -437,20 +501,41 @@ pub async fn restore<S: Sink>(
             }
             let sock = path.with_extension("restore.sock");
             let _ = std::fs::remove_file(&sock);
-            return restore_qcow2(sink, disk, backup, path, &sock, true, progress).await;
+            return restore_qcow2(sink, disk, backup, path, &sock, true, progress, opts).await;
         }
         RestoreTarget::Qcow2Opened { file, work_dir } => {
             use std::os::fd::AsRawFd;
             let (pid, fd) = (std::process::id(), file.as_raw_fd());
             let path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
             let sock = work_dir.join(format!("qcow2-{pid}-{fd}-{:x}.sock", unique()));
-            return restore_qcow2(sink, disk, backup, &path, &sock, false, progress).await;
+            return restore_qcow2(sink, disk, backup, &path, &sock, false, progress, opts).await;
         }
         _ => {}
     }
+    tokio::select! {
+        r = restore_direct(sink, disk, backup, target, progress, opts) => r,
+        () = cancelled(opts.cancel.as_ref()) => Err(EngineError::Cancelled),
+    }
+}
+
+/// A restore to a raw file or an NBD export.
+async fn restore_direct<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+    target: &RestoreTarget,
+    progress: Option<&ProgressFn<'_>>,
+    opts: &RestoreOptions,
+) -> Result<RestoreStats, EngineError> {
     let chain = load_chain(sink, disk, backup).await?;
     let indexes: Vec<&Index> = chain.iter().map(|(_, i)| i).collect();
-    let plan: RestorePlan = plan_restore(&indexes);
+    let plan: RestorePlan = plan_restore(&indexes).map_err(|source| EngineError::Plan {
+        object: chain
+            .get(source.index())
+            .map_or_else(String::new, |(m, _)| m.index.name.clone()),
+        offset: source.offset(),
+        source: Box::new(source),
+    })?;
     let mut stats = RestoreStats {
         disk_size: plan.disk_size,
         chain_len: chain.len(),
@@ -484,7 +569,11 @@ pub async fn restore<S: Sink>(
             unreachable!("handled above")
         }
         RestoreTarget::Nbd(uri) => {
-            let c = Client::connect_with(uri, &ConnectOptions::default()).await?;
+            let copts = ConnectOptions {
+                timeouts: opts.nbd_timeouts,
+                ..ConnectOptions::default()
+            };
+            let c = Client::connect_with(uri, &copts).await?;
             if c.size() < plan.disk_size {
                 return Err(EngineError::Invalid(format!(
                     "target {uri} is {} bytes, the disk {}",
@@ -493,6 +582,9 @@ pub async fn restore<S: Sink>(
                 )));
             }
             for z in plan.zeros.iter() {
+                if is_cancelled(opts.cancel.as_ref()) {
+                    return Err(EngineError::Cancelled);
+                }
                 c.write_zeroes(z.start, z.len(), true).await?;
             }
             Target::Nbd(c)
@@ -516,6 +608,10 @@ pub async fn restore<S: Sink>(
         .collect();
     let mut done = 0u64;
     for group in groups {
+        if is_cancelled(opts.cancel.as_ref()) {
+            // Dropping `tasks` aborts the groups in flight.
+            return Err(EngineError::Cancelled);
+        }
         let permit = sem
             .clone()
             .acquire_owned()
@@ -605,6 +701,7 @@ fn unique() -> u64 {
 /// Restores into a new qcow2: `qemu-img create`, a private `qemu-nbd` on `sock`, an NBD
 /// restore, flush, then `qemu-nbd` is stopped with SIGTERM so that it closes the image cleanly.
 /// `remove_on_error`: the image is ours to delete if the restore fails.
+#[allow(clippy::too_many_arguments)]
 async fn restore_qcow2<S: Sink>(
     sink: &S,
     disk: &str,
@@ -613,6 +710,7 @@ async fn restore_qcow2<S: Sink>(
     sock: &std::path::Path,
     remove_on_error: bool,
     progress: Option<&ProgressFn<'_>>,
+    opts: &RestoreOptions,
 ) -> Result<RestoreStats, EngineError> {
     use std::process::Command;
     let chain = load_chain(sink, disk, backup).await?;
@@ -642,6 +740,9 @@ async fn restore_qcow2<S: Sink>(
     let result = async {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while tokio::net::UnixStream::connect(sock).await.is_err() {
+            if is_cancelled(opts.cancel.as_ref()) {
+                return Err(EngineError::Cancelled);
+            }
             if std::time::Instant::now() > deadline
                 || child
                     .try_wait()
@@ -656,12 +757,13 @@ async fn restore_qcow2<S: Sink>(
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         let uri = crate::nbd::NbdUri::unix(sock, "").to_string();
-        Box::pin(restore(
+        Box::pin(restore_with(
             sink,
             disk,
             backup,
             &RestoreTarget::Nbd(uri),
             progress,
+            opts,
         ))
         .await
     }

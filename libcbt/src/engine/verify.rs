@@ -1,7 +1,7 @@
 //! Verification of a backup chain: every manifest, index and referenced frame.
 
 use super::restore::{coalesce, load_chain, read_frames};
-use super::{EngineError, Pool};
+use super::{cancelled, is_cancelled, CancelToken, EngineError, Pool};
 use crate::format::{FrameRead, Location};
 use crate::sink::Sink;
 
@@ -25,6 +25,14 @@ impl std::fmt::Display for Problem {
             self.backup, self.object, self.pos, self.what
         )
     }
+}
+
+/// How a verification runs.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Set to stop the verification: it fails with [`EngineError::Cancelled`] before the
+    /// next group of frames (or within [`super::CANCEL_POLL`] of a stuck read).
+    pub cancel: Option<CancelToken>,
 }
 
 /// Outcome of a verification.
@@ -61,11 +69,41 @@ fn describe(e: &EngineError) -> (String, u64, String) {
 /// Checks the chain ending at `backup`: manifests and indexes (checksums, sizes, links), then
 /// every frame any index of the chain references (header, crc, decompression, agreement with
 /// the index). A chain that cannot even be loaded is one problem; otherwise every bad frame is
-/// reported with its backup, segment and position.
+/// reported with its backup, segment and position. [`verify_chain_with`] with default
+/// options (no cancel).
 pub async fn verify_chain<S: Sink>(
     sink: &S,
     disk: &str,
     backup: &str,
+) -> Result<VerifyReport, EngineError> {
+    verify_chain_with(sink, disk, backup, &VerifyOptions::default()).await
+}
+
+/// [`verify_chain`] with options (a cancellation token).
+///
+/// # Cancel safety
+/// Dropping the future stops the verification; it writes nothing.
+pub async fn verify_chain_with<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, EngineError> {
+    let cancel = opts.cancel.as_ref();
+    if is_cancelled(cancel) {
+        return Err(EngineError::Cancelled);
+    }
+    tokio::select! {
+        r = verify(sink, disk, backup, cancel) => r,
+        () = cancelled(cancel) => Err(EngineError::Cancelled),
+    }
+}
+
+async fn verify<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+    cancel: Option<&CancelToken>,
 ) -> Result<VerifyReport, EngineError> {
     let mut report = VerifyReport::default();
     let chain = match load_chain(sink, disk, backup).await {
@@ -105,6 +143,9 @@ pub async fn verify_chain<S: Sink>(
             .collect();
         frames.sort_by_key(|f| (f.segment, f.pos));
         for group in coalesce(&frames) {
+            if is_cancelled(cancel) {
+                return Err(EngineError::Cancelled);
+            }
             match read_frames(sink, disk, group, &pool).await {
                 Ok(raws) => {
                     report.frames += raws.len() as u64;

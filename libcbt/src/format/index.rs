@@ -22,9 +22,11 @@
 //! | 24 | frame position u64 in the segment (0 for zero entries) |
 //!
 //! Entries are sorted by offset and disjoint. A data entry covers exactly the raw bytes of its
-//! frame. Ranges no entry covers were not part of this backup: for a full backup they read as
-//! zeroes; for an incremental they come from the parent. The object's exact length follows
-//! from its counts, so nothing is allocated beyond the bytes actually read.
+//! frame; a frame is at least its 32-byte header and ends before 2^64, and every entry of a
+//! chain that names a frame agrees with the others on it ([`plan_restore`] checks). Ranges no
+//! entry covers were not part of this backup: for a full backup they read as zeroes; for an
+//! incremental they come from the parent. The object's exact length follows from its counts,
+//! so nothing is allocated beyond the bytes actually read.
 
 use std::ops::Range;
 
@@ -215,18 +217,26 @@ impl Index {
                         what: "index segment number",
                         value: seg as u64,
                     })?;
+                    let header = super::segment::FRAME_HEADER_LEN as u64;
                     if len > MAX_FRAME_RAW
-                        || u64::from(frame_len)
-                            > super::segment::FRAME_HEADER_LEN as u64 + u64::from(len)
+                        || u64::from(frame_len) > header + u64::from(len)
+                        || u64::from(frame_len) < header
                     {
                         return Err(FormatError::BadValue {
                             what: "index frame length",
                             value: frame_len.into(),
                         });
                     }
+                    let pos = u64_at(p + 24);
+                    if pos.checked_add(u64::from(frame_len)).is_none() {
+                        return Err(FormatError::BadValue {
+                            what: "index frame position",
+                            value: pos,
+                        });
+                    }
                     Location::Frame {
                         segment,
-                        pos: u64_at(p + 24),
+                        pos,
                         frame_len,
                     }
                 }
@@ -277,20 +287,126 @@ impl RestorePlan {
     }
 }
 
+/// Entries a chain may hold in all (their numbers are kept in `u32` extent flags).
+pub const MAX_PLAN_ENTRIES: u64 = u32::MAX as u64;
+
+/// A chain of indexes that cannot be planned: each index decoded, but together they
+/// contradict themselves. `index` is the position in the chain (0: the full), `offset` the
+/// disk offset of the refused entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "entry at disk offset {offset:#x} of index {index} and the entry at {other_offset:#x} \
+         of index {other_index} name the frame at {pos:#x} of segment {segment:032x} but \
+         disagree on its disk range or length"
+    )]
+    FrameConflict {
+        index: usize,
+        offset: u64,
+        other_index: usize,
+        other_offset: u64,
+        segment: SegmentId,
+        pos: u64,
+    },
+    #[error(
+        "entry at disk offset {offset:#x} of index {index}: frame at {pos:#x} of length \
+         {frame_len:#x} ends past 2^64"
+    )]
+    FrameEnd {
+        index: usize,
+        offset: u64,
+        pos: u64,
+        frame_len: u32,
+    },
+    #[error("entry at disk offset {offset:#x} of index {index} ends past 2^64")]
+    EntryEnd { index: usize, offset: u64 },
+    #[error("the chain holds more than {max} entries")]
+    TooManyEntries { index: usize, offset: u64, max: u64 },
+}
+
+impl PlanError {
+    /// Position in the chain (0: the full) of the index holding the refused entry.
+    pub fn index(&self) -> usize {
+        match self {
+            PlanError::FrameConflict { index, .. }
+            | PlanError::FrameEnd { index, .. }
+            | PlanError::EntryEnd { index, .. }
+            | PlanError::TooManyEntries { index, .. } => *index,
+        }
+    }
+
+    /// Disk offset of the refused entry.
+    pub fn offset(&self) -> u64 {
+        match self {
+            PlanError::FrameConflict { offset, .. }
+            | PlanError::FrameEnd { offset, .. }
+            | PlanError::EntryEnd { offset, .. }
+            | PlanError::TooManyEntries { offset, .. } => *offset,
+        }
+    }
+}
+
 /// Merges a chain of indexes, oldest (the full) first, newest wins, into a restore plan of
 /// the newest. Metadata only: no data is read. The disk size is the newest backup's.
-pub fn plan_restore(chain: &[&Index]) -> RestorePlan {
+///
+/// Every entry that names a frame (segment, position) must agree with every other entry
+/// that names it on the frame's disk offset, raw length and frame length, and the frame must
+/// end before 2^64: a restore writes the pieces of a frame relative to the frame's entry, so
+/// a crafted (crc-valid) index that broke this would make it write outside the decoded
+/// bytes. Such chains are refused with the place of the first bad entry.
+pub fn plan_restore(chain: &[&Index]) -> Result<RestorePlan, PlanError> {
     let disk_size = chain.last().map_or(0, |i| i.disk_size);
     let mut all: Vec<IndexEntry> = Vec::new();
     let mut map = ExtentMap::new();
-    for idx in chain {
+    // The first entry seen for each frame, and where it came from.
+    let mut owner: std::collections::HashMap<(SegmentId, u64), (usize, IndexEntry)> =
+        std::collections::HashMap::new();
+    for (index, idx) in chain.iter().enumerate() {
         for e in &idx.entries {
+            let end = e
+                .offset
+                .checked_add(u64::from(e.len))
+                .ok_or(PlanError::EntryEnd {
+                    index,
+                    offset: e.offset,
+                })?;
+            if let Location::Frame {
+                segment,
+                pos,
+                frame_len,
+            } = e.loc
+            {
+                if pos.checked_add(u64::from(frame_len)).is_none() {
+                    return Err(PlanError::FrameEnd {
+                        index,
+                        offset: e.offset,
+                        pos,
+                        frame_len,
+                    });
+                }
+                let (other_index, other) = *owner.entry((segment, pos)).or_insert((index, *e));
+                if other.offset != e.offset || other.len != e.len || other.loc != e.loc {
+                    return Err(PlanError::FrameConflict {
+                        index,
+                        offset: e.offset,
+                        other_index,
+                        other_offset: other.offset,
+                        segment,
+                        pos,
+                    });
+                }
+            }
             // Entries of older backups past the newest disk size are cut off by the clip below.
-            let n = u32::try_from(all.len()).unwrap_or(u32::MAX);
+            let n = u32::try_from(all.len()).map_err(|_| PlanError::TooManyEntries {
+                index,
+                offset: e.offset,
+                max: MAX_PLAN_ENTRIES,
+            })?;
             all.push(*e);
-            map.insert(e.offset..e.end(), n);
+            map.insert(e.offset..end, n);
         }
     }
+    drop(owner);
     let covered_all: ExtentMap = [Extent::new(0, disk_size, 0)]
         .into_iter()
         .filter(|e| e.start < e.end)
@@ -308,6 +424,8 @@ pub fn plan_restore(chain: &[&Index]) -> RestorePlan {
                 pos,
                 frame_len,
             } => {
+                // Every entry of this frame agrees with `e` (checked above), and the piece
+                // lies inside `e`: so it lies inside the frame's raw bytes.
                 frames
                     .entry((segment, pos))
                     .or_insert_with(|| FrameRead {
@@ -323,11 +441,11 @@ pub fn plan_restore(chain: &[&Index]) -> RestorePlan {
             }
         }
     }
-    RestorePlan {
+    Ok(RestorePlan {
         disk_size,
         frames: frames.into_values().collect(),
         zeros,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -400,7 +518,7 @@ mod tests {
                 }
             }
             let refs: Vec<&Index> = chain.iter().collect();
-            let plan = plan_restore(&refs);
+            let plan = plan_restore(&refs).expect("consistent chain");
             // Model: for each block, the newest entry that covers it.
             let mut model: Vec<Option<Location>> = vec![None; (disk / 512) as usize];
             for idx in &chain {
@@ -433,6 +551,144 @@ mod tests {
             }
             let model: Vec<Option<Location>> = model.into_iter().map(|m| Some(m.unwrap_or(Location::Zero))).collect();
             prop_assert_eq!(got, model);
+        }
+    }
+
+    fn data(offset: u64, len: u32, segment: u128, pos: u64, frame_len: u32) -> IndexEntry {
+        IndexEntry {
+            offset,
+            len,
+            loc: Location::Frame {
+                segment,
+                pos,
+                frame_len,
+            },
+        }
+    }
+
+    fn index(entries: Vec<IndexEntry>) -> Index {
+        Index {
+            disk_size: 1 << 20,
+            entries,
+        }
+    }
+
+    #[test]
+    fn plan_refuses_entries_that_share_a_frame_but_disagree() {
+        let full = index(vec![data(0, 4096, 1, 0, 100)]);
+        // Another disk range for the same frame: its pieces would be written from bytes the
+        // frame does not have (before: an underflow panic, or stale pooled bytes).
+        let moved = index(vec![data(8192, 4096, 1, 0, 100)]);
+        assert_eq!(
+            plan_restore(&[&full, &moved]),
+            Err(PlanError::FrameConflict {
+                index: 1,
+                offset: 8192,
+                other_index: 0,
+                other_offset: 0,
+                segment: 1,
+                pos: 0,
+            })
+        );
+        // A longer raw length, or another frame length, for the same frame.
+        let longer = index(vec![data(0, 8192, 1, 0, 100)]);
+        let err = plan_restore(&[&full, &longer]).expect_err("longer");
+        assert_eq!((err.index(), err.offset()), (1, 0));
+        let other_len = index(vec![data(0, 4096, 1, 0, 200)]);
+        assert!(matches!(
+            plan_restore(&[&full, &other_len]),
+            Err(PlanError::FrameConflict { index: 1, .. })
+        ));
+        // Two entries of one index on one frame.
+        let twice = index(vec![data(0, 4096, 1, 0, 100), data(4096, 4096, 1, 0, 100)]);
+        assert!(matches!(
+            plan_restore(&[&twice]),
+            Err(PlanError::FrameConflict {
+                index: 0,
+                offset: 4096,
+                ..
+            })
+        ));
+        // Entries that agree may share a frame (the same entry in two backups).
+        let plan = plan_restore(&[&full, &full]).expect("agreeing entries");
+        assert_eq!(plan.frames.len(), 1);
+        assert_eq!(plan.frames[0].pieces, vec![0..4096]);
+    }
+
+    #[test]
+    fn plan_refuses_frames_and_entries_ending_past_2_64() {
+        let far = index(vec![data(0, 4096, 1, u64::MAX - 10, 100)]);
+        assert_eq!(
+            plan_restore(&[&far]),
+            Err(PlanError::FrameEnd {
+                index: 0,
+                offset: 0,
+                pos: u64::MAX - 10,
+                frame_len: 100
+            })
+        );
+        let mut wrap = index(vec![data(u64::MAX - 10, 4096, 1, 0, 100)]);
+        wrap.disk_size = u64::MAX;
+        assert_eq!(
+            plan_restore(&[&wrap]),
+            Err(PlanError::EntryEnd {
+                index: 0,
+                offset: u64::MAX - 10
+            })
+        );
+    }
+
+    #[test]
+    fn decode_refuses_frames_past_2_64_and_shorter_than_a_header() {
+        let far = index(vec![data(0, 4096, 1, u64::MAX - 10, 100)]);
+        assert!(matches!(
+            Index::decode(&far.encode()),
+            Err(FormatError::BadValue {
+                what: "index frame position",
+                ..
+            })
+        ));
+        let short = index(vec![data(0, 4096, 1, 0, 31)]);
+        assert!(matches!(
+            Index::decode(&short.encode()),
+            Err(FormatError::BadValue {
+                what: "index frame length",
+                ..
+            })
+        ));
+    }
+
+    proptest! {
+        /// Chains whose entries often name the same few frames: a plan is refused, or every
+        /// piece lies inside the raw bytes of its frame and every entry naming a planned
+        /// frame agrees with it (what the restore relies on to write only decoded bytes).
+        #[test]
+        fn plan_pieces_stay_inside_their_frame(chain in prop::collection::vec(arb_index(64 << 10), 1..4)) {
+            let mut chain = chain;
+            for idx in &mut chain {
+                for e in &mut idx.entries {
+                    if let Location::Frame { segment, pos, .. } = &mut e.loc {
+                        *segment %= 2;
+                        *pos %= 64 * 4096;
+                    }
+                }
+            }
+            let refs: Vec<&Index> = chain.iter().collect();
+            let Ok(plan) = plan_restore(&refs) else {
+                return Ok(());
+            };
+            for f in &plan.frames {
+                for r in &f.pieces {
+                    prop_assert!(r.start >= f.offset && r.end <= f.offset + u64::from(f.len));
+                }
+                for e in chain.iter().flat_map(|i| &i.entries) {
+                    if let Location::Frame { segment, pos, frame_len } = e.loc {
+                        if (segment, pos) == (f.segment, f.pos) {
+                            prop_assert_eq!((e.offset, e.len, frame_len), (f.offset, f.len, f.frame_len));
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -20,6 +20,15 @@
 //!   outside the request, malformed bytes) ends the connection: every pending request fails
 //!   with [`NbdError::ConnectionLost`] naming the cause, and so does every later request. The
 //!   same happens on EOF or an I/O error. Nothing waits forever.
+//! - A reply is bounded in aggregate, not only per message: at most
+//!   [`proto::MAX_REPLY_CHUNKS`] chunks, at most [`proto::MAX_REPLY_METADATA`] payload bytes
+//!   beyond the data the request asked for, read chunks that never cover more than the
+//!   request, and at most [`proto::MAX_REPLY_EXTENTS`] block-status extents kept. A peer
+//!   past a bound ends the connection with [`NbdError::ReplyTooLarge`].
+//! - Every step has a deadline ([`Timeouts`]): connecting, the handshake, and each request
+//!   from its submission to its last chunk. A request that times out fails with
+//!   [`NbdError::Timeout`] and ends its connection (a peer that stops answering one request
+//!   is not trusted with the next), so a silent peer never hangs a job.
 //! - A [`Client`] holds one connection, or several when the export advertises
 //!   `CAN_MULTI_CONN`, and spreads requests round-robin. It is cheap to clone.
 //!
@@ -30,6 +39,7 @@ use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpStream, UnixStream};
@@ -64,6 +74,34 @@ pub enum ErrorKind {
     InvalidRequest,
     /// The URI does not parse.
     InvalidUri,
+    /// A step (connect, handshake, request) did not finish within its timeout.
+    Timeout,
+    /// A reply went past the client's aggregate bounds (chunks, payload bytes).
+    ReplyTooLarge,
+}
+
+/// The step of a connection that timed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Opening the socket.
+    Connect,
+    /// The option haggling, up to the end of `NBD_OPT_GO`.
+    Handshake,
+    /// One request, from its submission to its last reply chunk.
+    Request,
+    /// Putting `NBD_CMD_DISC` on the wire.
+    Disconnect,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Connect => "connecting",
+            Step::Handshake => "the handshake",
+            Step::Request => "a request",
+            Step::Disconnect => "the disconnect",
+        })
+    }
 }
 
 /// A server that broke the protocol.
@@ -94,6 +132,8 @@ pub enum Violation {
     },
     #[error("read reply covers {covered:#x} of {len:#x} bytes, or chunks overlap")]
     ReadNotCovered { covered: u64, len: u32 },
+    #[error("read reply chunks cover {covered:#x} bytes of a {len:#x}-byte request: they overlap")]
+    ReadOverlap { covered: u64, len: u32 },
     #[error("block status extent at {offset:#x} starts past the request end {end:#x}")]
     ExtentOutsideRequest { offset: u64, end: u64 },
     #[error("block status extent of length 0")]
@@ -154,6 +194,10 @@ pub enum NbdError {
         #[source]
         source: UriError,
     },
+    #[error("NBD server did not answer: {step} timed out after {after:?}")]
+    Timeout { step: Step, after: Duration },
+    #[error("NBD server sent a reply of more than {max} {what}")]
+    ReplyTooLarge { what: &'static str, max: u64 },
 }
 
 fn fmt_message(m: &str) -> String {
@@ -181,6 +225,8 @@ impl NbdError {
             NbdError::ConnectionLost(_) => ErrorKind::ConnectionLost,
             NbdError::InvalidRequest { .. } => ErrorKind::InvalidRequest,
             NbdError::InvalidUri { .. } => ErrorKind::InvalidUri,
+            NbdError::Timeout { .. } => ErrorKind::Timeout,
+            NbdError::ReplyTooLarge { .. } => ErrorKind::ReplyTooLarge,
         }
     }
 
@@ -205,6 +251,39 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> NbdError {
     move |source| NbdError::Io { op, source }
 }
 
+/// Deadlines of a connection's steps. Each must be above zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Opening the socket.
+    pub connect: Duration,
+    /// The handshake, from the greeting to the end of `NBD_OPT_GO`.
+    pub handshake: Duration,
+    /// One request, from its submission (including the wait for a slot among the
+    /// connection's requests in flight) to its last reply chunk.
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            handshake: Duration::from_secs(30),
+            request: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Runs `f` for at most `after`; past that, [`NbdError::Timeout`] names `step`.
+async fn deadline<T>(
+    step: Step,
+    after: Duration,
+    f: impl std::future::Future<Output = Result<T, NbdError>>,
+) -> Result<T, NbdError> {
+    tokio::time::timeout(after, f)
+        .await
+        .unwrap_or_else(|_| Err(NbdError::Timeout { step, after }))
+}
+
 /// Connection settings.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -218,6 +297,8 @@ pub struct ConnectOptions {
     pub max_in_flight: usize,
     /// Ask for structured replies (needed for meta contexts and sparse reads).
     pub structured_replies: bool,
+    /// Deadlines of connecting, the handshake and each request.
+    pub timeouts: Timeouts,
 }
 
 impl Default for ConnectOptions {
@@ -227,6 +308,7 @@ impl Default for ConnectOptions {
             connections: 4,
             max_in_flight: 16,
             structured_replies: true,
+            timeouts: Timeouts::default(),
         }
     }
 }
@@ -533,24 +615,37 @@ async fn negotiate(
 /// Lists the meta contexts the server offers for `uri`'s export that match `queries`
 /// (e.g. `qemu:dirty-bitmap:` for all bitmaps; an empty list asks for all).
 pub async fn list_meta_contexts(uri: &str, queries: &[&str]) -> Result<Vec<String>, NbdError> {
+    list_meta_contexts_with(uri, queries, &Timeouts::default()).await
+}
+
+/// [`list_meta_contexts`] with the given deadlines (`request` is unused).
+pub async fn list_meta_contexts_with(
+    uri: &str,
+    queries: &[&str],
+    timeouts: &Timeouts,
+) -> Result<Vec<String>, NbdError> {
     let uri = parse_uri(uri)?;
-    let (mut r, mut w) = open_socket(&uri.address).await?;
-    let no_zeroes = Negotiator::start(&mut r, &mut w).await?;
-    let mut n = Negotiator {
-        r: &mut r,
-        w: &mut w,
-        export: &uri.export,
-        no_zeroes,
-    };
-    if !n.structured_replies().await? {
-        return Err(NbdError::Unsupported(
-            "structured replies (needed for meta contexts)".into(),
-        ));
-    }
-    let found = n.meta_contexts(opt::LIST_META_CONTEXT, queries).await?;
-    // Polite end of the negotiation; the server's answer to ABORT does not matter.
-    let _ = n.send(opt::ABORT, &[]).await;
-    Ok(found.into_iter().map(|(name, _)| name).collect())
+    let (mut r, mut w) =
+        deadline(Step::Connect, timeouts.connect, open_socket(&uri.address)).await?;
+    deadline(Step::Handshake, timeouts.handshake, async {
+        let no_zeroes = Negotiator::start(&mut r, &mut w).await?;
+        let mut n = Negotiator {
+            r: &mut r,
+            w: &mut w,
+            export: &uri.export,
+            no_zeroes,
+        };
+        if !n.structured_replies().await? {
+            return Err(NbdError::Unsupported(
+                "structured replies (needed for meta contexts)".into(),
+            ));
+        }
+        let found = n.meta_contexts(opt::LIST_META_CONTEXT, queries).await?;
+        // Polite end of the negotiation; the server's answer to ABORT does not matter.
+        let _ = n.send(opt::ABORT, &[]).await;
+        Ok(found.into_iter().map(|(name, _)| name).collect())
+    })
+    .await
 }
 
 fn parse_uri(uri: &str) -> Result<NbdUri, NbdError> {
@@ -581,9 +676,19 @@ enum PendingState {
     Other,
 }
 
+/// What a reply has used so far of its aggregate bounds.
+#[derive(Default)]
+struct ReplyBudget {
+    chunks: u32,
+    payload: u64,
+    /// Bytes of a read covered by data and hole chunks (each inside the request).
+    covered: u64,
+}
+
 struct Pending {
     req: Request,
     state: PendingState,
+    budget: ReplyBudget,
     error: Option<NbdError>,
     tx: oneshot::Sender<Result<Done, NbdError>>,
     _permit: OwnedSemaphorePermit,
@@ -685,6 +790,7 @@ struct Outgoing {
 
 struct Conn {
     shared: Arc<Shared>,
+    request_timeout: Duration,
     tx: mpsc::Sender<Outgoing>,
     permits: Arc<Semaphore>,
     contexts: Vec<(String, u32)>,
@@ -701,8 +807,14 @@ impl Drop for Conn {
 
 impl Conn {
     async fn open(uri: &NbdUri, opts: &ConnectOptions) -> Result<(Conn, ExportInfo), NbdError> {
-        let (mut r, mut w) = open_socket(&uri.address).await?;
-        let info = negotiate(&mut r, &mut w, &uri.export, opts).await?;
+        let t = &opts.timeouts;
+        let (mut r, mut w) = deadline(Step::Connect, t.connect, open_socket(&uri.address)).await?;
+        let info = deadline(
+            Step::Handshake,
+            t.handshake,
+            negotiate(&mut r, &mut w, &uri.export, opts),
+        )
+        .await?;
         let max_in_flight = opts.max_in_flight.max(1);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -724,6 +836,7 @@ impl Conn {
         let writer = tokio::spawn(writer_loop(shared.clone(), rx, w));
         let conn = Conn {
             shared,
+            request_timeout: t.request,
             tx,
             permits: Arc::new(Semaphore::new(max_in_flight)),
             contexts: info.contexts.clone(),
@@ -739,7 +852,32 @@ impl Conn {
             .map(|(_, id)| *id)
     }
 
+    /// Sends `req` and waits for its reply, for at most the request timeout. A timeout ends
+    /// the connection: every other request on it fails with the timeout as its cause.
     async fn submit(
+        &self,
+        req: Request,
+        payload: Option<Vec<u8>>,
+        state: PendingState,
+    ) -> Result<Done, NbdError> {
+        let after = self.request_timeout;
+        match tokio::time::timeout(after, self.submit_inner(req, payload, state)).await {
+            Ok(r) => r,
+            Err(_) => {
+                let e = NbdError::Timeout {
+                    step: Step::Request,
+                    after,
+                };
+                self.shared.fail_all(NbdError::Timeout {
+                    step: Step::Request,
+                    after,
+                });
+                Err(e)
+            }
+        }
+    }
+
+    async fn submit_inner(
         &self,
         mut req: Request,
         payload: Option<Vec<u8>>,
@@ -764,6 +902,7 @@ impl Conn {
                 Pending {
                     req,
                     state,
+                    budget: ReplyBudget::default(),
                     error: None,
                     tx,
                     _permit: permit,
@@ -794,17 +933,26 @@ impl Conn {
             len: 0,
         };
         let (tx, rx) = oneshot::channel();
-        if self
-            .tx
-            .send(Outgoing {
-                header: req.encode(),
-                payload: None,
-                flushed: Some(tx),
-            })
+        let sent = async {
+            if self
+                .tx
+                .send(Outgoing {
+                    header: req.encode(),
+                    payload: None,
+                    flushed: Some(tx),
+                })
+                .await
+                .is_ok()
+            {
+                let _ = rx.await;
+            }
+        };
+        // A peer that stops reading must not hold the disconnect forever.
+        if tokio::time::timeout(self.request_timeout, sent)
             .await
-            .is_ok()
+            .is_err()
         {
-            let _ = rx.await;
+            tracing::debug!("NBD disconnect timed out");
         }
         let mut st = self.shared.lock();
         if st.closed.is_none() {
@@ -952,6 +1100,7 @@ async fn process(
     if !shared.structured {
         return Err(Violation::StructuredNotNegotiated.into());
     }
+    charge(&mut p.budget, &p.state, req, len)?;
     let done = flags & chunk::FLAG_DONE != 0;
     let req_end = req.offset + u64::from(req.len);
     if kind == chunk::OFFSET_DATA {
@@ -982,6 +1131,7 @@ async fn process(
         // Bounded by the request length, which fits the caller's buffer.
         let (s, e) = (offset - req.offset, end - req.offset);
         let dst = buf.get_mut(s as usize..e as usize).ok_or(outside)?;
+        cover(&mut p.budget, req, e - s)?;
         r.read_exact(dst).await.map_err(io_err("reading data"))?;
         chunks.push((s, e));
         return Ok(done);
@@ -1017,7 +1167,9 @@ async fn process(
                 return Err(outside.into());
             }
             let (s, e) = (offset - req.offset, end - req.offset);
-            buf.get_mut(s as usize..e as usize).ok_or(outside)?.fill(0);
+            let dst = buf.get_mut(s as usize..e as usize).ok_or(outside)?;
+            cover(&mut p.budget, req, e - s)?;
+            dst.fill(0);
             chunks.push((s, e));
         }
         Chunk::BlockStatus {
@@ -1046,7 +1198,13 @@ async fn process(
                     }
                     .into());
                 }
-                *extents = Some(descriptors_to_extents(req.offset, req.len, descriptors)?);
+                // A prefix of the answer is an answer for less, which the server may give:
+                // the caller asks again from where it ends.
+                *extents = Some(descriptors_to_extents(
+                    req.offset,
+                    req.len,
+                    descriptors.take(proto::MAX_REPLY_EXTENTS),
+                )?);
             }
         }
         Chunk::Error {
@@ -1065,6 +1223,51 @@ async fn process(
         }
     }
     Ok(done)
+}
+
+/// Counts one structured chunk of `len` payload bytes against its reply's bounds.
+fn charge(
+    b: &mut ReplyBudget,
+    state: &PendingState,
+    req: Request,
+    len: u32,
+) -> Result<(), NbdError> {
+    b.chunks += 1;
+    if b.chunks > proto::MAX_REPLY_CHUNKS {
+        return Err(NbdError::ReplyTooLarge {
+            what: "chunks",
+            max: proto::MAX_REPLY_CHUNKS.into(),
+        });
+    }
+    // Read data counts against the request length; everything else against the metadata
+    // bound.
+    let data = match state {
+        PendingState::Read { .. } => u64::from(req.len),
+        _ => 0,
+    };
+    let max = data + proto::MAX_REPLY_METADATA;
+    b.payload += u64::from(len);
+    if b.payload > max {
+        return Err(NbdError::ReplyTooLarge {
+            what: "payload bytes",
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Counts `n` bytes of a read covered by one data or hole chunk (inside the request).
+/// Chunks may come in any order but must not overlap: more than the request in total is a
+/// violation at once, not only when `DONE` arrives.
+fn cover(b: &mut ReplyBudget, req: Request, n: u64) -> Result<(), Violation> {
+    b.covered += n;
+    if b.covered > u64::from(req.len) {
+        return Err(Violation::ReadOverlap {
+            covered: b.covered,
+            len: req.len,
+        });
+    }
+    Ok(())
 }
 
 /// Turns block-status descriptors into absolute extents starting at the request offset.

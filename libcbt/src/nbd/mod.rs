@@ -22,7 +22,8 @@ pub mod proto;
 pub mod uri;
 
 pub use client::{
-    list_meta_contexts, Client, ConnectOptions, ErrorKind, ExportInfo, NbdError, Violation,
+    list_meta_contexts, list_meta_contexts_with, Client, ConnectOptions, ErrorKind, ExportInfo,
+    NbdError, Step, Timeouts, Violation,
 };
 pub use uri::{Address, NbdUri};
 

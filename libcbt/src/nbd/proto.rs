@@ -176,6 +176,17 @@ pub const MAX_BLOCK_STATUS_EXTENTS: u32 = 1 << 20;
 pub const MAX_STRUCTURED_PAYLOAD: u32 = 4 + 8 * MAX_BLOCK_STATUS_EXTENTS;
 /// Longest read or write we ever put in one request (the protocol's default maximum).
 pub const MAX_IO_REQUEST: u32 = 32 << 20;
+/// Most chunks we accept in one structured reply. QEMU answers a 32 MiB read of an image
+/// whose allocation alternates every 512 bytes with 65,536 data and hole chunks.
+pub const MAX_REPLY_CHUNKS: u32 = 1 << 17;
+/// Most structured-reply payload bytes we accept for one request beyond the data it asked
+/// for (read data counts against the request's length): headers of data chunks, holes,
+/// errors, and block-status chunks of every negotiated context (8 of the largest).
+pub const MAX_REPLY_METADATA: u64 = 8 * MAX_STRUCTURED_PAYLOAD as u64;
+/// Most block-status extents kept from one reply (QEMU sends at most this many). Extents
+/// past it are dropped: an answer for less than asked is allowed, and the caller asks again
+/// from where it ends.
+pub const MAX_REPLY_EXTENTS: usize = 1 << 17;
 
 /// Length of the server greeting.
 pub const GREETING_LEN: usize = 18;
