@@ -295,6 +295,9 @@ impl Sink for Tripwire {
     async fn put(&self, name: &str, data: Vec<u8>) -> Result<(), SinkError> {
         self.inner.put(name, data).await
     }
+    async fn put_new(&self, name: &str, data: Vec<u8>) -> Result<(), SinkError> {
+        self.inner.put_new(name, data).await
+    }
     async fn get_range_into(
         &self,
         name: &str,
@@ -315,6 +318,9 @@ impl Sink for Tripwire {
     }
     async fn delete(&self, name: &str) -> Result<(), SinkError> {
         self.inner.delete(name).await
+    }
+    async fn remove_stale_partials(&self, grace: std::time::Duration) -> Result<u64, SinkError> {
+        self.inner.remove_stale_partials(grace).await
     }
 }
 

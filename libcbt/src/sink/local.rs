@@ -3,7 +3,10 @@
 //! Object `a/b/c` is the file `ROOT/a/b/c`. Objects are written to a temporary file beside
 //! their final name (`.cbt-tmp-…`, never listed), fsynced, renamed into place, and the
 //! directory is fsynced: after `finish`/`put` returns the object survives a crash, and before
-//! it returns the object does not exist under its name.
+//! it returns the object does not exist under its name. Create-only writes
+//! ([`Sink::put_new`]) `link` the temporary file to the name instead of renaming it, which
+//! fails when the name is taken, on local filesystems and NFS alike. Directories are created
+//! 0700 and fsynced into their parents; files are 0600.
 //!
 //! Two I/O backends, chosen at run time ([`Backend`], or `CBT_SINK_IO=uring|std`; the default
 //! is io_uring where the kernel allows it):
@@ -18,10 +21,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use std::collections::VecDeque;
 use std::os::unix::fs::OpenOptionsExt;
@@ -78,6 +82,32 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates `dir` and its missing parents (0700), each fsynced into its parent, so that an
+/// object reported durable is not lost with a directory entry that was not.
+fn make_dirs(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        make_dirs(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => fsync_dir(dir.parent().unwrap_or(Path::new("."))),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens a new temporary file (0600).
+fn create_tmp(tmp: &Path, custom_flags: i32) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(custom_flags)
+        .open(tmp)
+}
+
 async fn blocking<T: Send + 'static>(
     op: &'static str,
     name: &str,
@@ -107,7 +137,7 @@ impl LocalSink {
     ) -> Result<LocalSink, SinkError> {
         let root = root.into();
         let name = root.to_string_lossy().into_owned();
-        fs::create_dir_all(&root).map_err(|e| SinkError::io("creating sink root", &name, e))?;
+        make_dirs(&root).map_err(|e| SinkError::io("creating sink root", &name, e))?;
         let uring = match backend {
             Some(Backend::Std) => None,
             Some(Backend::Uring) => {
@@ -141,21 +171,31 @@ impl LocalSink {
     }
 }
 
-fn write_atomic(path: &Path, name: &str, data: &[u8]) -> Result<(), SinkError> {
+/// Writes `data` under `path` through a temporary file: renamed over whatever is there, or,
+/// with `create_only`, linked to the name (EEXIST when taken) and then unlinked.
+fn write_atomic(path: &Path, name: &str, data: &[u8], create_only: bool) -> Result<(), SinkError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| SinkError::io("creating directory for", name, e))?;
+    make_dirs(dir).map_err(|e| SinkError::io("creating directory for", name, e))?;
     let tmp = tmp_path(path);
     let r = (|| {
-        let mut f = File::create(&tmp)?;
+        let mut f = create_tmp(&tmp, 0)?;
         f.write_all(data)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)?;
+        if create_only {
+            fs::hard_link(&tmp, path)?;
+            fs::remove_file(&tmp)?;
+        } else {
+            fs::rename(&tmp, path)?;
+        }
         fsync_dir(dir)
     })();
     if r.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    r.map_err(|e| SinkError::io("writing", name, e))
+    r.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists if create_only => SinkError::Exists { name: name.into() },
+        _ => SinkError::io("writing", name, e),
+    })
 }
 
 impl Sink for LocalSink {
@@ -167,23 +207,12 @@ impl Sink for LocalSink {
         let uring = self.uring.clone();
         blocking("creating", name, move || {
             let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-            fs::create_dir_all(&dir).map_err(|e| SinkError::io("creating directory for", &n, e))?;
+            make_dirs(&dir).map_err(|e| SinkError::io("creating directory for", &n, e))?;
             let tmp = tmp_path(&path);
-            let plain = || {
-                OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&tmp)
-                    .map_err(|e| SinkError::io("creating", &n, e))
-            };
+            let plain = || create_tmp(&tmp, 0).map_err(|e| SinkError::io("creating", &n, e));
             let (file, direct) = match &uring {
                 // O_DIRECT where the filesystem takes it (not tmpfs); buffered otherwise.
-                Some(_) => match OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(&tmp)
-                {
+                Some(_) => match create_tmp(&tmp, libc::O_DIRECT) {
                     Ok(f) => (f, true),
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (plain()?, false),
                     Err(e) => return Err(SinkError::io("creating", &n, e)),
@@ -216,7 +245,19 @@ impl Sink for LocalSink {
     async fn put(&self, name: &str, data: Vec<u8>) -> Result<(), SinkError> {
         let path = self.path(name)?;
         let n = name.to_string();
-        blocking("writing", name, move || write_atomic(&path, &n, &data)).await
+        blocking("writing", name, move || {
+            write_atomic(&path, &n, &data, false)
+        })
+        .await
+    }
+
+    async fn put_new(&self, name: &str, data: Vec<u8>) -> Result<(), SinkError> {
+        let path = self.path(name)?;
+        let n = name.to_string();
+        blocking("writing", name, move || {
+            write_atomic(&path, &n, &data, true)
+        })
+        .await
     }
 
     async fn get_range_into(
@@ -342,6 +383,7 @@ impl Sink for LocalSink {
                         out.push(ObjectInfo {
                             name: rel,
                             len: meta.len(),
+                            modified: meta.modified().ok(),
                         });
                     }
                 }
@@ -359,6 +401,51 @@ impl Sink for LocalSink {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(SinkError::io("deleting", &n, e)),
+        })
+        .await
+    }
+
+    async fn remove_stale_partials(&self, grace: Duration) -> Result<u64, SinkError> {
+        let root = self.root.clone();
+        blocking("collecting temporary files in", "", move || {
+            let now = SystemTime::now();
+            let mut removed = 0;
+            let mut stack = vec![root.to_path_buf()];
+            while let Some(dir) = stack.pop() {
+                let entries = match fs::read_dir(&dir) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(SinkError::io("listing", "", e)),
+                };
+                for entry in entries {
+                    let entry = entry.map_err(|e| SinkError::io("listing", "", e))?;
+                    // lstat: a symlink is neither followed nor, not being ours, removed.
+                    let Ok(meta) = entry.metadata() else { continue };
+                    if meta.is_dir() {
+                        stack.push(entry.path());
+                        continue;
+                    }
+                    let stale = meta
+                        .modified()
+                        .ok()
+                        .and_then(|m| now.duration_since(m).ok())
+                        .is_some_and(|age| age > grace);
+                    if meta.is_file()
+                        && stale
+                        && entry.file_name().to_string_lossy().starts_with(TMP_PREFIX)
+                    {
+                        match fs::remove_file(entry.path()) {
+                            Ok(()) => removed += 1,
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(SinkError::io("deleting a temporary file in", "", e)),
+                        }
+                    }
+                }
+            }
+            if removed > 0 {
+                tracing::info!(files = removed, root = %root.display(), "stale temporary files removed");
+            }
+            Ok(removed)
         })
         .await
     }
@@ -610,19 +697,16 @@ mod tests {
                 .expect("put");
             let l = sink.list("disks/d/").await.expect("list");
             assert_eq!(
-                l,
+                l.iter()
+                    .map(|o| (o.name.as_str(), o.len))
+                    .collect::<Vec<_>>(),
                 vec![
-                    ObjectInfo {
-                        name: "disks/d/backups/b.manifest".into(),
-                        len: 1
-                    },
-                    ObjectInfo {
-                        name: "disks/d/segments/a.seg".into(),
-                        len: 11
-                    },
+                    ("disks/d/backups/b.manifest", 1),
+                    ("disks/d/segments/a.seg", 11),
                 ],
                 "{backend:?}"
             );
+            assert!(l.iter().all(|o| o.modified.is_some()), "{l:?}");
             assert_eq!(
                 sink.get_range("disks/d/segments/a.seg", 6, 5)
                     .await

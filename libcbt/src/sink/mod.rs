@@ -6,7 +6,8 @@
 //! | operation | local directory | S3 |
 //! |---|---|---|
 //! | [`Sink::create`] → [`ObjectWriter`] (append, finish) | temp file, fsync, rename, fsync dir | multipart upload |
-//! | [`Sink::put`] (atomic, small: index, manifest) | temp + fsync + rename + fsync dir | `PutObject` |
+//! | [`Sink::put`] (atomic, small, may replace) | temp + fsync + rename + fsync dir | `PutObject` |
+//! | [`Sink::put_new`] (atomic, small, create-only: index, manifest, marker) | temp + fsync + `link` (fails if taken) + fsync dir | `PutObject` with `If-None-Match: *` |
 //! | [`Sink::get_range`] | `pread` | ranged `GetObject` |
 //! | [`Sink::get`] (bounded) | read | `GetObject` |
 //! | [`Sink::list`] (by prefix) | directory walk | `ListObjectsV2` |
@@ -14,13 +15,16 @@
 //!
 //! Objects are written once and never modified. An object is visible only once complete
 //! (`finish` or `put` returned): a crash leaves temporary files that [`Sink::list`] does not
-//! show and garbage collection removes.
+//! show and [`Sink::remove_stale_partials`] removes once they are older than a grace period.
+//! Directories a backend creates are fsynced into their parents before an object in them is
+//! reported durable.
 //!
 //! Object names are relative, `/`-separated, made of `[A-Za-z0-9._-]` components that never
 //! start with `.` (so never `.` or `..`, nor a backend's temporary files), at most [`MAX_NAME`]
 //! bytes: [`check_name`] enforces it for every backend.
 
 use std::future::Future;
+use std::time::{Duration, SystemTime};
 
 pub mod local;
 #[allow(unsafe_code)]
@@ -34,6 +38,8 @@ pub const MAX_NAME: usize = 512;
 pub enum SinkError {
     #[error("object {name} not found")]
     NotFound { name: String },
+    #[error("object {name} exists already; it was left as it is")]
+    Exists { name: String },
     #[error("invalid object name {name:?}")]
     InvalidName { name: String },
     #[error("object {name} is {len} bytes, more than the {max} allowed here")]
@@ -84,6 +90,18 @@ impl SinkError {
 pub struct ObjectInfo {
     pub name: String,
     pub len: u64,
+    /// When the object was written, where the backend says (garbage collection never deletes
+    /// an object whose age it does not know).
+    pub modified: Option<SystemTime>,
+}
+
+impl ObjectInfo {
+    /// True when the object is known to be older than `grace` at `now`.
+    pub fn older_than(&self, grace: Duration, now: SystemTime) -> bool {
+        self.modified
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age > grace)
+    }
 }
 
 /// A storage backend. See the [module documentation](self).
@@ -93,8 +111,17 @@ pub trait Sink: Clone + Send + Sync + 'static {
 
     /// Starts writing a new object. It becomes visible when [`ObjectWriter::finish`] returns.
     fn create(&self, name: &str) -> impl Future<Output = Result<Self::Writer, SinkError>> + Send;
-    /// Writes a whole small object atomically (all or nothing, durable on return).
+    /// Writes a whole small object atomically (all or nothing, durable on return), replacing
+    /// one of that name. For objects that are written once, use [`put_new`](Sink::put_new).
     fn put(&self, name: &str, data: Vec<u8>) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Like [`put`](Sink::put), but only if no object `name` exists: otherwise
+    /// [`SinkError::Exists`] and the existing object is untouched. Of two writers racing for
+    /// one name, exactly one succeeds.
+    fn put_new(
+        &self,
+        name: &str,
+        data: Vec<u8>,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
     /// Reads `len` bytes at `offset`; fails rather than return fewer.
     fn get_range(
         &self,
@@ -120,6 +147,14 @@ pub trait Sink: Clone + Send + Sync + 'static {
         -> impl Future<Output = Result<Vec<ObjectInfo>, SinkError>> + Send;
     /// Deletes an object; deleting a missing object is not an error.
     fn delete(&self, name: &str) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Removes what writers that died left behind (temporary files, unfinished uploads)
+    /// older than `grace`; returns how many. Never touches a complete object, nor a partial
+    /// one that a live writer (in this process, another one or another host) may still finish
+    /// within `grace`.
+    fn remove_stale_partials(
+        &self,
+        grace: Duration,
+    ) -> impl Future<Output = Result<u64, SinkError>> + Send;
 }
 
 /// Sequential writer of one object.
