@@ -283,35 +283,9 @@ pub fn valid_job_id(s: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-/// A backup id from the clock: `YYYYMMDDTHHMMSS-xxxx` (20 characters, sortable).
+/// A backup id: see [`libcbt::job::new_backup_id`].
 pub fn new_backup_id() -> String {
-    use rand::{Rng, SeedableRng};
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86400, secs % 86400);
-    let (y, m, d) = civil(days as i64);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}-{:04x}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        rand::rngs::SmallRng::from_entropy().gen::<u16>()
-    )
-}
-
-fn civil(z: i64) -> (i64, u32, u32) {
-    // Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    job::new_backup_id()
 }
 
 /// Journals and starts a job; returns at once.
@@ -715,21 +689,44 @@ async fn run_backup(
         "backup_id": backup_id, "instance": uuid, "labels": labels,
         "checkpoint": r.checkpoint, "consistency": r.quiesce.consistency,
         "freeze_ms": r.quiesce.freeze_ms, "warning": r.quiesce.warning,
-        "started_paused": r.started_paused, "disks": disks,
+        "started_paused": r.started_paused, "disks": disks, "warnings": r.warnings,
     });
+    if !r.warnings.is_empty() {
+        update(job, |s| s.warnings.extend(r.warnings.iter().cloned()));
+    }
     // Labels and the job's summary beside the manifests; the manifests stay the commit.
-    let _ = sink
-        .put(
+    if let Err(e) = sink
+        .put_new(
             &record_name(uuid, backup_id),
             record.to_string().into_bytes(),
         )
-        .await;
+        .await
+    {
+        tracing::error!(backup = backup_id, error = %e, "the job record was not saved");
+        update(job, |s| {
+            s.warnings
+                .push(format!("the job record (labels) was not saved: {e}"))
+        });
+    }
     Ok(record)
 }
 
 /// Object name of a backup's summary record (labels, consistency) on the sink.
 pub fn record_name(uuid: &str, backup_id: &str) -> String {
-    format!("domains/{uuid}/{backup_id}.json")
+    libcbt::format::layout::job_record_name(uuid, backup_id)
+}
+
+/// Deletes object `name` if it was written at or after `since_ms` (by the job being
+/// reconciled, not by an older job that used the name).
+async fn delete_if_written_since(sink: &LocalSink, name: &str, since_ms: u64) {
+    let since = std::time::UNIX_EPOCH + Duration::from_millis(since_ms);
+    let ours = sink.list(name).await.ok().is_some_and(|l| {
+        l.iter()
+            .any(|o| o.name == name && o.modified.is_some_and(|m| m >= since))
+    });
+    if ours {
+        let _ = sink.delete(name).await;
+    }
 }
 
 pub fn reason_name(r: &libcbt::format::FullReason) -> String {
@@ -1086,12 +1083,21 @@ async fn blocking_io<T: Send + 'static>(
         .map_err(std::io::Error::other)?
 }
 
-/// Drops jobs that ended more than `limits.journal_retention_days` ago from the journal, now
-/// and every hour while the daemon runs.
+/// Now and every hour while the daemon runs: drops jobs that ended more than
+/// `limits.journal_retention_days` ago from the journal, and collects the garbage of every
+/// configured sink (see [`collect_sink_garbage`]).
 pub fn start_housekeeping(st: &Arc<AppState>) {
     let st = st.clone();
     tokio::spawn(async move {
         loop {
+            if st.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
+            for s in &st.cfg.sinks {
+                if let Err(e) = collect_sink_garbage(&st, &s.path).await {
+                    tracing::error!(sink = %s.name, error = %e, "garbage collection failed");
+                }
+            }
             let keep_ms = i64::try_from(st.cfg.limits.journal_retention_days)
                 .unwrap_or(i64::MAX / 86_400_000)
                 .saturating_mul(86_400_000);
@@ -1106,6 +1112,39 @@ pub fn start_housekeeping(st: &Arc<AppState>) {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
     });
+}
+
+/// Garbage collection of one sink, safe with other writers (this daemon's jobs, other hosts
+/// sharing the sink): temporary files and unreferenced objects older than
+/// `limits.gc_grace_secs` and not covered by a live in-progress marker. A backup must finish
+/// within the grace period (24 h by default) or its objects may be collected under it.
+pub async fn collect_sink_garbage(st: &Arc<AppState>, path: &Path) -> Result<usize, String> {
+    let grace = Duration::from_secs(st.cfg.limits.gc_grace_secs);
+    let sink = LocalSink::open(path).map_err(|e| chain(&e))?;
+    let mut n = usize::try_from(
+        sink.remove_stale_partials(grace)
+            .await
+            .map_err(|e| chain(&e))?,
+    )
+    .unwrap_or(usize::MAX);
+    let mut disks: std::collections::BTreeSet<String> = catalog::list_disks(&sink)
+        .await
+        .map_err(|e| chain(&e))?
+        .into_iter()
+        .collect();
+    // Disks with only a marker (a backup that died before its first segment).
+    for o in sink.list("inprogress/").await.map_err(|e| chain(&e))? {
+        if let Some(d) = o.name.split('/').nth(1) {
+            disks.insert(d.to_string());
+        }
+    }
+    for d in disks {
+        n += catalog::collect_garbage(&sink, &d, grace)
+            .await
+            .map_err(|e| chain(&e))?
+            .len();
+    }
+    Ok(n)
 }
 
 /// Brings what an interrupted job left behind back to a consistent state. Called for every
@@ -1215,19 +1254,34 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, St
     let sink = LocalSink::open(&sink_dir).map_err(|e| e.to_string())?;
     let uuid = row.instance.clone();
     let prefix = format!("{uuid}.");
-    let disks: Vec<String> = catalog::list_disks(&sink)
+    let mut disks: Vec<String> = catalog::list_disks(&sink)
         .await
         .map_err(|e| chain(&e))?
         .into_iter()
         .filter(|d| d.starts_with(&prefix))
         .collect();
+    // A disk whose backup died before its first segment has only its marker.
+    for o in sink
+        .list(&format!("inprogress/{prefix}"))
+        .await
+        .map_err(|e| chain(&e))?
+    {
+        if let Some(d) = o.name.split('/').nth(1) {
+            if !disks.iter().any(|x| x == d) {
+                disks.push(d.to_string());
+            }
+        }
+    }
+    // This job's commits: its id, begun after the job was submitted (an older backup of the
+    // same id, which the job was refused for, is not this job's to roll back).
+    let since = u64::try_from(row.created_ms).unwrap_or(0);
     let mut committed = Vec::new();
     for d in &disks {
         if catalog::list_backups(&sink, d)
             .await
             .map_err(|e| chain(&e))?
             .iter()
-            .any(|m| m.backup_id == row.backup_id)
+            .any(|m| m.backup_id == row.backup_id && m.started_unix_ms >= since)
         {
             committed.push(d.clone());
         }
@@ -1262,10 +1316,12 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, St
                 .await
                 .map_err(|e| chain(&e))?;
         }
-        let _ = sink
-            .delete(&job::domain_xml_name(&uuid, &row.backup_id))
-            .await;
-        let _ = sink.delete(&record_name(&uuid, &row.backup_id)).await;
+        for name in [
+            job::domain_xml_name(&uuid, &row.backup_id),
+            record_name(&uuid, &row.backup_id),
+        ] {
+            delete_if_written_since(&sink, &name, since).await;
+        }
     }
     // What a backup of this instance still needs: the newest backups' checkpoints.
     let mut keep = std::collections::BTreeSet::new();
@@ -1273,9 +1329,14 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, St
         if let Some(m) = catalog::latest(&sink, d).await.map_err(|e| chain(&e))? {
             keep.extend(m.checkpoint);
         }
-        for o in catalog::orphans(&sink, d).await.map_err(|e| chain(&e))? {
-            let _ = sink.delete(&o).await;
-        }
+        // What this job wrote (its in-progress marker names it), whatever its age; then what
+        // others left, past the grace period and not covered by a live marker.
+        catalog::abandon_backup(&sink, d, &row.backup_id)
+            .await
+            .map_err(|e| chain(&e))?;
+        catalog::collect_garbage(&sink, d, Duration::from_secs(st.cfg.limits.gc_grace_secs))
+            .await
+            .map_err(|e| chain(&e))?;
     }
     if let Some(src) = src {
         let (u2, cp, scr) = (uuid.clone(), checkpoint.clone(), scratch.clone());
@@ -1387,7 +1448,5 @@ mod tests {
         let b = new_backup_id();
         assert_eq!(b.len(), 20, "{b}");
         assert!(b.starts_with("20"), "{b}");
-        assert_eq!(civil(0), (1970, 1, 1));
-        assert_eq!(civil(20_454), (2026, 1, 1));
     }
 }

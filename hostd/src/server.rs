@@ -87,6 +87,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     if !unfinished.is_empty() {
         tracing::info!(jobs = unfinished.len(), "reconciled interrupted jobs");
     }
+    // After reconciliation: its roll-backs come before any garbage collection.
+    crate::jobs::start_housekeeping(&st);
 
     let router = crate::api::router(st.clone());
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -68,12 +68,7 @@ pub async fn backup_qemu<S: Sink>(
         let parent = catalog::latest(sink, &d.disk)
             .await
             .map_err(JobError::Catalog)?;
-        if parent.as_ref().is_some_and(|p| p.backup_id == backup_id) {
-            return Err(JobError::Refused(format!(
-                "backup {backup_id} of {} exists already",
-                d.disk
-            )));
-        }
+        refuse_taken_id(sink, &d.disk, backup_id).await?;
         let decision = qemu::decide(requested, parent.as_ref(), &node);
         if requested == Requested::Incremental && decision.level == Level::Full {
             return Err(SourceError::IncrementalImpossible {
@@ -211,6 +206,8 @@ pub struct LibvirtResult {
     pub quiesce: crate::source::libvirt::Quiesce,
     pub started_paused: bool,
     pub disks: Vec<DiskResult>,
+    /// What went wrong after the commit and did not undo it (the backup exists).
+    pub warnings: Vec<String>,
 }
 
 /// Disk id on the sink of disk `target` of the domain with UUID `uuid`.
@@ -221,7 +218,58 @@ pub fn libvirt_disk_id(uuid: &str, target: &str) -> String {
 
 /// Object name of the domain XML saved with a backup.
 pub fn domain_xml_name(domain: &str, backup_id: &str) -> String {
-    format!("domains/{domain}/{backup_id}.xml")
+    format::layout::domain_xml_name(domain, backup_id)
+}
+
+/// A new backup id: the UTC time to the second and 16 random bits, `YYYYMMDDTHHMMSS-xxxx`
+/// (20 characters, sorts by time). Two ids taken in the same second differ but for a 1 in
+/// 65536 chance, and a taken id is refused before anything is written
+/// ([`EngineError::BackupExists`]), never reused.
+pub fn new_backup_id() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil(days as i64);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}-{:04x}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        (engine::random_u128() >> 112) as u16
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+fn civil(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Refuses a backup id `disk` has used before or is using now (see
+/// [`catalog::backup_id_taken`]): checked before anything is touched; the create-only writes of
+/// the marker, index and manifest close the race with a concurrent job.
+async fn refuse_taken_id<S: Sink>(sink: &S, disk: &str, backup_id: &str) -> Result<(), JobError> {
+    if catalog::backup_id_taken(sink, disk, backup_id)
+        .await
+        .map_err(JobError::Catalog)?
+    {
+        return Err(JobError::Engine {
+            disk: disk.into(),
+            source: EngineError::BackupExists {
+                disk: disk.into(),
+                backup: backup_id.into(),
+            },
+        });
+    }
+    Ok(())
 }
 
 #[cfg(feature = "libvirt")]
@@ -280,12 +328,7 @@ pub async fn backup_libvirt<S: Sink>(
         let m = catalog::latest(sink, &id)
             .await
             .map_err(JobError::Catalog)?;
-        if m.as_ref().is_some_and(|m| m.backup_id == job.backup_id) {
-            return Err(JobError::Refused(format!(
-                "backup {} of {id} exists already",
-                job.backup_id
-            )));
-        }
+        refuse_taken_id(sink, &id, &job.backup_id).await?;
         last.insert(d.target.clone(), m);
     }
     let keep: BTreeSet<String> = last
@@ -472,10 +515,21 @@ async fn backup_libvirt_running<S: Sink>(
     Observer::emit(&job.observer, JobEvent::Phase { phase: "copying" });
     let mut results = Vec::new();
     let mut failure = check_incremental(&plan).err();
+    let mut xml_written = false;
     if failure.is_none() {
         let name = domain_xml_name(&desc.uuid, &job.backup_id);
-        if let Err(e) = sink.put(&name, domain_xml.as_bytes().to_vec()).await {
-            failure = Some(JobError::Catalog(e.into()));
+        match sink.put_new(&name, domain_xml.as_bytes().to_vec()).await {
+            Ok(()) => xml_written = true,
+            Err(crate::sink::SinkError::Exists { .. }) => {
+                failure = Some(JobError::Engine {
+                    disk: String::new(),
+                    source: EngineError::BackupExists {
+                        disk: desc.uuid.clone(),
+                        backup: job.backup_id.clone(),
+                    },
+                })
+            }
+            Err(e) => failure = Some(JobError::Catalog(e.into())),
         }
     }
     for ((target, decision, parent), sd) in plan.iter().zip(&session.disks) {
@@ -555,9 +609,11 @@ async fn backup_libvirt_running<S: Sink>(
     }
     if let Some(e) = failure {
         forget(sink, &results).await;
-        let _ = sink
-            .delete(&domain_xml_name(&desc.uuid, &job.backup_id))
-            .await;
+        if xml_written {
+            let _ = sink
+                .delete(&domain_xml_name(&desc.uuid, &job.backup_id))
+                .await;
+        }
         let d2 = dom.clone();
         if let Err(e2) = blocking(move || lvs::end(&d2, session, false, &keep2)).await {
             tracing::error!(error = %e2, "rollback of the checkpoint failed");
@@ -570,14 +626,26 @@ async fn backup_libvirt_running<S: Sink>(
             phase: "committing",
         },
     );
+    // Every manifest is committed: the backup exists whatever happens now. A failure to end
+    // libvirt's job is reported with it, not as the job's failure (which would hide a backup
+    // that is there, and lose its record).
     let d2 = dom.clone();
-    blocking(move || lvs::end(&d2, session, true, &keep2)).await?;
+    let mut warnings = Vec::new();
+    if let Err(e) = blocking(move || lvs::end(&d2, session, true, &keep2)).await {
+        tracing::error!(error = %e, "ending libvirt's backup job failed after the commit");
+        warnings.push(format!(
+            "the backup is committed, but ending libvirt's backup job failed ({e}); \
+             the next backup of this domain refuses to start until it has ended \
+             (virsh domjobabort)"
+        ));
+    }
     Ok(LibvirtResult {
         domain_uuid: desc.uuid.clone(),
         checkpoint,
         quiesce,
         started_paused,
         disks: results,
+        warnings,
     })
 }
 
@@ -593,6 +661,25 @@ async fn forget<S: Sink>(sink: &S, results: &[DiskResult]) {
         let _ = sink.delete(&r.manifest.index.name).await;
         for s in &r.manifest.segments {
             let _ = sink.delete(s).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn backup_ids_are_dated_and_differ_within_a_second() {
+        assert_eq!(civil(0), (1970, 1, 1));
+        assert_eq!(civil(20_454), (2026, 1, 1));
+        assert_eq!(civil(19_782), (2024, 2, 29));
+        let ids: std::collections::BTreeSet<String> = (0..64).map(|_| new_backup_id()).collect();
+        assert!(ids.len() >= 63, "{ids:?}");
+        for id in &ids {
+            assert_eq!(id.len(), 20, "{id}");
+            assert_eq!(&id[8..9], "T", "{id}");
+            crate::sink::check_name(id).expect(id);
         }
     }
 }

@@ -140,6 +140,103 @@ async fn two_disks_of_two_formats_are_frozen_together_and_restore_exactly() {
     assert!(matches!(e, JobError::Source(_)), "{e:?}");
 }
 
+/// A backup id is never reused: not the newest one's, not an older one's, not one a job is
+/// writing (its in-progress marker). Refused before anything is touched, the older backups
+/// intact byte for byte and their chain still restoring exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_backup_id_is_refused_and_the_older_backup_is_untouched() {
+    use libcbt::engine::EngineError;
+    use libcbt::sink::Sink;
+    let mut rng = rng(seed("reused_id"));
+    let lab = Lab::new(&[("d0", "qcow2")], SIZE).await;
+    let sink = LocalSink::open(lab.path("sink")).expect("sink");
+    guest_writes(&lab.live[0], &mut rng, 10).await;
+    let refs0 = job_round(&lab, &sink, "b0", Requested::Auto)
+        .await
+        .expect("b0");
+    guest_writes(&lab.live[0], &mut rng, 10).await;
+    let refs1 = job_round(&lab, &sink, "b1", Requested::Auto)
+        .await
+        .expect("b1");
+    let snapshot = |sink: LocalSink| async move {
+        let mut v = Vec::new();
+        for o in sink.list("disks/").await.expect("list") {
+            v.push((
+                o.name.clone(),
+                sink.get(&o.name, 1 << 30).await.expect("get"),
+            ));
+        }
+        v
+    };
+    let before = snapshot(sink.clone()).await;
+    let taken = |e: &JobError| {
+        matches!(
+            e,
+            JobError::Engine {
+                source: EngineError::BackupExists { .. },
+                ..
+            }
+        )
+    };
+    // Without job_round: its references of b0 and b1 must stay those of their time.
+    let attempt = |id: &'static str| {
+        let (lab, sink) = (&lab, &sink);
+        async move {
+            job::backup_qemu(
+                &lab.source,
+                sink,
+                id,
+                &specs(lab),
+                Requested::Auto,
+                &BackupOptions::default(),
+            )
+            .await
+            .map(|_| ())
+        }
+    };
+    guest_writes(&lab.live[0], &mut rng, 10).await;
+    for id in ["b0", "b1"] {
+        let e = attempt(id).await.expect_err("a taken id");
+        assert!(taken(&e), "{id}: {e:?}");
+        assert!(e.to_string().contains("exists") || format!("{e:#?}").contains("BackupExists"));
+    }
+    // Another job is writing b2 (its marker is on the sink): refused too, marker untouched.
+    let marker = libcbt::format::layout::marker_name("vm-d0", "b2");
+    sink.put_new(&marker, b"{\"someone\":\"else\"}".to_vec())
+        .await
+        .expect("marker");
+    let e = attempt("b2").await.expect_err("an id in use");
+    assert!(taken(&e), "{e:?}");
+    assert_eq!(
+        sink.get(&marker, 100).await.expect("marker kept"),
+        b"{\"someone\":\"else\"}"
+    );
+    sink.delete(&marker).await.expect("delete");
+    assert_eq!(
+        snapshot(sink.clone()).await,
+        before,
+        "a refused job changed the sink"
+    );
+    assert_eq!(bitmaps(&lab).await, vec![vec!["cbt-b1".to_string()]]);
+    restore_and_compare(&sink, "b0", &refs0).await;
+    restore_and_compare(&sink, "b1", &refs1).await;
+    // A fresh id goes on from b1.
+    let refs2 = job_round(&lab, &sink, "b2", Requested::Auto)
+        .await
+        .expect("b2");
+    let b2 = catalog::latest(&sink, "vm-d0")
+        .await
+        .expect("catalog")
+        .expect("b2");
+    assert_eq!(
+        (b2.level, b2.parent.as_deref()),
+        (Level::Incremental, Some("b1"))
+    );
+    restore_and_compare(&sink, "b2", &refs2).await;
+    let all = catalog::list_backups(&sink, "vm-d0").await.expect("list");
+    assert_sink_holds_only(&sink, &all.iter().collect::<Vec<_>>()).await;
+}
+
 /// Unmounts on drop so that a failing test does not leave a mount behind.
 struct Tmpfs(std::path::PathBuf);
 

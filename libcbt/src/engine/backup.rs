@@ -8,12 +8,12 @@ use super::{now_ms, random_u128, EngineError, Pool, Progress, ProgressFn};
 use crate::extent::{Extent, ExtentMap};
 use crate::format::segment::{self, FrameHeader, MAX_FRAME_RAW};
 use crate::format::{
-    self, BackupStats, Consistency, FullReason, Index, IndexEntry, Level, Location, Manifest,
-    ObjectRef, SegmentId,
+    self, layout, BackupStats, Consistency, FullReason, Index, IndexEntry, Level, Location,
+    Manifest, Marker, ObjectRef, SegmentId,
 };
 use crate::nbd::proto::state;
 use crate::nbd::{self, Client, ConnectOptions};
-use crate::sink::{ObjectWriter, Sink};
+use crate::sink::{ObjectWriter, Sink, SinkError};
 
 /// Tuning of the backup pipeline.
 #[derive(Debug, Clone)]
@@ -211,6 +211,50 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
             "an incremental needs a parent and a dirty map, a full neither".into(),
         ));
     }
+    let taken = || EngineError::BackupExists {
+        disk: job.disk.clone(),
+        backup: job.backup_id.clone(),
+    };
+    if super::catalog::backup_id_taken(sink, &job.disk, &job.backup_id).await? {
+        return Err(taken());
+    }
+    // The marker comes before the first segment: from here on, what this backup writes is
+    // covered (never collected by others) and can be named (removed by its reconciler).
+    let seg_prefix = (random_u128() >> 64) as u64;
+    let marker_name = layout::marker_name(&job.disk, &job.backup_id);
+    let marker = Marker {
+        backup_id: job.backup_id.clone(),
+        disk: job.disk.clone(),
+        segment_prefix: format!("{seg_prefix:016x}"),
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+        pid: std::process::id(),
+        started_unix_ms: now_ms(),
+    };
+    match sink.put_new(&marker_name, marker.encode()).await {
+        Ok(()) => {}
+        Err(SinkError::Exists { .. }) => return Err(taken()),
+        Err(e) => return Err(e.into()),
+    }
+    let r = backup_disk_marked(sink, job, scan, revalidate, opts, progress, seg_prefix).await;
+    // Committed or rolled back: the marker has done its work. If this delete fails, the
+    // marker only delays garbage collection until it is older than the grace period.
+    if let Err(e) = sink.delete(&marker_name).await {
+        tracing::warn!(disk = %job.disk, backup = %job.backup_id, error = %e, "in-progress marker left behind");
+    }
+    r
+}
+
+async fn backup_disk_marked<S: Sink, R: Revalidate>(
+    sink: &S,
+    job: &DiskBackup,
+    scan: &Scan,
+    revalidate: &R,
+    opts: &BackupOptions,
+    progress: Option<&ProgressFn<'_>>,
+    seg_prefix: u64,
+) -> Result<Manifest, EngineError> {
     let started = now_ms();
     let copts = ConnectOptions {
         connections: opts.connections,
@@ -258,7 +302,7 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
     let mut segments: Vec<SegmentId> = Vec::new();
     let chunk = u64::from(opts.chunk_size);
     let result = async {
-        copy_data(sink, job, opts, &client, data_ranges.chunks(chunk).collect(), u64::MAX, &mut entries, &mut segments, &mut stats, &mut done, total, progress).await?;
+        copy_data(sink, job, opts, seg_prefix, &client, data_ranges.chunks(chunk).collect(), u64::MAX, &mut entries, &mut segments, &mut stats, &mut done, total, progress).await?;
         // Second pass: chunks touching what the guest wrote meanwhile, read one safe piece
         // at a time; their new frames replace the first pass's entries.
         let written = revalidate.written().await?;
@@ -270,7 +314,7 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
             stats.redone_chunks = redo.len() as u64;
             // These bytes were counted once already; progress must not pass the total.
             done = done.saturating_sub(redo.iter().map(Extent::len).sum());
-            copy_data(sink, job, opts, &client, redo, revalidate.safe_read(), &mut entries, &mut segments, &mut stats, &mut done, total, progress).await?;
+            copy_data(sink, job, opts, seg_prefix, &client, redo, revalidate.safe_read(), &mut entries, &mut segments, &mut stats, &mut done, total, progress).await?;
         }
         Ok::<_, EngineError>(())
     }
@@ -306,8 +350,11 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
         len: index_bytes.len() as u64,
         crc32: crc32fast::hash(&index_bytes),
     };
+    let mut index_written = false;
     let commit = async {
-        sink.put(&index_ref.name, index_bytes).await?;
+        // Create-only, both: an id that is taken fails here rather than replace a backup.
+        sink.put_new(&index_ref.name, index_bytes).await?;
+        index_written = true;
         let manifest = Manifest {
             format_version: u32::from(segment::FORMAT_VERSION),
             backup_id: job.backup_id.clone(),
@@ -330,7 +377,7 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
                 .map(|s| format::segment_name(&job.disk, *s))
                 .collect(),
         };
-        sink.put(
+        sink.put_new(
             &format::manifest_name(&job.disk, &job.backup_id),
             manifest.encode(),
         )
@@ -343,7 +390,9 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
             Ok(m)
         }
         Err(e) => {
-            let _ = sink.delete(&index_ref.name).await;
+            if index_written {
+                let _ = sink.delete(&index_ref.name).await;
+            }
             for s in &segments {
                 let _ = sink.delete(&format::segment_name(&job.disk, *s)).await;
             }
@@ -368,6 +417,7 @@ async fn copy_data<S: Sink>(
     sink: &S,
     job: &DiskBackup,
     opts: &BackupOptions,
+    seg_prefix: u64,
     client: &Client,
     chunks: Vec<Extent>,
     piece: u64,
@@ -442,7 +492,7 @@ async fn copy_data<S: Sink>(
                         }
                     }
                     if writer.is_none() {
-                        let id = random_u128();
+                        let id = (u128::from(seg_prefix) << 64) | (random_u128() >> 64);
                         let mut w = sink.create(&format::segment_name(&job.disk, id)).await?;
                         segments.push(id);
                         stats.segments += 1;

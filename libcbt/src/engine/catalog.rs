@@ -1,13 +1,15 @@
 //! What is committed on a sink: manifests by disk.
 
+use std::time::{Duration, SystemTime};
+
 use super::EngineError;
-use crate::format::{self, Manifest};
-use crate::sink::Sink;
+use crate::format::{self, layout, Manifest, Marker};
+use crate::sink::{ObjectInfo, Sink};
 
 /// Committed backups of `disk`, oldest first (by finish time, then id). Unreadable manifests
 /// are an error: a catalog that silently drops one could pick the wrong parent.
 pub async fn list_backups<S: Sink>(sink: &S, disk: &str) -> Result<Vec<Manifest>, EngineError> {
-    let prefix = format!("disks/{disk}/backups/");
+    let prefix = layout::backups_prefix(disk);
     let mut out = Vec::new();
     for o in sink.list(&prefix).await? {
         if !o.name.ends_with(".manifest") {
@@ -76,21 +78,337 @@ pub async fn forget_backup<S: Sink>(
     Ok(gone)
 }
 
-/// Objects under `disks/<disk>/` that no committed manifest references: what an interrupted
-/// backup wrote before its manifest. Only safe to delete while no backup of `disk` runs.
-pub async fn orphans<S: Sink>(sink: &S, disk: &str) -> Result<Vec<String>, EngineError> {
-    let committed = list_backups(sink, disk).await?;
+/// True when `backup` is a backup id `disk` has used or is using: a committed manifest, an
+/// index or an in-progress marker of that name exists (an id is never reused, so that no
+/// backup can replace or be confused with another).
+pub async fn backup_id_taken<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+) -> Result<bool, EngineError> {
+    if !sink
+        .list(&layout::backup_objects_prefix(disk, backup))
+        .await?
+        .is_empty()
+    {
+        return Ok(true);
+    }
+    let marker = layout::marker_name(disk, backup);
+    Ok(sink.list(&marker).await?.iter().any(|o| o.name == marker))
+}
+
+/// Names referenced by the committed manifests of `disk`.
+async fn referenced<S: Sink>(
+    sink: &S,
+    disk: &str,
+) -> Result<std::collections::BTreeSet<String>, EngineError> {
     let mut used = std::collections::BTreeSet::new();
-    for m in &committed {
+    for m in list_backups(sink, disk).await? {
         used.insert(format::manifest_name(disk, &m.backup_id));
         used.insert(m.index.name.clone());
         used.extend(m.segments.iter().cloned());
     }
+    Ok(used)
+}
+
+/// Objects under `disks/<disk>/` that no committed manifest references: what interrupted
+/// backups wrote, and what running ones are writing. See [`collect_garbage`] for what is safe
+/// to delete.
+pub async fn orphans<S: Sink>(sink: &S, disk: &str) -> Result<Vec<ObjectInfo>, EngineError> {
+    let used = referenced(sink, disk).await?;
     Ok(sink
-        .list(&format!("disks/{disk}/"))
+        .list(&layout::disk_prefix(disk))
+        .await?
+        .into_iter()
+        .filter(|o| !used.contains(&o.name))
+        .collect())
+}
+
+async fn read_marker<S: Sink>(sink: &S, name: &str) -> Result<Option<Marker>, EngineError> {
+    match sink.get(name, format::marker::MAX_MARKER).await {
+        Ok(b) => Marker::decode(&b)
+            .map(Some)
+            .map_err(|source| EngineError::Corrupt {
+                object: name.into(),
+                pos: 0,
+                source,
+            }),
+        Err(crate::sink::SinkError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes the orphans of `disk` that are safe to delete with other writers about: older than
+/// `grace` and not covered by an in-progress marker younger than `grace` (the marker's index
+/// and segment prefix). Markers older than `grace` are deleted too (their writer is taken to be
+/// dead: a backup must finish within `grace`). Temporary files are the sink's own business
+/// ([`Sink::remove_stale_partials`]). Returns the names deleted.
+pub async fn collect_garbage<S: Sink>(
+    sink: &S,
+    disk: &str,
+    grace: Duration,
+) -> Result<Vec<String>, EngineError> {
+    let now = SystemTime::now();
+    let mut live = Vec::new();
+    let mut gone = Vec::new();
+    for o in sink.list(&layout::markers_prefix(disk)).await? {
+        if o.older_than(grace, now) {
+            sink.delete(&o.name).await?;
+            gone.push(o.name);
+            continue;
+        }
+        // Unreadable or odd: covers nothing we can name, but keeps the disk's orphans.
+        match read_marker(sink, &o.name).await {
+            Ok(Some(m)) if m.disk == disk => live.push(Some(m)),
+            Ok(None) => {}
+            _ => live.push(None),
+        }
+    }
+    if live.iter().any(Option::is_none) {
+        tracing::warn!(
+            disk,
+            "an unreadable in-progress marker: garbage collection of the disk skipped"
+        );
+        return Ok(gone);
+    }
+    let covered = |name: &str| {
+        live.iter().flatten().any(|m| {
+            name.starts_with(&layout::backup_objects_prefix(disk, &m.backup_id))
+                || m.prefix()
+                    .is_some_and(|p| name.starts_with(&layout::segment_prefix_name(disk, p)))
+        })
+    };
+    for o in orphans(sink, disk).await? {
+        if o.older_than(grace, now) && !covered(&o.name) {
+            sink.delete(&o.name).await?;
+            gone.push(o.name);
+        }
+    }
+    if !gone.is_empty() {
+        tracing::info!(disk, objects = gone.len(), "garbage collected");
+    }
+    Ok(gone)
+}
+
+/// Removes what an interrupted backup `backup` of `disk` wrote, whatever its age, when its
+/// in-progress marker is there to say what that is: its segments (by the marker's prefix) and
+/// index, unless a committed manifest references them, then the marker. Without a marker
+/// nothing is deleted (the backup had not begun on this disk, or finished its clean-up).
+/// Returns the names deleted.
+pub async fn abandon_backup<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+) -> Result<Vec<String>, EngineError> {
+    let name = layout::marker_name(disk, backup);
+    let Some(m) = read_marker(sink, &name).await? else {
+        return Ok(Vec::new());
+    };
+    if m.disk != disk || m.backup_id != backup {
+        return Err(EngineError::Invalid(format!(
+            "in-progress marker {name} names backup {} of {}",
+            m.backup_id, m.disk
+        )));
+    }
+    let used = referenced(sink, disk).await?;
+    let mut gone = Vec::new();
+    let mut doomed: Vec<String> = sink
+        .list(&layout::backup_objects_prefix(disk, backup))
         .await?
         .into_iter()
         .map(|o| o.name)
-        .filter(|n| !used.contains(n))
-        .collect())
+        .collect();
+    if let Some(p) = m.prefix() {
+        doomed.extend(
+            sink.list(&layout::segment_prefix_name(disk, p))
+                .await?
+                .into_iter()
+                .map(|o| o.name),
+        );
+    }
+    for n in doomed {
+        if !used.contains(&n) {
+            sink.delete(&n).await?;
+            gone.push(n);
+        }
+    }
+    sink.delete(&name).await?;
+    gone.push(name);
+    Ok(gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::local::LocalSink;
+    use std::time::Duration;
+
+    const D: &str = "vm-1.vda";
+
+    /// Sets an object's modification time `age` in the past.
+    fn age(sink: &LocalSink, name: &str, age: Duration) {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(sink.root().join(name))
+            .expect(name);
+        f.set_modified(SystemTime::now() - age).expect("mtime");
+    }
+
+    async fn commit(sink: &LocalSink, backup: &str, segs: &[String]) {
+        let mut m = format::manifest::tests::sample();
+        m.disk = D.into();
+        m.backup_id = backup.into();
+        m.index.name = format::index_name(D, backup);
+        m.segments = segs.to_vec();
+        sink.put(&m.index.name, vec![1]).await.expect("idx");
+        for s in segs {
+            sink.put(s, vec![2]).await.expect("seg");
+        }
+        sink.put_new(&format::manifest_name(D, backup), m.encode())
+            .await
+            .expect("manifest");
+    }
+
+    async fn marker(sink: &LocalSink, backup: &str, prefix: u64) {
+        let m = Marker {
+            backup_id: backup.into(),
+            disk: D.into(),
+            segment_prefix: format!("{prefix:016x}"),
+            host: "h".into(),
+            pid: 1,
+            started_unix_ms: 0,
+        };
+        sink.put_new(&layout::marker_name(D, backup), m.encode())
+            .await
+            .expect("marker");
+    }
+
+    async fn names(sink: &LocalSink) -> Vec<String> {
+        let mut v: Vec<String> = sink
+            .list("")
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn seg(prefix: u64, n: u64) -> String {
+        format::segment_name(D, (u128::from(prefix) << 64) | u128::from(n))
+    }
+
+    #[tokio::test]
+    async fn garbage_collection_spares_young_and_covered_objects_and_committed_backups() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sink = LocalSink::open(dir.path()).expect("sink");
+        let day = Duration::from_secs(86_400);
+        let old = Duration::from_secs(2 * 86_400);
+        commit(&sink, "b0", &[seg(1, 1)]).await;
+        for n in [
+            format::manifest_name(D, "b0"),
+            format::index_name(D, "b0"),
+            seg(1, 1),
+        ] {
+            age(&sink, &n, old);
+        }
+        // A dead backup's leftovers, old: collected.
+        sink.put(&seg(2, 1), vec![0]).await.expect("put");
+        sink.put(&format::index_name(D, "dead"), vec![0])
+            .await
+            .expect("put");
+        age(&sink, &seg(2, 1), old);
+        age(&sink, &format::index_name(D, "dead"), old);
+        // Another writer's fresh segment, no marker: young, kept.
+        sink.put(&seg(3, 1), vec![0]).await.expect("put");
+        // A long backup whose marker is live: its old segment and index are kept.
+        marker(&sink, "long", 4).await;
+        sink.put(&seg(4, 1), vec![0]).await.expect("put");
+        sink.put(&format::index_name(D, "long"), vec![0])
+            .await
+            .expect("put");
+        age(&sink, &seg(4, 1), old);
+        age(&sink, &format::index_name(D, "long"), old);
+        // A stale marker (its writer died a day ago): removed, covers nothing.
+        marker(&sink, "stale", 5).await;
+        age(&sink, &layout::marker_name(D, "stale"), old);
+        sink.put(&seg(5, 1), vec![0]).await.expect("put");
+        age(&sink, &seg(5, 1), old);
+
+        let mut gone = collect_garbage(&sink, D, day).await.expect("gc");
+        gone.sort();
+        let mut want = vec![
+            seg(2, 1),
+            format::index_name(D, "dead"),
+            layout::marker_name(D, "stale"),
+            seg(5, 1),
+        ];
+        want.sort();
+        assert_eq!(gone, want);
+        let mut left = vec![
+            format::manifest_name(D, "b0"),
+            format::index_name(D, "b0"),
+            seg(1, 1),
+            seg(3, 1),
+            layout::marker_name(D, "long"),
+            seg(4, 1),
+            format::index_name(D, "long"),
+        ];
+        left.sort();
+        assert_eq!(names(&sink).await, left);
+        assert_eq!(list_backups(&sink, D).await.expect("list").len(), 1);
+        // An unreadable marker stops collection of the disk altogether.
+        sink.put(&layout::marker_name(D, "odd"), b"not json".to_vec())
+            .await
+            .expect("put");
+        age(&sink, &seg(3, 1), old);
+        assert_eq!(
+            collect_garbage(&sink, D, day).await.expect("gc"),
+            Vec::<String>::new()
+        );
+    }
+
+    #[tokio::test]
+    async fn abandon_removes_exactly_what_the_marked_backup_wrote() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sink = LocalSink::open(dir.path()).expect("sink");
+        commit(&sink, "b0", &[seg(1, 1)]).await;
+        marker(&sink, "b1", 7).await;
+        for n in [seg(7, 1), seg(7, 2), seg(8, 1)] {
+            sink.put(&n, vec![0]).await.expect("put");
+        }
+        sink.put(&format::index_name(D, "b1"), vec![0])
+            .await
+            .expect("put");
+        let mut gone = abandon_backup(&sink, D, "b1").await.expect("abandon");
+        gone.sort();
+        let mut want = vec![
+            seg(7, 1),
+            seg(7, 2),
+            format::index_name(D, "b1"),
+            layout::marker_name(D, "b1"),
+        ];
+        want.sort();
+        assert_eq!(gone, want);
+        // Without a marker nothing is touched, not even an index of that name.
+        assert!(abandon_backup(&sink, D, "b0")
+            .await
+            .expect("abandon")
+            .is_empty());
+        let mut left = vec![
+            format::manifest_name(D, "b0"),
+            format::index_name(D, "b0"),
+            seg(1, 1),
+            seg(8, 1),
+        ];
+        left.sort();
+        assert_eq!(names(&sink).await, left);
+        assert!(backup_id_taken(&sink, D, "b0").await.expect("taken"));
+        assert!(!backup_id_taken(&sink, D, "b1").await.expect("taken"));
+        marker(&sink, "b2", 9).await;
+        assert!(backup_id_taken(&sink, D, "b2").await.expect("taken"));
+        // "b" is a prefix of "b0" but not an id in use.
+        assert!(!backup_id_taken(&sink, D, "b").await.expect("taken"));
+    }
 }

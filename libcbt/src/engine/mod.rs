@@ -74,6 +74,8 @@ pub enum EngineError {
         #[source]
         source: Box<PlanError>,
     },
+    #[error("backup {backup} of {disk} exists already (committed, or written or begun by another job); choose another id")]
+    BackupExists { disk: String, backup: String },
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("a worker task failed")]

@@ -2,15 +2,16 @@
 //! manifest written last. Pure: bytes in, values out. Byte layouts are drawn in each
 //! submodule; `libcbt/FORMAT.md` puts them together for writers of independent readers.
 //!
-//! | object | name on the sink | written |
-//! |---|---|---|
-//! | segment | `disks/<disk>/segments/<segment-id:032x>.seg` | once, then immutable |
-//! | index | `disks/<disk>/backups/<backup-id>.idx` | before the manifest |
-//! | manifest | `disks/<disk>/backups/<backup-id>.manifest` | last: its presence is the commit |
+//! Object names are in [`layout`].
 
 pub mod index;
+pub mod layout;
 pub mod manifest;
+pub mod marker;
 pub mod segment;
+
+pub use layout::{index_name, manifest_name, segment_name};
+pub use marker::Marker;
 
 pub use index::{plan_restore, FrameRead, Index, IndexEntry, Location, RestorePlan, SegmentId};
 pub use manifest::{BackupStats, Consistency, FullReason, Level, Manifest, ObjectRef};
@@ -41,21 +42,6 @@ pub enum FormatError {
     UnsupportedVersion { what: &'static str, version: u64 },
     #[error("manifest is not valid")]
     Manifest(#[source] serde_json::Error),
-}
-
-/// Object name of a segment.
-pub fn segment_name(disk: &str, id: SegmentId) -> String {
-    format!("disks/{disk}/segments/{id:032x}.seg")
-}
-
-/// Object name of a backup's index.
-pub fn index_name(disk: &str, backup: &str) -> String {
-    format!("disks/{disk}/backups/{backup}.idx")
-}
-
-/// Object name of a backup's manifest.
-pub fn manifest_name(disk: &str, backup: &str) -> String {
-    format!("disks/{disk}/backups/{backup}.manifest")
 }
 
 #[cfg(test)]

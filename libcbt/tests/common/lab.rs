@@ -231,6 +231,8 @@ pub async fn assert_sink_holds_only(
         objects, expect,
         "the sink holds something else than the committed backups"
     );
+    let markers = sink.list("inprogress/").await.expect("list");
+    assert!(markers.is_empty(), "in-progress markers left: {markers:?}");
 }
 
 /// `qemu-img compare` of two raw images; on a difference, both are kept for a post-mortem.

@@ -81,7 +81,7 @@ enum Command {
         sink: PathBuf,
         #[arg(long, value_enum, default_value = "auto")]
         level: LevelArg,
-        /// Backup id (default: a UTC timestamp).
+        /// Backup id (default: a UTC timestamp and 16 random bits, unique without waiting).
         #[arg(long)]
         id: Option<String>,
         /// Where scratch images and QEMU's NBD socket go (on the QEMU host).
@@ -190,29 +190,6 @@ fn parse_disk(s: &str) -> Result<(String, String), String> {
     Ok((node.to_string(), disk.to_string()))
 }
 
-/// A UTC timestamp like 20261126T113200 (days-from-civil, inverted).
-fn timestamp_id() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 async fn newest(sink: &LocalSink, disk: &str, backup: Option<String>) -> Result<String> {
     match backup {
         Some(b) => Ok(b),
@@ -310,7 +287,7 @@ async fn main() -> Result<()> {
                 .map(|(node, disk)| DiskSpec { node, disk })
                 .collect();
             let requested = requested(level);
-            let id = id.unwrap_or_else(timestamp_id);
+            let id = id.unwrap_or_else(job::new_backup_id);
             let t = Instant::now();
             let result =
                 job::backup_qemu(&source, &sink, &id, &specs, requested, &tuning.options()).await;
@@ -343,7 +320,7 @@ async fn main() -> Result<()> {
             use libcbt::source::libvirt::{blocking, LibvirtSource};
             let sink = LocalSink::open(&sink)?;
             let src = blocking(move || LibvirtSource::connect(&connect)).await?;
-            let id = id.unwrap_or_else(timestamp_id);
+            let id = id.unwrap_or_else(job::new_backup_id);
             let job = job::LibvirtJob {
                 domain,
                 backup_id: id.clone(),

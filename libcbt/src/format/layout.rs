@@ -1,0 +1,98 @@
+//! Every object name on a sink, in one place. `libcbt/FORMAT.md` lists the same table for
+//! writers of independent readers.
+//!
+//! | object | name | written |
+//! |---|---|---|
+//! | segment | `disks/<disk>/segments/<segment-id:032x>.seg` | once, then immutable |
+//! | index | `disks/<disk>/backups/<backup-id>.idx` | create-only, before the manifest |
+//! | manifest | `disks/<disk>/backups/<backup-id>.manifest` | create-only, last: its presence is the commit |
+//! | in-progress marker | `inprogress/<disk>/<backup-id>.json` | create-only, before the first segment; deleted after the commit or the rollback |
+//! | domain XML | `domains/<domain-uuid>/<backup-id>.xml` | create-only, before the disks (libvirt jobs) |
+//! | job record | `domains/<domain-uuid>/<backup-id>.json` | after the commit (`cbt-hostd`: labels, caller, quiesce outcome) |
+//!
+//! A segment id's high 64 bits are the backup's *segment prefix* (recorded in its in-progress
+//! marker), so what an interrupted backup wrote can be told from everything else without
+//! looking at ages.
+
+use super::SegmentId;
+
+/// Prefix of everything stored for `disk` except its markers.
+pub fn disk_prefix(disk: &str) -> String {
+    format!("disks/{disk}/")
+}
+
+/// Prefix of the indexes and manifests of `disk`.
+pub fn backups_prefix(disk: &str) -> String {
+    format!("disks/{disk}/backups/")
+}
+
+/// Prefix of every object of backup `backup` of `disk` that is named after it.
+pub fn backup_objects_prefix(disk: &str, backup: &str) -> String {
+    format!("disks/{disk}/backups/{backup}.")
+}
+
+/// Object name of a segment.
+pub fn segment_name(disk: &str, id: SegmentId) -> String {
+    format!("disks/{disk}/segments/{id:032x}.seg")
+}
+
+/// Prefix of the segments written by the backup whose segment prefix is `prefix`.
+pub fn segment_prefix_name(disk: &str, prefix: u64) -> String {
+    format!("disks/{disk}/segments/{prefix:016x}")
+}
+
+/// Object name of a backup's index.
+pub fn index_name(disk: &str, backup: &str) -> String {
+    format!("disks/{disk}/backups/{backup}.idx")
+}
+
+/// Object name of a backup's manifest.
+pub fn manifest_name(disk: &str, backup: &str) -> String {
+    format!("disks/{disk}/backups/{backup}.manifest")
+}
+
+/// Object name of the in-progress marker of a backup of `disk`.
+pub fn marker_name(disk: &str, backup: &str) -> String {
+    format!("inprogress/{disk}/{backup}.json")
+}
+
+/// Prefix of the in-progress markers of `disk`.
+pub fn markers_prefix(disk: &str) -> String {
+    format!("inprogress/{disk}/")
+}
+
+/// Object name of the libvirt domain XML saved with a backup.
+pub fn domain_xml_name(domain_uuid: &str, backup: &str) -> String {
+    format!("domains/{domain_uuid}/{backup}.xml")
+}
+
+/// Object name of the job record `cbt-hostd` saves with a backup.
+pub fn job_record_name(domain_uuid: &str, backup: &str) -> String {
+    format!("domains/{domain_uuid}/{backup}.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_valid_object_names_and_share_their_prefixes() {
+        let (d, b) = ("0b2c-uuid.vda", "20261202T052841-00ff");
+        let seg = segment_name(d, 0x0123_4567_89ab_cdef_0000_0000_0000_0001);
+        for n in [
+            seg.clone(),
+            index_name(d, b),
+            manifest_name(d, b),
+            marker_name(d, b),
+            domain_xml_name("u", b),
+            job_record_name("u", b),
+        ] {
+            crate::sink::check_name(&n).expect(&n);
+        }
+        assert!(seg.starts_with(&segment_prefix_name(d, 0x0123_4567_89ab_cdef)));
+        assert!(index_name(d, b).starts_with(&backup_objects_prefix(d, b)));
+        assert!(manifest_name(d, b).starts_with(&backups_prefix(d)));
+        assert!(marker_name(d, b).starts_with(&markers_prefix(d)));
+        assert!(!marker_name(d, b).starts_with(&disk_prefix(d)));
+    }
+}
