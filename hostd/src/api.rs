@@ -33,6 +33,7 @@ use serde_json::{json, Value};
 use crate::config::{token_hash, valid_name};
 use crate::inventory::{self, Instance};
 use crate::jobs::{self, JobStatus, RestoreTo, Work};
+use crate::journal::JobKind;
 use crate::safe_fs;
 use crate::state::AppState;
 
@@ -427,7 +428,7 @@ async fn start_backup(
     });
     let job = jobs::submit(
         &st,
-        "backup",
+        JobKind::Backup,
         i.tenant.clone(),
         &r.sink,
         &backup_id,
@@ -860,7 +861,7 @@ async fn start_restore(
     let request = json!({"instance": uuid, "sink": r.sink, "backup_id": r.backup_id, "disks": disks, "caller": c.token});
     let job = jobs::submit(
         &st,
-        "restore",
+        JobKind::Restore,
         tenant,
         &r.sink,
         &r.backup_id,
@@ -897,7 +898,7 @@ async fn start_verify(
         json!({"instance": uuid, "sink": r.sink, "backup_id": r.backup_id, "caller": c.token});
     let job = jobs::submit(
         &st,
-        "verify",
+        JobKind::Verify,
         tenant,
         &r.sink,
         &r.backup_id,

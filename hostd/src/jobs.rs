@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::journal::{JobRow, Journal};
+use crate::journal::{JobKind, JobRow, JobState, Journal};
 use crate::safe_fs::{self, FileId};
 use crate::state::AppState;
 
@@ -25,9 +25,8 @@ use crate::state::AppState;
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct JobStatus {
     pub id: String,
-    pub kind: String,
-    /// `queued`, `running`, `succeeded`, `failed`, `cancelled`, `interrupted`.
-    pub state: String,
+    pub kind: JobKind,
+    pub state: JobState,
     pub phase: String,
     pub tenant: Option<String>,
     pub instance: String,
@@ -65,14 +64,14 @@ impl JobStatus {
     }
 
     pub fn terminal(&self) -> bool {
-        !crate::journal::ACTIVE.contains(&self.state.as_str())
+        !self.state.is_active()
     }
 
     pub fn from_row(r: &JobRow) -> JobStatus {
         JobStatus {
             id: r.id.clone(),
-            kind: r.kind.clone(),
-            state: r.state.clone(),
+            kind: r.kind,
+            state: r.state,
             phase: String::new(),
             tenant: r.tenant.clone(),
             instance: r.instance.clone(),
@@ -291,7 +290,7 @@ pub fn new_backup_id() -> String {
 /// Journals and starts a job; returns at once.
 pub async fn submit(
     st: &Arc<AppState>,
-    kind: &str,
+    kind: JobKind,
     tenant: Option<String>,
     sink: &str,
     backup_id: &str,
@@ -324,13 +323,13 @@ pub async fn submit(
     };
     let row = JobRow {
         id: id.clone(),
-        kind: kind.into(),
+        kind,
         tenant: tenant.clone(),
         instance: instance.clone(),
         sink: sink.into(),
         backup_id: backup_id.into(),
         request,
-        state: "queued".into(),
+        state: JobState::Queued,
         plan: None,
         error: None,
         result: None,
@@ -368,7 +367,7 @@ pub async fn submit(
         sink.to_string(),
         backup_id.to_string(),
     );
-    let span = tracing::info_span!("job", job = %id, kind, instance = %instance);
+    let span = tracing::info_span!("job", job = %id, kind = %kind, instance = %instance);
     tokio::spawn(tracing::Instrument::instrument(
         async move {
             let _claim = claim;
@@ -387,24 +386,24 @@ fn update(job: &Job, f: impl FnOnce(&mut JobStatus)) {
 async fn finish(
     st: &AppState,
     job: &Job,
-    state: &str,
+    state: JobState,
     error: Option<String>,
     result: Option<Value>,
 ) {
-    let (j2, id, s2, e2, r2) = (
+    let (j2, id, e2, r2) = (
         st.journal.clone(),
         job.id.clone(),
-        state.to_string(),
         error.clone(),
         result.clone(),
     );
-    let _ = tokio::task::spawn_blocking(move || j2.set_state(&id, &s2, e2.as_deref(), r2.as_ref()))
-        .await;
+    let _ =
+        tokio::task::spawn_blocking(move || j2.set_state(&id, state, e2.as_deref(), r2.as_ref()))
+            .await;
     let kind = job.snapshot().kind;
-    st.metrics.job_ended(&kind, state);
+    st.metrics.job_ended(kind.as_str(), state.as_str());
     update(job, |s| {
-        s.state = state.into();
-        s.phase = state.into();
+        s.state = state;
+        s.phase = state.as_str().into();
         s.error = error;
         s.result = result;
         s.finished_ms = Some(Journal::now_ms());
@@ -429,7 +428,7 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, 
         finish(
             &st,
             &job,
-            "cancelled",
+            JobState::Cancelled,
             Some("cancelled while queued".into()),
             None,
         )
@@ -437,9 +436,10 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, 
         return;
     };
     let (j2, id) = (st.journal.clone(), job.id.clone());
-    let _ = tokio::task::spawn_blocking(move || j2.set_state(&id, "running", None, None)).await;
+    let _ =
+        tokio::task::spawn_blocking(move || j2.set_state(&id, JobState::Running, None, None)).await;
     update(&job, |s| {
-        s.state = "running".into();
+        s.state = JobState::Running;
         s.phase = "starting".into();
     });
     st.metrics.jobs_running.inc();
@@ -448,7 +448,14 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, 
         Some(p) => p,
         None => {
             st.metrics.jobs_running.dec();
-            finish(&st, &job, "failed", Some(format!("no sink {sink}")), None).await;
+            finish(
+                &st,
+                &job,
+                JobState::Failed,
+                Some(format!("no sink {sink}")),
+                None,
+            )
+            .await;
             return;
         }
     };
@@ -488,19 +495,19 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, 
     st.metrics.jobs_running.dec();
     match r {
         Ok(result) => {
-            if job.snapshot().kind == "backup" {
+            if job.snapshot().kind == JobKind::Backup {
                 st.metrics.backup_seconds.observe(t.elapsed().as_secs_f64());
             }
-            finish(&st, &job, "succeeded", None, Some(result)).await
+            finish(&st, &job, JobState::Succeeded, None, Some(result)).await
         }
         Err((e, kind)) => {
             let state = if kind != "journal" && job.cancel.load(Ordering::SeqCst) {
-                "cancelled"
+                JobState::Cancelled
             } else {
                 st.metrics.error(kind);
-                "failed"
+                JobState::Failed
             };
-            tracing::warn!(error = %e, state, "job ended");
+            tracing::warn!(error = %e, %state, "job ended");
             finish(&st, &job, state, Some(e), None).await
         }
     }
@@ -1155,7 +1162,7 @@ pub async fn collect_sink_garbage(st: &Arc<AppState>, path: &Path) -> Result<usi
 /// close the row: it stays `recovering`, the instance stays claimed (no new backup of it), and
 /// the recovery is retried in the background with backoff until it settles. Returns the state
 /// the row has now.
-pub async fn reconcile(st: &Arc<AppState>, row: &JobRow) -> String {
+pub async fn reconcile(st: &Arc<AppState>, row: &JobRow) -> JobState {
     match reconcile_once(st, row).await {
         Some(state) => state,
         None => {
@@ -1175,8 +1182,27 @@ pub async fn reconcile(st: &Arc<AppState>, row: &JobRow) -> String {
                     delay = (delay * 2).min(RECOVERY_BACKOFF_MAX);
                 }
             });
-            "recovering".into()
+            JobState::Recovering
         }
+    }
+}
+
+/// What a recovery found: the job had in fact committed everything, or was rolled back (how).
+#[derive(Debug)]
+enum Recovered {
+    Committed,
+    RolledBack(String),
+}
+
+impl From<&str> for Recovered {
+    fn from(s: &str) -> Self {
+        Recovered::RolledBack(s.into())
+    }
+}
+
+impl From<String> for Recovered {
+    fn from(s: String) -> Self {
+        Recovered::RolledBack(s)
     }
 }
 
@@ -1184,17 +1210,19 @@ pub async fn reconcile(st: &Arc<AppState>, row: &JobRow) -> String {
 const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// One try: `Some(state)` once the row is closed, `None` when it is to be tried again.
-async fn reconcile_once(st: &Arc<AppState>, row: &JobRow) -> Option<String> {
-    let outcome = match row.kind.as_str() {
-        "backup" => reconcile_backup(st, row).await,
-        "restore" => reconcile_restore(st, row).await,
-        _ => Ok("interrupted".to_string()),
+async fn reconcile_once(st: &Arc<AppState>, row: &JobRow) -> Option<JobState> {
+    let outcome = match row.kind {
+        JobKind::Backup => reconcile_backup(st, row).await,
+        JobKind::Restore => reconcile_restore(st, row).await,
+        JobKind::Verify => Ok(Recovered::RolledBack(
+            "a verification writes nothing".into(),
+        )),
     };
     tracing::info!(job = %row.id, outcome = ?outcome, "reconciliation");
     let (state, error) = match outcome {
-        Ok(s) if s == "succeeded" => ("succeeded".to_string(), None),
-        Ok(s) => (
-            "interrupted".to_string(),
+        Ok(Recovered::Committed) => (JobState::Succeeded, None),
+        Ok(Recovered::RolledBack(s)) => (
+            JobState::Interrupted,
             Some(format!("interrupted by a daemon restart; {s}")),
         ),
         Err(e) => {
@@ -1202,25 +1230,25 @@ async fn reconcile_once(st: &Arc<AppState>, row: &JobRow) -> Option<String> {
             let (j, id) = (st.journal.clone(), row.id.clone());
             let msg = format!("recovery pending: {e}");
             let _ = tokio::task::spawn_blocking(move || {
-                j.set_state(&id, "recovering", Some(&msg), None)
+                j.set_state(&id, JobState::Recovering, Some(&msg), None)
             })
             .await;
             return None;
         }
     };
-    let (j, id, s2) = (st.journal.clone(), row.id.clone(), state.clone());
+    let (j, id) = (st.journal.clone(), row.id.clone());
     let r =
-        tokio::task::spawn_blocking(move || j.set_state(&id, &s2, error.as_deref(), None)).await;
+        tokio::task::spawn_blocking(move || j.set_state(&id, state, error.as_deref(), None)).await;
     if !matches!(r, Ok(Ok(()))) {
         tracing::error!(job = %row.id, "journaling the recovery's outcome failed; will retry");
         return None;
     }
-    st.metrics.job_ended(&row.kind, &state);
+    st.metrics.job_ended(row.kind.as_str(), state.as_str());
     tracing::info!(job = %row.id, kind = %row.kind, state = %state, "reconciled");
     Some(state)
 }
 
-async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, String> {
+async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered, String> {
     let quiesced = row
         .request
         .get("quiesce")
@@ -1395,16 +1423,16 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<String, St
     }
     let _ = std::fs::remove_dir_all(scratch.join(&row.backup_id));
     Ok(if complete {
-        "succeeded".into()
+        Recovered::Committed
     } else {
-        format!(
+        Recovered::RolledBack(format!(
             "rolled back ({} disk(s) had committed, removed)",
             committed.len()
-        )
+        ))
     })
 }
 
-async fn reconcile_restore(st: &Arc<AppState>, row: &JobRow) -> Result<String, String> {
+async fn reconcile_restore(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered, String> {
     let Some(plan) = &row.plan else {
         return Ok("nothing was written".into());
     };
@@ -1430,10 +1458,7 @@ async fn reconcile_restore(st: &Arc<AppState>, row: &JobRow) -> Result<String, S
     let gone = tokio::task::spawn_blocking(move || undo_restore(&ledger))
         .await
         .map_err(|e| e.to_string())?;
-    Ok(format!(
-        "partial restore output removed ({} item(s))",
-        gone.len()
-    ))
+    Ok(format!("partial restore output removed ({} item(s))", gone.len()).into())
 }
 
 #[cfg(test)]

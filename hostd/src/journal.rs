@@ -5,27 +5,110 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
 #[error("job journal: {0}")]
 pub struct JournalError(#[from] pub rusqlite::Error);
 
+/// What a job does. Its serde name is the one in the API, the journal and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    #[default]
+    Backup,
+    Restore,
+    Verify,
+}
+
+/// Where a job is. `Recovering`: a previous life's job whose recovery could not finish yet
+/// (libvirt unreachable, say) and is being retried. `Interrupted`: ended by a daemon restart
+/// and rolled back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    #[default]
+    Queued,
+    Running,
+    Recovering,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Interrupted,
+}
+
+/// `as_str`, `Display` and SQLite text for the enums above, by their serde names.
+macro_rules! named_enum {
+    ($t:ty { $($v:ident => $n:literal),+ $(,)? }) => {
+        impl $t {
+            pub const ALL: &'static [$t] = &[$(<$t>::$v),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $(<$t>::$v => $n),+ }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl std::str::FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($n => Ok(<$t>::$v),)+
+                    _ => Err(format!("unknown {} {s:?}", stringify!($t))),
+                }
+            }
+        }
+        impl rusqlite::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+        impl rusqlite::types::FromSql for $t {
+            fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+                v.as_str()?
+                    .parse()
+                    .map_err(|e: String| rusqlite::types::FromSqlError::Other(e.into()))
+            }
+        }
+    };
+}
+
+named_enum!(JobKind { Backup => "backup", Restore => "restore", Verify => "verify" });
+named_enum!(JobState {
+    Queued => "queued",
+    Running => "running",
+    Recovering => "recovering",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Cancelled => "cancelled",
+    Interrupted => "interrupted",
+});
+
+impl JobState {
+    /// Not ended: queued, running or recovering.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            JobState::Queued | JobState::Running | JobState::Recovering
+        )
+    }
+}
+
 /// One journaled job.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobRow {
     pub id: String,
-    /// `backup`, `restore`, `verify`.
-    pub kind: String,
+    pub kind: JobKind,
     pub tenant: Option<String>,
     /// Domain UUID.
     pub instance: String,
     pub sink: String,
     pub backup_id: String,
     pub request: Value,
-    /// `queued`, `running`, `succeeded`, `failed`, `cancelled`, `interrupted`.
-    pub state: String,
+    pub state: JobState,
     /// What the job has set up that a recovery must know (disk ids, output paths …).
     pub plan: Option<Value>,
     pub error: Option<String>,
@@ -33,10 +116,6 @@ pub struct JobRow {
     pub created_ms: i64,
     pub finished_ms: Option<i64>,
 }
-
-/// States of a job that has not ended; `recovering`: a previous life's job whose recovery
-/// could not finish yet (libvirt unreachable, say) and is being retried.
-pub const ACTIVE: [&str; 3] = ["queued", "running", "recovering"];
 
 pub struct Journal {
     conn: Mutex<Connection>,
@@ -125,11 +204,11 @@ impl Journal {
     pub fn set_state(
         &self,
         id: &str,
-        state: &str,
+        state: JobState,
         error: Option<&str>,
         result: Option<&Value>,
     ) -> Result<(), JournalError> {
-        let finished = (!ACTIVE.contains(&state)).then(now_ms);
+        let finished = (!state.is_active()).then(now_ms);
         self.with(|c| {
             c.execute(
                 "UPDATE jobs SET state = ?2, error = COALESCE(?3, error),
@@ -200,18 +279,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kinds_and_states_have_one_name_everywhere() {
+        for k in JobKind::ALL {
+            assert_eq!(k.as_str().parse::<JobKind>(), Ok(*k));
+            assert_eq!(serde_json::to_value(k).expect("json"), k.as_str());
+        }
+        for s in JobState::ALL {
+            assert_eq!(s.as_str().parse::<JobState>(), Ok(*s));
+            assert_eq!(serde_json::to_value(s).expect("json"), s.as_str());
+        }
+        assert!("done".parse::<JobState>().is_err());
+        let active: Vec<_> = JobState::ALL.iter().filter(|s| s.is_active()).collect();
+        assert_eq!(active.len(), 3);
+    }
+
+    #[test]
     fn rows_round_trip_and_unfinished() {
         let d = tempfile::tempdir().expect("tempdir");
         let j = Journal::open(&d.path().join("j.sqlite")).expect("open");
         let mut r = JobRow {
             id: "a".into(),
-            kind: "backup".into(),
+            kind: JobKind::Backup,
             tenant: Some("t".into()),
             instance: "u".into(),
             sink: "s".into(),
             backup_id: "b".into(),
             request: serde_json::json!({"x": 1}),
-            state: "queued".into(),
+            state: JobState::Queued,
             plan: None,
             error: None,
             result: None,
@@ -225,7 +319,7 @@ mod tests {
         j.set_plan("a", &serde_json::json!(["d1"])).expect("plan");
         j.set_state(
             "b",
-            "succeeded",
+            JobState::Succeeded,
             None,
             Some(&serde_json::json!({"ok": true})),
         )
@@ -234,7 +328,7 @@ mod tests {
         assert_eq!(u.len(), 1);
         assert_eq!(u[0].plan, Some(serde_json::json!(["d1"])));
         let b = j.get("b").expect("get").expect("row");
-        assert_eq!(b.state, "succeeded");
+        assert_eq!(b.state, JobState::Succeeded);
         assert!(b.finished_ms.is_some());
         assert_eq!(j.recent(10).expect("recent")[0].id, "b");
         drop(j);
