@@ -6,7 +6,8 @@
 //! listen = "0.0.0.0:8443"                  # optional; TLS required on TCP
 //! tls_cert = "/etc/cbt/tls/cert.pem"
 //! tls_key = "/etc/cbt/tls/key.pem"
-//! state_dir = "/var/lib/cbt"               # journal.sqlite, scratch/
+//! state_dir = "/var/lib/cbt"               # journal.sqlite, scratch/; 0711, refused if
+//!                                          # group/world-writable
 //! restore_dirs = ["/var/lib/cbt/restores"] # the only places file restores may write
 //!
 //! [libvirt]

@@ -22,7 +22,20 @@ struct Args {
     print_default_config: Option<PathBuf>,
 }
 
+/// Everything the daemon creates is its own: journal, restores, sockets' directories.
+/// Directories others must traverse (`state_dir`, scratch, restore directories) get their
+/// mode set explicitly. Set before anything is created, so it holds outside systemd too.
+#[allow(unsafe_code)]
+fn private_umask() {
+    // SAFETY: umask(2) cannot fail and touches no memory; no other thread exists yet that
+    // could be creating files with the old mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 fn main() -> Result<()> {
+    private_umask();
     let args = Args::parse();
     if let Some(t) = args.hash_token {
         println!("{}", hostd::config::token_hash(&t));

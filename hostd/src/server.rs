@@ -64,14 +64,83 @@ async fn shutdown_signal() {
     }
 }
 
+/// Mode of the directories QEMU's user must traverse and nobody else may list or write:
+/// `state_dir` and the scratch root (QEMU's NBD sockets live below), and the restore
+/// directories (staging copies' images live below). Set on the directories the daemon
+/// creates, whatever the umask.
+pub const TRAVERSE_ONLY_DIR_MODE: u32 = 0o711;
+
+/// Creates `path` and its missing parents; each directory created here gets `mode`. Existing
+/// directories keep theirs.
+fn create_dirs(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dirs(parent, mode)?;
+    }
+    match std::fs::create_dir(path) {
+        // create_dir's mode is masked by the umask (0077 here): set it as asked.
+        Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates `state_dir` (0711) or checks an existing one.
+///
+/// A `state_dir` writable by group or others, or owned by another user, is refused: whoever
+/// can write there can replace the journal (and so what a restart cleans up) or the scratch
+/// root on the way to QEMU's NBD socket; the operator must look at how it got that way.
+/// One merely readable by others (0755, what earlier versions and `StateDirectoryMode=0755`
+/// made) is narrowed to 0711, with a warning: listing it tells others which instances are
+/// being backed up, and nothing needs that.
+fn prepare_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    create_dirs(dir, TRAVERSE_ONLY_DIR_MODE)
+        .with_context(|| format!("state_dir {}", dir.display()))?;
+    let md = std::fs::metadata(dir).with_context(|| format!("state_dir {}", dir.display()))?;
+    let mode = md.mode() & 0o7777;
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    if md.uid() != euid && md.uid() != 0 {
+        anyhow::bail!(
+            "state_dir {} is owned by uid {}, not by root or by us (uid {euid}); refusing to \
+             start: its owner could replace the journal or the scratch directory",
+            dir.display(),
+            md.uid()
+        );
+    }
+    if mode & 0o022 != 0 {
+        anyhow::bail!(
+            "state_dir {} is writable by group or others (mode {mode:04o}); refusing to start: \
+             whoever can write there can replace the journal or the scratch directory. Check \
+             how it got so, then `chmod 0711` it",
+            dir.display()
+        );
+    }
+    if mode & 0o044 != 0 {
+        let narrowed = mode & !0o044;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(narrowed))
+            .with_context(|| format!("state_dir {}", dir.display()))?;
+        tracing::warn!(
+            state_dir = %dir.display(),
+            "state_dir was readable by group or others (mode {mode:04o}); narrowed to {narrowed:04o}"
+        );
+    }
+    Ok(())
+}
+
 pub async fn run(cfg: Config) -> Result<()> {
     let s = &cfg.server;
-    std::fs::create_dir_all(&s.state_dir)
-        .with_context(|| format!("state_dir {}", s.state_dir.display()))?;
-    std::fs::create_dir_all(s.scratch())
+    prepare_state_dir(&s.state_dir)?;
+    create_dirs(&s.scratch(), TRAVERSE_ONLY_DIR_MODE)
         .with_context(|| format!("scratch {}", s.scratch().display()))?;
     for d in &s.restore_dirs {
-        std::fs::create_dir_all(d).with_context(|| format!("restore_dir {}", d.display()))?;
+        create_dirs(d, TRAVERSE_ONLY_DIR_MODE)
+            .with_context(|| format!("restore_dir {}", d.display()))?;
     }
     for k in &cfg.sinks {
         std::fs::create_dir_all(&k.path).with_context(|| format!("sink {}", k.path.display()))?;
