@@ -9,6 +9,10 @@
 //! state_dir = "/var/lib/cbt"               # journal.sqlite, scratch/; 0711, refused if
 //!                                          # group/world-writable
 //! restore_dirs = ["/var/lib/cbt/restores"] # the only places file restores may write
+//! header_read_timeout_secs = 10            # TLS listener: a request header (also the wait
+//!                                          # for the next one on a kept-alive connection)
+//! idle_timeout_secs = 60                   # TLS listener: no bytes moved for this long
+//! max_connections = 256                    # TLS listener: beyond it, closed at accept
 //!
 //! [libvirt]
 //! uri = "qemu:///system"
@@ -107,6 +111,16 @@ pub struct Server {
     pub max_body_bytes: usize,
     /// How long running jobs get to stop on SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// TLS listener: how long a client has to send a whole request header, counted from the
+    /// first read (and, on a kept-alive connection, from the end of the previous response).
+    pub header_read_timeout_secs: u64,
+    /// TLS listener: a connection on which no byte moved for this long is closed at once
+    /// when no request is in flight, else once the exchange ends; one still silent after
+    /// twice this long is dropped.
+    pub idle_timeout_secs: u64,
+    /// TLS listener: connections served at once (handshakes included); more are closed as
+    /// soon as they are accepted.
+    pub max_connections: usize,
 }
 
 impl Default for Server {
@@ -121,6 +135,9 @@ impl Default for Server {
             restore_dirs: vec![PathBuf::from("/var/lib/cbt/restores")],
             max_body_bytes: 64 << 10,
             shutdown_grace_secs: 30,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connections: 256,
         }
     }
 }
@@ -274,6 +291,24 @@ impl Config {
                 "must be between 1024 and 16777216",
             ));
         }
+        if !(1..=3600).contains(&s.header_read_timeout_secs) {
+            return Err(bad(
+                "server.header_read_timeout_secs".into(),
+                "must be between 1 and 3600",
+            ));
+        }
+        if !(1..=86_400).contains(&s.idle_timeout_secs) {
+            return Err(bad(
+                "server.idle_timeout_secs".into(),
+                "must be between 1 and 86400",
+            ));
+        }
+        if !(1..=100_000).contains(&s.max_connections) {
+            return Err(bad(
+                "server.max_connections".into(),
+                "must be between 1 and 100000",
+            ));
+        }
         if self.limits.max_jobs == 0 || self.limits.max_jobs_per_tenant == 0 {
             return Err(bad("limits".into(), "limits must be at least 1"));
         }
@@ -409,6 +444,10 @@ mod tests {
         assert!(e.to_string().contains("server.listen"), "{e}");
         let e = parse("[limits]\nmax_jobs = 0\n").expect_err("limits");
         assert!(e.to_string().contains("limits"), "{e}");
+        let e = parse("[server]\nmax_connections = 0\n").expect_err("cap");
+        assert!(e.to_string().contains("server.max_connections"), "{e}");
+        let e = parse("[server]\nidle_timeout_secs = 0\n").expect_err("idle");
+        assert!(e.to_string().contains("server.idle_timeout_secs"), "{e}");
         let e = parse("[server]\nrestore_dirs = [\"/a/../etc\"]\n").expect_err("dotdot");
         assert!(e.to_string().contains("restore_dirs[0]"), "{e}");
     }

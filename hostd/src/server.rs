@@ -1,14 +1,24 @@
 //! Listeners (Unix socket, TCP with TLS), start-up reconciliation, systemd notification and
 //! the watchdog, and the orderly stop on SIGTERM.
+//!
+//! The TLS listener faces the network, so every connection is bounded: at most
+//! `server.max_connections` at once (a semaphore permit taken at accept, before the
+//! handshake; beyond it the connection is closed at once), 10 s for the handshake,
+//! `header_read_timeout_secs` for a request header, `idle_timeout_secs` without a byte
+//! moving (see `serve_tls`). The Unix socket is root's and has none of these.
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use hyper_util::rt::TokioIo;
+use anyhow::{Context as _, Result};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -47,6 +57,162 @@ pub fn check(cfg: &Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one "max_connections reached" warning this often.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// Time limits of one TLS connection, from `[server]`.
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    header_read: Duration,
+    idle: Duration,
+}
+
+impl ConnLimits {
+    fn of(s: &crate::config::Server) -> ConnLimits {
+        ConnLimits {
+            header_read: Duration::from_secs(s.header_read_timeout_secs),
+            idle: Duration::from_secs(s.idle_timeout_secs),
+        }
+    }
+}
+
+/// When bytes last moved on a connection, in milliseconds since `epoch`.
+#[derive(Clone)]
+struct Activity {
+    epoch: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A connection's transport that notes in an [`Activity`] every read or write that moved
+/// bytes: the idle timeout counts from the last of them.
+struct Tracked<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves HTTP/1.1 on one TLS connection until it ends or times out.
+///
+/// - A request header must arrive within `header_read` of the first read for it; on a
+///   kept-alive connection hyper starts that clock when the previous response has been
+///   written, so it also bounds the wait for the next request.
+/// - When no byte has moved for `idle`, the connection is shut down gracefully: closed at
+///   once when no request is in flight, else keep-alive is switched off and it closes when
+///   the exchange ends (a quiet SSE stream is not cut; it sends a keep-alive every 15 s).
+/// - A connection still silent `idle` later (a stalled request body, a client that does not
+///   read its response) is dropped.
+async fn serve_tls<T>(io: T, router: axum::Router, limits: ConnLimits, peer: SocketAddr)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Activity::new();
+    let io = Tracked {
+        inner: io,
+        activity: activity.clone(),
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(router));
+    tokio::pin!(conn);
+    let mut shutting_down = false;
+    loop {
+        let quiet_limit = if shutting_down {
+            limits.idle * 2
+        } else {
+            limits.idle
+        };
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until((activity.last() + quiet_limit).into()) => {
+                if activity.last().elapsed() < quiet_limit {
+                    continue; // bytes moved meanwhile
+                }
+                if shutting_down {
+                    tracing::debug!(%peer, "dropping a connection silent for twice the idle timeout");
+                    return;
+                }
+                tracing::debug!(%peer, "idle timeout: closing the connection");
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -189,16 +355,39 @@ pub async fn run(cfg: Config) -> Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         let (r, mut rx) = (router.clone(), stop_rx.clone());
+        let limits = ConnLimits::of(s);
+        let slots = Arc::new(tokio::sync::Semaphore::new(s.max_connections));
         servers.spawn(async move {
+            let mut last_full_warning: Option<Instant> = None;
             loop {
                 let conn = tokio::select! {
                     c = l.accept() => c,
                     _ = rx.wait_for(|v| *v) => break,
                 };
-                let Ok((tcp, peer)) = conn else { continue };
+                let (tcp, peer) = match conn {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors (EMFILE) and the like: accept fails again at
+                        // once, so back off instead of spinning.
+                        tracing::debug!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        continue;
+                    }
+                };
+                // Full: the connection is closed at once rather than left in the backlog,
+                // so the accept queue keeps draining and the client learns it now.
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    drop(tcp);
+                    if last_full_warning.is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY) {
+                        last_full_warning = Some(Instant::now());
+                        tracing::warn!(%peer, "server.max_connections reached; closing new connections");
+                    }
+                    continue;
+                };
                 let (acc, r) = (acceptor.clone(), r.clone());
                 tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(Duration::from_secs(10), acc.accept(tcp))
+                    let _slot = slot;
+                    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(tcp))
                         .await
                     {
                         Ok(Ok(t)) => t,
@@ -208,10 +397,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                         }
                         Err(_) => return,
                     };
-                    let svc = TowerToHyperService::new(r);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                    serve_tls(tls, r, limits, peer).await;
                 });
             }
         });
