@@ -411,6 +411,51 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
+/// Longest token [`read_token`] accepts.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// Why a token could not be read from stdin or a file.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenReadError {
+    #[error("cannot read the token")]
+    Io(#[source] std::io::Error),
+    #[error("the token is empty")]
+    Empty,
+    #[error("the token is longer than {MAX_TOKEN_LEN} bytes")]
+    TooLong,
+    #[error("the token is more than one line")]
+    MultiLine,
+    #[error("the token is not UTF-8")]
+    NotUtf8,
+}
+
+/// Reads a bearer token the way `cbt-hostd --hash-token` and `cbtctl --token-file` take it:
+/// one line, its trailing newline (`\n` or `\r\n`) stripped, nothing else changed.
+///
+/// Tokens come from stdin, a file or the environment, never from argv: a process's command
+/// line is readable by every local user in `/proc/<pid>/cmdline`.
+pub fn read_token(r: impl std::io::Read) -> Result<String, TokenReadError> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    r.take(MAX_TOKEN_LEN as u64 + 3)
+        .read_to_end(&mut buf)
+        .map_err(TokenReadError::Io)?;
+    let mut t = buf.as_slice();
+    if let Some(x) = t.strip_suffix(b"\n") {
+        t = x.strip_suffix(b"\r").unwrap_or(x);
+    }
+    if t.contains(&b'\n') {
+        return Err(TokenReadError::MultiLine);
+    }
+    if t.len() > MAX_TOKEN_LEN {
+        return Err(TokenReadError::TooLong);
+    }
+    if t.is_empty() {
+        return Err(TokenReadError::Empty);
+    }
+    String::from_utf8(t.to_vec()).map_err(|_| TokenReadError::NotUtf8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,6 +474,24 @@ mod tests {
         assert_eq!(c.sinks[0].name, "local");
         assert_eq!(c.limits.max_jobs, 2);
         assert_eq!(c.server.scratch(), PathBuf::from("/tmp/x/state/scratch"));
+    }
+
+    #[test]
+    fn read_token_strips_one_newline_and_refuses_empty_or_several_lines() {
+        let r = |b: &[u8]| read_token(b);
+        assert_eq!(r(b"abc\n").expect("line"), "abc");
+        assert_eq!(r(b"abc\r\n").expect("crlf"), "abc");
+        assert_eq!(r(b"abc").expect("no newline"), "abc");
+        assert_eq!(r(b" a b ").expect("spaces kept"), " a b ");
+        assert!(matches!(r(b""), Err(TokenReadError::Empty)));
+        assert!(matches!(r(b"\n"), Err(TokenReadError::Empty)));
+        assert!(matches!(r(b"a\nb\n"), Err(TokenReadError::MultiLine)));
+        assert!(matches!(r(b"a\n\n"), Err(TokenReadError::MultiLine)));
+        assert!(matches!(
+            r(&vec![b'x'; MAX_TOKEN_LEN + 1]),
+            Err(TokenReadError::TooLong)
+        ));
+        assert!(matches!(r(b"\xff\n"), Err(TokenReadError::NotUtf8)));
     }
 
     #[test]
