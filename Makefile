@@ -40,7 +40,7 @@ install:
 	install -D -m 0644 hostd/systemd/cbt-hostd.service $(DESTDIR)/etc/systemd/system/cbt-hostd.service
 	[ -e $(DESTDIR)/etc/cbt/hostd.toml ] || install -D -m 0600 hostd/systemd/hostd.toml.example $(DESTDIR)/etc/cbt/hostd.toml
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
-	@echo "installed; set a token hash in /etc/cbt/hostd.toml (cbt-hostd --hash-token TOKEN), then: systemctl enable --now cbt-hostd"
+	@echo "installed; set a token hash in /etc/cbt/hostd.toml (cbt-hostd --hash-token < TOKEN-FILE), then: systemctl enable --now cbt-hostd"
 
 # Side-by-side benchmarks against nbdcopy, nbdinfo, qemu-img and virtnbdbackup (≈ 12 min);
 # results in bench/results/.

@@ -70,7 +70,7 @@ echo "   booted; the guest has written $(counter "$work/console.log") blocks so 
 
 echo "== cbt-hostd on its embedded default configuration ($work)"
 token=demo-admin-token
-"$HOSTD" --print-default-config "$work" | sed "s/<sha256.*>/$("$HOSTD" --hash-token "$token")/" > "$work/hostd.toml"
+"$HOSTD" --print-default-config "$work" | sed "s/<sha256.*>/$(printf '%s\n' "$token" | "$HOSTD" --hash-token)/" > "$work/hostd.toml"
 "$HOSTD" --config "$work/hostd.toml" --check-config
 CBT_LOG=warn "$HOSTD" --config "$work/hostd.toml" 2>"$work/hostd.log" &
 hostd_pid=$!

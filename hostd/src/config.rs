@@ -6,8 +6,13 @@
 //! listen = "0.0.0.0:8443"                  # optional; TLS required on TCP
 //! tls_cert = "/etc/cbt/tls/cert.pem"
 //! tls_key = "/etc/cbt/tls/key.pem"
-//! state_dir = "/var/lib/cbt"               # journal.sqlite, scratch/
+//! state_dir = "/var/lib/cbt"               # journal.sqlite, scratch/; 0711, refused if
+//!                                          # group/world-writable
 //! restore_dirs = ["/var/lib/cbt/restores"] # the only places file restores may write
+//! header_read_timeout_secs = 10            # TLS listener: a request header (also the wait
+//!                                          # for the next one on a kept-alive connection)
+//! idle_timeout_secs = 60                   # TLS listener: no bytes moved for this long
+//! max_connections = 256                    # TLS listener: beyond it, closed at accept
 //!
 //! [libvirt]
 //! uri = "qemu:///system"
@@ -106,6 +111,16 @@ pub struct Server {
     pub max_body_bytes: usize,
     /// How long running jobs get to stop on SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// TLS listener: how long a client has to send a whole request header, counted from the
+    /// first read (and, on a kept-alive connection, from the end of the previous response).
+    pub header_read_timeout_secs: u64,
+    /// TLS listener: a connection on which no byte moved for this long is closed at once
+    /// when no request is in flight, else once the exchange ends; one still silent after
+    /// twice this long is dropped.
+    pub idle_timeout_secs: u64,
+    /// TLS listener: connections served at once (handshakes included); more are closed as
+    /// soon as they are accepted.
+    pub max_connections: usize,
 }
 
 impl Default for Server {
@@ -120,6 +135,9 @@ impl Default for Server {
             restore_dirs: vec![PathBuf::from("/var/lib/cbt/restores")],
             max_body_bytes: 64 << 10,
             shutdown_grace_secs: 30,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connections: 256,
         }
     }
 }
@@ -273,6 +291,24 @@ impl Config {
                 "must be between 1024 and 16777216",
             ));
         }
+        if !(1..=3600).contains(&s.header_read_timeout_secs) {
+            return Err(bad(
+                "server.header_read_timeout_secs".into(),
+                "must be between 1 and 3600",
+            ));
+        }
+        if !(1..=86_400).contains(&s.idle_timeout_secs) {
+            return Err(bad(
+                "server.idle_timeout_secs".into(),
+                "must be between 1 and 86400",
+            ));
+        }
+        if !(1..=100_000).contains(&s.max_connections) {
+            return Err(bad(
+                "server.max_connections".into(),
+                "must be between 1 and 100000",
+            ));
+        }
         if self.limits.max_jobs == 0 || self.limits.max_jobs_per_tenant == 0 {
             return Err(bad("limits".into(), "limits must be at least 1"));
         }
@@ -375,6 +411,51 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
+/// Longest token [`read_token`] accepts.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// Why a token could not be read from stdin or a file.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenReadError {
+    #[error("cannot read the token")]
+    Io(#[source] std::io::Error),
+    #[error("the token is empty")]
+    Empty,
+    #[error("the token is longer than {MAX_TOKEN_LEN} bytes")]
+    TooLong,
+    #[error("the token is more than one line")]
+    MultiLine,
+    #[error("the token is not UTF-8")]
+    NotUtf8,
+}
+
+/// Reads a bearer token the way `cbt-hostd --hash-token` and `cbtctl --token-file` take it:
+/// one line, its trailing newline (`\n` or `\r\n`) stripped, nothing else changed.
+///
+/// Tokens come from stdin, a file or the environment, never from argv: a process's command
+/// line is readable by every local user in `/proc/<pid>/cmdline`.
+pub fn read_token(r: impl std::io::Read) -> Result<String, TokenReadError> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    r.take(MAX_TOKEN_LEN as u64 + 3)
+        .read_to_end(&mut buf)
+        .map_err(TokenReadError::Io)?;
+    let mut t = buf.as_slice();
+    if let Some(x) = t.strip_suffix(b"\n") {
+        t = x.strip_suffix(b"\r").unwrap_or(x);
+    }
+    if t.contains(&b'\n') {
+        return Err(TokenReadError::MultiLine);
+    }
+    if t.len() > MAX_TOKEN_LEN {
+        return Err(TokenReadError::TooLong);
+    }
+    if t.is_empty() {
+        return Err(TokenReadError::Empty);
+    }
+    String::from_utf8(t.to_vec()).map_err(|_| TokenReadError::NotUtf8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,6 +477,24 @@ mod tests {
     }
 
     #[test]
+    fn read_token_strips_one_newline_and_refuses_empty_or_several_lines() {
+        let r = |b: &[u8]| read_token(b);
+        assert_eq!(r(b"abc\n").expect("line"), "abc");
+        assert_eq!(r(b"abc\r\n").expect("crlf"), "abc");
+        assert_eq!(r(b"abc").expect("no newline"), "abc");
+        assert_eq!(r(b" a b ").expect("spaces kept"), " a b ");
+        assert!(matches!(r(b""), Err(TokenReadError::Empty)));
+        assert!(matches!(r(b"\n"), Err(TokenReadError::Empty)));
+        assert!(matches!(r(b"a\nb\n"), Err(TokenReadError::MultiLine)));
+        assert!(matches!(r(b"a\n\n"), Err(TokenReadError::MultiLine)));
+        assert!(matches!(
+            r(&vec![b'x'; MAX_TOKEN_LEN + 1]),
+            Err(TokenReadError::TooLong)
+        ));
+        assert!(matches!(r(b"\xff\n"), Err(TokenReadError::NotUtf8)));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = parse("[server]\nunix_sockett = \"/x\"\n").expect_err("unknown key");
         assert!(e.to_string().contains("unix_sockett"), "{e}");
@@ -408,6 +507,10 @@ mod tests {
         assert!(e.to_string().contains("server.listen"), "{e}");
         let e = parse("[limits]\nmax_jobs = 0\n").expect_err("limits");
         assert!(e.to_string().contains("limits"), "{e}");
+        let e = parse("[server]\nmax_connections = 0\n").expect_err("cap");
+        assert!(e.to_string().contains("server.max_connections"), "{e}");
+        let e = parse("[server]\nidle_timeout_secs = 0\n").expect_err("idle");
+        assert!(e.to_string().contains("server.idle_timeout_secs"), "{e}");
         let e = parse("[server]\nrestore_dirs = [\"/a/../etc\"]\n").expect_err("dotdot");
         assert!(e.to_string().contains("restore_dirs[0]"), "{e}");
     }

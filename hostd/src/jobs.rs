@@ -340,7 +340,7 @@ pub async fn submit(
     let r2 = row.clone();
     let inserted = tokio::task::spawn_blocking(move || j2.insert(&r2))
         .await
-        .map_err(|_| crate::journal::JournalError(rusqlite::Error::InvalidQuery))
+        .map_err(|_| crate::journal::JournalError::Sqlite(rusqlite::Error::InvalidQuery))
         .and_then(|r| r);
     if let Err(e) = inserted {
         unqueue();

@@ -1,7 +1,7 @@
 //! The job journal: one SQLite row per job, written before the job touches anything, so that
 //! a restarted daemon knows what an interrupted job may have left behind.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -9,8 +9,53 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
-#[error("job journal: {0}")]
-pub struct JournalError(#[from] pub rusqlite::Error);
+pub enum JournalError {
+    #[error("job journal: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("job journal {path}: cannot make it private ({JOURNAL_FILE_MODE:o})")]
+    Mode {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Mode of the journal and of SQLite's `-wal`/`-shm` files beside it (SQLite creates those
+/// with the database's mode): job requests name instances, paths, tenants and errors.
+pub const JOURNAL_FILE_MODE: u32 = 0o600;
+
+/// Creates the journal file `0600` when missing and narrows it and leftover `-wal`/`-shm`
+/// files (a previous version, a crash) to `0600`, whatever the umask.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(JOURNAL_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(JOURNAL_FILE_MODE))?;
+    for suffix in ["-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = PathBuf::from(p);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_file() => {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(JOURNAL_FILE_MODE))?
+            }
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} is not a regular file", p.display()),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
 
 /// What a job does. Its serde name is the one in the API, the journal and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -150,7 +195,12 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
 const COLS: &str = "id, kind, tenant, instance, sink, backup_id, request, state, plan, error, result, created_ms, finished_ms";
 
 impl Journal {
+    /// Opens (or creates) the journal at `path`, `0600` with its companions.
     pub fn open(path: &Path) -> Result<Arc<Journal>, JournalError> {
+        make_private(path).map_err(|source| JournalError::Mode {
+            path: path.into(),
+            source,
+        })?;
         let conn = Connection::open(path)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
@@ -291,6 +341,23 @@ mod tests {
         assert!("done".parse::<JobState>().is_err());
         let active: Vec<_> = JobState::ALL.iter().filter(|s| s.is_active()).collect();
         assert_eq!(active.len(), 3);
+    }
+
+    #[test]
+    fn journal_and_leftover_wal_are_narrowed_to_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("j.sqlite");
+        let wal = d.path().join("j.sqlite-wal");
+        for f in [&p, &wal] {
+            std::fs::write(f, b"").expect("write");
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        let _j = Journal::open(&p).expect("open");
+        for f in [&p, &wal] {
+            let m = std::fs::metadata(f).expect("stat").permissions().mode() & 0o7777;
+            assert_eq!(m, 0o600, "{}", f.display());
+        }
     }
 
     #[test]

@@ -1,14 +1,24 @@
 //! Listeners (Unix socket, TCP with TLS), start-up reconciliation, systemd notification and
 //! the watchdog, and the orderly stop on SIGTERM.
+//!
+//! The TLS listener faces the network, so every connection is bounded: at most
+//! `server.max_connections` at once (a semaphore permit taken at accept, before the
+//! handshake; beyond it the connection is closed at once), 10 s for the handshake,
+//! `header_read_timeout_secs` for a request header, `idle_timeout_secs` without a byte
+//! moving (see `serve_tls`). The Unix socket is root's and has none of these.
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use hyper_util::rt::TokioIo;
+use anyhow::{Context as _, Result};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -49,6 +59,162 @@ pub fn check(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one "max_connections reached" warning this often.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// Time limits of one TLS connection, from `[server]`.
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    header_read: Duration,
+    idle: Duration,
+}
+
+impl ConnLimits {
+    fn of(s: &crate::config::Server) -> ConnLimits {
+        ConnLimits {
+            header_read: Duration::from_secs(s.header_read_timeout_secs),
+            idle: Duration::from_secs(s.idle_timeout_secs),
+        }
+    }
+}
+
+/// When bytes last moved on a connection, in milliseconds since `epoch`.
+#[derive(Clone)]
+struct Activity {
+    epoch: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A connection's transport that notes in an [`Activity`] every read or write that moved
+/// bytes: the idle timeout counts from the last of them.
+struct Tracked<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves HTTP/1.1 on one TLS connection until it ends or times out.
+///
+/// - A request header must arrive within `header_read` of the first read for it; on a
+///   kept-alive connection hyper starts that clock when the previous response has been
+///   written, so it also bounds the wait for the next request.
+/// - When no byte has moved for `idle`, the connection is shut down gracefully: closed at
+///   once when no request is in flight, else keep-alive is switched off and it closes when
+///   the exchange ends (a quiet SSE stream is not cut; it sends a keep-alive every 15 s).
+/// - A connection still silent `idle` later (a stalled request body, a client that does not
+///   read its response) is dropped.
+async fn serve_tls<T>(io: T, router: axum::Router, limits: ConnLimits, peer: SocketAddr)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Activity::new();
+    let io = Tracked {
+        inner: io,
+        activity: activity.clone(),
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(router));
+    tokio::pin!(conn);
+    let mut shutting_down = false;
+    loop {
+        let quiet_limit = if shutting_down {
+            limits.idle * 2
+        } else {
+            limits.idle
+        };
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until((activity.last() + quiet_limit).into()) => {
+                if activity.last().elapsed() < quiet_limit {
+                    continue; // bytes moved meanwhile
+                }
+                if shutting_down {
+                    tracing::debug!(%peer, "dropping a connection silent for twice the idle timeout");
+                    return;
+                }
+                tracing::debug!(%peer, "idle timeout: closing the connection");
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+        }
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -64,14 +230,83 @@ async fn shutdown_signal() {
     }
 }
 
+/// Mode of the directories QEMU's user must traverse and nobody else may list or write:
+/// `state_dir` and the scratch root (QEMU's NBD sockets live below), and the restore
+/// directories (staging copies' images live below). Set on the directories the daemon
+/// creates, whatever the umask.
+pub const TRAVERSE_ONLY_DIR_MODE: u32 = 0o711;
+
+/// Creates `path` and its missing parents; each directory created here gets `mode`. Existing
+/// directories keep theirs.
+fn create_dirs(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dirs(parent, mode)?;
+    }
+    match std::fs::create_dir(path) {
+        // create_dir's mode is masked by the umask (0077 here): set it as asked.
+        Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates `state_dir` (0711) or checks an existing one.
+///
+/// A `state_dir` writable by group or others, or owned by another user, is refused: whoever
+/// can write there can replace the journal (and so what a restart cleans up) or the scratch
+/// root on the way to QEMU's NBD socket; the operator must look at how it got that way.
+/// One merely readable by others (0755, what earlier versions and `StateDirectoryMode=0755`
+/// made) is narrowed to 0711, with a warning: listing it tells others which instances are
+/// being backed up, and nothing needs that.
+fn prepare_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    create_dirs(dir, TRAVERSE_ONLY_DIR_MODE)
+        .with_context(|| format!("state_dir {}", dir.display()))?;
+    let md = std::fs::metadata(dir).with_context(|| format!("state_dir {}", dir.display()))?;
+    let mode = md.mode() & 0o7777;
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    if md.uid() != euid && md.uid() != 0 {
+        anyhow::bail!(
+            "state_dir {} is owned by uid {}, not by root or by us (uid {euid}); refusing to \
+             start: its owner could replace the journal or the scratch directory",
+            dir.display(),
+            md.uid()
+        );
+    }
+    if mode & 0o022 != 0 {
+        anyhow::bail!(
+            "state_dir {} is writable by group or others (mode {mode:04o}); refusing to start: \
+             whoever can write there can replace the journal or the scratch directory. Check \
+             how it got so, then `chmod 0711` it",
+            dir.display()
+        );
+    }
+    if mode & 0o044 != 0 {
+        let narrowed = mode & !0o044;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(narrowed))
+            .with_context(|| format!("state_dir {}", dir.display()))?;
+        tracing::warn!(
+            state_dir = %dir.display(),
+            "state_dir was readable by group or others (mode {mode:04o}); narrowed to {narrowed:04o}"
+        );
+    }
+    Ok(())
+}
+
 pub async fn run(cfg: Config) -> Result<()> {
     let s = &cfg.server;
-    std::fs::create_dir_all(&s.state_dir)
-        .with_context(|| format!("state_dir {}", s.state_dir.display()))?;
-    std::fs::create_dir_all(s.scratch())
+    prepare_state_dir(&s.state_dir)?;
+    create_dirs(&s.scratch(), TRAVERSE_ONLY_DIR_MODE)
         .with_context(|| format!("scratch {}", s.scratch().display()))?;
     for d in &s.restore_dirs {
-        std::fs::create_dir_all(d).with_context(|| format!("restore_dir {}", d.display()))?;
+        create_dirs(d, TRAVERSE_ONLY_DIR_MODE)
+            .with_context(|| format!("restore_dir {}", d.display()))?;
     }
     for k in &cfg.sinks {
         std::fs::create_dir_all(&k.path).with_context(|| format!("sink {}", k.path.display()))?;
@@ -122,16 +357,39 @@ pub async fn run(cfg: Config) -> Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         let (r, mut rx) = (router.clone(), stop_rx.clone());
+        let limits = ConnLimits::of(s);
+        let slots = Arc::new(tokio::sync::Semaphore::new(s.max_connections));
         servers.spawn(async move {
+            let mut last_full_warning: Option<Instant> = None;
             loop {
                 let conn = tokio::select! {
                     c = l.accept() => c,
                     _ = rx.wait_for(|v| *v) => break,
                 };
-                let Ok((tcp, peer)) = conn else { continue };
+                let (tcp, peer) = match conn {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors (EMFILE) and the like: accept fails again at
+                        // once, so back off instead of spinning.
+                        tracing::debug!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        continue;
+                    }
+                };
+                // Full: the connection is closed at once rather than left in the backlog,
+                // so the accept queue keeps draining and the client learns it now.
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    drop(tcp);
+                    if last_full_warning.is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY) {
+                        last_full_warning = Some(Instant::now());
+                        tracing::warn!(%peer, "server.max_connections reached; closing new connections");
+                    }
+                    continue;
+                };
                 let (acc, r) = (acceptor.clone(), r.clone());
                 tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(Duration::from_secs(10), acc.accept(tcp))
+                    let _slot = slot;
+                    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(tcp))
                         .await
                     {
                         Ok(Ok(t)) => t,
@@ -141,10 +399,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                         }
                         Err(_) => return,
                     };
-                    let svc = TowerToHyperService::new(r);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                    serve_tls(tls, r, limits, peer).await;
                 });
             }
         });

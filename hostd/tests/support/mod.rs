@@ -498,11 +498,19 @@ pub struct Hostd {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub child: Option<std::process::Child>,
+    /// The umask the daemon is started with (`sh -c 'umask …; exec cbt-hostd …'`); `None`:
+    /// the test's own.
+    pub umask: Option<u32>,
 }
 
 impl Hostd {
     /// Starts the daemon with `config` (TOML, `{dir}` replaced by its directory).
     pub fn start(config: &str) -> Hostd {
+        Hostd::start_with_umask(config, None)
+    }
+
+    /// As [`Hostd::start`], the daemon started under `umask`.
+    pub fn start_with_umask(config: &str, umask: Option<u32>) -> Hostd {
         let dir = shared_dir();
         let path = dir.path().join("hostd.toml");
         std::fs::write(
@@ -514,6 +522,7 @@ impl Hostd {
             dir,
             config: path,
             child: None,
+            umask,
         };
         h.spawn();
         h
@@ -530,7 +539,17 @@ impl Hostd {
             .append(true)
             .open(self.dir.path().join("hostd.log"))
             .expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_cbt-hostd"))
+        let mut cmd = match self.umask {
+            None => Command::new(env!("CARGO_BIN_EXE_cbt-hostd")),
+            Some(m) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("umask {m:03o} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_cbt-hostd"));
+                c
+            }
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .env("CBT_LOG", "info,hostd=debug")

@@ -256,6 +256,7 @@ fn describe(context: &str, flags: u32) -> String {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    cli.conn.refuse_token_in_argv()?;
     // CBT_LOG=debug shows what the library does, with timestamps, on stderr.
     if let Ok(f) = tracing_subscriber::EnvFilter::try_from_env("CBT_LOG") {
         tracing_subscriber::fmt()

@@ -19,9 +19,14 @@ pub struct Conn {
         default_value = "/run/cbt/hostd.sock"
     )]
     pub hostd: String,
-    /// Bearer token.
-    #[arg(long, global = true, env = "CBT_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// Refused: a token on the command line is readable by every local user. The token
+    /// comes from the CBT_TOKEN environment variable or --token-file.
+    #[arg(long = "token", global = true, hide = true, value_name = "REFUSED")]
+    pub token_in_argv: Option<String>,
+    /// File holding the bearer token (one line); without it, the CBT_TOKEN environment
+    /// variable.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// CA certificate (PEM) of the daemon's TLS certificate, for https.
     #[arg(long, global = true, env = "CBT_CA")]
     pub ca: Option<PathBuf>,
@@ -130,10 +135,44 @@ pub enum Remote {
     },
 }
 
+impl Conn {
+    /// `--token VALUE` is an error, whatever the command.
+    pub fn refuse_token_in_argv(&self) -> Result<()> {
+        if self.token_in_argv.is_some() {
+            bail!(
+                "--token is refused: a token on the command line is readable by every local \
+                 user (/proc/<pid>/cmdline); put it in the CBT_TOKEN environment variable or \
+                 in a file named by --token-file"
+            );
+        }
+        Ok(())
+    }
+
+    /// The bearer token: from `--token-file`, else `CBT_TOKEN`; never from argv, where
+    /// every local user could read it in `/proc/<pid>/cmdline`.
+    pub fn token(&self) -> Result<Option<String>> {
+        self.refuse_token_in_argv()?;
+        if let Some(f) = &self.token_file {
+            let file =
+                std::fs::File::open(f).with_context(|| format!("--token-file {}", f.display()))?;
+            return Ok(Some(
+                hostd::config::read_token(file)
+                    .with_context(|| format!("--token-file {}", f.display()))?,
+            ));
+        }
+        match std::env::var("CBT_TOKEN") {
+            Ok(t) if !t.is_empty() => Ok(Some(t)),
+            Ok(_) => Ok(None),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => bail!("CBT_TOKEN is not UTF-8"),
+        }
+    }
+}
+
 fn client(c: &Conn) -> Result<Client> {
     Ok(Client::new(
         Endpoint::parse(&c.hostd, c.ca.clone())?,
-        c.token.clone(),
+        c.token()?,
     ))
 }
 
