@@ -13,7 +13,7 @@ use libcbt::sink::local::LocalSink;
 use libcbt::sink::Sink;
 use libcbt::source::libvirt::{self as lvs, blocking};
 use libcbt::source::qemu::Requested;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
 
@@ -436,8 +436,22 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, 
         return;
     };
     let (j2, id) = (st.journal.clone(), job.id.clone());
-    let _ =
+    let r =
         tokio::task::spawn_blocking(move || j2.set_state(&id, JobState::Running, None, None)).await;
+    if !matches!(r, Ok(Ok(()))) {
+        // A job the journal does not know runs is one no recovery would look after.
+        tracing::error!(result = ?r, "journaling the job's start failed; not starting it");
+        st.metrics.error("journal");
+        finish(
+            &st,
+            &job,
+            JobState::Failed,
+            Some("journaling the job's start failed; nothing was touched".into()),
+            None,
+        )
+        .await;
+        return;
+    }
     update(&job, |s| {
         s.state = JobState::Running;
         s.phase = "starting".into();
@@ -592,7 +606,8 @@ async fn run_backup(
     let jf = journal_failed.clone();
     // A plan that is not durable is a job that cannot be recovered: stop it (the engine rolls
     // back at its next cancellation check) before it touches anything more.
-    let durable = move |job: &Job, plan: Value| {
+    let durable = move |job: &Job, plan: &BackupPlan| {
+        let plan = serde_json::to_value(plan).unwrap_or_default();
         let r = tokio::task::block_in_place(|| jr.set_plan(&id, &plan));
         if let Err(e) = r {
             tracing::error!(error = %e, "journaling the plan failed; stopping the job");
@@ -606,16 +621,15 @@ async fn run_backup(
             JobEvent::Phase { phase } => {
                 if *phase == "starting" {
                     // From here libvirt may create a checkpoint and a job that outlive us.
-                    durable(&j2, json!({"phase": "starting"}));
+                    durable(&j2, &BackupPlan::Starting);
                 }
                 if *phase == "copying" {
                     // The plan is durable before any byte is copied: recovery needs it.
-                    let plan = json!({
-                        "phase": "copying",
-                        "disks": *p2.lock().unwrap_or_else(|e| e.into_inner()),
-                        "started_paused": pz.load(Ordering::SeqCst),
-                    });
-                    durable(&j2, plan);
+                    let plan = BackupPlan::Copying {
+                        disks: p2.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                        started_paused: pz.load(Ordering::SeqCst),
+                    };
+                    durable(&j2, &plan);
                 }
                 update(&j2, |s| s.phase = (*phase).into());
             }
@@ -781,7 +795,7 @@ async fn run_verify(
 
 /// What a restore created, journaled as it goes: recovery removes exactly these and nothing
 /// else (a name someone else reused since is left alone).
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RestoreLedger {
     /// The configured restore directory everything below is relative to.
     pub root: PathBuf,
@@ -1187,6 +1201,21 @@ pub async fn reconcile(st: &Arc<AppState>, row: &JobRow) -> JobState {
     }
 }
 
+/// What a backup job journals for its recovery, before the step it covers: `Starting` before
+/// libvirt's backupBegin (a checkpoint and a job may outlive us), `Copying` before the first
+/// byte is copied. Stored as JSON (`{"phase": "copying", "disks": […], "started_paused": b}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+enum BackupPlan {
+    Starting,
+    Copying {
+        /// Disk ids on the sink this backup commits.
+        disks: Vec<String>,
+        /// The domain was started paused for the backup and is to be destroyed again.
+        started_paused: bool,
+    },
+}
+
 /// What a recovery found: the job had in fact committed everything, or was rolled back (how).
 #[derive(Debug)]
 enum Recovered {
@@ -1314,27 +1343,23 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered,
             committed.push(d.clone());
         }
     }
-    let planned: Vec<String> = row
+    let plan: Option<BackupPlan> = row
         .plan
-        .as_ref()
-        .and_then(|p| p.get("disks"))
-        .and_then(|d| serde_json::from_value(d.clone()).ok())
-        .unwrap_or_default();
-    let started_paused = row
-        .plan
-        .as_ref()
-        .and_then(|p| p.get("started_paused"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+        .clone()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| format!("journaled backup plan: {e}"))?;
+    let (planned, started_paused) = match &plan {
+        Some(BackupPlan::Copying {
+            disks,
+            started_paused,
+        }) => (disks.clone(), *started_paused),
+        _ => (Vec::new(), false),
+    };
     let complete = !planned.is_empty() && planned.iter().all(|d| committed.contains(d));
     // Killed inside backupBegin: libvirtd finishes the call on its own, maybe after we are
     // back. Give it a moment to leave its checkpoint and job where we can see them.
-    let in_begin = row
-        .plan
-        .as_ref()
-        .and_then(|p| p.get("phase"))
-        .and_then(Value::as_str)
-        == Some("starting");
+    let in_begin = matches!(plan, Some(BackupPlan::Starting));
     let checkpoint = format!("{}{}", lvs::CHECKPOINT_PREFIX, row.backup_id);
     let scratch = st.cfg.server.scratch().join(&uuid);
 
@@ -1464,6 +1489,26 @@ async fn reconcile_restore(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backup_plans_keep_their_journal_format() {
+        let p = BackupPlan::Copying {
+            disks: vec!["u.vda".into()],
+            started_paused: true,
+        };
+        let v = serde_json::to_value(&p).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"phase": "copying", "disks": ["u.vda"], "started_paused": true})
+        );
+        assert_eq!(serde_json::from_value::<BackupPlan>(v).expect("back"), p);
+        assert_eq!(
+            serde_json::from_value::<BackupPlan>(serde_json::json!({"phase": "starting"}))
+                .expect("starting"),
+            BackupPlan::Starting
+        );
+        assert!(serde_json::from_value::<BackupPlan>(serde_json::json!({"phase": "x"})).is_err());
+    }
 
     #[test]
     fn ids() {
