@@ -4,7 +4,8 @@
 //! |---|---|
 //! | [`config`] | TOML configuration, validated, errors naming the key |
 //! | [`api`] | routes, authentication, tenancy, request validation |
-//! | [`jobs`] | job queue, limits, progress, cancel, crash reconciliation |
+//! | [`jobs`] | job queue, limits, progress, cancel, running backups, restores, verifies |
+//! | [`recover`] | crash reconciliation from the journal, housekeeping (journal pruning, sink GC) |
 //! | [`journal`] | SQLite job journal |
 //! | [`inventory`] | instances (libvirt domains) and their tenants |
 //! | [`metrics`] | Prometheus metrics |
@@ -20,6 +21,7 @@ pub mod jobs;
 pub mod journal;
 pub mod metrics;
 pub mod openapi;
+pub mod recover;
 pub mod safe_fs;
 pub mod server;
 pub mod state;

@@ -317,13 +317,13 @@ pub async fn run(cfg: Config) -> Result<()> {
     // Nothing is served before what a previous life left behind is sorted out.
     let unfinished = st.journal.unfinished().context("reading the job journal")?;
     for row in &unfinished {
-        crate::jobs::reconcile(&st, row).await;
+        crate::recover::reconcile(&st, row).await;
     }
     if !unfinished.is_empty() {
         tracing::info!(jobs = unfinished.len(), "reconciled interrupted jobs");
     }
     // After reconciliation: its roll-backs come before any garbage collection.
-    crate::jobs::start_housekeeping(&st);
+    crate::recover::start_housekeeping(&st);
 
     let router = crate::api::router(st.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
