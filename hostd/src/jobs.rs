@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libcbt::engine::{self, BackupOptions, EngineError, RestoreTarget};
-use libcbt::job::{self, JobEvent, LibvirtJob, Observer};
+use libcbt::job::{self, JobEvent, LibvirtJob, Observer, Phase};
 use libcbt::sink::local::LocalSink;
 use libcbt::sink::Sink;
 use libcbt::source::libvirt::{self as lvs, blocking};
@@ -621,11 +621,11 @@ async fn run_backup(
     let obs = Observer(Arc::new(move |e: JobEvent| {
         match &e {
             JobEvent::Phase { phase } => {
-                if *phase == "starting" {
+                if *phase == Phase::Starting {
                     // From here libvirt may create a checkpoint and a job that outlive us.
                     durable(&j2, &BackupPlan::Starting);
                 }
-                if *phase == "copying" {
+                if *phase == Phase::Copying {
                     // The plan is durable before any byte is copied: recovery needs it.
                     let plan = BackupPlan::Copying {
                         disks: p2.lock().unwrap_or_else(|e| e.into_inner()).clone(),
@@ -633,7 +633,7 @@ async fn run_backup(
                     };
                     durable(&j2, &plan);
                 }
-                update(&j2, |s| s.phase = (*phase).into());
+                update(&j2, |s| s.phase = phase.as_str().into());
             }
             JobEvent::Disk {
                 disk,

@@ -137,12 +137,39 @@ pub async fn backup_qemu<S: Sink>(
     Ok(results)
 }
 
+/// The steps of a libvirt backup job, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Reading the domain and the catalog, deciding full or incremental per disk.
+    Planning,
+    /// Inside libvirt's backupBegin: from here a checkpoint and a job may outlive us.
+    Starting,
+    /// Copying; nothing is committed before the end of this phase.
+    Copying,
+    /// Every manifest is written; ending libvirt's job and pruning checkpoints.
+    Committing,
+}
+
+impl Phase {
+    /// The serde name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Planning => "planning",
+            Phase::Starting => "starting",
+            Phase::Copying => "copying",
+            Phase::Committing => "committing",
+        }
+    }
+}
+
 /// What a job reports while it runs.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum JobEvent {
-    /// `planning`, `starting`, `copying`, `committing`, `rolling_back`.
-    Phase { phase: &'static str },
+    Phase {
+        phase: Phase,
+    },
     /// A disk's level is decided (after the point in time: final).
     Disk {
         disk: String,
@@ -150,7 +177,11 @@ pub enum JobEvent {
         reason: Option<format::FullReason>,
     },
     /// Bytes of a disk copied out of bytes to copy.
-    Progress { disk: String, done: u64, total: u64 },
+    Progress {
+        disk: String,
+        done: u64,
+        total: u64,
+    },
     /// The point in time was taken: how consistent it is.
     PointInTime {
         consistency: format::Consistency,
@@ -294,7 +325,12 @@ pub async fn backup_libvirt<S: Sink>(
 
     use crate::source::libvirt::{self as lvs, blocking};
 
-    Observer::emit(&job.observer, JobEvent::Phase { phase: "planning" });
+    Observer::emit(
+        &job.observer,
+        JobEvent::Phase {
+            phase: Phase::Planning,
+        },
+    );
     let (src2, name) = (src.clone(), job.domain.clone());
     let dom = blocking(move || src2.domain(&name)).await?;
     let d2 = dom.clone();
@@ -484,7 +520,12 @@ async fn backup_libvirt_running<S: Sink>(
             source: EngineError::Cancelled,
         });
     }
-    Observer::emit(&job.observer, JobEvent::Phase { phase: "starting" });
+    Observer::emit(
+        &job.observer,
+        JobEvent::Phase {
+            phase: Phase::Starting,
+        },
+    );
     tracing::debug!("planned");
     let d2 = dom.clone();
     let session = blocking(move || lvs::begin(&d2, req)).await?;
@@ -512,7 +553,12 @@ async fn backup_libvirt_running<S: Sink>(
             started_paused: session.started_paused,
         },
     );
-    Observer::emit(&job.observer, JobEvent::Phase { phase: "copying" });
+    Observer::emit(
+        &job.observer,
+        JobEvent::Phase {
+            phase: Phase::Copying,
+        },
+    );
     let mut results = Vec::new();
     let mut failure = check_incremental(&plan).err();
     let mut xml_written = false;
@@ -623,7 +669,7 @@ async fn backup_libvirt_running<S: Sink>(
     Observer::emit(
         &job.observer,
         JobEvent::Phase {
-            phase: "committing",
+            phase: Phase::Committing,
         },
     );
     // Every manifest is committed: the backup exists whatever happens now. A failure to end
