@@ -319,17 +319,9 @@ fn check_sink(st: &AppState, c: &Caller, sink: &str) -> ApiResult<()> {
 }
 
 fn check_backup_id(id: &str) -> ApiResult<()> {
-    if id.is_empty()
-        || id.len() > 20
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(ApiError::bad(
-            "backup_id: letters, digits, '-', '_' only, at most 20",
-        ));
-    }
-    Ok(())
+    libcbt::format::BackupId::parse(id)
+        .map(drop)
+        .map_err(|e| ApiError::bad(format!("backup_id: {e}")))
 }
 
 fn submit_error(e: jobs::SubmitError) -> ApiError {

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libcbt::engine::catalog;
+use libcbt::format::BackupId;
 use libcbt::job;
 use libcbt::sink::local::LocalSink;
 use libcbt::sink::Sink;
-use libcbt::source::libvirt::{self as lvs, blocking};
+use libcbt::source::libvirt::blocking;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -275,7 +276,9 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered,
     // Killed inside backupBegin: libvirtd finishes the call on its own, maybe after we are
     // back. Give it a moment to leave its checkpoint and job where we can see them.
     let in_begin = matches!(plan, Some(BackupPlan::Starting));
-    let checkpoint = format!("{}{}", lvs::CHECKPOINT_PREFIX, row.backup_id);
+    let checkpoint = BackupId::parse(&row.backup_id)
+        .map_err(|e| format!("journaled {e}"))?
+        .checkpoint();
     let scratch = st.cfg.server.scratch().join(&uuid);
 
     if !complete {

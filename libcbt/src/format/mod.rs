@@ -4,12 +4,14 @@
 //!
 //! Object names are in [`layout`].
 
+pub mod backup_id;
 pub mod index;
 pub mod layout;
 pub mod manifest;
 pub mod marker;
 pub mod segment;
 
+pub use backup_id::{BackupId, InvalidBackupId};
 pub use layout::{index_name, manifest_name, segment_name};
 pub use marker::Marker;
 

@@ -233,15 +233,9 @@ pub struct QemuSource {
 }
 
 pub(crate) fn check_id(s: &str) -> Result<(), SourceError> {
-    if s.is_empty()
-        || s.len() > 20
-        || !s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(SourceError::InvalidName(s.into()));
-    }
-    Ok(())
+    crate::format::BackupId::parse(s)
+        .map(drop)
+        .map_err(|e| SourceError::InvalidName(e.0))
 }
 
 impl QemuSource {

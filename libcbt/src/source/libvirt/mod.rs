@@ -46,7 +46,7 @@ pub use scratch::{check_socket, QemuIdentity};
 pub use xml::{CheckpointDesc, DiskSource, DomainDesc, DomainDisk, StagingMeta};
 
 /// Prefix of the checkpoints (and their bitmaps) this library creates.
-pub const CHECKPOINT_PREFIX: &str = "cbt-";
+pub use crate::format::backup_id::CHECKPOINT_PREFIX;
 /// Default connection URI.
 pub const DEFAULT_URI: &str = "qemu:///system";
 /// How long `virDomainAbortJob` may take to end a backup job.
@@ -603,9 +603,9 @@ pub struct BeginRequest {
 /// bitmap libvirt refuses as broken is switched to a full and the job begun again; `decide`
 /// updates are visible in the returned session.
 pub fn begin(dom: &LibvirtDomain, req: BeginRequest) -> Result<Session, LibvirtError> {
-    crate::source::qemu::check_id(&req.backup_id)
-        .map_err(|_| LibvirtError::InvalidName(req.backup_id.clone()))?;
-    let checkpoint = format!("{CHECKPOINT_PREFIX}{}", req.backup_id);
+    let checkpoint = crate::format::BackupId::parse(&req.backup_id)
+        .map_err(|e| LibvirtError::InvalidName(e.0))?
+        .checkpoint();
     if dom.checkpoints()?.iter().any(|c| c.name == checkpoint) {
         return Err(LibvirtError::CheckpointExists(checkpoint));
     }
