@@ -143,34 +143,18 @@ pub enum Requested {
 /// The full-vs-incremental rule: incremental only when the last committed backup's
 /// checkpoint bitmap still exists, is consistent, and the disk size is unchanged.
 pub fn decide(requested: Requested, last: Option<&Manifest>, node: &NodeInfo) -> Decision {
-    let full = |reason| Decision {
-        level: Level::Full,
-        since: None,
-        reason: Some(reason),
-    };
-    let Some(last) = last else {
-        return full(FullReason::FirstBackup);
-    };
-    if requested == Requested::Full {
-        return full(FullReason::Requested);
-    }
-    let Some(checkpoint) = &last.checkpoint else {
-        return full(FullReason::BitmapMissing);
-    };
-    let Some(bitmap) = node.bitmap(checkpoint) else {
-        return full(FullReason::BitmapMissing);
-    };
-    if bitmap.inconsistent {
-        return full(FullReason::BitmapInconsistent);
-    }
-    if last.disk_size != node.size() {
-        return full(FullReason::DiskResized);
-    }
-    Decision {
-        level: Level::Incremental,
-        since: Some(checkpoint.clone()),
-        reason: None,
-    }
+    super::decide(
+        requested,
+        last,
+        true,
+        node.size(),
+        FullReason::BitmapMissing,
+        |checkpoint| match node.bitmap(checkpoint) {
+            None => super::Base::Missing(FullReason::BitmapMissing),
+            Some(b) if b.inconsistent => super::Base::Broken,
+            Some(_) => super::Base::Usable,
+        },
+    )
 }
 
 /// One disk of a backup in progress.

@@ -510,40 +510,22 @@ pub struct DiskState<'a> {
 
 /// The full-vs-incremental rule for one disk, with the reason for a full.
 pub fn decide(requested: Requested, last: Option<&Manifest>, s: &DiskState<'_>) -> Decision {
-    let full = |reason| Decision {
-        level: Level::Full,
-        since: None,
-        reason: Some(reason),
-    };
-    let Some(last) = last else {
-        return full(FullReason::FirstBackup);
-    };
-    if requested == Requested::Full {
-        return full(FullReason::Requested);
-    }
-    if !s.disk.trackable() {
-        return full(FullReason::Untracked);
-    }
-    let Some(name) = &last.checkpoint else {
-        return full(FullReason::CheckpointMissing);
-    };
-    let Some(c) = s.checkpoint.filter(|c| &c.name == name) else {
-        return full(FullReason::CheckpointMissing);
-    };
-    if c.bitmap_for(&s.disk.target).is_none() {
-        return full(FullReason::DiskAdded);
-    }
-    if s.broken {
-        return full(FullReason::BitmapInconsistent);
-    }
-    if last.disk_size != s.capacity {
-        return full(FullReason::DiskResized);
-    }
-    Decision {
-        level: Level::Incremental,
-        since: Some(name.clone()),
-        reason: None,
-    }
+    use crate::source::Base;
+    crate::source::decide(
+        requested,
+        last,
+        s.disk.trackable(),
+        s.capacity,
+        FullReason::CheckpointMissing,
+        |name| match s.checkpoint.filter(|c| c.name == name) {
+            None => Base::Missing(FullReason::CheckpointMissing),
+            Some(c) if c.bitmap_for(&s.disk.target).is_none() => {
+                Base::Missing(FullReason::DiskAdded)
+            }
+            Some(_) if s.broken => Base::Broken,
+            Some(_) => Base::Usable,
+        },
+    )
 }
 
 /// How the guest was quiesced for a backup.
