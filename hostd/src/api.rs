@@ -412,7 +412,7 @@ async fn start_backup(
             check_backup_id(&b)?;
             b
         }
-        None => jobs::new_backup_id(),
+        None => job::new_backup_id(),
     };
     let request = json!({
         "instance": i.uuid, "sink": r.sink, "disks": r.disks, "level": r.level,

@@ -284,11 +284,6 @@ pub fn valid_job_id(s: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-/// A backup id: see [`libcbt::job::new_backup_id`].
-pub fn new_backup_id() -> String {
-    job::new_backup_id()
-}
-
 /// Journals and starts a job; returns at once.
 pub async fn submit(
     st: &Arc<AppState>,
@@ -1102,8 +1097,5 @@ mod tests {
         assert!(valid_job_id(&new_job_id()));
         assert!(!valid_job_id("../etc/passwd0000"));
         assert!(!valid_job_id("ABCDEF0123456789"));
-        let b = new_backup_id();
-        assert_eq!(b.len(), 20, "{b}");
-        assert!(b.starts_with("20"), "{b}");
     }
 }

@@ -64,18 +64,10 @@ pub async fn collect_sink_garbage(st: &Arc<AppState>, path: &Path) -> Result<usi
             .map_err(|e| chain(&e))?,
     )
     .unwrap_or(usize::MAX);
-    let mut disks: std::collections::BTreeSet<String> = catalog::list_disks(&sink)
+    for d in catalog::disks_with_objects(&sink)
         .await
         .map_err(|e| chain(&e))?
-        .into_iter()
-        .collect();
-    // Disks with only a marker (a backup that died before its first segment).
-    for o in sink.list("inprogress/").await.map_err(|e| chain(&e))? {
-        if let Some(d) = o.name.split('/').nth(1) {
-            disks.insert(d.to_string());
-        }
-    }
-    for d in disks {
+    {
         n += catalog::collect_garbage(&sink, &d, grace)
             .await
             .map_err(|e| chain(&e))?
@@ -227,24 +219,12 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered,
     let sink = LocalSink::open(&sink_dir).map_err(|e| e.to_string())?;
     let uuid = row.instance.clone();
     let prefix = format!("{uuid}.");
-    let mut disks: Vec<String> = catalog::list_disks(&sink)
+    let disks: Vec<String> = catalog::disks_with_objects(&sink)
         .await
         .map_err(|e| chain(&e))?
         .into_iter()
         .filter(|d| d.starts_with(&prefix))
         .collect();
-    // A disk whose backup died before its first segment has only its marker.
-    for o in sink
-        .list(&format!("inprogress/{prefix}"))
-        .await
-        .map_err(|e| chain(&e))?
-    {
-        if let Some(d) = o.name.split('/').nth(1) {
-            if !disks.iter().any(|x| x == d) {
-                disks.push(d.to_string());
-            }
-        }
-    }
     // This job's commits: its id, begun after the job was submitted (an older backup of the
     // same id, which the job was refused for, is not this job's to roll back).
     let since = u64::try_from(row.created_ms).unwrap_or(0);

@@ -198,7 +198,12 @@ async fn a_reused_backup_id_is_refused_and_the_older_backup_is_untouched() {
     for id in ["b0", "b1"] {
         let e = attempt(id).await.expect_err("a taken id");
         assert!(taken(&e), "{id}: {e:?}");
-        assert!(e.to_string().contains("exists") || format!("{e:#?}").contains("BackupExists"));
+        let msg = std::error::Error::source(&e).map(ToString::to_string);
+        assert!(
+            msg.as_deref()
+                .is_some_and(|m| m.contains(&format!("backup {id} of vm-d0 exists already"))),
+            "{msg:?}"
+        );
     }
     // Another job is writing b2 (its marker is on the sink): refused too, marker untouched.
     let marker = libcbt::format::layout::marker_name("vm-d0", "b2");

@@ -46,6 +46,20 @@ pub async fn list_disks<S: Sink>(sink: &S) -> Result<Vec<String>, EngineError> {
     Ok(disks)
 }
 
+/// Disks with anything on the sink: objects under `disks/` or only an in-progress marker (a
+/// backup that died before its first segment). What garbage collection and recovery visit.
+pub async fn disks_with_objects<S: Sink>(sink: &S) -> Result<Vec<String>, EngineError> {
+    let mut disks = list_disks(sink).await?;
+    for o in sink.list("inprogress/").await? {
+        if let Some(d) = o.name.split('/').nth(1) {
+            disks.push(d.to_string());
+        }
+    }
+    disks.sort();
+    disks.dedup();
+    Ok(disks)
+}
+
 /// The newest committed backup of `disk`: the parent of the next incremental.
 pub async fn latest<S: Sink>(sink: &S, disk: &str) -> Result<Option<Manifest>, EngineError> {
     Ok(list_backups(sink, disk).await?.pop())

@@ -425,11 +425,7 @@ impl Sink for LocalSink {
                         stack.push(entry.path());
                         continue;
                     }
-                    let stale = meta
-                        .modified()
-                        .ok()
-                        .and_then(|m| now.duration_since(m).ok())
-                        .is_some_and(|age| age > grace);
+                    let stale = super::older_than(meta.modified().ok(), grace, now);
                     if meta.is_file()
                         && stale
                         && entry.file_name().to_string_lossy().starts_with(TMP_PREFIX)

@@ -98,10 +98,16 @@ pub struct ObjectInfo {
 impl ObjectInfo {
     /// True when the object is known to be older than `grace` at `now`.
     pub fn older_than(&self, grace: Duration, now: SystemTime) -> bool {
-        self.modified
-            .and_then(|m| now.duration_since(m).ok())
-            .is_some_and(|age| age > grace)
+        older_than(self.modified, grace, now)
     }
+}
+
+/// True when `modified` is known and more than `grace` before `now`: the one age rule of
+/// garbage collection (an unknown or future time is never old).
+pub fn older_than(modified: Option<SystemTime>, grace: Duration, now: SystemTime) -> bool {
+    modified
+        .and_then(|m| now.duration_since(m).ok())
+        .is_some_and(|age| age > grace)
 }
 
 /// A storage backend. See the [module documentation](self).
