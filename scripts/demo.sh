@@ -92,7 +92,7 @@ $V suspend "$dom" >/dev/null
 qemu-img convert -U -f qcow2 -O raw "$work/vda.qcow2" "$work/reference.raw"
 c0=$(counter "$work/console.log")
 job=$($CBTCTL start-backup --instance "$dom" --sink local --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["job"]["id"])')
-until $CBTCTL job "$job" --json | grep -q '"phase": "\(copying\|committing\|succeeded\|failed\)"'; do sleep 0.05; done
+until $CBTCTL job "$job" --json | grep '"phase": "\(copying\|committing\|succeeded\|failed\)"' >/dev/null; do sleep 0.05; done
 $V resume "$dom" >/dev/null
 $CBTCTL watch "$job"
 c1=$(counter "$work/console.log")

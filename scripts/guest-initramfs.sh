@@ -12,7 +12,8 @@ out=${1:?usage: guest-initramfs.sh OUT_DIR}
 kver=$(ls /lib/modules | sort -V | tail -1)
 [ -n "$kver" ] && [ -f "/boot/vmlinuz-$kver" ] || { echo "guest-initramfs: no kernel in /boot (apt-get install linux-image-amd64)" >&2; exit 1; }
 for t in busybox qemu-ga cpio; do command -v "$t" >/dev/null || { echo "guest-initramfs: $t missing" >&2; exit 1; }; done
-busybox --list | grep -qx sh || { echo "guest-initramfs: busybox lacks sh" >&2; exit 1; }
+# Not `| grep -q`: under pipefail, grep quitting early makes busybox die of SIGPIPE (exit 141).
+busybox --list | grep -x sh >/dev/null || { echo "guest-initramfs: busybox lacks sh" >&2; exit 1; }
 
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
@@ -23,7 +24,7 @@ for a in $(busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$root/bin/$
 # Modules in load order; each may be compressed (.ko.xz) on newer kernels.
 mods=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console)
 for m in "${mods[@]}"; do
-  f=$(find "/lib/modules/$kver/kernel/drivers" -name "$m.ko*" | head -1)
+  f=$(find "/lib/modules/$kver/kernel/drivers" -name "$m.ko*" -print -quit)
   [ -n "$f" ] || { echo "guest-initramfs: module $m not found (built in?)" >&2; continue; }
   case "$f" in
     *.xz) xz -dc "$f" > "$root/lib/modules/$m.ko" ;;
