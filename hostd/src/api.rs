@@ -22,18 +22,19 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use libcbt::engine::catalog;
-use libcbt::format::Manifest;
+use libcbt::format::{BackupId, BackupStats, Consistency, FullReason, Level, Manifest};
 use libcbt::job;
 use libcbt::sink::local::LocalSink;
 use libcbt::sink::Sink;
 use libcbt::source::qemu::Requested;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::{token_hash, valid_name};
 use crate::inventory::{self, Instance};
-use crate::jobs::{self, JobStatus, RestoreTo, Work};
 use crate::journal::JobKind;
+use crate::registry::{self, JobStatus, RestoreTo, Work};
+use crate::run;
 use crate::safe_fs;
 use crate::state::AppState;
 
@@ -318,21 +319,19 @@ fn check_sink(st: &AppState, c: &Caller, sink: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn check_backup_id(id: &str) -> ApiResult<()> {
-    libcbt::format::BackupId::parse(id)
-        .map(drop)
-        .map_err(|e| ApiError::bad(format!("backup_id: {e}")))
+fn check_backup_id(id: &str) -> ApiResult<BackupId> {
+    BackupId::parse(id).map_err(|e| ApiError::bad(format!("backup_id: {e}")))
 }
 
-fn submit_error(e: jobs::SubmitError) -> ApiError {
+fn submit_error(e: registry::SubmitError) -> ApiError {
     match e {
-        jobs::SubmitError::InstanceBusy(_) => {
+        registry::SubmitError::InstanceBusy(_) => {
             ApiError::new(StatusCode::CONFLICT, "busy", e.to_string())
         }
-        jobs::SubmitError::QueueFull(_) => {
+        registry::SubmitError::QueueFull(_) => {
             ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
         }
-        jobs::SubmitError::Journal(_) => ApiError::internal(chain(&e)),
+        registry::SubmitError::Journal(_) => ApiError::internal(chain(&e)),
     }
 }
 
@@ -354,7 +353,7 @@ fn accepting(st: &AppState) -> ApiResult<()> {
     Ok(())
 }
 
-fn accepted(job: &jobs::Job) -> Response {
+fn accepted(job: &registry::Job) -> Response {
     let s = job.snapshot();
     (
         StatusCode::ACCEPTED,
@@ -408,17 +407,14 @@ async fn start_backup(
         ));
     }
     let backup_id = match r.backup_id {
-        Some(b) => {
-            check_backup_id(&b)?;
-            b
-        }
-        None => job::new_backup_id(),
+        Some(b) => check_backup_id(&b)?,
+        None => BackupId::generate(),
     };
     let request = json!({
         "instance": i.uuid, "sink": r.sink, "disks": r.disks, "level": r.level,
         "quiesce": r.quiesce, "labels": r.labels, "caller": c.token,
     });
-    let job = jobs::submit(
+    let job = run::submit(
         &st,
         JobKind::Backup,
         i.tenant.clone(),
@@ -471,7 +467,7 @@ async fn backups_on(
     c: &Caller,
     sink_name: &str,
     instance_uuid: Option<&str>,
-) -> ApiResult<Vec<Value>> {
+) -> ApiResult<Vec<BackupView>> {
     let path = st
         .sink_path(sink_name)
         .ok_or_else(|| ApiError::not_found("sink"))?;
@@ -506,30 +502,87 @@ async fn backups_on(
     }
     let mut out = Vec::new();
     for ((uuid, id), ms) in by {
-        let record = sink
-            .get(&jobs::record_name(&uuid, &id), 1 << 20)
+        // The labels live in the job record; a backup whose record is missing or unreadable
+        // is still listed, without them.
+        let labels = sink
+            .get(&run::record_name(&uuid, &id), 1 << 20)
             .await
             .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
-        let finished = ms.iter().map(|m| m.finished_unix_ms).max().unwrap_or(0);
-        out.push(json!({
-            "backup_id": id,
-            "instance": uuid,
-            "tenant": tenants.get(&uuid).cloned().flatten(),
-            "sink": sink_name,
-            "finished_unix_ms": finished,
-            "labels": record.as_ref().and_then(|r| r.get("labels")).cloned().unwrap_or(json!({})),
-            "consistency": ms.first().map(|m| m.consistency),
-            "disks": ms.iter().map(|m| json!({
-                "disk": m.disk, "target": m.disk.split_once('.').map(|x| x.1),
-                "level": m.level, "full_reason": m.full_reason, "parent": m.parent,
-                "disk_size": m.disk_size, "stats": m.stats, "checkpoint": m.checkpoint,
-                "freeze_ms": m.freeze_ms, "warnings": m.warnings,
-            })).collect::<Vec<_>>(),
-        }));
+            .and_then(|b| serde_json::from_slice::<RecordLabels>(&b).ok())
+            .map(|r| r.labels)
+            .unwrap_or_default();
+        out.push(BackupView {
+            finished_unix_ms: ms.iter().map(|m| m.finished_unix_ms).max().unwrap_or(0),
+            tenant: tenants.get(&uuid).cloned().flatten(),
+            sink: sink_name.to_string(),
+            labels,
+            consistency: ms.first().map(|m| m.consistency),
+            disks: ms.iter().map(DiskView::of).collect(),
+            backup_id: id,
+            instance: uuid,
+        });
     }
-    out.sort_by_key(|v| v["finished_unix_ms"].as_u64().unwrap_or(0));
+    out.sort_by_key(|b| b.finished_unix_ms);
     Ok(out)
+}
+
+/// What a client sees of a backup: the disks of one instance committed under one id.
+#[derive(Debug, Serialize)]
+struct BackupView {
+    backup_id: String,
+    instance: String,
+    tenant: Option<String>,
+    sink: String,
+    finished_unix_ms: u64,
+    labels: BTreeMap<String, String>,
+    consistency: Option<Consistency>,
+    disks: Vec<DiskView>,
+}
+
+impl BackupView {
+    /// The disks' device names (`vda`), as restores name them.
+    fn targets(&self) -> Vec<String> {
+        self.disks.iter().filter_map(|d| d.target.clone()).collect()
+    }
+}
+
+/// One disk of a [`BackupView`], from its manifest.
+#[derive(Debug, Serialize)]
+struct DiskView {
+    disk: String,
+    target: Option<String>,
+    level: Level,
+    full_reason: Option<FullReason>,
+    parent: Option<String>,
+    disk_size: u64,
+    stats: BackupStats,
+    checkpoint: Option<String>,
+    freeze_ms: Option<u64>,
+    warnings: Vec<String>,
+}
+
+impl DiskView {
+    fn of(m: &Manifest) -> DiskView {
+        DiskView {
+            disk: m.disk.clone(),
+            target: m.disk.split_once('.').map(|x| x.1.to_string()),
+            level: m.level,
+            full_reason: m.full_reason,
+            parent: m.parent.clone(),
+            disk_size: m.disk_size,
+            stats: m.stats.clone(),
+            checkpoint: m.checkpoint.clone(),
+            freeze_ms: m.freeze_ms,
+            warnings: m.warnings.clone(),
+        }
+    }
+}
+
+/// The part of a job record (`run::record_name`) that listings show.
+#[derive(Debug, Deserialize)]
+struct RecordLabels {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 async fn resolve_uuid(st: &AppState, c: &Caller, instance: &str) -> ApiResult<String> {
@@ -578,14 +631,14 @@ async fn find_backup(
     sink: &str,
     id: &str,
     instance: &str,
-) -> ApiResult<Value> {
+) -> ApiResult<BackupView> {
     check_sink(st, c, sink)?;
     check_backup_id(id).map_err(|_| ApiError::not_found("backup"))?;
     let uuid = resolve_uuid(st, c, instance).await?;
     backups_on(st, c, sink, Some(&uuid))
         .await?
         .into_iter()
-        .find(|b| b["backup_id"] == id)
+        .find(|b| b.backup_id == id)
         .ok_or_else(|| ApiError::not_found("backup"))
 }
 
@@ -612,7 +665,7 @@ async fn delete_backup(
     accepting(&st)?;
     let Query(q) = q?;
     let b = find_backup(&st, &c, &sink, &id, &q.instance).await?;
-    let uuid = b["instance"].as_str().unwrap_or_default().to_string();
+    let uuid = b.instance.clone();
     // No backup of this instance may start while its backups are being deleted.
     let _claim = st.jobs.claim(&uuid).map_err(submit_error)?;
     if st.jobs.all().iter().any(|j| {
@@ -629,14 +682,7 @@ async fn delete_backup(
         .sink_path(&sink)
         .ok_or_else(|| ApiError::not_found("sink"))?;
     let s = LocalSink::open(&path).map_err(ApiError::internal)?;
-    let disks: Vec<String> = b["disks"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|d| d["disk"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let disks: Vec<String> = b.disks.into_iter().map(|d| d.disk).collect();
     // An incremental that depends on this backup makes it undeletable.
     for d in &disks {
         for m in catalog::list_backups(&s, d)
@@ -664,7 +710,7 @@ async fn delete_backup(
         );
     }
     let _ = s.delete(&job::domain_xml_name(&uuid, &id)).await;
-    let _ = s.delete(&jobs::record_name(&uuid, &id)).await;
+    let _ = s.delete(&run::record_name(&uuid, &id)).await;
     tracing::info!(backup = %id, instance = %uuid, objects = gone.len(), "backup deleted");
     Ok(Json(json!({ "deleted": id, "objects": gone.len() })))
 }
@@ -730,17 +776,8 @@ async fn backup_targets(
     instance: &str,
 ) -> ApiResult<(String, Option<String>, Vec<String>)> {
     let b = find_backup(st, c, sink, id, instance).await?;
-    let uuid = b["instance"].as_str().unwrap_or_default().to_string();
-    let tenant = b["tenant"].as_str().map(String::from);
-    let targets = b["disks"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|d| d["target"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok((uuid, tenant, targets))
+    let targets = b.targets();
+    Ok((b.instance, b.tenant, targets))
 }
 
 async fn start_restore(
@@ -850,13 +887,14 @@ async fn start_restore(
             )
         }
     };
+    let backup_id = check_backup_id(&r.backup_id)?;
     let request = json!({"instance": uuid, "sink": r.sink, "backup_id": r.backup_id, "disks": disks, "caller": c.token});
-    let job = jobs::submit(
+    let job = run::submit(
         &st,
         JobKind::Restore,
         tenant,
         &r.sink,
-        &r.backup_id,
+        &backup_id,
         Work::Restore {
             domain_uuid: uuid,
             disks,
@@ -886,14 +924,15 @@ async fn start_verify(
     accepting(&st)?;
     let Json(r) = body?;
     let (uuid, tenant, disks) = backup_targets(&st, &c, &r.sink, &r.backup_id, &r.instance).await?;
+    let backup_id = check_backup_id(&r.backup_id)?;
     let request =
         json!({"instance": uuid, "sink": r.sink, "backup_id": r.backup_id, "caller": c.token});
-    let job = jobs::submit(
+    let job = run::submit(
         &st,
         JobKind::Verify,
         tenant,
         &r.sink,
-        &r.backup_id,
+        &backup_id,
         Work::Verify {
             domain_uuid: uuid,
             disks,
@@ -906,7 +945,7 @@ async fn start_verify(
 }
 
 fn visible_job(st: &AppState, c: &Caller, id: &str) -> ApiResult<JobStatus> {
-    if !jobs::valid_job_id(id) {
+    if !registry::valid_job_id(id) {
         return Err(ApiError::not_found("job"));
     }
     let s = match st.jobs.get(id) {

@@ -16,8 +16,8 @@ use libcbt::source::libvirt::blocking;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::jobs::{chain, record_name, undo_restore, RestoreLedger};
 use crate::journal::{JobKind, JobRow, JobState, Journal};
+use crate::run::{chain, record_name, undo_restore, RestoreLedger};
 use crate::state::AppState;
 
 /// Now and every hour while the daemon runs: drops jobs that ended more than

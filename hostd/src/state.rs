@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use libcbt::source::libvirt::LibvirtSource;
 
 use crate::config::Config;
-use crate::jobs::Jobs;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
+use crate::registry::Jobs;
 
 pub struct AppState {
     pub cfg: Config,

@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use crate::engine::{self, catalog, BackupOptions, EngineError};
-use crate::format::{self, Level, Manifest};
+use crate::format::{self, BackupId, Level, Manifest};
 use crate::sink::Sink;
 use crate::source::qemu::{self, QemuSource, Requested, SourceError};
 
@@ -57,7 +57,7 @@ pub struct DiskResult {
 pub async fn backup_qemu<S: Sink>(
     source: &QemuSource,
     sink: &S,
-    backup_id: &str,
+    backup_id: &BackupId,
     disks: &[DiskSpec],
     requested: Requested,
     opts: &BackupOptions,
@@ -68,7 +68,7 @@ pub async fn backup_qemu<S: Sink>(
         let parent = catalog::latest(sink, &d.disk)
             .await
             .map_err(JobError::Catalog)?;
-        refuse_taken_id(sink, &d.disk, backup_id).await?;
+        refuse_taken_id(sink, &d.disk, backup_id.as_str()).await?;
         let decision = qemu::decide(requested, parent.as_ref(), &node);
         if requested == Requested::Incremental && decision.level == Level::Full {
             return Err(SourceError::IncrementalImpossible {
@@ -217,7 +217,7 @@ impl Observer {
 pub struct LibvirtJob {
     /// Domain name or UUID.
     pub domain: String,
-    pub backup_id: String,
+    pub backup_id: BackupId,
     /// Targets (`vda` …) to back up; `None`: every disk.
     pub disks: Option<Vec<String>>,
     pub requested: Requested,
@@ -364,7 +364,7 @@ pub async fn backup_libvirt<S: Sink>(
         let m = catalog::latest(sink, &id)
             .await
             .map_err(JobError::Catalog)?;
-        refuse_taken_id(sink, &id, &job.backup_id).await?;
+        refuse_taken_id(sink, &id, job.backup_id.as_str()).await?;
         last.insert(d.target.clone(), m);
     }
     let keep: BTreeSet<String> = last
@@ -563,7 +563,7 @@ async fn backup_libvirt_running<S: Sink>(
     let mut failure = check_incremental(&plan).err();
     let mut xml_written = false;
     if failure.is_none() {
-        let name = domain_xml_name(&desc.uuid, &job.backup_id);
+        let name = domain_xml_name(&desc.uuid, job.backup_id.as_str());
         match sink.put_new(&name, domain_xml.as_bytes().to_vec()).await {
             Ok(()) => xml_written = true,
             Err(crate::sink::SinkError::Exists { .. }) => {
@@ -571,7 +571,7 @@ async fn backup_libvirt_running<S: Sink>(
                     disk: String::new(),
                     source: EngineError::BackupExists {
                         disk: desc.uuid.clone(),
-                        backup: job.backup_id.clone(),
+                        backup: job.backup_id.to_string(),
                     },
                 })
             }
@@ -588,7 +588,7 @@ async fn backup_libvirt_running<S: Sink>(
             let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref()).await?;
             let dj = engine::DiskBackup {
                 disk: disk.clone(),
-                backup_id: job.backup_id.clone(),
+                backup_id: job.backup_id.to_string(),
                 uri: sd.uri.clone(),
                 parent: if decision.level == Level::Incremental {
                     parent.clone()
@@ -657,7 +657,7 @@ async fn backup_libvirt_running<S: Sink>(
         forget(sink, &results).await;
         if xml_written {
             let _ = sink
-                .delete(&domain_xml_name(&desc.uuid, &job.backup_id))
+                .delete(&domain_xml_name(&desc.uuid, job.backup_id.as_str()))
                 .await;
         }
         let d2 = dom.clone();

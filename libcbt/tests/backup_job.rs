@@ -44,7 +44,15 @@ async fn job_round(
         segment_size: 4 << 20,
         ..Default::default()
     };
-    job::backup_qemu(&lab.source, sink, id, &specs(lab), requested, &opts).await?;
+    job::backup_qemu(
+        &lab.source,
+        sink,
+        &id.parse().expect("valid backup id"),
+        &specs(lab),
+        requested,
+        &opts,
+    )
+    .await?;
     Ok(refs)
 }
 
@@ -185,7 +193,7 @@ async fn a_reused_backup_id_is_refused_and_the_older_backup_is_untouched() {
             job::backup_qemu(
                 &lab.source,
                 sink,
-                id,
+                &id.parse().expect("valid backup id"),
                 &specs(lab),
                 Requested::Auto,
                 &BackupOptions::default(),

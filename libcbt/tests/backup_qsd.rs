@@ -10,7 +10,7 @@ use std::process::Command;
 use common::lab::{assert_sink_holds_only, compare, guest_writes, restore_matches, Lab};
 use common::*;
 use libcbt::engine::{self, BackupOptions, RestoreTarget};
-use libcbt::format::{Level, Manifest};
+use libcbt::format::{BackupId, Level, Manifest};
 use libcbt::nbd::{Client, ConnectOptions};
 use libcbt::sink::local::LocalSink;
 use libcbt::sink::Sink;
@@ -19,6 +19,10 @@ use rand::rngs::SmallRng;
 
 const SIZE: u64 = 128 << 20;
 const DISK: &str = "vm1-d0";
+
+fn bid(s: &str) -> BackupId {
+    BackupId::parse(s).expect("valid backup id")
+}
 
 async fn lab() -> Lab {
     Lab::new(&[("d0", "qcow2")], SIZE).await
@@ -42,11 +46,11 @@ async fn take_backup(
     lab.reference(0, refpath);
     let session = lab
         .source
-        .begin(id, &[("d0".into(), d.since.clone())])
+        .begin(&bid(id), &[("d0".into(), d.since.clone())])
         .await
         .expect("begin");
     let sd = session.disks[0].clone();
-    let job = sd.job(DISK, id, &d, parent.as_ref());
+    let job = sd.job(DISK, &bid(id), &d, parent.as_ref());
     let opts = BackupOptions {
         chunk_size: 256 << 10,
         segment_size: 8 << 20,
@@ -212,7 +216,7 @@ async fn cancelled_backup_leaves_the_chain_intact_and_the_next_stays_incremental
     assert_eq!(d.level, Level::Incremental);
     let session = lab
         .source
-        .begin("b1", &[("d0".into(), d.since.clone())])
+        .begin(&bid("b1"), &[("d0".into(), d.since.clone())])
         .await
         .expect("begin");
     let scan = engine::scan_export(
@@ -221,7 +225,7 @@ async fn cancelled_backup_leaves_the_chain_intact_and_the_next_stays_incremental
     )
     .await
     .expect("scan");
-    let job = session.disks[0].job(DISK, "b1", &d, Some(&full));
+    let job = session.disks[0].job(DISK, &bid("b1"), &d, Some(&full));
     let opts = BackupOptions {
         chunk_size: 64 << 10,
         in_flight: 2,
@@ -430,7 +434,7 @@ async fn fleecing_view_facts_the_qmp_source_relies_on() {
     lab.live[0].flush().await.expect("flush");
     let s = lab
         .source
-        .begin("f0", &[("d0".into(), None)])
+        .begin(&bid("f0"), &[("d0".into(), None)])
         .await
         .expect("begin");
     lab.live[0]
@@ -493,7 +497,7 @@ async fn single_cluster_reads_of_the_view_are_right_after_any_guest_write() {
         live.flush().await.expect("flush");
         let s = lab
             .source
-            .begin(&format!("c{round}"), &[("d0".into(), None)])
+            .begin(&bid(&format!("c{round}")), &[("d0".into(), None)])
             .await
             .expect("begin");
         let w = base + 65536;
@@ -556,14 +560,14 @@ async fn qemu_killed_during_a_backup_leaves_no_trace_and_the_next_is_full() {
     assert_eq!(d.level, Level::Incremental);
     let session = lab
         .source
-        .begin("b1", &[("d0".into(), d.since.clone())])
+        .begin(&bid("b1"), &[("d0".into(), d.since.clone())])
         .await
         .expect("begin");
     let sd = session.disks[0].clone();
     let scan = engine::scan_export(&sd.uri, sd.dirty_context.as_deref())
         .await
         .expect("scan");
-    let job = sd.job(DISK, "b1", &d, Some(&b0));
+    let job = sd.job(DISK, &bid("b1"), &d, Some(&b0));
     let opts = BackupOptions {
         chunk_size: 64 << 10,
         in_flight: 2,

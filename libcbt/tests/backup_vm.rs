@@ -132,7 +132,7 @@ async fn running_vm_backups_of_two_formats_restore_exactly() {
         for (_, _, dev) in DISKS {
             guest_io(&vm, dev, &mut rng, 12).await;
         }
-        let id = format!("v{round}");
+        let id: libcbt::format::BackupId = format!("v{round}").parse().expect("valid backup id");
         let mut plan = Vec::new();
         for (i, (node, _, _)) in DISKS.iter().enumerate() {
             let info = vm.source.node(node).await.expect("node");

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{require, run};
-use libcbt::format::{FullReason, Level, Manifest};
+use libcbt::format::{BackupId, FullReason, Level, Manifest};
 use libcbt::job::{self, LibvirtJob, LibvirtResult};
 use libcbt::source::libvirt::LibvirtSource;
 use libcbt::source::qemu::Requested;
@@ -316,7 +316,7 @@ pub fn begin_incremental(
     libcbt::source::libvirt::begin(
         d,
         libcbt::source::libvirt::BeginRequest {
-            backup_id: id.into(),
+            backup_id: BackupId::parse(id).expect("valid backup id"),
             disks: vec![(
                 "vda".into(),
                 libcbt::source::qemu::Decision {
@@ -381,7 +381,7 @@ pub fn source() -> LibvirtSource {
 pub fn job(dom: &Dom, id: &str, scratch: &Path) -> LibvirtJob {
     LibvirtJob {
         domain: dom.name.clone(),
-        backup_id: id.into(),
+        backup_id: BackupId::parse(id).expect("valid backup id"),
         disks: None,
         requested: Requested::Auto,
         quiesce: None,

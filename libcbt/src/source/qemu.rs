@@ -34,7 +34,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::format::{FullReason, Level, Manifest};
+use crate::format::{BackupId, FullReason, Level, Manifest};
 use crate::qmp::{self, Qmp, QmpError};
 
 /// Cluster size of the scratch images, hence of copy-before-write: reads of the view that stay
@@ -179,7 +179,7 @@ impl SessionDisk {
     pub fn job(
         &self,
         disk: &str,
-        backup_id: &str,
+        backup_id: &BackupId,
         decision: &Decision,
         parent: Option<&Manifest>,
     ) -> crate::engine::DiskBackup {
@@ -214,12 +214,6 @@ pub struct QemuSource {
     qmp: Arc<Qmp>,
     work_dir: PathBuf,
     nbd_socket: PathBuf,
-}
-
-pub(crate) fn check_id(s: &str) -> Result<(), SourceError> {
-    crate::format::BackupId::parse(s)
-        .map(drop)
-        .map_err(|e| SourceError::InvalidName(e.0))
 }
 
 impl QemuSource {
@@ -315,10 +309,9 @@ impl QemuSource {
     /// On error everything this call created is removed again.
     pub async fn begin(
         &self,
-        backup_id: &str,
+        backup_id: &BackupId,
         disks: &[(String, Option<String>)],
     ) -> Result<Session, SourceError> {
-        check_id(backup_id)?;
         let nodes = self.nodes().await?;
         let new_bitmap = format!("{BITMAP_PREFIX}{backup_id}");
         let mut session = Session { disks: Vec::new() };

@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use libcbt::engine::{self, catalog, BackupOptions, RestoreTarget};
+use libcbt::format::BackupId;
 use libcbt::job::{self, DiskSpec};
 use libcbt::nbd::{self, proto::tflag, Client, ConnectOptions};
 use libcbt::qmp::Qmp;
@@ -83,7 +84,7 @@ enum Command {
         level: LevelArg,
         /// Backup id (default: a UTC timestamp and 16 random bits, unique without waiting).
         #[arg(long)]
-        id: Option<String>,
+        id: Option<BackupId>,
         /// Where scratch images and QEMU's NBD socket go (on the QEMU host).
         #[arg(long, default_value = "/var/lib/cbt/work")]
         work_dir: PathBuf,
@@ -104,7 +105,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         level: LevelArg,
         #[arg(long)]
-        id: Option<String>,
+        id: Option<BackupId>,
         /// Freeze the guest's filesystems through qemu-ga for the point in time, at most
         /// this many seconds; without an agent the backup is crash-consistent.
         #[arg(long)]
@@ -288,7 +289,7 @@ async fn main() -> Result<()> {
                 .map(|(node, disk)| DiskSpec { node, disk })
                 .collect();
             let requested = requested(level);
-            let id = id.unwrap_or_else(job::new_backup_id);
+            let id = id.unwrap_or_else(BackupId::generate);
             let t = Instant::now();
             let result =
                 job::backup_qemu(&source, &sink, &id, &specs, requested, &tuning.options()).await;
@@ -321,7 +322,7 @@ async fn main() -> Result<()> {
             use libcbt::source::libvirt::{blocking, LibvirtSource};
             let sink = LocalSink::open(&sink)?;
             let src = blocking(move || LibvirtSource::connect(&connect)).await?;
-            let id = id.unwrap_or_else(job::new_backup_id);
+            let id = id.unwrap_or_else(BackupId::generate);
             let job = job::LibvirtJob {
                 domain,
                 backup_id: id.clone(),

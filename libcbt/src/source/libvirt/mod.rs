@@ -40,7 +40,7 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
-use crate::format::{Consistency, FullReason, Level, Manifest};
+use crate::format::{BackupId, Consistency, FullReason, Level, Manifest};
 use crate::source::qemu::{Decision, Requested};
 pub use scratch::{check_socket, QemuIdentity};
 pub use xml::{CheckpointDesc, DiskSource, DomainDesc, DomainDisk, StagingMeta};
@@ -568,7 +568,7 @@ impl Session {
 /// A backup to begin.
 #[derive(Debug, Clone)]
 pub struct BeginRequest {
-    pub backup_id: String,
+    pub backup_id: BackupId,
     /// Per disk to back up: target and decision.
     pub disks: Vec<(String, Decision)>,
     /// Tracked disks not backed up this time (they keep a bitmap in the new checkpoint).
@@ -585,9 +585,7 @@ pub struct BeginRequest {
 /// bitmap libvirt refuses as broken is switched to a full and the job begun again; `decide`
 /// updates are visible in the returned session.
 pub fn begin(dom: &LibvirtDomain, req: BeginRequest) -> Result<Session, LibvirtError> {
-    let checkpoint = crate::format::BackupId::parse(&req.backup_id)
-        .map_err(|e| LibvirtError::InvalidName(e.0))?
-        .checkpoint();
+    let checkpoint = req.backup_id.checkpoint();
     if dom.checkpoints()?.iter().any(|c| c.name == checkpoint) {
         return Err(LibvirtError::CheckpointExists(checkpoint));
     }

@@ -32,6 +32,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::LibvirtError;
+use crate::format::BackupId;
 
 /// libvirt's QEMU driver configuration.
 pub const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
@@ -392,7 +393,7 @@ fn searchable_by(md: &std::fs::Metadata, q: QemuIdentity) -> bool {
 /// path of the backup level.
 pub fn make(
     domain_root: &Path,
-    backup_id: &str,
+    backup_id: &BackupId,
     qemu: QemuIdentity,
 ) -> Result<PathBuf, LibvirtError> {
     let (Some(parent), Some(name)) = (domain_root.parent(), domain_root.file_name()) else {
@@ -432,8 +433,8 @@ pub fn make(
         ));
     }
     set_owner_mode(&dfd, domain_root, euid(), qemu.gid, DOMAIN_DIR_MODE)?;
-    let dir = domain_root.join(backup_id);
-    let (bfd, created) = open_level(&dfd, &dir, OsStr::new(backup_id), true)?;
+    let dir = domain_root.join(backup_id.as_str());
+    let (bfd, created) = open_level(&dfd, &dir, OsStr::new(backup_id.as_str()), true)?;
     if !created {
         return Err(unsafe_dir(&dir, "exists already"));
     }
@@ -486,6 +487,10 @@ pub fn check_socket(path: &Path, qemu: QemuIdentity) -> Result<(), LibvirtError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(s: &str) -> BackupId {
+        BackupId::parse(s).expect("valid id")
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn root_tmp() -> tempfile::TempDir {
@@ -553,7 +558,7 @@ mod tests {
     fn levels_are_created_owned_and_private() {
         let d = root_tmp();
         let dom = d.path().join("scratch").join("uuid-1");
-        let dir = make(&dom, "b1", Q).expect("make");
+        let dir = make(&dom, &id("b1"), Q).expect("make");
         assert_eq!(dir, dom.join("b1"));
         let md = std::fs::symlink_metadata(&dom).expect("domain level");
         assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (0, Q.gid, 0o750));
@@ -563,9 +568,9 @@ mod tests {
             (Q.uid, Q.gid, 0o700)
         );
         // A second backup reuses the domain level; the same backup level is refused.
-        make(&dom, "b2", Q).expect("second backup");
+        make(&dom, &id("b2"), Q).expect("second backup");
         assert!(matches!(
-            make(&dom, "b1", Q),
+            make(&dom, &id("b1"), Q),
             Err(LibvirtError::UnsafeScratch { .. })
         ));
     }
@@ -578,20 +583,20 @@ mod tests {
         let decoy = d.path().join("decoy");
         std::fs::create_dir(&decoy).expect("decoy");
         std::os::unix::fs::symlink(&decoy, root.join("uuid-1")).expect("symlink");
-        let e = make(&root.join("uuid-1"), "b1", Q).expect_err("symlink followed");
+        let e = make(&root.join("uuid-1"), &id("b1"), Q).expect_err("symlink followed");
         assert!(matches!(e, LibvirtError::UnsafeScratch { .. }), "{e}");
         assert!(std::fs::read_dir(&decoy).expect("decoy").next().is_none());
         assert!(check_domain_root(&root.join("uuid-1")).is_err());
         // A symlink at the backup level.
         std::fs::create_dir(root.join("uuid-2")).expect("dir");
         std::os::unix::fs::symlink(&decoy, root.join("uuid-2").join("b1")).expect("symlink");
-        assert!(make(&root.join("uuid-2"), "b1", Q).is_err());
+        assert!(make(&root.join("uuid-2"), &id("b1"), Q).is_err());
         assert!(std::fs::read_dir(&decoy).expect("decoy").next().is_none());
         // A directory owned by somebody else.
         let foreign = root.join("uuid-3");
         std::fs::create_dir(&foreign).expect("dir");
         std::os::unix::fs::chown(&foreign, Some(Q.uid), Some(Q.gid)).expect("chown");
-        let e = make(&foreign, "b1", Q).expect_err("foreign directory used");
+        let e = make(&foreign, &id("b1"), Q).expect_err("foreign directory used");
         assert!(e.to_string().contains("uuid-3"), "{e}");
         let md = std::fs::symlink_metadata(&foreign).expect("still there");
         assert_eq!(md.uid(), Q.uid, "ownership changed");
@@ -605,18 +610,18 @@ mod tests {
         let root = d.path().join("open");
         std::fs::create_dir(&root).expect("root");
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        let e = make(&root.join("uuid"), "b1", Q).expect_err("0777 root accepted");
+        let e = make(&root.join("uuid"), &id("b1"), Q).expect_err("0777 root accepted");
         assert!(e.to_string().contains("writable by others"), "{e}");
         // Sticky is fine: only the owner of an entry can rename it.
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
-        make(&root.join("uuid"), "b1", Q).expect("sticky root");
+        make(&root.join("uuid"), &id("b1"), Q).expect("sticky root");
         // A root QEMU cannot traverse.
         let closed = d.path().join("closed");
         std::fs::create_dir(&closed).expect("dir");
         std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        let e = make(&closed.join("uuid"), "b1", Q).expect_err("unreachable root accepted");
+        let e = make(&closed.join("uuid"), &id("b1"), Q).expect_err("unreachable root accepted");
         assert!(e.to_string().contains("cannot reach"), "{e}");
-        make(&closed.join("uuid"), "b1", QemuIdentity::ROOT).expect("root QEMU reaches it");
+        make(&closed.join("uuid"), &id("b1"), QemuIdentity::ROOT).expect("root QEMU reaches it");
     }
 
     #[test]

@@ -1,8 +1,8 @@
-//! Jobs: journaled before they touch anything, run under per-host and per-tenant limits,
-//! observable (status, Server-Sent Events) and cancellable. Their recovery after a crash is
-//! in [`crate::recover`].
+//! Running jobs: journaled before they touch anything, run under per-host and per-tenant
+//! limits ([`crate::registry`]), observable (status, Server-Sent Events) and cancellable.
+//! Their recovery after a crash is in [`crate::recover`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,273 +16,14 @@ use libcbt::source::libvirt::{self as lvs, blocking};
 use libcbt::source::qemu::Requested;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::{watch, Notify, Semaphore};
+
+use libcbt::format::BackupId;
 
 use crate::journal::{JobKind, JobRow, JobState, Journal};
 use crate::recover::BackupPlan;
+use crate::registry::{new_job_id, Job, JobStatus, RestoreTo, SubmitError, Work};
 use crate::safe_fs::{self, FileId};
 use crate::state::AppState;
-
-/// What a client sees of a job.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct JobStatus {
-    pub id: String,
-    pub kind: JobKind,
-    pub state: JobState,
-    pub phase: String,
-    pub tenant: Option<String>,
-    pub instance: String,
-    pub sink: String,
-    pub backup_id: String,
-    pub disks: BTreeMap<String, DiskStatus>,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    pub rate_bytes_per_sec: u64,
-    pub consistency: Option<String>,
-    pub freeze_ms: Option<u64>,
-    pub warnings: Vec<String>,
-    pub created_ms: i64,
-    pub finished_ms: Option<i64>,
-    pub error: Option<String>,
-    pub result: Option<Value>,
-}
-
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct DiskStatus {
-    pub level: Option<String>,
-    pub full_reason: Option<String>,
-    pub done: u64,
-    pub total: u64,
-}
-
-impl JobStatus {
-    /// Records one disk's progress and the job's totals.
-    fn disk_progress(&mut self, disk: &str, done: u64, total: u64) {
-        let d = self.disks.entry(disk.to_string()).or_default();
-        d.done = done;
-        d.total = total;
-        self.bytes_done = self.disks.values().map(|d| d.done).sum();
-        self.bytes_total = self.disks.values().map(|d| d.total).sum();
-    }
-
-    pub fn terminal(&self) -> bool {
-        !self.state.is_active()
-    }
-
-    pub fn from_row(r: &JobRow) -> JobStatus {
-        JobStatus {
-            id: r.id.clone(),
-            kind: r.kind,
-            state: r.state,
-            phase: String::new(),
-            tenant: r.tenant.clone(),
-            instance: r.instance.clone(),
-            sink: r.sink.clone(),
-            backup_id: r.backup_id.clone(),
-            created_ms: r.created_ms,
-            finished_ms: r.finished_ms,
-            error: r.error.clone(),
-            result: r.result.clone(),
-            ..Default::default()
-        }
-    }
-}
-
-/// A job of this daemon's life.
-pub struct Job {
-    pub id: String,
-    pub tenant: Option<String>,
-    pub status: watch::Sender<JobStatus>,
-    /// The job's one cancellation flag, shared with the engine.
-    pub cancel: Arc<AtomicBool>,
-    /// Wakes a queued job when it is cancelled (no polling).
-    cancel_wake: Notify,
-}
-
-impl Job {
-    pub fn snapshot(&self) -> JobStatus {
-        self.status.borrow().clone()
-    }
-
-    /// Asks the job to stop; a queued job ends at once, a running one at its next check.
-    pub fn request_cancel(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
-        self.cancel_wake.notify_waiters();
-    }
-}
-
-/// What to run.
-#[derive(Debug, Clone)]
-pub enum Work {
-    Backup {
-        domain_uuid: String,
-        disks: Option<Vec<String>>,
-        requested: Requested,
-        quiesce: Option<Duration>,
-        labels: BTreeMap<String, String>,
-    },
-    Restore {
-        domain_uuid: String,
-        disks: Vec<String>,
-        target: RestoreTo,
-    },
-    Verify {
-        domain_uuid: String,
-        disks: Vec<String>,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub enum RestoreTo {
-    /// One disk into a new file (raw or qcow2) `rel` beneath the restore directory `root`.
-    File {
-        root: PathBuf,
-        rel: PathBuf,
-        qcow2: bool,
-    },
-    /// One disk into an NBD export (admin only, from the config's allow-list).
-    Nbd { uri: String },
-    /// Every disk into a new domain beside the original, its images in `root/<name>/`.
-    Domain {
-        name: String,
-        root: PathBuf,
-        start: bool,
-    },
-}
-
-/// Why a job was not admitted.
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    #[error("a backup or deletion of instance {0} is in progress")]
-    InstanceBusy(String),
-    #[error("{0} jobs are queued already; try again later")]
-    QueueFull(usize),
-    #[error("journaling the job")]
-    Journal(#[source] crate::journal::JournalError),
-}
-
-/// The jobs of this daemon's life, their queue and the per-instance locks.
-///
-/// | lock | held by | for |
-/// |---|---|---|
-/// | `live` (std mutex, never across an await) | registry calls | the job map |
-/// | `claims` (std mutex, never across an await) | [`Jobs::claim`] | which instances are taken |
-/// | an [`InstanceClaim`] | a backup job from admission to its end, a deletion while it runs | one backup/delete per instance |
-pub struct Jobs {
-    live: Mutex<HashMap<String, Arc<Job>>>,
-    /// Finished job ids, oldest first: dropped from `live` beyond `keep_finished`.
-    finished: Mutex<std::collections::VecDeque<String>>,
-    keep_finished: usize,
-    global: Arc<Semaphore>,
-    per_tenant: Mutex<HashMap<String, Arc<Semaphore>>>,
-    per_tenant_limit: usize,
-    queued: std::sync::atomic::AtomicUsize,
-    max_queued: usize,
-    claims: Arc<Mutex<std::collections::HashSet<String>>>,
-}
-
-/// An instance taken for a backup or a deletion; released when dropped.
-pub struct InstanceClaim {
-    claims: Arc<Mutex<std::collections::HashSet<String>>>,
-    instance: String,
-}
-
-impl Drop for InstanceClaim {
-    fn drop(&mut self) {
-        self.claims
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.instance);
-    }
-}
-
-impl Jobs {
-    pub fn new(limits: &crate::config::Limits) -> Jobs {
-        Jobs {
-            live: Mutex::new(HashMap::new()),
-            finished: Mutex::default(),
-            keep_finished: limits.keep_finished_jobs,
-            global: Arc::new(Semaphore::new(limits.max_jobs)),
-            per_tenant: Mutex::new(HashMap::new()),
-            per_tenant_limit: limits.max_jobs_per_tenant,
-            queued: Default::default(),
-            max_queued: limits.max_queued_jobs,
-            claims: Arc::default(),
-        }
-    }
-
-    /// Takes `instance` for a backup or a deletion, or says it is taken.
-    pub fn claim(&self, instance: &str) -> Result<InstanceClaim, SubmitError> {
-        let mut c = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        if !c.insert(instance.to_string()) {
-            return Err(SubmitError::InstanceBusy(instance.to_string()));
-        }
-        Ok(InstanceClaim {
-            claims: self.claims.clone(),
-            instance: instance.to_string(),
-        })
-    }
-
-    /// A job ended: it stays in memory until `keep_finished` newer ones have ended.
-    fn retire(&self, id: &str) {
-        let mut f = self.finished.lock().unwrap_or_else(|e| e.into_inner());
-        f.push_back(id.to_string());
-        while f.len() > self.keep_finished {
-            if let Some(old) = f.pop_front() {
-                self.live
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&old);
-            }
-        }
-    }
-
-    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
-    }
-
-    pub fn all(&self) -> Vec<Arc<Job>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
-    }
-
-    fn tenant_slots(&self, tenant: &str) -> Arc<Semaphore> {
-        self.per_tenant
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(tenant.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant_limit)))
-            .clone()
-    }
-
-    /// Jobs not yet ended.
-    pub fn active(&self) -> usize {
-        self.all()
-            .iter()
-            .filter(|j| !j.snapshot().terminal())
-            .count()
-    }
-}
-
-pub fn new_job_id() -> String {
-    use rand::{Rng, SeedableRng};
-    let mut r = rand::rngs::SmallRng::from_entropy();
-    format!("{:016x}", r.gen::<u64>())
-}
-
-pub fn valid_job_id(s: &str) -> bool {
-    s.len() == 16
-        && s.bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
 
 /// Journals and starts a job; returns at once.
 pub async fn submit(
@@ -290,7 +31,7 @@ pub async fn submit(
     kind: JobKind,
     tenant: Option<String>,
     sink: &str,
-    backup_id: &str,
+    backup_id: &BackupId,
     work: Work,
     request: Value,
 ) -> Result<Arc<Job>, SubmitError> {
@@ -302,12 +43,8 @@ pub async fn submit(
     };
     // Admission: a place in the queue, and the instance for a backup.
     let jobs = &st.jobs;
-    let queued = jobs.queued.fetch_add(1, Ordering::SeqCst);
-    let unqueue = || jobs.queued.fetch_sub(1, Ordering::SeqCst);
-    if queued >= jobs.max_queued {
-        unqueue();
-        return Err(SubmitError::QueueFull(queued));
-    }
+    jobs.enqueue()?;
+    let unqueue = || jobs.dequeue();
     let claim = match &work {
         Work::Backup { .. } => match jobs.claim(&instance) {
             Ok(c) => Some(c),
@@ -324,7 +61,7 @@ pub async fn submit(
         tenant: tenant.clone(),
         instance: instance.clone(),
         sink: sink.into(),
-        backup_id: backup_id.into(),
+        backup_id: backup_id.to_string(),
         request,
         state: JobState::Queued,
         plan: None,
@@ -345,25 +82,10 @@ pub async fn submit(
     }
     let mut status = JobStatus::from_row(&row);
     status.phase = "queued".into();
-    let job = Arc::new(Job {
-        id: id.clone(),
-        tenant,
-        status: watch::Sender::new(status),
-        cancel: Arc::new(AtomicBool::new(false)),
-        cancel_wake: Notify::new(),
-    });
-    st.jobs
-        .live
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id.clone(), job.clone());
+    let job = Arc::new(Job::new(status));
+    st.jobs.insert(job.clone());
     st.metrics.jobs_queued.inc();
-    let (st2, job2, sink2, bid) = (
-        st.clone(),
-        job.clone(),
-        sink.to_string(),
-        backup_id.to_string(),
-    );
+    let (st2, job2, sink2, bid) = (st.clone(), job.clone(), sink.to_string(), backup_id.clone());
     let span = tracing::info_span!("job", job = %id, kind = %kind, instance = %instance);
     tokio::spawn(tracing::Instrument::instrument(
         async move {
@@ -407,21 +129,13 @@ async fn finish(
     });
 }
 
-async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, work: Work) {
+async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: BackupId, work: Work) {
     // Queue: one host slot and one slot of the tenant.
     let tenant = job.tenant.clone().unwrap_or_else(|| "-".into());
-    let slots = st.jobs.tenant_slots(&tenant);
-    let permits = tokio::select! {
-        p = async {
-            let a = slots.acquire_owned().await;
-            let b = st.jobs.global.clone().acquire_owned().await;
-            (a, b)
-        } => Some(p),
-        _ = wait_cancel(&job) => None,
-    };
-    st.jobs.queued.fetch_sub(1, Ordering::SeqCst);
+    let permits = st.jobs.run_slots(&tenant, &job).await;
+    st.jobs.dequeue();
     st.metrics.jobs_queued.dec();
-    let Some((Ok(_a), Ok(_b))) = permits else {
+    let Some((_tenant_slot, _host_slot)) = permits else {
         finish(
             &st,
             &job,
@@ -496,9 +210,12 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, 
                 domain_uuid,
                 disks,
                 target,
-            } => run_restore(&st, &job, &s, &backup_id, &domain_uuid, &disks, target).await,
+            } => {
+                let id = backup_id.as_str();
+                run_restore(&st, &job, &s, id, &domain_uuid, &disks, target).await
+            }
             Work::Verify { domain_uuid, disks } => {
-                run_verify(&job, &s, &backup_id, &domain_uuid, &disks).await
+                run_verify(&job, &s, backup_id.as_str(), &domain_uuid, &disks).await
             }
         },
         Err(e) => Err((format!("sink {sink}: {e}"), "sink")),
@@ -520,21 +237,6 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: String, 
             };
             tracing::warn!(error = %e, %state, "job ended");
             finish(&st, &job, state, Some(e), None).await
-        }
-    }
-}
-
-/// Returns once `job` is cancelled: woken by [`Job::request_cancel`]; a slow poll catches a
-/// flag set directly.
-async fn wait_cancel(job: &Job) {
-    loop {
-        let woken = job.cancel_wake.notified();
-        if job.cancel.load(Ordering::SeqCst) {
-            return;
-        }
-        tokio::select! {
-            _ = woken => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
@@ -578,7 +280,7 @@ async fn run_backup(
     st: &Arc<AppState>,
     job: &Arc<Job>,
     sink: &LocalSink,
-    backup_id: &str,
+    backup_id: &BackupId,
     uuid: &str,
     disks: Option<Vec<String>>,
     requested: Requested,
@@ -666,7 +368,7 @@ async fn run_backup(
     }));
     let lj = LibvirtJob {
         domain: uuid.into(),
-        backup_id: backup_id.into(),
+        backup_id: backup_id.clone(),
         disks,
         requested,
         quiesce,
@@ -715,12 +417,12 @@ async fn run_backup(
     // Labels and the job's summary beside the manifests; the manifests stay the commit.
     if let Err(e) = sink
         .put_new(
-            &record_name(uuid, backup_id),
+            &record_name(uuid, backup_id.as_str()),
             record.to_string().into_bytes(),
         )
         .await
     {
-        tracing::error!(backup = backup_id, error = %e, "the job record was not saved");
+        tracing::error!(backup = %backup_id, error = %e, "the job record was not saved");
         update(job, |s| {
             s.warnings
                 .push(format!("the job record (labels) was not saved: {e}"))
@@ -1086,16 +788,4 @@ async fn blocking_io<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(std::io::Error::other)?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids() {
-        assert!(valid_job_id(&new_job_id()));
-        assert!(!valid_job_id("../etc/passwd0000"));
-        assert!(!valid_job_id("ABCDEF0123456789"));
-    }
 }
