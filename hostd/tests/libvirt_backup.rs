@@ -389,6 +389,68 @@ fn failures_leave_no_stray_checkpoint_scratch_or_object() {
     scratch_is_empty(env.scratch.path());
 }
 
+/// Defect 19: once every manifest is committed the backup exists, whatever happens to
+/// libvirt's job after that. The domain is destroyed at the commit (the observer's
+/// `Committing` event comes after the last manifest is written and before the job is ended),
+/// so ending libvirt's job fails: the job must still succeed, say what failed, and the
+/// backup must restore exactly.
+#[test]
+fn a_domain_lost_after_the_commit_leaves_a_restorable_backup_and_a_warning() {
+    let _g = serial();
+    let mut r = rng(seed("lost_after_commit"));
+    let dom = Dom::bare(
+        "lostcommit",
+        &[Disk {
+            target: "vda",
+            format: "qcow2",
+            size: 64 * MIB,
+        }],
+    );
+    let env = Env::new();
+    dom.scatter("vda", 64 * MIB, 8, &mut r);
+    let reference = dom.reference("vda", "b1");
+    let name = dom.name.clone();
+    let destroyed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d2 = destroyed.clone();
+    let mut lj = job(&dom, "b1", env.scratch.path());
+    lj.observer = Some(job::Observer(std::sync::Arc::new(move |e| {
+        if let job::JobEvent::Phase {
+            phase: job::Phase::Committing,
+        } = e
+        {
+            virsh(&["destroy", &name]);
+            d2.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    })));
+    let res = env
+        .rt
+        .block_on(job::backup_libvirt(
+            &env.src,
+            &env.sink,
+            &lj,
+            &BackupOptions::default(),
+        ))
+        .expect("a committed backup is a successful job");
+    assert!(destroyed.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(
+        res.warnings
+            .iter()
+            .any(|w| w.contains("the backup is committed, but ending libvirt's backup job failed")),
+        "no warning about the failed end: {:?}",
+        res.warnings
+    );
+    assert_eq!(res.disks.len(), 1);
+    env.rt.block_on(restore_matches(
+        &env.sink,
+        &dom.disk_id("vda"),
+        "b1",
+        &reference,
+    ));
+    let refs: Vec<&Manifest> = res.disks.iter().map(|d| &d.manifest).collect();
+    env.rt.block_on(assert_sink_holds_only(&env.sink, &refs));
+    scratch_is_empty(env.scratch.path());
+}
+
 #[test]
 fn checkpoints_coexist_with_virsh_and_virtnbdbackup() {
     let _g = serial();
@@ -665,7 +727,7 @@ fn scratch_belongs_to_qemu_and_planted_paths_are_refused() {
     let session = lvs::begin(
         &d,
         lvs::BeginRequest {
-            backup_id: "b1".into(),
+            backup_id: "b1".parse().expect("valid backup id"),
             disks: vec![(
                 "vda".into(),
                 libcbt::source::qemu::Decision {
@@ -726,7 +788,7 @@ fn scratch_belongs_to_qemu_and_planted_paths_are_refused() {
     let e = lvs::begin(
         &d,
         lvs::BeginRequest {
-            backup_id: "b2".into(),
+            backup_id: "b2".parse().expect("valid backup id"),
             disks: vec![(
                 "vda".into(),
                 libcbt::source::qemu::Decision {
