@@ -324,6 +324,15 @@ impl Config {
                 "must be at most 100000",
             ));
         }
+        // A running backup renews its marker every MARKER_REFRESH; the grace period must
+        // outlast several renewals, or a slow sink could have a live backup collected.
+        let min_grace = 6 * libcbt::engine::MARKER_REFRESH.as_secs();
+        if self.limits.gc_grace_secs < min_grace {
+            return Err(bad(
+                "limits.gc_grace_secs".into(),
+                &format!("must be at least {min_grace} (six in-progress marker renewals)"),
+            ));
+        }
         if self.limits.journal_retention_days == 0 {
             return Err(bad(
                 "limits.journal_retention_days".into(),
@@ -513,5 +522,9 @@ mod tests {
         assert!(e.to_string().contains("server.idle_timeout_secs"), "{e}");
         let e = parse("[server]\nrestore_dirs = [\"/a/../etc\"]\n").expect_err("dotdot");
         assert!(e.to_string().contains("restore_dirs[0]"), "{e}");
+        // Shorter than six marker renewals: a live backup could lose its segments.
+        let e = parse("[limits]\ngc_grace_secs = 600\n").expect_err("grace");
+        assert!(e.to_string().contains("limits.gc_grace_secs"), "{e}");
+        parse("[limits]\ngc_grace_secs = 3600\n").expect("an hour of grace");
     }
 }

@@ -274,6 +274,87 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A backup that runs longer than the garbage collector's grace period keeps its objects: it
+/// renews its in-progress marker, so a collector running all along (here with a grace period
+/// of 100 ms, against a backup made to take several times that) takes it for a live writer.
+/// Without the renewal the collector deletes the marker and then the backup's segments, and
+/// the restore below fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_longer_than_the_gc_grace_period_keeps_its_segments() {
+    use rand::Rng;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let mut rng = rng(seed("long_backup"));
+    let size = 2 * SIZE;
+    let lab = Lab::new(&[("d0", "qcow2")], size).await;
+    // Every byte written with incompressible data: the backup reads and writes all of it.
+    for off in (0..size).step_by(1 << 20) {
+        let mut data = vec![0u8; 1 << 20];
+        rng.fill(&mut data[..]);
+        lab.live[0].write(off, data, false).await.expect("write");
+    }
+    lab.live[0].flush().await.expect("flush");
+    let sink = LocalSink::open(lab.path("sink")).expect("sink");
+    let reference = lab.path("ref-long.raw");
+    lab.reference(0, &reference);
+    let grace = Duration::from_millis(100);
+    let done = Arc::new(AtomicBool::new(false));
+    let passes = Arc::new(AtomicUsize::new(0));
+    let collector = {
+        let (sink, done, passes) = (sink.clone(), done.clone(), passes.clone());
+        tokio::spawn(async move {
+            let mut deleted = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                deleted.extend(
+                    catalog::collect_garbage(&sink, "vm-d0", grace)
+                        .await
+                        .expect("gc"),
+                );
+                passes.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            deleted
+        })
+    };
+    // Small frames, one connection and one chunk in flight: slow enough to outlast `grace`.
+    let opts = BackupOptions {
+        chunk_size: 64 << 10,
+        segment_size: 1 << 20,
+        connections: 1,
+        in_flight: 1,
+        marker_refresh: Duration::from_millis(15),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    job::backup_qemu(
+        &lab.source,
+        &sink,
+        &"long".parse().expect("valid backup id"),
+        &specs(&lab),
+        Requested::Full,
+        &opts,
+    )
+    .await
+    .expect("backup");
+    let took = t.elapsed();
+    done.store(true, Ordering::SeqCst);
+    let deleted = collector.await.expect("collector");
+    assert!(
+        took > 2 * grace,
+        "the backup took {took:?}, not long enough to outlast a grace period of {grace:?}"
+    );
+    assert!(
+        passes.load(Ordering::SeqCst) > 10,
+        "the collector hardly ran"
+    );
+    assert!(
+        deleted.is_empty(),
+        "collected during the backup: {deleted:?}"
+    );
+    restore_matches(&sink, "vm-d0", "long", &reference).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_that_fills_up_fails_the_job_and_loses_nothing_io_uring() {
     sink_fills_up(Backend::Uring).await;

@@ -29,7 +29,15 @@ pub struct BackupOptions {
     /// Set to stop the backup: it fails with [`EngineError::Cancelled`] at the next chunk and
     /// leaves nothing on the sink.
     pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// How often the backup's in-progress marker is rewritten while it runs, so that a backup
+    /// longer than the garbage collector's grace period keeps its objects (the collector
+    /// takes a marker older than the grace period for one whose writer died). Keep it a small
+    /// fraction of the grace period.
+    pub marker_refresh: std::time::Duration,
 }
+
+/// Default of [`BackupOptions::marker_refresh`].
+pub const MARKER_REFRESH: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl BackupOptions {
     pub fn cancelled(&self) -> bool {
@@ -47,6 +55,7 @@ impl Default for BackupOptions {
             connections: 4,
             in_flight: 32,
             cancel: None,
+            marker_refresh: MARKER_REFRESH,
         }
     }
 }
@@ -237,7 +246,22 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
         Err(SinkError::Exists { .. }) => return Err(taken()),
         Err(e) => return Err(e.into()),
     }
-    let r = backup_disk_marked(sink, job, scan, revalidate, opts, progress, seg_prefix).await;
+    let work = backup_disk_marked(sink, job, scan, revalidate, opts, progress, seg_prefix);
+    tokio::pin!(work);
+    let every = opts.marker_refresh.max(std::time::Duration::from_millis(1));
+    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let r = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = refresh.tick() => {
+                // Rewriting the marker renews its age; a failure only shortens its life.
+                if let Err(e) = sink.put(&marker_name, marker.encode()).await {
+                    tracing::warn!(disk = %job.disk, backup = %job.backup_id, error = %e, "refreshing the in-progress marker failed");
+                }
+            }
+        }
+    };
     // Committed or rolled back: the marker has done its work. If this delete fails, the
     // marker only delays garbage collection until it is older than the grace period.
     if let Err(e) = sink.delete(&marker_name).await {

@@ -155,8 +155,10 @@ async fn read_marker<S: Sink>(sink: &S, name: &str) -> Result<Option<Marker>, En
 /// Deletes the orphans of `disk` that are safe to delete with other writers about: older than
 /// `grace` and not covered by an in-progress marker younger than `grace` (the marker's index
 /// and segment prefix). Markers older than `grace` are deleted too (their writer is taken to be
-/// dead: a backup must finish within `grace`). Temporary files are the sink's own business
-/// ([`Sink::remove_stale_partials`]). Returns the names deleted.
+/// dead: a running backup renews its marker every
+/// [`BackupOptions::marker_refresh`](crate::engine::BackupOptions::marker_refresh)). Temporary
+/// files are the sink's own business ([`Sink::remove_stale_partials`]). Returns the names
+/// deleted.
 pub async fn collect_garbage<S: Sink>(
     sink: &S,
     disk: &str,

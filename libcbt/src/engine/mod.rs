@@ -25,6 +25,7 @@ mod verify;
 
 pub use backup::{
     backup_disk, is_zero, scan_export, BackupOptions, DiskBackup, Revalidate, Scan, Trusted,
+    MARKER_REFRESH,
 };
 pub use restore::{load_chain, restore, restore_with, RestoreOptions, RestoreStats, RestoreTarget};
 pub use verify::{verify_chain, verify_chain_with, Problem, VerifyOptions, VerifyReport};
