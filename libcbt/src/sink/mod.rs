@@ -27,6 +27,8 @@ use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 pub mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
 #[allow(unsafe_code)]
 pub mod uring;
 
@@ -57,6 +59,17 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
+    #[error("object store error while {op} {name}")]
+    Remote {
+        op: &'static str,
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("sink configuration: {0}")]
+    Config(String),
+    #[error("the sink's server does not support {0}; refusing to use it")]
+    Unsupported(String),
     #[error("short read of {name} at {offset:#x}: {got} of {want} bytes")]
     ShortRead {
         name: String,

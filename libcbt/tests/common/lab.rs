@@ -185,8 +185,8 @@ pub async fn guest_writes(live: &Client, rng: &mut SmallRng, n: usize) {
 
 /// Restores backup `id` of `disk` to a raw file beside `reference`, checks it with
 /// `qemu-img compare` against `reference`, and removes it again.
-pub async fn restore_matches(
-    sink: &libcbt::sink::local::LocalSink,
+pub async fn restore_matches<S: libcbt::sink::Sink>(
+    sink: &S,
     disk: &str,
     id: &str,
     reference: &Path,
@@ -208,11 +208,10 @@ pub async fn restore_matches(
 
 /// Asserts that the sink holds exactly the objects of `backups` (manifests, indexes,
 /// segments) and nothing else: what a failed backup must leave behind.
-pub async fn assert_sink_holds_only(
-    sink: &libcbt::sink::local::LocalSink,
+pub async fn assert_sink_holds_only<S: libcbt::sink::Sink>(
+    sink: &S,
     backups: &[&libcbt::format::Manifest],
 ) {
-    use libcbt::sink::Sink;
     let objects: Vec<String> = sink
         .list("disks/")
         .await

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod lab;
+pub mod s3;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,17 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+
+/// An error with its sources, `a: b: c`, as a failing test should print it.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
 
 /// Panics unless `tool` is on PATH.
 pub fn require(tool: &str) {

@@ -1,0 +1,710 @@
+//! A sink in an S3 bucket (Ceph RGW, SeaweedFS, AWS S3), through `object_store`.
+//!
+//! | [`Sink`] call | requests |
+//! |---|---|
+//! | [`create`](Sink::create) … `finish`, object ≤ one part | one `PutObject` |
+//! | [`create`](Sink::create) … `finish`, larger | `CreateMultipartUpload`, `UploadPart` × n (at most [`S3Config::parts_in_flight`] at once), `CompleteMultipartUpload` |
+//! | [`put`](Sink::put) | `PutObject` |
+//! | [`put_new`](Sink::put_new) | `PutObject` with `If-None-Match: *`; after a refusal, one `GetObject` (see below) |
+//! | [`get_range`](Sink::get_range) | one ranged `GetObject` |
+//! | [`get`](Sink::get) | `GetObject`, the size checked before the body is read |
+//! | [`list`](Sink::list) | `ListObjectsV2`, 1,000 names a page |
+//! | [`delete`](Sink::delete) | `DeleteObject` |
+//! | [`remove_stale_partials`](Sink::remove_stale_partials) | `ListMultipartUploads` (pages), `AbortMultipartUpload` per stale upload |
+//!
+//! **Create-only commits.** Indexes, manifests and markers are written with
+//! `If-None-Match: *`. `object_store` retries a 5xx even for a conditional PUT, so a refusal
+//! after a retry may be our own first attempt: the object is read back and, if it holds
+//! exactly our bytes, the write counts as done (the manifests, indexes and markers cbt writes
+//! hold times and random segment names: two writers never write the same bytes).
+//!
+//! **Servers that ignore preconditions** (Swift's s3api answers 501; some gateways answer 200
+//! and replace the object) would let a reused id overwrite a committed backup. [`S3Sink::open`]
+//! writes a probe object create-only twice and refuses the sink unless the second write is
+//! refused by the server.
+//!
+//! Credentials come from [`S3Config`]; they never appear in `Debug` output or error texts.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::MultipartStore;
+use object_store::path::Path as ObjPath;
+use object_store::signer::{SignedUrlOptions, Signer};
+use object_store::{
+    BackoffConfig, Certificate, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig, WriteMultipart,
+};
+
+use super::{check_name, ObjectInfo, ObjectWriter, Sink, SinkError};
+
+/// Smallest part S3 accepts (but for the last).
+pub const MIN_PART: usize = 5 << 20;
+/// Largest part S3 accepts.
+pub const MAX_PART: usize = 5 << 30;
+
+/// A secret: shown as `***` by `Debug`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
+/// Where and how to reach the bucket.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// `http://host:port` or `https://host:port` (path-style requests: `endpoint/bucket/key`).
+    pub endpoint: String,
+    pub bucket: String,
+    /// Objects go under `prefix/` (`""`: at the top of the bucket).
+    pub prefix: String,
+    pub region: String,
+    /// Empty key and secret: anonymous (unsigned) requests.
+    pub access_key: String,
+    pub secret_key: Secret,
+    /// PEM certificates trusted besides the system's (a private CA of the object store).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Size of multipart parts; also the largest object written with a single PUT.
+    pub part_size: usize,
+    /// Parts of one object uploading at once (memory: about `part_size` × this per writer).
+    pub parts_in_flight: usize,
+    /// One request, from connect to the last byte of the answer.
+    pub request_timeout: Duration,
+    /// Retries of a failed request (5xx, timeouts, connection errors), within `retry_timeout`.
+    pub max_retries: usize,
+    pub retry_timeout: Duration,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: String::new(),
+            bucket: String::new(),
+            prefix: String::new(),
+            region: "us-east-1".into(),
+            access_key: String::new(),
+            secret_key: Secret::default(),
+            ca_pem: None,
+            part_size: 16 << 20,
+            parts_in_flight: 4,
+            request_timeout: Duration::from_secs(120),
+            max_retries: 8,
+            retry_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A sink in an S3 bucket. Cheap to clone (the connection pool is shared).
+#[derive(Clone)]
+pub struct S3Sink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: AmazonS3,
+    bucket: String,
+    /// `""` or `"prefix/"`.
+    prefix: String,
+    part_size: usize,
+    parts_in_flight: usize,
+    /// For the one call `object_store` does not make (ListMultipartUploads), presigned.
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for S3Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Sink")
+            .field("store", &self.inner.store.to_string())
+            .field("prefix", &self.inner.prefix)
+            .finish()
+    }
+}
+
+fn invalid(what: &str) -> SinkError {
+    SinkError::Config(what.to_string())
+}
+
+/// Maps an `object_store` error of operation `op` on object `name`.
+fn os_err(op: &'static str, name: &str, e: object_store::Error) -> SinkError {
+    match e {
+        object_store::Error::NotFound { .. } => SinkError::NotFound { name: name.into() },
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+            SinkError::Exists { name: name.into() }
+        }
+        e => SinkError::Remote {
+            op,
+            name: name.into(),
+            source: Box::new(e),
+        },
+    }
+}
+
+/// The S3 client of `cfg` and a plain HTTP client with the same trust, for presigned
+/// requests `object_store` does not make itself.
+fn clients(cfg: &S3Config) -> Result<(AmazonS3, reqwest::Client), SinkError> {
+    // reqwest is built without a crypto provider: ours is ring, as for the rest of cbt.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = cfg.endpoint.starts_with("http://");
+    let mut copts = ClientOptions::new()
+        .with_allow_http(http)
+        .with_timeout(cfg.request_timeout)
+        .with_connect_timeout(Duration::from_secs(10));
+    let mut hb = reqwest::Client::builder()
+        .timeout(cfg.request_timeout)
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(pem) = &cfg.ca_pem {
+        let c = Certificate::from_pem(pem).map_err(|_| invalid("ca: not a PEM certificate"))?;
+        copts = copts.with_root_certificate(c);
+        let c = reqwest::Certificate::from_pem(pem)
+            .map_err(|_| invalid("ca: not a PEM certificate"))?;
+        hb = hb.add_root_certificate(c);
+    }
+    let anonymous = cfg.access_key.is_empty() && cfg.secret_key.0.is_empty();
+    let store = AmazonS3Builder::new()
+        .with_endpoint(&cfg.endpoint)
+        .with_bucket_name(&cfg.bucket)
+        .with_region(&cfg.region)
+        .with_access_key_id(&cfg.access_key)
+        .with_secret_access_key(&cfg.secret_key.0)
+        .with_skip_signature(anonymous)
+        .with_allow_http(http)
+        .with_virtual_hosted_style_request(false)
+        .with_client_options(copts)
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: cfg.max_retries,
+            retry_timeout: cfg.retry_timeout,
+        })
+        .build()
+        .map_err(|e| SinkError::Config(format!("S3 client: {e}")))?;
+    let client = hb
+        .build()
+        .map_err(|e| SinkError::Config(format!("HTTP client: {e}")))?;
+    Ok((store, client))
+}
+
+impl S3Sink {
+    /// Connects to the bucket and probes that the server refuses a second create-only write
+    /// (see the module documentation). A missing bucket, wrong credentials or an unreachable
+    /// endpoint fail here, with the server's answer.
+    pub async fn open(cfg: &S3Config) -> Result<S3Sink, SinkError> {
+        if !(cfg.endpoint.starts_with("http://") || cfg.endpoint.starts_with("https://")) {
+            return Err(invalid("endpoint: an http:// or https:// URL"));
+        }
+        if cfg.bucket.is_empty()
+            || cfg.bucket.len() > 63
+            || !cfg
+                .bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(invalid("bucket: 1 to 63 of [a-z0-9.-]"));
+        }
+        let prefix = cfg.prefix.trim_matches('/');
+        if !prefix.is_empty() {
+            check_name(prefix)
+                .map_err(|_| invalid("prefix: '/'-separated [A-Za-z0-9._-] names"))?;
+        }
+        if !(MIN_PART..=MAX_PART).contains(&cfg.part_size) {
+            return Err(invalid("part_size: 5 MiB to 5 GiB"));
+        }
+        if !(1..=64).contains(&cfg.parts_in_flight) {
+            return Err(invalid("parts_in_flight: 1 to 64"));
+        }
+        let (store, http) = clients(cfg)?;
+        let sink = S3Sink {
+            inner: Arc::new(Inner {
+                store,
+                bucket: cfg.bucket.clone(),
+                prefix: if prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!("{prefix}/")
+                },
+                part_size: cfg.part_size,
+                parts_in_flight: cfg.parts_in_flight,
+                http,
+            }),
+        };
+        sink.probe().await?;
+        Ok(sink)
+    }
+
+    /// Creates the bucket of `cfg` (for set-up and tests; operators usually create buckets
+    /// with their own tools). A bucket that exists and is ours already is not an error.
+    pub async fn create_bucket(cfg: &S3Config) -> Result<(), SinkError> {
+        let (store, client) = clients(cfg)?;
+        // CreateBucket is a PUT on the bucket itself: a presigned URL of the empty key.
+        let url = store
+            .signed_url(
+                http::Method::PUT,
+                &ObjPath::default(),
+                Duration::from_secs(300),
+            )
+            .await
+            .map_err(|e| os_err("creating", "the bucket", e))?;
+        let remote = |source: Box<dyn std::error::Error + Send + Sync>| SinkError::Remote {
+            op: "creating",
+            name: format!("bucket {}", cfg.bucket),
+            source,
+        };
+        let resp = client
+            .put(url.as_str())
+            .send()
+            .await
+            .map_err(|e| remote(Box::new(e.without_url())))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        if status.is_success() || body.contains("BucketAlreadyOwnedByYou") {
+            Ok(())
+        } else {
+            Err(remote(format!("HTTP {status}").into()))
+        }
+    }
+
+    /// The object's key in the bucket.
+    fn key(&self, name: &str) -> Result<ObjPath, SinkError> {
+        check_name(name)?;
+        ObjPath::parse(format!("{}{name}", self.inner.prefix))
+            .map_err(|_| SinkError::InvalidName { name: name.into() })
+    }
+
+    /// Two create-only writes of one probe object: the second must be refused.
+    async fn probe(&self) -> Result<(), SinkError> {
+        let name = format!(
+            "{}.cbt-probe-{:032x}",
+            self.inner.prefix,
+            crate::engine::random_u128()
+        );
+        let path =
+            ObjPath::parse(&name).map_err(|_| SinkError::InvalidName { name: name.clone() })?;
+        let create = || PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let store = &self.inner.store;
+        store
+            .put_opts(&path, PutPayload::from_static(b"1"), create())
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => {
+                    SinkError::Config(format!("bucket {} not found", self.inner.bucket))
+                }
+                e => os_err("probing with", &name, e),
+            })?;
+        let second = store
+            .put_opts(&path, PutPayload::from_static(b"2"), create())
+            .await;
+        let _ = store.delete(&path).await;
+        match second {
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(()),
+            Ok(_) => Err(SinkError::Unsupported(
+                "create-only writes (PUT with If-None-Match: *): the server replaced an object it \
+                 should have refused; committed backups could be overwritten"
+                    .into(),
+            )),
+            Err(e) => Err(SinkError::Unsupported(format!(
+                "create-only writes (PUT with If-None-Match: *): the server answered {e}"
+            ))),
+        }
+    }
+
+    /// One page of the bucket's unfinished multipart uploads under the sink's prefix.
+    async fn list_uploads(
+        &self,
+        key_marker: Option<&(String, String)>,
+    ) -> Result<UploadsPage, SinkError> {
+        let mut q = vec![
+            ("uploads".to_string(), String::new()),
+            ("prefix".to_string(), self.inner.prefix.clone()),
+        ];
+        if let Some((k, u)) = key_marker {
+            q.push(("key-marker".into(), k.clone()));
+            q.push(("upload-id-marker".into(), u.clone()));
+        }
+        let url = self
+            .inner
+            .store
+            .signed_url_opts(
+                http::Method::GET,
+                &ObjPath::default(),
+                Duration::from_secs(300),
+                &SignedUrlOptions::new().with_query(q),
+            )
+            .await
+            .map_err(|e| os_err("listing uploads of", "the bucket", e))?;
+        let remote = |e: reqwest::Error| SinkError::Remote {
+            op: "listing uploads of",
+            name: "the bucket".into(),
+            // The URL is presigned: it must not reach a log.
+            source: Box::new(e.without_url()),
+        };
+        let resp = self
+            .inner
+            .http
+            .get(url.as_str())
+            .send()
+            .await
+            .map_err(remote)?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(remote)?;
+        if !status.is_success() {
+            return Err(SinkError::Remote {
+                op: "listing uploads of",
+                name: "the bucket".into(),
+                source: format!("HTTP {status}").into(),
+            });
+        }
+        if body.len() > 16 << 20 {
+            return Err(SinkError::TooLarge {
+                name: "ListMultipartUploads answer".into(),
+                len: body.len() as u64,
+                max: 16 << 20,
+            });
+        }
+        parse_uploads(&body)
+    }
+}
+
+/// One page of ListMultipartUploads.
+#[derive(Debug, Default, PartialEq)]
+struct UploadsPage {
+    /// Key, upload id, when it was initiated.
+    uploads: Vec<(String, String, Option<SystemTime>)>,
+    /// Where the next page starts, when there is one.
+    next: Option<(String, String)>,
+}
+
+fn parse_uploads(body: &[u8]) -> Result<UploadsPage, SinkError> {
+    let bad = |why: &str| SinkError::Remote {
+        op: "listing uploads of",
+        name: "the bucket".into(),
+        source: format!("unreadable ListMultipartUploads answer: {why}").into(),
+    };
+    let text = std::str::from_utf8(body).map_err(|_| bad("not UTF-8"))?;
+    let doc = roxmltree::Document::parse(text).map_err(|_| bad("not XML"))?;
+    let child = |n: roxmltree::Node<'_, '_>, name: &str| {
+        n.children()
+            .find(|c| c.tag_name().name() == name)
+            .and_then(|c| c.text())
+            .map(str::to_string)
+    };
+    let root = doc.root_element();
+    let mut page = UploadsPage::default();
+    for u in root.children().filter(|c| c.tag_name().name() == "Upload") {
+        let (Some(key), Some(id)) = (child(u, "Key"), child(u, "UploadId")) else {
+            return Err(bad("an upload without Key or UploadId"));
+        };
+        let initiated = child(u, "Initiated")
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+            .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        page.uploads.push((key, id, initiated));
+    }
+    if child(root, "IsTruncated").as_deref() == Some("true") {
+        match (
+            child(root, "NextKeyMarker"),
+            child(root, "NextUploadIdMarker"),
+        ) {
+            (Some(k), Some(u)) => page.next = Some((k, u)),
+            _ => return Err(bad("truncated without a next marker")),
+        }
+    }
+    Ok(page)
+}
+
+impl Sink for S3Sink {
+    type Writer = S3Writer;
+
+    async fn create(&self, name: &str) -> Result<S3Writer, SinkError> {
+        let path = self.key(name)?;
+        Ok(S3Writer {
+            sink: self.clone(),
+            name: name.to_string(),
+            path,
+            buf: Vec::new(),
+            upload: None,
+            len: 0,
+        })
+    }
+
+    async fn put(&self, name: &str, data: Vec<u8>) -> Result<(), SinkError> {
+        let path = self.key(name)?;
+        self.inner
+            .store
+            .put(&path, PutPayload::from(data))
+            .await
+            .map(drop)
+            .map_err(|e| os_err("writing", name, e))
+    }
+
+    async fn put_new(&self, name: &str, data: Vec<u8>) -> Result<(), SinkError> {
+        let path = self.key(name)?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let payload = PutPayload::from(data.clone());
+        match self.inner.store.put_opts(&path, payload, opts).await {
+            Ok(_) => Ok(()),
+            Err(e) => match os_err("writing", name, e) {
+                SinkError::Exists { .. } => {
+                    // Perhaps our own first attempt, retried after a lost answer.
+                    match self.get(name, data.len() as u64).await {
+                        Ok(there) if there == data => Ok(()),
+                        _ => Err(SinkError::Exists { name: name.into() }),
+                    }
+                }
+                e => Err(e),
+            },
+        }
+    }
+
+    async fn get_range_into(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>, SinkError> {
+        let path = self.key(name)?;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| SinkError::ShortRead {
+                name: name.into(),
+                offset,
+                want: len,
+                got: 0,
+            })?;
+        buf.clear();
+        if len == 0 {
+            return Ok(buf);
+        }
+        let bytes = self
+            .inner
+            .store
+            .get_range(&path, offset..end)
+            .await
+            .map_err(|e| os_err("reading", name, e))?;
+        if bytes.len() as u64 != len {
+            return Err(SinkError::ShortRead {
+                name: name.into(),
+                offset,
+                want: len,
+                got: bytes.len() as u64,
+            });
+        }
+        buf.extend_from_slice(&bytes);
+        Ok(buf)
+    }
+
+    async fn get(&self, name: &str, max: u64) -> Result<Vec<u8>, SinkError> {
+        let path = self.key(name)?;
+        let r = self
+            .inner
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| os_err("reading", name, e))?;
+        let too_large = |len| SinkError::TooLarge {
+            name: name.into(),
+            len,
+            max,
+        };
+        if r.meta.size > max {
+            return Err(too_large(r.meta.size));
+        }
+        let b = r.bytes().await.map_err(|e| os_err("reading", name, e))?;
+        if b.len() as u64 > max {
+            return Err(too_large(b.len() as u64));
+        }
+        Ok(b.to_vec())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, SinkError> {
+        // List from the deepest directory the prefix names completely, filter by the rest.
+        let dir = prefix.rfind('/').map_or("", |i| &prefix[..i]);
+        let base = format!("{}{dir}", self.inner.prefix);
+        let base = base.trim_end_matches('/');
+        let base = if base.is_empty() {
+            None
+        } else {
+            Some(ObjPath::parse(base).map_err(|_| SinkError::InvalidName {
+                name: prefix.into(),
+            })?)
+        };
+        let mut out = Vec::new();
+        let mut s = self.inner.store.list(base.as_ref());
+        while let Some(m) = s
+            .try_next()
+            .await
+            .map_err(|e| os_err("listing", prefix, e))?
+        {
+            let key: &str = m.location.as_ref();
+            let Some(rel) = key.strip_prefix(self.inner.prefix.as_str()) else {
+                continue;
+            };
+            if !rel.starts_with(prefix) || check_name(rel).is_err() {
+                continue;
+            }
+            out.push(ObjectInfo {
+                name: rel.to_string(),
+                len: m.size,
+                modified: u64::try_from(m.last_modified.timestamp_millis())
+                    .ok()
+                    .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), SinkError> {
+        let path = self.key(name)?;
+        match self.inner.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(os_err("deleting", name, e)),
+        }
+    }
+
+    async fn remove_stale_partials(&self, grace: Duration) -> Result<u64, SinkError> {
+        let now = SystemTime::now();
+        let mut removed = 0;
+        let mut marker = None;
+        // Bounded: a bucket with more than a million unfinished uploads is swept over runs.
+        for _ in 0..1000 {
+            let page = self.list_uploads(marker.as_ref()).await?;
+            for (key, id, initiated) in &page.uploads {
+                let Some(rel) = key.strip_prefix(self.inner.prefix.as_str()) else {
+                    continue;
+                };
+                if check_name(rel).is_err() || !super::older_than(*initiated, grace, now) {
+                    continue;
+                }
+                let path =
+                    ObjPath::parse(key).map_err(|_| SinkError::InvalidName { name: rel.into() })?;
+                match self.inner.store.abort_multipart(&path, id).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
+                    Err(e) => return Err(os_err("aborting the upload of", rel, e)),
+                }
+            }
+            match page.next {
+                Some(n) => marker = Some(n),
+                None => break,
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Writer of one object: buffered up to one part, then a multipart upload.
+pub struct S3Writer {
+    sink: S3Sink,
+    name: String,
+    path: ObjPath,
+    /// What was appended before the upload began (less than one part).
+    buf: Vec<u8>,
+    upload: Option<WriteMultipart>,
+    len: u64,
+}
+
+impl ObjectWriter for S3Writer {
+    async fn append_prefix(&mut self, data: Vec<u8>, len: usize) -> Result<Vec<u8>, SinkError> {
+        let part = &data[..len.min(data.len())];
+        self.len += part.len() as u64;
+        let inner = &self.sink.inner;
+        match &mut self.upload {
+            Some(w) => {
+                w.wait_for_capacity(inner.parts_in_flight)
+                    .await
+                    .map_err(|e| os_err("writing", &self.name, e))?;
+                w.write(part);
+            }
+            None => {
+                self.buf.extend_from_slice(part);
+                if self.buf.len() >= inner.part_size {
+                    let up = inner
+                        .store
+                        .put_multipart(&self.path)
+                        .await
+                        .map_err(|e| os_err("starting the upload of", &self.name, e))?;
+                    let mut w = WriteMultipart::new_with_chunk_size(up, inner.part_size);
+                    w.write(&std::mem::take(&mut self.buf));
+                    self.upload = Some(w);
+                }
+            }
+        }
+        Ok(data)
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    async fn finish(self) -> Result<(), SinkError> {
+        let r = match self.upload {
+            Some(w) => w.finish().await.map(drop),
+            None => self
+                .sink
+                .inner
+                .store
+                .put(&self.path, PutPayload::from(self.buf))
+                .await
+                .map(drop),
+        };
+        // A failed completion leaves an unfinished upload: remove_stale_partials sweeps it.
+        r.map_err(|e| os_err("finishing", &self.name, e))
+    }
+
+    async fn abort(self) {
+        if let Some(w) = self.upload {
+            let _ = w.abort().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploads_pages_are_parsed_and_bad_ones_refused() {
+        let xml = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Bucket>b</Bucket><IsTruncated>true</IsTruncated>
+  <NextKeyMarker>p/x</NextKeyMarker><NextUploadIdMarker>u2</NextUploadIdMarker>
+  <Upload><Key>p/a.seg</Key><UploadId>u1</UploadId><Initiated>2026-12-01T10:00:00.000Z</Initiated></Upload>
+  <Upload><Key>p/x</Key><UploadId>u2</UploadId></Upload>
+</ListMultipartUploadsResult>"#;
+        let p = parse_uploads(xml).expect("page");
+        assert_eq!(p.uploads.len(), 2);
+        assert_eq!(p.uploads[0].0, "p/a.seg");
+        assert_eq!(
+            p.uploads[0].2,
+            Some(UNIX_EPOCH + Duration::from_secs(1_796_119_200))
+        );
+        assert_eq!(p.uploads[1].2, None);
+        assert_eq!(p.next, Some(("p/x".into(), "u2".into())));
+        assert!(parse_uploads(b"<a><IsTruncated>true</IsTruncated></a>").is_err());
+        assert!(parse_uploads(b"<a><Upload><Key>k</Key></Upload></a>").is_err());
+        assert!(parse_uploads(b"\xff").is_err());
+        assert!(parse_uploads(b"<a>").is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_show() {
+        let c = S3Config {
+            secret_key: Secret("hunter2".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,202 @@
+//! Real S3 servers for the tests of one binary: started once, on free ports of 127.0.0.1, with
+//! credentials checked, and gone when the test binary exits (a watchdog shell kills the server
+//! once our process is gone, whatever way it ended).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use libcbt::sink::s3::{S3Config, S3Sink, Secret};
+
+/// A running SeaweedFS (`weed mini`) with one bucket.
+pub struct Seaweed {
+    pub endpoint: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub log: PathBuf,
+    /// The watchdog shell (it outlives this process by at most half a second).
+    _watchdog: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Seaweed {
+    /// A configuration of the bucket with objects under `prefix`; small parts, so that
+    /// multipart uploads happen at test sizes.
+    pub fn config(&self, prefix: &str) -> S3Config {
+        S3Config {
+            endpoint: self.endpoint.clone(),
+            bucket: self.bucket.clone(),
+            prefix: prefix.into(),
+            access_key: self.access_key.clone(),
+            secret_key: Secret(self.secret_key.clone()),
+            part_size: libcbt::sink::s3::MIN_PART,
+            request_timeout: Duration::from_secs(30),
+            retry_timeout: Duration::from_secs(30),
+            ..S3Config::default()
+        }
+    }
+
+    /// A sink under a prefix of its own.
+    pub async fn sink(&self, prefix: &str) -> S3Sink {
+        S3Sink::open(&self.config(prefix))
+            .await
+            .unwrap_or_else(|e| panic!("open the S3 sink: {e:?}\n{}", tail(&self.log)))
+    }
+}
+
+/// Where `weed` is: on PATH, or in the scripts directory of the python3 that installed it
+/// (scripts/install-deps.sh). Panics when it is not installed.
+fn weed() -> PathBuf {
+    if let Some(p) = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("weed"))
+            .find(|f| f.is_file())
+    }) {
+        return p;
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output();
+    if let Ok(o) = out {
+        let p = Path::new(String::from_utf8_lossy(&o.stdout).trim()).join("weed");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("SeaweedFS (`weed`) is not installed; `make test` installs it (scripts/install-deps.sh)")
+}
+
+/// Free TCP ports of 127.0.0.1 (bound and released: another process could take one in
+/// between, which would fail the start loudly, never silently).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    ls.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+fn tail(log: &Path) -> String {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Starts `args` under a watchdog that kills it once this test process is gone.
+fn spawn_tied(
+    program: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> std::process::Child {
+    let script = r#"prog=$1; parent=$2; shift 2
+"$prog" "$@" & child=$!
+while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.5; done
+kill "$child" 2>/dev/null; wait "$child" 2>/dev/null"#;
+    let logf = std::fs::File::create(log).expect("log");
+    let mut c = Command::new("bash");
+    c.arg("-c")
+        .arg(script)
+        .arg("watchdog")
+        .arg(program)
+        .arg(std::process::id().to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().expect("log"))
+        .stderr(logf);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn().expect("start the server")
+}
+
+/// The SeaweedFS of this test binary, started at the first call.
+pub async fn seaweed() -> &'static Seaweed {
+    static CELL: tokio::sync::OnceCell<Seaweed> = tokio::sync::OnceCell::const_new();
+    CELL.get_or_init(start_seaweed).await
+}
+
+async fn start_seaweed() -> Seaweed {
+    let weed = weed();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("weed.log");
+    let p = free_ports(17);
+    let flags = [
+        "admin.port",
+        "admin.port.grpc",
+        "debug.port",
+        "filer.port",
+        "filer.port.grpc",
+        "master.port",
+        "master.port.grpc",
+        "metricsPort",
+        "volume.port",
+        "volume.port.grpc",
+        "webdav.port",
+        "s3.port.grpc",
+        "s3.port.iceberg",
+        "s3.port.lance",
+        "s3.debug.port",
+        "s3.metricsPort",
+        "s3.port",
+    ];
+    let mut args = vec![
+        "mini".to_string(),
+        format!("-dir={}", dir.path().join("data").display()),
+        "-ip=127.0.0.1".into(),
+        "-ip.bind=127.0.0.1".into(),
+        "-admin.ui=false".into(),
+        // Real S3 answers NoSuchBucket; weed mini would create the bucket on the first PUT.
+        "-s3.autoCreateBucket=false".into(),
+    ];
+    args.extend(flags.iter().zip(&p).map(|(f, port)| format!("-{f}={port}")));
+    let s3_port = p[16];
+    let (access_key, secret_key) = (
+        format!("cbt{:08x}", std::process::id()),
+        format!("s{:032x}", {
+            use rand::{Rng, SeedableRng};
+            rand::rngs::SmallRng::from_entropy().gen::<u128>()
+        }),
+    );
+    std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
+    let watchdog = spawn_tied(
+        &weed,
+        &args,
+        &[
+            ("AWS_ACCESS_KEY_ID", &access_key),
+            ("AWS_SECRET_ACCESS_KEY", &secret_key),
+        ],
+        &log,
+    );
+    let sw = Seaweed {
+        endpoint: format!("http://127.0.0.1:{s3_port}"),
+        bucket: "cbt-test".into(),
+        access_key,
+        secret_key,
+        log,
+        _watchdog: watchdog,
+        _dir: dir,
+    };
+    // Ready when a real, signed write succeeds: creating the bucket.
+    let t = Instant::now();
+    loop {
+        match S3Sink::create_bucket(&sw.config("")).await {
+            Ok(()) => break,
+            Err(e) if t.elapsed() > Duration::from_secs(60) => {
+                panic!("SeaweedFS did not come up: {e:?}\n{}", tail(&sw.log))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    eprintln!(
+        "SeaweedFS up at {} in {:.1} s",
+        sw.endpoint,
+        t.elapsed().as_secs_f64()
+    );
+    sw
+}

@@ -1,0 +1,384 @@
+//! One conformance suite, the same checks over every sink backend: the local directory (std
+//! and io_uring) and S3 on a real SeaweedFS started by this binary. What the engine relies on:
+//! names, create-only commits under races (exactly one winner, the server's refusal asserted),
+//! ranged reads at object ends, listings past 1,000 objects, idempotent deletes, objects of
+//! many parts, and unfinished objects that stay invisible until swept.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::s3::seaweed;
+use libcbt::sink::local::{Backend, LocalSink};
+use libcbt::sink::{ObjectWriter, Sink, SinkError};
+use rand::{Rng, SeedableRng};
+
+fn rng() -> rand::rngs::SmallRng {
+    rand::rngs::SmallRng::from_entropy()
+}
+
+async fn round_trip<S: Sink>(s: &S) {
+    s.put("a/b/c.json", b"hello".to_vec()).await.expect("put");
+    assert_eq!(s.get("a/b/c.json", 5).await.expect("get"), b"hello");
+    assert!(
+        matches!(
+            s.get("a/b/c.json", 4).await,
+            Err(SinkError::TooLarge { len: 5, .. })
+        ),
+        "a bound smaller than the object was not enforced"
+    );
+    assert!(matches!(
+        s.get("a/b/none", 10).await,
+        Err(SinkError::NotFound { .. })
+    ));
+    s.put("a/b/c.json", b"bye".to_vec()).await.expect("replace");
+    assert_eq!(s.get("a/b/c.json", 100).await.expect("get"), b"bye");
+    for bad in ["../x", "/abs", "a//b", ".hidden", "a/./b", "sp ace"] {
+        assert!(
+            matches!(
+                s.put(bad, b"x".to_vec()).await,
+                Err(SinkError::InvalidName { .. })
+            ),
+            "{bad:?} accepted"
+        );
+    }
+    let l = s.list("a/").await.expect("list");
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert_eq!((l[0].name.as_str(), l[0].len), ("a/b/c.json", 3));
+    let age = SystemTime::now()
+        .duration_since(l[0].modified.expect("modification time"))
+        .unwrap_or_default();
+    assert!(age < Duration::from_secs(600), "modified {age:?} ago");
+}
+
+async fn create_only_commit_race<S: Sink>(s: &S) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let s = s.clone();
+        tasks.spawn(async move {
+            let body = format!("writer {i}").into_bytes();
+            (s.put_new("m/x.manifest", body.clone()).await, body)
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        match r.expect("task") {
+            (Ok(()), body) => winners.push(body),
+            (Err(SinkError::Exists { .. }), _) => {}
+            (Err(e), _) => panic!("a racer failed otherwise: {e:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "not exactly one winner");
+    assert_eq!(
+        s.get("m/x.manifest", 100).await.expect("get"),
+        winners[0],
+        "the object is not the winner's"
+    );
+    // Later writers are refused too, and the object stays as it was.
+    assert!(matches!(
+        s.put_new("m/x.manifest", b"late".to_vec()).await,
+        Err(SinkError::Exists { .. })
+    ));
+    assert_eq!(s.get("m/x.manifest", 100).await.expect("get"), winners[0]);
+    s.put_new("m/y.manifest", b"new".to_vec())
+        .await
+        .expect("a free name");
+}
+
+async fn ranged_reads_at_the_ends<S: Sink>(s: &S) {
+    let data: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(7) >> 3) as u8)
+        .collect();
+    s.put("r/obj", data.clone()).await.expect("put");
+    for (off, len) in [
+        (0u64, 1u64),
+        (99_999, 1),
+        (0, 100_000),
+        (50_000, 50_000),
+        (4095, 4097),
+    ] {
+        let got = s.get_range("r/obj", off, len).await.expect("range");
+        assert_eq!(
+            got,
+            &data[off as usize..(off + len) as usize],
+            "{off}+{len}"
+        );
+    }
+    // A reused buffer comes back exactly as long as asked.
+    let buf = s
+        .get_range_into("r/obj", 10, 20, vec![0xAA; 1 << 16])
+        .await
+        .expect("into");
+    assert_eq!(buf, &data[10..30]);
+    for (off, len) in [
+        (99_999u64, 2u64),
+        (100_000, 1),
+        (200_000, 10),
+        (u64::MAX, 2),
+    ] {
+        assert!(
+            s.get_range("r/obj", off, len).await.is_err(),
+            "a read of {len} at {off} past the end succeeded"
+        );
+    }
+    assert!(matches!(
+        s.get_range("r/none", 0, 1).await,
+        Err(SinkError::NotFound { .. })
+    ));
+}
+
+async fn listings_past_a_thousand<S: Sink>(s: &S) {
+    let n = 1100;
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in (0..n).collect::<Vec<u32>>().chunks(n as usize / 16 + 1) {
+        let (s, chunk) = (s.clone(), chunk.to_vec());
+        tasks.spawn(async move {
+            for i in chunk {
+                s.put(&format!("l/o{i:05}"), vec![1]).await.expect("put");
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("task");
+    }
+    let all = s.list("l/").await.expect("list");
+    let names: Vec<String> = all.iter().map(|o| o.name.clone()).collect();
+    let expect: Vec<String> = (0..n).map(|i| format!("l/o{i:05}")).collect();
+    assert_eq!(names, expect, "a listing of {n} objects");
+    // A prefix is a string prefix, not a directory.
+    let ten = s.list("l/o0001").await.expect("list");
+    assert_eq!(ten.len(), 10, "{ten:?}");
+    assert_eq!(s.list("l/o00011").await.expect("list").len(), 1);
+    assert!(s.list("nothing/").await.expect("list").is_empty());
+}
+
+async fn deletes_are_idempotent<S: Sink>(s: &S) {
+    s.delete("d/missing")
+        .await
+        .expect("delete of a missing object");
+    s.put("d/x", vec![1, 2, 3]).await.expect("put");
+    s.delete("d/x").await.expect("delete");
+    s.delete("d/x").await.expect("second delete");
+    assert!(matches!(
+        s.get("d/x", 10).await,
+        Err(SinkError::NotFound { .. })
+    ));
+    assert!(s.list("d/").await.expect("list").is_empty());
+}
+
+async fn large_objects_in_many_parts<S: Sink>(s: &S) {
+    // Appends of 1 MiB + 12345 out of larger buffers: about 13 MiB, several 5 MiB parts.
+    let mut r = rng();
+    let mut w = s.create("big/x.seg").await.expect("create");
+    let mut all = Vec::new();
+    for _ in 0..12 {
+        let mut buf = vec![0u8; 2 << 20];
+        r.fill(&mut buf[..]);
+        let len = (1 << 20) + 12345;
+        all.extend_from_slice(&buf[..len]);
+        let back = w.append_prefix(buf, len).await.expect("append");
+        assert_eq!(back.len(), 2 << 20, "the buffer did not come back whole");
+    }
+    assert_eq!(w.len(), all.len() as u64);
+    w.finish().await.expect("finish");
+    let l = s.list("big/").await.expect("list");
+    assert_eq!((l.len(), l[0].len), (1, all.len() as u64));
+    let part = 5u64 << 20;
+    for off in [0, part - 1, part, 2 * part - 3, all.len() as u64 - 7] {
+        let got = s.get_range("big/x.seg", off, 7).await.expect("range");
+        assert_eq!(got, &all[off as usize..off as usize + 7], "at {off}");
+    }
+    let mut off = 0;
+    while off < all.len() {
+        let len = (3 << 20).min(all.len() - off);
+        let got = s
+            .get_range("big/x.seg", off as u64, len as u64)
+            .await
+            .expect("range");
+        assert!(got == all[off..off + len], "bytes differ in {off}+{len}");
+        off += len;
+    }
+}
+
+async fn unfinished_objects_stay_invisible<S: Sink>(s: &S) {
+    let mut r = rng();
+    let mut big = vec![0u8; 6 << 20];
+    r.fill(&mut big[..]);
+    let mut w = s.create("u/aborted").await.expect("create");
+    w.append(big.clone()).await.expect("append");
+    w.abort().await;
+    let mut w = s.create("u/dropped").await.expect("create");
+    w.append(big.clone()).await.expect("append");
+    drop(w);
+    let mut w = s.create("u/small").await.expect("create");
+    w.append(b"tiny".to_vec()).await.expect("append");
+    drop(w);
+    s.put("u/done", b"kept".to_vec()).await.expect("put");
+    let names: Vec<String> = s
+        .list("u/")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    assert_eq!(names, ["u/done"], "an unfinished object is visible");
+    for n in ["u/aborted", "u/dropped", "u/small"] {
+        assert!(matches!(
+            s.get(n, 1 << 30).await,
+            Err(SinkError::NotFound { .. })
+        ));
+    }
+    // Young leftovers are someone's work in progress: never swept.
+    assert_eq!(
+        s.remove_stale_partials(Duration::from_secs(3600))
+            .await
+            .expect("sweep"),
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let swept = s
+        .remove_stale_partials(Duration::from_secs(1))
+        .await
+        .expect("sweep");
+    // The dropped multipart upload on S3 (a local writer removes its temporary file itself).
+    assert!(swept <= 1, "swept {swept}");
+    assert_eq!(
+        s.remove_stale_partials(Duration::ZERO)
+            .await
+            .expect("sweep"),
+        0,
+        "a second sweep found more (the first swept {swept})"
+    );
+    assert_eq!(s.get("u/done", 10).await.expect("kept"), b"kept");
+}
+
+/// Every check, over every backend: `$check(&sink)` on a fresh, empty sink.
+macro_rules! conformance {
+    ($($check:ident),* $(,)?) => {
+        mod local_std {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let d = tempfile::tempdir().expect("tempdir");
+                let s = LocalSink::open_with(d.path(), Some(Backend::Std)).expect("sink");
+                super::$check(&s).await;
+            })*
+        }
+        mod local_uring {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let d = tempfile::tempdir().expect("tempdir");
+                let s = LocalSink::open_with(d.path(), Some(Backend::Uring)).expect("sink");
+                super::$check(&s).await;
+            })*
+        }
+        mod s3_seaweedfs {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let prefix = format!("{}-{:08x}", stringify!($check), rng().gen::<u32>());
+                let s = seaweed().await.sink(&prefix).await;
+                super::$check(&s).await;
+            })*
+        }
+    };
+}
+
+conformance!(
+    round_trip,
+    create_only_commit_race,
+    ranged_reads_at_the_ends,
+    listings_past_a_thousand,
+    deletes_are_idempotent,
+    large_objects_in_many_parts,
+    unfinished_objects_stay_invisible,
+);
+
+/// What only a remote sink has: credentials, buckets, uploads left by a writer that died.
+mod s3_only {
+    use super::*;
+    use common::chain;
+    use libcbt::sink::s3::{S3Sink, Secret};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_credentials_fail_clearly_and_never_show_the_secret() {
+        let sw = seaweed().await;
+        let mut cfg = sw.config("creds");
+        cfg.secret_key = Secret("not-the-secret-x9q".into());
+        cfg.max_retries = 0;
+        let e = S3Sink::open(&cfg).await.expect_err("wrong secret accepted");
+        let text = format!("{e} {e:?} {}", chain(&e));
+        assert!(
+            text.contains("403")
+                || text.contains("Forbidden")
+                || text.contains("SignatureDoesNotMatch")
+                || text.contains("AccessDenied"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("not-the-secret-x9q"),
+            "the secret shows: {text}"
+        );
+        assert!(!text.contains(&sw.secret_key), "the secret shows: {text}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_bucket_is_named() {
+        let sw = seaweed().await;
+        let mut cfg = sw.config("x");
+        cfg.bucket = "no-such-bucket".into();
+        let e = S3Sink::open(&cfg).await.expect_err("missing bucket");
+        assert!(
+            matches!(&e, SinkError::Config(m) if m.contains("no-such-bucket")),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_left_by_a_dead_writer_is_swept_once_stale() {
+        let sw = seaweed().await;
+        let s = sw.sink(&format!("sweep-{:08x}", rng().gen::<u32>())).await;
+        let mut w = s.create("segments/x.seg").await.expect("create");
+        w.append(vec![7u8; 6 << 20]).await.expect("append");
+        drop(w);
+        assert_eq!(
+            s.remove_stale_partials(Duration::from_secs(3600))
+                .await
+                .expect("sweep"),
+            0
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            s.remove_stale_partials(Duration::from_secs(1))
+                .await
+                .expect("sweep"),
+            1
+        );
+        assert_eq!(
+            s.remove_stale_partials(Duration::ZERO)
+                .await
+                .expect("sweep"),
+            0
+        );
+        // Another sink's uploads (another prefix) are not this sink's to sweep.
+        let other = sw.sink(&format!("other-{:08x}", rng().gen::<u32>())).await;
+        let mut w = other.create("segments/y.seg").await.expect("create");
+        w.append(vec![7u8; 6 << 20]).await.expect("append");
+        drop(w);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            s.remove_stale_partials(Duration::ZERO)
+                .await
+                .expect("sweep"),
+            0
+        );
+        assert_eq!(
+            other
+                .remove_stale_partials(Duration::ZERO)
+                .await
+                .expect("sweep"),
+            1
+        );
+    }
+}
