@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use libcbt::engine::catalog;
 use libcbt::format::{BackupId, BackupStats, Consistency, FullReason, Level, Manifest};
 use libcbt::job;
-use libcbt::sink::local::LocalSink;
+use libcbt::sink::any::AnySink;
 use libcbt::sink::Sink;
 use libcbt::source::qemu::Requested;
 use serde::{Deserialize, Serialize};
@@ -267,7 +267,7 @@ async fn show_instance(
         if !st.sink_allowed(&s.name, c.tenant.as_deref()) {
             continue;
         }
-        let Ok(sink) = LocalSink::open(&s.path) else {
+        let Ok(Some(sink)) = st.sink(&s.name).await else {
             continue;
         };
         for d in &i.disks {
@@ -444,7 +444,7 @@ struct BackupsQuery {
 
 /// Tenant of the instance with `uuid`: from libvirt if it still exists, else from the domain
 /// XML saved with its newest backup on `sink`.
-async fn tenant_of_uuid(st: &AppState, sink: &LocalSink, uuid: &str) -> Option<String> {
+async fn tenant_of_uuid(st: &AppState, sink: &AnySink, uuid: &str) -> Option<String> {
     if let Some(src) = st.libvirt().await {
         if let Ok(Some(i)) = inventory::get(&st.cfg, &src, uuid).await {
             return i.tenant;
@@ -461,6 +461,19 @@ async fn tenant_of_uuid(st: &AppState, sink: &LocalSink, uuid: &str) -> Option<S
     inventory::tenant_for(&st.cfg, &d.name, uuid, d.project.as_deref())
 }
 
+/// The configured sink `name`: 404 when there is none, 503 when it cannot be reached.
+async fn open_sink(st: &AppState, name: &str) -> ApiResult<AnySink> {
+    match st.sink(name).await {
+        Ok(Some(s)) => Ok(s),
+        Ok(None) => Err(ApiError::not_found("sink")),
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sink_unavailable",
+            format!("sink {name}: {}", chain(&e)),
+        )),
+    }
+}
+
 /// Backups on `sink` visible to the caller, grouped by instance and backup id.
 async fn backups_on(
     st: &AppState,
@@ -468,10 +481,7 @@ async fn backups_on(
     sink_name: &str,
     instance_uuid: Option<&str>,
 ) -> ApiResult<Vec<BackupView>> {
-    let path = st
-        .sink_path(sink_name)
-        .ok_or_else(|| ApiError::not_found("sink"))?;
-    let sink = LocalSink::open(&path).map_err(ApiError::internal)?;
+    let sink = open_sink(st, sink_name).await?;
     let mut by: BTreeMap<(String, String), Vec<Manifest>> = BTreeMap::new();
     let mut tenants: BTreeMap<String, Option<String>> = BTreeMap::new();
     for d in catalog::list_disks(&sink)
@@ -678,10 +688,7 @@ async fn delete_backup(
             "a job of this instance runs on this sink",
         ));
     }
-    let path = st
-        .sink_path(&sink)
-        .ok_or_else(|| ApiError::not_found("sink"))?;
-    let s = LocalSink::open(&path).map_err(ApiError::internal)?;
+    let s = open_sink(&st, &sink).await?;
     let disks: Vec<String> = b.disks.into_iter().map(|d| d.disk).collect();
     // An incremental that depends on this backup makes it undeletable.
     for d in &disks {

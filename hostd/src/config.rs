@@ -24,8 +24,21 @@
 //!
 //! [[sink]]
 //! name = "local"
-//! path = "/srv/backups"
+//! path = "/srv/backups"                    # type = "local" (the default): a directory, NFS
 //! tenants = []                             # empty: every tenant
+//!
+//! [[sink]]
+//! name = "ceph"
+//! type = "s3"                              # Ceph RGW, SeaweedFS, AWS S3
+//! endpoint = "https://rgw.example:7480"
+//! bucket = "backups"
+//! prefix = "region1"                       # optional
+//! region = "us-east-1"                     # optional
+//! credentials_file = "/etc/cbt/ceph.cred"  # 0600: access_key = …, secret_key = …;
+//!                                          # without: AWS_ACCESS_KEY_ID/_SECRET_ACCESS_KEY
+//! ca_file = "/etc/cbt/rgw-ca.pem"          # optional: a private CA
+//! part_size_mib = 16                       # optional: multipart part size (5..5120)
+//! parts_in_flight = 4                      # optional: parts uploading at once per object
 //!
 //! [[token]]
 //! name = "orchestrator"
@@ -204,9 +217,127 @@ impl Default for Limits {
 #[serde(deny_unknown_fields)]
 pub struct SinkCfg {
     pub name: String,
-    pub path: PathBuf,
+    #[serde(default, rename = "type")]
+    pub kind: SinkKind,
+    /// `local`: the directory.
+    pub path: Option<PathBuf>,
+    /// `s3`: where and how.
+    pub endpoint: Option<String>,
+    pub bucket: Option<String>,
+    #[serde(default)]
+    pub prefix: String,
+    pub region: Option<String>,
+    pub credentials_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub part_size_mib: Option<usize>,
+    pub parts_in_flight: Option<usize>,
     #[serde(default)]
     pub tenants: Vec<String>,
+}
+
+/// The backend of a sink.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    #[default]
+    Local,
+    S3,
+}
+
+impl SinkCfg {
+    /// The directory of a local sink.
+    pub fn local_path(&self) -> Option<&Path> {
+        match self.kind {
+            SinkKind::Local => self.path.as_deref(),
+            SinkKind::S3 => None,
+        }
+    }
+
+    /// Where the sink is (validated by [`Config::validate`]).
+    pub fn address(&self) -> libcbt::sink::any::SinkAddress {
+        use libcbt::sink::any::SinkAddress;
+        match self.kind {
+            SinkKind::Local => SinkAddress::Local(self.path.clone().unwrap_or_default()),
+            SinkKind::S3 => SinkAddress::S3 {
+                endpoint: self.endpoint.clone().unwrap_or_default(),
+                bucket: self.bucket.clone().unwrap_or_default(),
+                prefix: self.prefix.clone(),
+                region: self.region.clone(),
+            },
+        }
+    }
+
+    /// The S3 settings besides the address (part size, parts in flight; defaults elsewhere).
+    pub fn s3_tuning(&self) -> libcbt::sink::s3::S3Config {
+        let d = libcbt::sink::s3::S3Config::default();
+        libcbt::sink::s3::S3Config {
+            part_size: self.part_size_mib.map_or(d.part_size, |m| m << 20),
+            parts_in_flight: self.parts_in_flight.unwrap_or(d.parts_in_flight),
+            ..d
+        }
+    }
+
+    fn validate(&self, i: usize) -> Result<(), (String, String)> {
+        let key = |k: &str| format!("sink[{i}].{k}");
+        let s3_keys = [
+            ("endpoint", self.endpoint.is_some()),
+            ("bucket", self.bucket.is_some()),
+            ("prefix", !self.prefix.is_empty()),
+            ("region", self.region.is_some()),
+            ("credentials_file", self.credentials_file.is_some()),
+            ("ca_file", self.ca_file.is_some()),
+            ("part_size_mib", self.part_size_mib.is_some()),
+            ("parts_in_flight", self.parts_in_flight.is_some()),
+        ];
+        match self.kind {
+            SinkKind::Local => {
+                if let Some((k, _)) = s3_keys.iter().find(|(_, set)| *set) {
+                    return Err((key(k), "only for type = \"s3\"".into()));
+                }
+                match &self.path {
+                    Some(p) if p.is_absolute() => {}
+                    _ => return Err((key("path"), "must be an absolute path".into())),
+                }
+            }
+            SinkKind::S3 => {
+                if self.path.is_some() {
+                    return Err((key("path"), "only for type = \"local\"".into()));
+                }
+                let e = self.endpoint.as_deref().unwrap_or_default();
+                if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() > 1024 {
+                    return Err((key("endpoint"), "an http:// or https:// URL".into()));
+                }
+                let b = self.bucket.as_deref().unwrap_or_default();
+                if b.is_empty()
+                    || b.len() > 63
+                    || !b
+                        .bytes()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-.".contains(&c))
+                {
+                    return Err((key("bucket"), "1 to 63 of [a-z0-9.-]".into()));
+                }
+                let p = self.prefix.trim_matches('/');
+                if !p.is_empty() && libcbt::sink::check_name(p).is_err() {
+                    return Err((key("prefix"), "'/'-separated [A-Za-z0-9._-] names".into()));
+                }
+                for (k, f) in [
+                    ("credentials_file", &self.credentials_file),
+                    ("ca_file", &self.ca_file),
+                ] {
+                    if f.as_ref().is_some_and(|f| !f.is_absolute()) {
+                        return Err((key(k), "must be an absolute path".into()));
+                    }
+                }
+                if self.part_size_mib.is_some_and(|m| !(5..=5120).contains(&m)) {
+                    return Err((key("part_size_mib"), "must be between 5 and 5120".into()));
+                }
+                if self.parts_in_flight.is_some_and(|n| !(1..=64).contains(&n)) {
+                    return Err((key("parts_in_flight"), "must be between 1 and 64".into()));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -362,9 +493,7 @@ impl Config {
             if !names.insert(&k.name) {
                 return Err(bad(format!("sink[{i}].name"), "duplicate sink name"));
             }
-            if !k.path.is_absolute() {
-                return Err(bad(format!("sink[{i}].path"), "must be an absolute path"));
-            }
+            k.validate(i).map_err(|(key, m)| bad(key, &m))?;
         }
         for (i, t) in self.tokens.iter().enumerate() {
             if t.sha256.len() != 64 || hex::decode(&t.sha256).is_err() {
@@ -509,6 +638,21 @@ mod tests {
         assert!(e.to_string().contains("unix_sockett"), "{e}");
         let e = parse("[[sink]]\nname = \"a/b\"\npath = \"/x\"\n").expect_err("bad name");
         assert!(e.to_string().contains("sink[0].name"), "{e}");
+        let e = parse("[[sink]]\nname = \"a\"\npath = \"/x\"\nbucket = \"b\"\n")
+            .expect_err("s3 key on a local sink");
+        assert!(e.to_string().contains("sink[0].bucket"), "{e}");
+        let s3 = "[[sink]]\nname = \"c\"\ntype = \"s3\"\nendpoint = \"http://h:1\"\n";
+        let e = parse(s3).expect_err("no bucket");
+        assert!(e.to_string().contains("sink[0].bucket"), "{e}");
+        let e = parse(&format!("{s3}bucket = \"b\"\npath = \"/x\"\n")).expect_err("path");
+        assert!(e.to_string().contains("sink[0].path"), "{e}");
+        let e = parse(&format!("{s3}bucket = \"b\"\npart_size_mib = 1\n")).expect_err("part");
+        assert!(e.to_string().contains("sink[0].part_size_mib"), "{e}");
+        let e = parse("[[sink]]\nname = \"c\"\ntype = \"swift\"\n").expect_err("type");
+        assert!(e.to_string().contains("swift"), "{e}");
+        let c = parse(&format!("{s3}bucket = \"b\"\nprefix = \"p/q\"\n")).expect("s3 sink");
+        assert_eq!(c.sinks[0].kind, SinkKind::S3);
+        assert!(c.sinks[0].local_path().is_none());
         let e =
             parse("[[token]]\nname = \"t\"\nsha256 = \"zz\"\nadmin = true\n").expect_err("hash");
         assert!(e.to_string().contains("token[0].sha256"), "{e}");

@@ -2,7 +2,6 @@
 //! back to a consistent state from its journal row before the daemon serves requests; old
 //! journal rows and sink garbage are collected hourly.
 
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +9,7 @@ use std::time::{Duration, Instant};
 use libcbt::engine::catalog;
 use libcbt::format::BackupId;
 use libcbt::job;
-use libcbt::sink::local::LocalSink;
+use libcbt::sink::any::AnySink;
 use libcbt::sink::Sink;
 use libcbt::source::libvirt::blocking;
 use serde::{Deserialize, Serialize};
@@ -31,7 +30,7 @@ pub fn start_housekeeping(st: &Arc<AppState>) {
                 return;
             }
             for s in &st.cfg.sinks {
-                if let Err(e) = collect_sink_garbage(&st, &s.path).await {
+                if let Err(e) = collect_sink_garbage(&st, &s.name).await {
                     tracing::error!(sink = %s.name, error = %e, "garbage collection failed");
                 }
             }
@@ -55,9 +54,13 @@ pub fn start_housekeeping(st: &Arc<AppState>) {
 /// sharing the sink): temporary files and unreferenced objects older than
 /// `limits.gc_grace_secs` and not covered by a live in-progress marker. A backup must finish
 /// within the grace period (24 h by default) or its objects may be collected under it.
-pub async fn collect_sink_garbage(st: &Arc<AppState>, path: &Path) -> Result<usize, String> {
+pub async fn collect_sink_garbage(st: &Arc<AppState>, name: &str) -> Result<usize, String> {
     let grace = Duration::from_secs(st.cfg.limits.gc_grace_secs);
-    let sink = LocalSink::open(path).map_err(|e| chain(&e))?;
+    let sink = match st.sink(name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(0),
+        Err(e) => return Err(chain(&e)),
+    };
     let mut n = usize::try_from(
         sink.remove_stale_partials(grace)
             .await
@@ -213,10 +216,14 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered,
     } else {
         None
     };
-    let Some(sink_dir) = st.sink_path(&row.sink) else {
-        return Ok("its sink is no longer configured; nothing on it was touched".into());
+    let sink = match st.sink(&row.sink).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Ok("its sink is no longer configured; nothing on it was touched".into())
+        }
+        // Kept pending: retried with backoff until the sink answers.
+        Err(e) => return Err(chain(&e)),
     };
-    let sink = LocalSink::open(&sink_dir).map_err(|e| e.to_string())?;
     let uuid = row.instance.clone();
     let prefix = format!("{uuid}.");
     let disks: Vec<String> = catalog::disks_with_objects(&sink)
@@ -386,7 +393,7 @@ async fn reconcile_restore(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered
 
 /// Deletes object `name` if it was written at or after `since_ms` (by the job being
 /// reconciled, not by an older job that used the name).
-async fn delete_if_written_since(sink: &LocalSink, name: &str, since_ms: u64) {
+async fn delete_if_written_since(sink: &AnySink, name: &str, since_ms: u64) {
     let since = std::time::UNIX_EPOCH + Duration::from_millis(since_ms);
     let ours = sink.list(name).await.ok().is_some_and(|l| {
         l.iter()

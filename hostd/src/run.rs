@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use libcbt::engine::{self, BackupOptions, EngineError, RestoreTarget};
 use libcbt::job::{self, JobEvent, LibvirtJob, Observer, Phase};
-use libcbt::sink::local::LocalSink;
+use libcbt::sink::any::AnySink;
 use libcbt::sink::Sink;
 use libcbt::source::libvirt::{self as lvs, blocking};
 use libcbt::source::qemu::Requested;
@@ -169,23 +169,9 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: BackupId
     });
     st.metrics.jobs_running.inc();
     let t = Instant::now();
-    let sink_dir = match st.sink_path(&sink) {
-        Some(p) => p,
-        None => {
-            st.metrics.jobs_running.dec();
-            finish(
-                &st,
-                &job,
-                JobState::Failed,
-                Some(format!("no sink {sink}")),
-                None,
-            )
-            .await;
-            return;
-        }
-    };
-    let r = match LocalSink::open(&sink_dir) {
-        Ok(s) => match work {
+    let r = match st.sink(&sink).await {
+        Ok(None) => Err((format!("no sink {sink}"), "sink")),
+        Ok(Some(s)) => match work {
             Work::Backup {
                 domain_uuid,
                 disks,
@@ -218,7 +204,7 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: BackupId
                 run_verify(&job, &s, backup_id.as_str(), &domain_uuid, &disks).await
             }
         },
-        Err(e) => Err((format!("sink {sink}: {e}"), "sink")),
+        Err(e) => Err((format!("sink {sink}: {}", chain(&e)), "sink")),
     };
     st.metrics.jobs_running.dec();
     match r {
@@ -279,7 +265,7 @@ fn job_err_kind(e: &job::JobError) -> &'static str {
 async fn run_backup(
     st: &Arc<AppState>,
     job: &Arc<Job>,
-    sink: &LocalSink,
+    sink: &AnySink,
     backup_id: &BackupId,
     uuid: &str,
     disks: Option<Vec<String>>,
@@ -445,7 +431,7 @@ pub fn reason_name(r: &libcbt::format::FullReason) -> String {
 
 async fn run_verify(
     job: &Job,
-    sink: &LocalSink,
+    sink: &AnySink,
     backup_id: &str,
     uuid: &str,
     disks: &[String],
@@ -542,7 +528,7 @@ pub(crate) fn undo_restore(ledger: &RestoreLedger) -> Vec<String> {
 async fn run_restore(
     st: &Arc<AppState>,
     job: &Arc<Job>,
-    sink: &LocalSink,
+    sink: &AnySink,
     backup_id: &str,
     uuid: &str,
     disks: &[String],

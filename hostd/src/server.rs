@@ -52,8 +52,10 @@ pub fn check(cfg: &Config) -> Result<()> {
         tls_config(c, k)?;
     }
     for s in &cfg.sinks {
-        if s.path.exists() && !s.path.is_dir() {
-            anyhow::bail!("sink {}: {} is not a directory", s.name, s.path.display());
+        if let Some(p) = s.local_path() {
+            if p.exists() && !p.is_dir() {
+                anyhow::bail!("sink {}: {} is not a directory", s.name, p.display());
+            }
         }
     }
     Ok(())
@@ -308,11 +310,14 @@ pub async fn run(cfg: Config) -> Result<()> {
         create_dirs(d, TRAVERSE_ONLY_DIR_MODE)
             .with_context(|| format!("restore_dir {}", d.display()))?;
     }
-    for k in &cfg.sinks {
-        std::fs::create_dir_all(&k.path).with_context(|| format!("sink {}", k.path.display()))?;
+    for p in cfg.sinks.iter().filter_map(|k| k.local_path()) {
+        std::fs::create_dir_all(p).with_context(|| format!("sink {}", p.display()))?;
     }
     let journal = Journal::open(&s.journal()).context("opening the job journal")?;
     let st = AppState::new(cfg.clone(), journal);
+    // Each sink opened once (an object store is probed here); one that is down is retried
+    // at its first use rather than keeping the daemon from serving the others.
+    st.open_sinks().await;
 
     // Nothing is served before what a previous life left behind is sorted out.
     let unfinished = st.journal.unfinished().context("reading the job journal")?;

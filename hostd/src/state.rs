@@ -1,12 +1,13 @@
 //! What every request and job shares.
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
+use libcbt::sink::any::AnySink;
+use libcbt::sink::SinkError;
 use libcbt::source::libvirt::LibvirtSource;
 
-use crate::config::Config;
+use crate::config::{Config, SinkCfg, SinkKind};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::registry::Jobs;
@@ -19,6 +20,8 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     libvirt: Mutex<Option<LibvirtSource>>,
     connecting: tokio::sync::Mutex<()>,
+    /// Each configured sink, opened at its first use and shared after.
+    sinks: Vec<(SinkCfg, tokio::sync::OnceCell<AnySink>)>,
 }
 
 /// How long a libvirt connect may take before the caller is told libvirt is unreachable.
@@ -28,12 +31,17 @@ impl AppState {
     pub fn new(cfg: Config, journal: Arc<Journal>) -> Arc<AppState> {
         Arc::new(AppState {
             jobs: Jobs::new(&cfg.limits),
-            cfg,
             journal,
             metrics: Metrics::new(),
             shutting_down: AtomicBool::new(false),
             libvirt: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            sinks: cfg
+                .sinks
+                .iter()
+                .map(|s| (s.clone(), tokio::sync::OnceCell::new()))
+                .collect(),
+            cfg,
         })
     }
 
@@ -90,12 +98,29 @@ impl AppState {
         c
     }
 
-    pub fn sink_path(&self, name: &str) -> Option<PathBuf> {
-        self.cfg
-            .sinks
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.path.clone())
+    /// The configured sink `name` (`Ok(None)`: no such sink), opened once and shared; an
+    /// open that failed (an object store down at start) is tried again at the next use.
+    pub async fn sink(&self, name: &str) -> Result<Option<AnySink>, SinkError> {
+        let Some((cfg, cell)) = self.sinks.iter().find(|(c, _)| c.name == name) else {
+            return Ok(None);
+        };
+        cell.get_or_try_init(|| open_sink(cfg))
+            .await
+            .cloned()
+            .map(Some)
+    }
+
+    /// Opens every configured sink once, at start; failures are logged (and retried at use).
+    pub async fn open_sinks(&self) {
+        for (cfg, _) in &self.sinks {
+            match self.sink(&cfg.name).await {
+                Ok(Some(s)) => tracing::info!(sink = %cfg.name, at = %s.describe(), "sink opened"),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(sink = %cfg.name, error = %crate::run::chain(&e), "sink unavailable")
+                }
+            }
+        }
     }
 
     /// Whether a sink may be used by `tenant` (`None`: an admin).
@@ -107,4 +132,24 @@ impl AppState {
                     || s.tenants.iter().any(|t| Some(t.as_str()) == tenant))
         })
     }
+}
+
+/// Opens the sink of `cfg`: a directory, or an S3 bucket with the credentials of its file
+/// (or of the environment) and the CA it names.
+async fn open_sink(cfg: &SinkCfg) -> Result<AnySink, SinkError> {
+    let mut tuning = cfg.s3_tuning();
+    let mut creds = None;
+    if cfg.kind == SinkKind::S3 {
+        creds = match &cfg.credentials_file {
+            Some(f) => Some(libcbt::sink::s3::read_credentials(f)?),
+            None => libcbt::sink::s3::credentials_from_env(),
+        };
+        if let Some(ca) = &cfg.ca_file {
+            tuning.ca_pem = Some(
+                std::fs::read(ca)
+                    .map_err(|e| SinkError::Config(format!("ca_file {}: {e}", ca.display())))?,
+            );
+        }
+    }
+    AnySink::open(&cfg.address(), creds, &tuning).await
 }

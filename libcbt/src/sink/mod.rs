@@ -26,6 +26,8 @@
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
+#[cfg(feature = "s3")]
+pub mod any;
 pub mod local;
 #[cfg(feature = "s3")]
 pub mod s3;

@@ -55,6 +55,57 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Reads S3 credentials from a file of two lines, `access_key = …` and `secret_key = …`
+/// (values may be quoted; `#` starts a comment). The file must not be readable by group or
+/// others: a secret in a world-readable file is refused, not used.
+pub fn read_credentials(path: &std::path::Path) -> Result<(String, Secret), SinkError> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |why: String| SinkError::Config(format!("credentials {}: {why}", path.display()));
+    let md = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if md.mode() & 0o077 != 0 {
+        return Err(bad(format!(
+            "mode {:o}: readable by others; chmod 600 it",
+            md.mode() & 0o777
+        )));
+    }
+    if md.len() > 64 << 10 {
+        return Err(bad("larger than 64 KiB".into()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let (mut key, mut secret) = (None, None);
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(bad(format!("line {}: not key = value", i + 1)));
+        };
+        let v = v.trim().trim_matches('"').to_string();
+        match k.trim() {
+            "access_key" => key = Some(v),
+            "secret_key" => secret = Some(Secret(v)),
+            // The key is named, never the value.
+            other => return Err(bad(format!("line {}: unknown key {other:?}", i + 1))),
+        }
+    }
+    match (key, secret) {
+        (Some(k), Some(s)) => Ok((k, s)),
+        _ => Err(bad("needs access_key and secret_key".into())),
+    }
+}
+
+/// S3 credentials from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, when both are set.
+pub fn credentials_from_env() -> Option<(String, Secret)> {
+    match (
+        std::env::var("AWS_ACCESS_KEY_ID"),
+        std::env::var("AWS_SECRET_ACCESS_KEY"),
+    ) {
+        (Ok(k), Ok(s)) if !k.is_empty() => Some((k, Secret(s))),
+        _ => None,
+    }
+}
+
 /// Where and how to reach the bucket.
 #[derive(Debug, Clone)]
 pub struct S3Config {
@@ -697,6 +748,23 @@ mod tests {
         assert!(parse_uploads(b"<a><Upload><Key>k</Key></Upload></a>").is_err());
         assert!(parse_uploads(b"\xff").is_err());
         assert!(parse_uploads(b"<a>").is_err());
+    }
+
+    #[test]
+    fn credential_files_are_private_and_parsed() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("cred");
+        std::fs::write(&p, "# ceph\naccess_key = AK\nsecret_key = \"s3cr3t\"\n").expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = read_credentials(&p).expect_err("world-readable");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let (k, s) = read_credentials(&p).expect("read");
+        assert_eq!((k.as_str(), s.0.as_str()), ("AK", "s3cr3t"));
+        std::fs::write(&p, "access_key = AK\nsecret = s3cr3t\n").expect("write");
+        let e = read_credentials(&p).expect_err("unknown key");
+        assert!(!e.to_string().contains("s3cr3t"), "{e}");
     }
 
     #[test]

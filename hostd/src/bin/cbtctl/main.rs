@@ -19,7 +19,7 @@ use libcbt::format::BackupId;
 use libcbt::job::{self, DiskSpec};
 use libcbt::nbd::{self, proto::tflag, Client, ConnectOptions};
 use libcbt::qmp::Qmp;
-use libcbt::sink::local::LocalSink;
+use libcbt::sink::any::{AnySink, SinkAddress};
 use libcbt::source::qemu::{QemuSource, Requested};
 
 #[derive(Parser)]
@@ -77,9 +77,8 @@ enum Command {
         /// several disks; all are frozen at one point in time.
         #[arg(long = "disk", required = true, value_parser = parse_disk)]
         disks: Vec<(String, String)>,
-        /// Sink directory (local or NFS).
-        #[arg(long)]
-        sink: PathBuf,
+        #[command(flatten)]
+        sink: SinkArgs,
         #[arg(long, value_enum, default_value = "auto")]
         level: LevelArg,
         /// Backup id (default: a UTC timestamp and 16 random bits, unique without waiting).
@@ -100,8 +99,8 @@ enum Command {
         /// Disk targets to back up (`vda` …); default: all.
         #[arg(long = "disk")]
         disks: Vec<String>,
-        #[arg(long)]
-        sink: PathBuf,
+        #[command(flatten)]
+        sink: SinkArgs,
         #[arg(long, value_enum, default_value = "auto")]
         level: LevelArg,
         #[arg(long)]
@@ -135,8 +134,8 @@ enum Command {
     },
     /// Restore a backup of a disk to a new raw or qcow2 file, or to an NBD export.
     Restore {
-        #[arg(long)]
-        sink: PathBuf,
+        #[command(flatten)]
+        sink: SinkArgs,
         #[arg(long)]
         disk: String,
         /// Backup id (default: the newest).
@@ -148,8 +147,8 @@ enum Command {
     },
     /// Check every manifest, index and frame of a backup's chain.
     Verify {
-        #[arg(long)]
-        sink: PathBuf,
+        #[command(flatten)]
+        sink: SinkArgs,
         #[arg(long)]
         disk: String,
         #[arg(long)]
@@ -157,8 +156,8 @@ enum Command {
     },
     /// Backups on a sink.
     List {
-        #[arg(long)]
-        sink: PathBuf,
+        #[command(flatten)]
+        sink: SinkArgs,
         #[arg(long)]
         disk: Option<String>,
     },
@@ -186,12 +185,45 @@ enum Command {
     },
 }
 
+/// Where the backups are: a directory, or an S3 bucket.
+#[derive(clap::Args)]
+struct SinkArgs {
+    /// A directory (local or NFS), or s3://BUCKET[/PREFIX]?endpoint=URL[&region=R].
+    #[arg(long = "sink")]
+    address: String,
+    /// S3 credentials: a 0600 file with `access_key = …` and `secret_key = …` (default:
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or anonymous).
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// PEM file of a private CA of the object store.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+impl SinkArgs {
+    async fn open(&self) -> Result<AnySink> {
+        let addr = SinkAddress::parse(&self.address)?;
+        let creds = match &self.credentials {
+            Some(f) => Some(libcbt::sink::s3::read_credentials(f)?),
+            None => libcbt::sink::s3::credentials_from_env(),
+        };
+        let mut tuning = libcbt::sink::s3::S3Config::default();
+        if let Some(ca) = &self.ca {
+            tuning.ca_pem =
+                Some(std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?);
+        }
+        AnySink::open(&addr, creds, &tuning)
+            .await
+            .with_context(|| format!("opening the sink {}", self.address))
+    }
+}
+
 fn parse_disk(s: &str) -> Result<(String, String), String> {
     let (node, disk) = s.split_once('=').ok_or("expected NODE=DISK")?;
     Ok((node.to_string(), disk.to_string()))
 }
 
-async fn newest(sink: &LocalSink, disk: &str, backup: Option<String>) -> Result<String> {
+async fn newest(sink: &AnySink, disk: &str, backup: Option<String>) -> Result<String> {
     match backup {
         Some(b) => Ok(b),
         None => Ok(catalog::latest(sink, disk)
@@ -277,7 +309,7 @@ async fn main() -> Result<()> {
             work_dir,
             tuning,
         } => {
-            let sink = LocalSink::open(&sink)?;
+            let sink = sink.open().await?;
             let q = Arc::new(
                 Qmp::connect(&qmp)
                     .await
@@ -320,7 +352,7 @@ async fn main() -> Result<()> {
             tuning,
         } => {
             use libcbt::source::libvirt::{blocking, LibvirtSource};
-            let sink = LocalSink::open(&sink)?;
+            let sink = sink.open().await?;
             let src = blocking(move || LibvirtSource::connect(&connect)).await?;
             let id = id.unwrap_or_else(BackupId::generate);
             let job = job::LibvirtJob {
@@ -399,7 +431,7 @@ async fn main() -> Result<()> {
             backup,
             to,
         } => {
-            let sink = LocalSink::open(&sink)?;
+            let sink = sink.open().await?;
             let backup = newest(&sink, &disk, backup).await?;
             let target = if let Some(p) = to.strip_prefix("raw:") {
                 RestoreTarget::RawFile(p.into())
@@ -422,7 +454,7 @@ async fn main() -> Result<()> {
             );
         }
         Command::Verify { sink, disk, backup } => {
-            let sink = LocalSink::open(&sink)?;
+            let sink = sink.open().await?;
             let backup = newest(&sink, &disk, backup).await?;
             let r = engine::verify_chain(&sink, &disk, &backup).await?;
             if json {
@@ -447,7 +479,7 @@ async fn main() -> Result<()> {
             }
         }
         Command::List { sink, disk } => {
-            let sink = LocalSink::open(&sink)?;
+            let sink = sink.open().await?;
             let disks = match disk {
                 Some(d) => vec![d],
                 None => catalog::list_disks(&sink).await?,

@@ -1,0 +1,256 @@
+//! `cbt-hostd` with an S3 sink on a real SeaweedFS (started by this binary): backups of a
+//! libvirt domain into the bucket through the API, and disaster recovery from the bucket
+//! alone: a second daemon with an empty state directory and only the sink's configuration
+//! lists the backups, restores each into a file (checked with `qemu-img compare`) and into a
+//! staging domain that runs, verifies the chain, and deletes a backup. A sink with wrong
+//! credentials is reported unavailable without its secret showing anywhere.
+
+mod support;
+
+use std::time::Duration;
+
+use hostd::client::{Client, Endpoint};
+use hostd::config::token_hash;
+use libcbt::engine::catalog;
+use libcbt::format::Manifest;
+use libcbt::sink::Sink;
+use serde_json::{json, Value};
+use support::common::lab::{assert_sink_holds_only, compare};
+use support::common::s3::{seaweed, Seaweed};
+use support::common::{rng, seed};
+use support::*;
+
+const ADMIN: &str = "admin-token-s3-0123456789";
+const WRONG_SECRET: &str = "wrong-secret-7c1e9d";
+
+/// A daemon config with the bucket as sink `obj` and a sink `bad` with a wrong secret.
+fn config(sw: &Seaweed, prefix: &str, creds_dir: &std::path::Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let write = |name: &str, secret: &str| {
+        let p = creds_dir.join(name);
+        std::fs::write(
+            &p,
+            format!("access_key = {}\nsecret_key = {secret}\n", sw.access_key),
+        )
+        .expect("credentials");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        p
+    };
+    let good = write("good.cred", &sw.secret_key);
+    let bad = write("bad.cred", WRONG_SECRET);
+    format!(
+        r#"[server]
+unix_socket = "{{dir}}/hostd.sock"
+state_dir = "{{dir}}/state"
+restore_dirs = ["{{dir}}/restores"]
+
+[[sink]]
+name = "obj"
+type = "s3"
+endpoint = "{ep}"
+bucket = "{bucket}"
+prefix = "{prefix}"
+credentials_file = "{good}"
+part_size_mib = 5
+
+[[sink]]
+name = "bad"
+type = "s3"
+endpoint = "{ep}"
+bucket = "{bucket}"
+credentials_file = "{bad}"
+
+[[token]]
+name = "admin"
+sha256 = "{hash}"
+admin = true
+"#,
+        ep = sw.endpoint,
+        bucket = sw.bucket,
+        good = good.display(),
+        bad = bad.display(),
+        hash = token_hash(ADMIN),
+    )
+}
+
+fn call(
+    rt: &tokio::runtime::Runtime,
+    c: &Client,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let r = rt
+        .block_on(c.call(method, path, body.as_ref()))
+        .expect("HTTP");
+    (r.status, r.json())
+}
+
+/// POSTs a job, expects 202, waits for its end; returns its final status.
+fn run_job(rt: &tokio::runtime::Runtime, c: &Client, path: &str, body: Value) -> Value {
+    let (s, v) = call(rt, c, "POST", path, Some(body));
+    assert_eq!(s, 202, "{v}");
+    let id = v["job"]["id"].as_str().expect("job id").to_string();
+    let t = std::time::Instant::now();
+    loop {
+        let (s, v) = call(rt, c, "GET", &format!("/v1/jobs/{id}"), None);
+        assert_eq!(s, 200, "{v}");
+        let state = v["job"]["state"].as_str().unwrap_or_default().to_string();
+        if !matches!(state.as_str(), "queued" | "running") {
+            return v["job"].clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "job {id} did not end: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn backups_to_s3_and_disaster_recovery_from_the_bucket_alone() {
+    let _g = serial();
+    let rt = rt();
+    let sw = rt.block_on(seaweed());
+    let mut r = rng(seed("s3_dr"));
+    let dom = Dom::bare(
+        "s3dr",
+        &[Disk {
+            target: "vda",
+            format: "qcow2",
+            size: 64 * MIB,
+        }],
+    );
+    let prefix = format!("dr-{}", std::process::id());
+    let creds = shared_dir();
+    let cfg = config(sw, &prefix, creds.path());
+
+    // --- the first host: two backups of the domain into the bucket ---
+    let h1 = Hostd::start(&cfg);
+    let c1 = Client::new(Endpoint::Unix(h1.socket()), Some(ADMIN.into()));
+    let mut refs = Vec::new();
+    for id in ["s1", "s2"] {
+        dom.scatter("vda", 64 * MIB, 10, &mut r);
+        let reference = dom.reference("vda", id);
+        let last = run_job(
+            &rt,
+            &c1,
+            "/v1/backups",
+            json!({"instance": dom.name, "sink": "obj", "backup_id": id}),
+        );
+        assert_eq!(last["state"], "succeeded", "{last}\n{}", h1.log());
+        refs.push((id, reference));
+    }
+    // The sink with the wrong secret: unavailable, said so, the secret nowhere.
+    let (s, v) = call(&rt, &c1, "GET", "/v1/backups?sink=bad", None);
+    assert_eq!(s, 503, "{v}");
+    assert!(!v.to_string().contains(WRONG_SECRET), "{v}");
+    let failed = run_job(
+        &rt,
+        &c1,
+        "/v1/backups",
+        json!({"instance": dom.name, "sink": "bad"}),
+    );
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(!failed.to_string().contains(WRONG_SECRET), "{failed}");
+    let log1 = h1.log();
+    drop(h1);
+    assert!(log1.contains("sink unavailable"), "{log1}");
+    assert!(
+        !log1.contains(WRONG_SECRET) && !log1.contains(&sw.secret_key),
+        "{log1}"
+    );
+
+    // The bucket holds exactly the two committed backups.
+    let bucket = rt.block_on(sw.sink(&prefix));
+    let disk = dom.disk_id("vda");
+    let manifests: Vec<Manifest> = rt
+        .block_on(catalog::list_backups(&bucket, &disk))
+        .expect("catalog");
+    assert_eq!(
+        manifests
+            .iter()
+            .map(|m| m.backup_id.as_str())
+            .collect::<Vec<_>>(),
+        ["s1", "s2"]
+    );
+    rt.block_on(assert_sink_holds_only(
+        &bucket,
+        &manifests.iter().collect::<Vec<_>>(),
+    ));
+
+    // --- disaster recovery: a new host, an empty state directory, the sink's config only ---
+    // (Hostd::start gives the daemon a directory of its own: its state directory is new.)
+    let h2 = Hostd::start(&cfg);
+    let c2 = Client::new(Endpoint::Unix(h2.socket()), Some(ADMIN.into()));
+    let uuid = dom.uuid();
+    let (s, v) = call(
+        &rt,
+        &c2,
+        "GET",
+        &format!("/v1/backups?sink=obj&instance={uuid}"),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    let listed: Vec<&str> = v["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .filter_map(|b| b["backup_id"].as_str())
+        .collect();
+    assert_eq!(listed, ["s1", "s2"], "{v}");
+    let restores = h2.dir.path().join("restores");
+    for (id, reference) in &refs {
+        let out = restores.join(format!("{id}.raw"));
+        let last = run_job(
+            &rt,
+            &c2,
+            "/v1/restores",
+            json!({"instance": uuid, "sink": "obj", "backup_id": id,
+                   "target": {"type": "file", "path": out}}),
+        );
+        assert_eq!(last["state"], "succeeded", "{last}\n{}", h2.log());
+        compare(&out, reference);
+    }
+    let last = run_job(
+        &rt,
+        &c2,
+        "/v1/verifications",
+        json!({"instance": uuid, "sink": "obj", "backup_id": "s2"}),
+    );
+    assert_eq!(last["state"], "succeeded", "{last}");
+    // A staging copy of the domain from the XML saved in the bucket, running.
+    let staging = format!("{}-dr", dom.name);
+    let last = run_job(
+        &rt,
+        &c2,
+        "/v1/restores",
+        json!({"instance": uuid, "sink": "obj", "backup_id": "s2",
+               "target": {"type": "domain", "name": staging, "start": true}}),
+    );
+    assert_eq!(last["state"], "succeeded", "{last}\n{}", h2.log());
+    assert!(virsh(&["domstate", &staging]).contains("running"));
+    let _ = virsh_ok(&["destroy", &staging]);
+    let _ = virsh_ok(&["undefine", &staging]);
+    // Deleting the newest backup removes its objects from the bucket, and only those.
+    let (s, v) = call(
+        &rt,
+        &c2,
+        "DELETE",
+        &format!("/v1/backups/obj/s2?instance={uuid}"),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    let left: Vec<Manifest> = rt
+        .block_on(catalog::list_backups(&bucket, &disk))
+        .expect("catalog");
+    assert_eq!(left.len(), 1);
+    rt.block_on(assert_sink_holds_only(
+        &bucket,
+        &left.iter().collect::<Vec<_>>(),
+    ));
+    assert!(rt
+        .block_on(bucket.list("inprogress/"))
+        .expect("list")
+        .is_empty());
+}
