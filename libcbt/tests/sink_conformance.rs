@@ -152,6 +152,26 @@ async fn listings_past_a_thousand<S: Sink>(s: &S) {
     assert!(s.list("nothing/").await.expect("list").is_empty());
 }
 
+async fn first_objects_and_directories<S: Sink>(s: &S) {
+    for n in ["x/a/1", "x/a/2", "x/b/c/3", "x/file", "xy/z"] {
+        s.put(n, vec![0]).await.expect("put");
+    }
+    assert_eq!(s.list_dirs("x/").await.expect("dirs"), ["a", "b"]);
+    assert_eq!(s.list_dirs("x/b/").await.expect("dirs"), ["c"]);
+    assert!(s.list_dirs("none/").await.expect("dirs").is_empty());
+    let first =
+        |v: Vec<libcbt::sink::ObjectInfo>| v.into_iter().map(|o| o.name).collect::<Vec<_>>();
+    assert_eq!(
+        first(s.list_first("x/a/", 1).await.expect("first")),
+        ["x/a/1"]
+    );
+    assert_eq!(
+        first(s.list_first("x/", 100).await.expect("first")),
+        ["x/a/1", "x/a/2", "x/b/c/3", "x/file"]
+    );
+    assert!(s.list_first("x/q", 5).await.expect("first").is_empty());
+}
+
 async fn deletes_are_idempotent<S: Sink>(s: &S) {
     s.delete("d/missing")
         .await
@@ -290,6 +310,7 @@ conformance!(
     create_only_commit_race,
     ranged_reads_at_the_ends,
     listings_past_a_thousand,
+    first_objects_and_directories,
     deletes_are_idempotent,
     large_objects_in_many_parts,
     unfinished_objects_stay_invisible,

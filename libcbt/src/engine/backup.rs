@@ -375,10 +375,17 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
         crc32: crc32fast::hash(&index_bytes),
     };
     let mut index_written = false;
+    let finished = now_ms();
+    let recent = layout::recent_name(&job.disk, finished, &job.backup_id);
+    let mut recent_written = false;
     let commit = async {
-        // Create-only, both: an id that is taken fails here rather than replace a backup.
+        // Create-only, all: an id that is taken fails here rather than replace a backup.
         sink.put_new(&index_ref.name, index_bytes).await?;
         index_written = true;
+        // Before the manifest: the newest committed backup always has its entry (an entry
+        // without a manifest is skipped by readers and collected with the orphans).
+        sink.put_new(&recent, Vec::new()).await?;
+        recent_written = true;
         let manifest = Manifest {
             format_version: u32::from(segment::FORMAT_VERSION),
             backup_id: job.backup_id.clone(),
@@ -393,7 +400,7 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
             freeze_ms: job.freeze_ms,
             warnings: job.warnings.clone(),
             started_unix_ms: started,
-            finished_unix_ms: now_ms(),
+            finished_unix_ms: finished,
             stats: stats.clone(),
             index: index_ref.clone(),
             segments: segments
@@ -416,6 +423,9 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
         Err(e) => {
             if index_written {
                 let _ = sink.delete(&index_ref.name).await;
+            }
+            if recent_written {
+                let _ = sink.delete(&recent).await;
             }
             for s in &segments {
                 let _ = sink.delete(&format::segment_name(&job.disk, *s)).await;

@@ -29,21 +29,10 @@ pub async fn list_backups<S: Sink>(sink: &S, disk: &str) -> Result<Vec<Manifest>
     Ok(out)
 }
 
-/// Disks that have backups on the sink.
+/// Disks that have objects on the sink: one delimiter listing (a request per 1,000 disks on
+/// an object store), never a listing of their backups or segments.
 pub async fn list_disks<S: Sink>(sink: &S) -> Result<Vec<String>, EngineError> {
-    let mut disks: Vec<String> = sink
-        .list("disks/")
-        .await?
-        .into_iter()
-        .filter_map(|o| {
-            o.name
-                .strip_prefix("disks/")
-                .and_then(|r| r.split('/').next())
-                .map(String::from)
-        })
-        .collect();
-    disks.dedup();
-    Ok(disks)
+    Ok(sink.list_dirs("disks/").await?)
 }
 
 /// Disks with anything on the sink: objects under `disks/` or only an in-progress marker (a
@@ -60,9 +49,58 @@ pub async fn disks_with_objects<S: Sink>(sink: &S) -> Result<Vec<String>, Engine
     Ok(disks)
 }
 
+/// Recency entries read to find the newest backup before reading every manifest instead.
+const RECENT_LOOKAHEAD: usize = 16;
+
 /// The newest committed backup of `disk`: the parent of the next incremental.
+///
+/// Costs one listing and one manifest read whatever the history's length: the recency
+/// entries (`layout::recent_name`) sort newest first, and each is written before its
+/// manifest, so the first entry whose manifest exists (and names the same finish time) is the
+/// newest commit. Entries of backups that never committed are skipped; a disk without entries
+/// (written before they existed) or with only such entries up front is read in full.
 pub async fn latest<S: Sink>(sink: &S, disk: &str) -> Result<Option<Manifest>, EngineError> {
+    let entries = sink
+        .list_first(&layout::recent_prefix(disk), RECENT_LOOKAHEAD)
+        .await?;
+    for e in &entries {
+        let Some((finished, id)) = layout::parse_recent(disk, &e.name) else {
+            continue;
+        };
+        if let Some(m) = read_manifest(sink, disk, &id).await? {
+            if m.finished_unix_ms == finished {
+                return Ok(Some(m));
+            }
+        }
+    }
     Ok(list_backups(sink, disk).await?.pop())
+}
+
+/// The manifest of backup `backup` of `disk`, if it is committed.
+pub async fn read_manifest<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+) -> Result<Option<Manifest>, EngineError> {
+    let name = format::manifest_name(disk, backup);
+    let bytes = match sink.get(&name, format::manifest::MAX_MANIFEST as u64).await {
+        Ok(b) => b,
+        Err(crate::sink::SinkError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let m = Manifest::decode(&bytes).map_err(|source| EngineError::Corrupt {
+        object: name.clone(),
+        pos: 0,
+        source,
+    })?;
+    if m.disk != disk || m.backup_id != backup {
+        return Err(EngineError::Mismatch {
+            object: name,
+            pos: 0,
+            what: "manifest names another backup or disk",
+        });
+    }
+    Ok(Some(m))
 }
 
 /// Removes one committed backup of `disk`: the manifest first (so a crash in between leaves
@@ -83,6 +121,9 @@ pub async fn forget_backup<S: Sink>(
     };
     sink.delete(&name).await?;
     let mut gone = vec![name];
+    let recent = layout::recent_name(disk, m.finished_unix_ms, backup);
+    sink.delete(&recent).await?;
+    gone.push(recent);
     sink.delete(&m.index.name).await?;
     gone.push(m.index.name.clone());
     for s in &m.segments {
@@ -119,6 +160,7 @@ async fn referenced<S: Sink>(
     let mut used = std::collections::BTreeSet::new();
     for m in list_backups(sink, disk).await? {
         used.insert(format::manifest_name(disk, &m.backup_id));
+        used.insert(layout::recent_name(disk, m.finished_unix_ms, &m.backup_id));
         used.insert(m.index.name.clone());
         used.extend(m.segments.iter().cloned());
     }
@@ -242,6 +284,13 @@ pub async fn abandon_backup<S: Sink>(
                 .map(|o| o.name),
         );
     }
+    doomed.extend(
+        sink.list(&layout::recent_prefix(disk))
+            .await?
+            .into_iter()
+            .filter(|o| layout::parse_recent(disk, &o.name).is_some_and(|(_, id)| id == backup))
+            .map(|o| o.name),
+    );
     for n in doomed {
         if !used.contains(&n) {
             sink.delete(&n).await?;

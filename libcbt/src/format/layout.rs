@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | segment | `disks/<disk>/segments/<segment-id:032x>.seg` | once, then immutable |
 //! | index | `disks/<disk>/backups/<backup-id>.idx` | create-only, before the manifest |
+//! | recency entry | `disks/<disk>/recent/<u64::MAX - finished-ms:020>-<backup-id>` (empty) | create-only, just before the manifest: newest first in name order, so the newest backup is found with one listing request |
 //! | manifest | `disks/<disk>/backups/<backup-id>.manifest` | create-only, last: its presence is the commit |
 //! | in-progress marker | `inprogress/<disk>/<backup-id>.json` | create-only, before the first segment; deleted after the commit or the rollback |
 //! | domain XML | `domains/<domain-uuid>/<backup-id>.xml` | create-only, before the disks (libvirt jobs) |
@@ -46,6 +47,31 @@ pub fn index_name(disk: &str, backup: &str) -> String {
     format!("disks/{disk}/backups/{backup}.idx")
 }
 
+/// Prefix of the recency entries of `disk`.
+pub fn recent_prefix(disk: &str) -> String {
+    format!("disks/{disk}/recent/")
+}
+
+/// Object name of the recency entry of a backup of `disk` that finished at `finished_ms`:
+/// entries sort newest first.
+pub fn recent_name(disk: &str, finished_ms: u64, backup: &str) -> String {
+    format!(
+        "disks/{disk}/recent/{:020}-{backup}",
+        u64::MAX - finished_ms
+    )
+}
+
+/// The finish time and backup id a recency entry names (`None`: not one).
+pub fn parse_recent(disk: &str, name: &str) -> Option<(u64, String)> {
+    let rest = name.strip_prefix(&recent_prefix(disk))?;
+    let (inv, backup) = rest.split_once('-')?;
+    if inv.len() != 20 || backup.is_empty() {
+        return None;
+    }
+    let inv: u64 = inv.parse().ok()?;
+    Some((u64::MAX - inv, backup.to_string()))
+}
+
 /// Object name of a backup's manifest.
 pub fn manifest_name(disk: &str, backup: &str) -> String {
     format!("disks/{disk}/backups/{backup}.manifest")
@@ -74,6 +100,23 @@ pub fn job_record_name(domain_uuid: &str, backup: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recency_entries_sort_newest_first_and_parse_back() {
+        let d = "uuid.vda";
+        let old = recent_name(d, 1_000, "b-1");
+        let new = recent_name(d, 2_000, "b-2");
+        assert!(new < old);
+        assert!(new.starts_with(&recent_prefix(d)));
+        assert_eq!(parse_recent(d, &new), Some((2_000, "b-2".into())));
+        assert_eq!(
+            parse_recent(d, &recent_name(d, 0, "x")),
+            Some((0, "x".into()))
+        );
+        assert_eq!(parse_recent(d, "disks/uuid.vda/recent/12-x"), None);
+        assert_eq!(parse_recent("other", &new), None);
+        crate::sink::check_name(&recent_name(d, u64::MAX, "a_b-c")).expect("valid name");
+    }
 
     #[test]
     fn names_are_valid_object_names_and_share_their_prefixes() {

@@ -151,6 +151,12 @@ impl Sink for AnySink {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, SinkError> {
         each!(self, s => s.list(prefix).await)
     }
+    async fn list_first(&self, prefix: &str, n: usize) -> Result<Vec<ObjectInfo>, SinkError> {
+        each!(self, s => s.list_first(prefix, n).await)
+    }
+    async fn list_dirs(&self, dir: &str) -> Result<Vec<String>, SinkError> {
+        each!(self, s => s.list_dirs(dir).await)
+    }
     async fn delete(&self, name: &str) -> Result<(), SinkError> {
         each!(self, s => s.delete(name).await)
     }

@@ -60,6 +60,25 @@ impl Backend {
 
 const TMP_PREFIX: &str = ".cbt-tmp-";
 
+/// True when a complete object (not a temporary file) lies anywhere under `dir`; stops at the
+/// first one found.
+fn holds_an_object(dir: &Path) -> bool {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() && !e.file_name().to_string_lossy().starts_with('.') => {
+                    return true
+                }
+                _ => {}
+            }
+        }
+    }
+    false
+}
+
 /// A directory sink.
 #[derive(Debug, Clone)]
 pub struct LocalSink {
@@ -338,6 +357,31 @@ impl Sink for LocalSink {
             f.read_exact_at(&mut buf, 0)
                 .map_err(|e| SinkError::io("reading", &n, e))?;
             Ok(buf)
+        })
+        .await
+    }
+
+    async fn list_dirs(&self, dir: &str) -> Result<Vec<String>, SinkError> {
+        let root = self.root.clone();
+        let dir = dir.to_string();
+        blocking("listing", &dir.clone(), move || {
+            let base = root.join(dir.trim_end_matches('/'));
+            let entries = match fs::read_dir(&base) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(SinkError::io("listing", &dir, e)),
+            };
+            let mut out = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|e| SinkError::io("listing", &dir, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                if is_dir && check_name(&name).is_ok() && holds_an_object(&entry.path()) {
+                    out.push(name);
+                }
+            }
+            out.sort();
+            Ok(out)
         })
         .await
     }

@@ -166,6 +166,38 @@ pub trait Sink: Clone + Send + Sync + 'static {
     /// Complete objects whose name starts with `prefix`, sorted by name.
     fn list(&self, prefix: &str)
         -> impl Future<Output = Result<Vec<ObjectInfo>, SinkError>> + Send;
+    /// The first `n` complete objects whose name starts with `prefix`, in name order: one
+    /// listing request on an object store for `n` up to a page (1,000).
+    fn list_first(
+        &self,
+        prefix: &str,
+        n: usize,
+    ) -> impl Future<Output = Result<Vec<ObjectInfo>, SinkError>> + Send {
+        async move {
+            let mut all = self.list(prefix).await?;
+            all.truncate(n);
+            Ok(all)
+        }
+    }
+    /// The names one level below `dir` (which ends with `/`) that hold objects: `a` and `b`
+    /// for `dir/a/x` and `dir/b/y/z`, sorted. A delimiter listing on an object store: it
+    /// never lists the objects beneath.
+    fn list_dirs(&self, dir: &str) -> impl Future<Output = Result<Vec<String>, SinkError>> + Send {
+        async move {
+            let mut out: Vec<String> = self
+                .list(dir)
+                .await?
+                .into_iter()
+                .filter_map(|o| {
+                    let rest = o.name.strip_prefix(dir)?;
+                    let (first, _) = rest.split_once('/')?;
+                    Some(first.to_string())
+                })
+                .collect();
+            out.dedup();
+            Ok(out)
+        }
+    }
     /// Deletes an object; deleting a missing object is not an error.
     fn delete(&self, name: &str) -> impl Future<Output = Result<(), SinkError>> + Send;
     /// Removes what writers that died left behind (temporary files, unfinished uploads)

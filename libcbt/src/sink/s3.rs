@@ -8,7 +8,7 @@
 //! | [`put_new`](Sink::put_new) | `PutObject` with `If-None-Match: *`; after a refusal, one `GetObject` (see below) |
 //! | [`get_range`](Sink::get_range) | one ranged `GetObject` |
 //! | [`get`](Sink::get) | `GetObject`, the size checked before the body is read |
-//! | [`list`](Sink::list) | `ListObjectsV2`, 1,000 names a page |
+//! | [`list`](Sink::list), [`list_first`](Sink::list_first), [`list_dirs`](Sink::list_dirs) | `ListObjectsV2` with the name prefix (and `max-keys`, or the `/` delimiter), 1,000 names a page |
 //! | [`delete`](Sink::delete) | `DeleteObject` |
 //! | [`remove_stale_partials`](Sink::remove_stale_partials) | `ListMultipartUploads` (pages), `AbortMultipartUpload` per stale upload |
 //!
@@ -28,8 +28,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjPath;
 use object_store::signer::{SignedUrlOptions, Signer};
@@ -325,6 +325,80 @@ impl S3Sink {
             .map_err(|_| SinkError::InvalidName { name: name.into() })
     }
 
+    /// Objects whose name starts with `prefix` (and, with `dirs`, the names one level below
+    /// it), page by page: ListObjectsV2 with the prefix as the server filters it (a string,
+    /// not a directory), at most `limit` objects, one request per 1,000.
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        dirs: bool,
+        limit: Option<usize>,
+    ) -> Result<(Vec<ObjectInfo>, Vec<String>), SinkError> {
+        let full = format!("{}{prefix}", self.inner.prefix);
+        let (mut objects, mut below) = (Vec::new(), Vec::new());
+        let mut token = None;
+        // Bounded: ten million names.
+        for _ in 0..10_000 {
+            let want = limit.map(|n| n.saturating_sub(objects.len()).clamp(1, 1000));
+            let page = self
+                .inner
+                .store
+                .list_paginated(
+                    Some(&full),
+                    PaginatedListOptions {
+                        delimiter: dirs.then(|| "/".into()),
+                        max_keys: want,
+                        page_token: token.take(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| os_err("listing", prefix, e))?;
+            objects.extend(
+                page.result
+                    .objects
+                    .iter()
+                    .filter_map(|m| self.info(prefix, m)),
+            );
+            below.extend(page.result.common_prefixes.iter().filter_map(|p| {
+                let rest = p.as_ref().strip_prefix(full.as_str())?.trim_matches('/');
+                (!rest.is_empty() && check_name(rest).is_ok()).then(|| rest.to_string())
+            }));
+            if limit.is_some_and(|n| objects.len() >= n) {
+                break;
+            }
+            match page.page_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        objects.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(n) = limit {
+            objects.truncate(n);
+        }
+        below.sort();
+        below.dedup();
+        Ok((objects, below))
+    }
+
+    /// A listed object as the sink names it, if it is one of ours under `prefix`.
+    fn info(&self, prefix: &str, m: &object_store::ObjectMeta) -> Option<ObjectInfo> {
+        let rel = m
+            .location
+            .as_ref()
+            .strip_prefix(self.inner.prefix.as_str())?;
+        if !rel.starts_with(prefix) || check_name(rel).is_err() {
+            return None;
+        }
+        Some(ObjectInfo {
+            name: rel.to_string(),
+            len: m.size,
+            modified: u64::try_from(m.last_modified.timestamp_millis())
+                .ok()
+                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+        })
+    }
+
     /// Two create-only writes of one probe object: the second must be refused.
     async fn probe(&self) -> Result<(), SinkError> {
         let name = format!(
@@ -581,41 +655,18 @@ impl Sink for S3Sink {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, SinkError> {
-        // List from the deepest directory the prefix names completely, filter by the rest.
-        let dir = prefix.rfind('/').map_or("", |i| &prefix[..i]);
-        let base = format!("{}{dir}", self.inner.prefix);
-        let base = base.trim_end_matches('/');
-        let base = if base.is_empty() {
-            None
-        } else {
-            Some(ObjPath::parse(base).map_err(|_| SinkError::InvalidName {
-                name: prefix.into(),
-            })?)
-        };
-        let mut out = Vec::new();
-        let mut s = self.inner.store.list(base.as_ref());
-        while let Some(m) = s
-            .try_next()
-            .await
-            .map_err(|e| os_err("listing", prefix, e))?
-        {
-            let key: &str = m.location.as_ref();
-            let Some(rel) = key.strip_prefix(self.inner.prefix.as_str()) else {
-                continue;
-            };
-            if !rel.starts_with(prefix) || check_name(rel).is_err() {
-                continue;
-            }
-            out.push(ObjectInfo {
-                name: rel.to_string(),
-                len: m.size,
-                modified: u64::try_from(m.last_modified.timestamp_millis())
-                    .ok()
-                    .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
-            });
+        Ok(self.list_pages(prefix, false, None).await?.0)
+    }
+
+    async fn list_first(&self, prefix: &str, n: usize) -> Result<Vec<ObjectInfo>, SinkError> {
+        if n == 0 {
+            return Ok(Vec::new());
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        Ok(self.list_pages(prefix, false, Some(n)).await?.0)
+    }
+
+    async fn list_dirs(&self, dir: &str) -> Result<Vec<String>, SinkError> {
+        Ok(self.list_pages(dir, true, None).await?.1)
     }
 
     async fn delete(&self, name: &str) -> Result<(), SinkError> {

@@ -224,6 +224,11 @@ pub async fn assert_sink_holds_only<S: libcbt::sink::Sink>(
         expect.extend(m.segments.iter().cloned());
         expect.push(m.index.name.clone());
         expect.push(libcbt::format::manifest_name(&m.disk, &m.backup_id));
+        expect.push(libcbt::format::layout::recent_name(
+            &m.disk,
+            m.finished_unix_ms,
+            &m.backup_id,
+        ));
     }
     expect.sort();
     assert_eq!(

@@ -15,6 +15,8 @@ pub struct Seaweed {
     pub access_key: String,
     pub secret_key: String,
     pub log: PathBuf,
+    /// SeaweedFS's Prometheus endpoint: the server's own count of the requests it served.
+    pub metrics: String,
     /// The watchdog shell (it outlives this process by at most half a second).
     _watchdog: std::process::Child,
     _dir: tempfile::TempDir,
@@ -37,12 +39,73 @@ impl Seaweed {
         }
     }
 
+    /// S3 requests the server has answered so far, by type (`GET`, `PUT`, `LIST`, …), from
+    /// its `SeaweedFS_s3_request_total` counters: an oracle independent of our client.
+    pub async fn requests(&self) -> std::collections::BTreeMap<String, u64> {
+        let text = http_get(&self.metrics).await;
+        let mut by = std::collections::BTreeMap::new();
+        for l in text
+            .lines()
+            .filter(|l| l.starts_with("SeaweedFS_s3_request_total{"))
+        {
+            let Some((labels, n)) = l.rsplit_once(' ') else {
+                continue;
+            };
+            let kind = labels
+                .split("type=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("?");
+            *by.entry(kind.to_string()).or_insert(0) += n.parse::<f64>().unwrap_or(0.0) as u64;
+        }
+        by
+    }
+
+    /// Requests served while `f` ran, by type, and their total.
+    pub async fn count<T>(
+        &self,
+        f: impl std::future::Future<Output = T>,
+    ) -> (T, std::collections::BTreeMap<String, u64>, u64) {
+        let before = self.requests().await;
+        let out = f.await;
+        let after = self.requests().await;
+        let mut delta = std::collections::BTreeMap::new();
+        for (k, v) in after {
+            let d = v - before.get(&k).copied().unwrap_or(0);
+            if d > 0 {
+                delta.insert(k, d);
+            }
+        }
+        let total = delta.values().sum();
+        (out, delta, total)
+    }
+
     /// A sink under a prefix of its own.
     pub async fn sink(&self, prefix: &str) -> S3Sink {
         S3Sink::open(&self.config(prefix))
             .await
             .unwrap_or_else(|e| panic!("open the S3 sink: {e:?}\n{}", tail(&self.log)))
     }
+}
+
+/// The body of a plain `GET http://127.0.0.1:PORT/PATH` (HTTP/1.0: the server closes).
+async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest.split_once('/').expect("path");
+    let mut c = tokio::net::TcpStream::connect(host).await.expect("connect");
+    c.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).await.expect("response");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    body.to_string()
 }
 
 /// Where `weed` is: on PATH, or in the scripts directory of the python3 that installed it
@@ -179,6 +242,7 @@ async fn start_seaweed() -> Seaweed {
         access_key,
         secret_key,
         log,
+        metrics: format!("http://127.0.0.1:{}/metrics", p[7]),
         _watchdog: watchdog,
         _dir: dir,
     };
