@@ -45,6 +45,11 @@ pkg-config --exists libvirt 2>/dev/null || missing+=(libvirt-dev)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || missing+=(linux-image)
 dpkg -s vagrant-libvirt >/dev/null 2>&1 || missing+=(vagrant-libvirt)
 
+# Ceph RGW for the S3 sink tests (a throwaway mon + memstore OSD + radosgw, scripts/ceph-rgw.sh).
+for t in ceph-mon ceph-osd radosgw radosgw-admin; do
+  command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+done
+
 command -v bc >/dev/null 2>&1 || missing+=(bc)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 
@@ -81,8 +86,10 @@ $SUDO apt-get install -y -qq --allow-downgrades \
   libvirt-daemon-system libvirt-dev pkg-config virtnbdbackup \
   busybox-static qemu-guest-agent cpio linux-image-amd64 \
   systemd vagrant vagrant-libvirt curl >/dev/null
+# Without recommends: the daemons and tools only (~250 MB), no manager, no dashboards.
+$SUDO apt-get install -y -qq --no-install-recommends ceph-mon ceph-osd radosgw ceph-common >/dev/null
 
-for t in "${tools[@]}" libvirtd virsh virtnbdbackup busybox qemu-ga; do
+for t in "${tools[@]}" libvirtd virsh virtnbdbackup busybox qemu-ga ceph-mon ceph-osd radosgw; do
   command -v "$t" >/dev/null 2>&1 || { echo "install-deps: $t still missing after install" >&2; exit 1; }
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || { echo "install-deps: no kernel in /boot after install" >&2; exit 1; }

@@ -16,7 +16,7 @@ use libcbt::format::Manifest;
 use libcbt::sink::Sink;
 use serde_json::{json, Value};
 use support::common::lab::{assert_sink_holds_only, compare};
-use support::common::s3::{seaweed, Seaweed};
+use support::common::s3::{ceph, seaweed, S3Server};
 use support::common::{rng, seed};
 use support::*;
 
@@ -24,7 +24,7 @@ const ADMIN: &str = "admin-token-s3-0123456789";
 const WRONG_SECRET: &str = "wrong-secret-7c1e9d";
 
 /// A daemon config with the bucket as sink `obj` and a sink `bad` with a wrong secret.
-fn config(sw: &Seaweed, prefix: &str, creds_dir: &std::path::Path) -> String {
+fn config(sw: &S3Server, prefix: &str, creds_dir: &std::path::Path) -> String {
     use std::os::unix::fs::PermissionsExt;
     let write = |name: &str, secret: &str| {
         let p = creds_dir.join(name);
@@ -108,20 +108,35 @@ fn run_job(rt: &tokio::runtime::Runtime, c: &Client, path: &str, body: Value) ->
 }
 
 #[test]
-fn backups_to_s3_and_disaster_recovery_from_the_bucket_alone() {
-    let _g = serial();
+fn seaweedfs_backups_and_disaster_recovery_from_the_bucket_alone() {
     let rt = rt();
     let sw = rt.block_on(seaweed());
+    backups_and_disaster_recovery(&rt, sw);
+}
+
+#[test]
+fn ceph_rgw_backups_and_disaster_recovery_from_the_bucket_alone() {
+    let rt = rt();
+    let sw = rt.block_on(ceph());
+    backups_and_disaster_recovery(&rt, sw);
+}
+
+fn backups_and_disaster_recovery(rt: &tokio::runtime::Runtime, sw: &S3Server) {
+    let _g = serial();
     let mut r = rng(seed("s3_dr"));
     let dom = Dom::bare(
-        "s3dr",
+        if sw.metrics.is_some() {
+            "s3dr-sw"
+        } else {
+            "s3dr-ceph"
+        },
         &[Disk {
             target: "vda",
             format: "qcow2",
             size: 64 * MIB,
         }],
     );
-    let prefix = format!("dr-{}", std::process::id());
+    let prefix = format!("dr-{}-{}", std::process::id(), dom.name);
     let creds = shared_dir();
     let cfg = config(sw, &prefix, creds.path());
 
@@ -133,7 +148,7 @@ fn backups_to_s3_and_disaster_recovery_from_the_bucket_alone() {
         dom.scatter("vda", 64 * MIB, 10, &mut r);
         let reference = dom.reference("vda", id);
         let last = run_job(
-            &rt,
+            rt,
             &c1,
             "/v1/backups",
             json!({"instance": dom.name, "sink": "obj", "backup_id": id}),
@@ -142,11 +157,11 @@ fn backups_to_s3_and_disaster_recovery_from_the_bucket_alone() {
         refs.push((id, reference));
     }
     // The sink with the wrong secret: unavailable, said so, the secret nowhere.
-    let (s, v) = call(&rt, &c1, "GET", "/v1/backups?sink=bad", None);
+    let (s, v) = call(rt, &c1, "GET", "/v1/backups?sink=bad", None);
     assert_eq!(s, 503, "{v}");
     assert!(!v.to_string().contains(WRONG_SECRET), "{v}");
     let failed = run_job(
-        &rt,
+        rt,
         &c1,
         "/v1/backups",
         json!({"instance": dom.name, "sink": "bad"}),
@@ -185,7 +200,7 @@ fn backups_to_s3_and_disaster_recovery_from_the_bucket_alone() {
     let c2 = Client::new(Endpoint::Unix(h2.socket()), Some(ADMIN.into()));
     let uuid = dom.uuid();
     let (s, v) = call(
-        &rt,
+        rt,
         &c2,
         "GET",
         &format!("/v1/backups?sink=obj&instance={uuid}"),
@@ -203,7 +218,7 @@ fn backups_to_s3_and_disaster_recovery_from_the_bucket_alone() {
     for (id, reference) in &refs {
         let out = restores.join(format!("{id}.raw"));
         let last = run_job(
-            &rt,
+            rt,
             &c2,
             "/v1/restores",
             json!({"instance": uuid, "sink": "obj", "backup_id": id,
@@ -213,7 +228,7 @@ fn backups_to_s3_and_disaster_recovery_from_the_bucket_alone() {
         compare(&out, reference);
     }
     let last = run_job(
-        &rt,
+        rt,
         &c2,
         "/v1/verifications",
         json!({"instance": uuid, "sink": "obj", "backup_id": "s2"}),
@@ -222,7 +237,7 @@ fn backups_to_s3_and_disaster_recovery_from_the_bucket_alone() {
     // A staging copy of the domain from the XML saved in the bucket, running.
     let staging = format!("{}-dr", dom.name);
     let last = run_job(
-        &rt,
+        rt,
         &c2,
         "/v1/restores",
         json!({"instance": uuid, "sink": "obj", "backup_id": "s2",
@@ -234,7 +249,7 @@ fn backups_to_s3_and_disaster_recovery_from_the_bucket_alone() {
     let _ = virsh_ok(&["undefine", &staging]);
     // Deleting the newest backup removes its objects from the bucket, and only those.
     let (s, v) = call(
-        &rt,
+        rt,
         &c2,
         "DELETE",
         &format!("/v1/backups/obj/s2?instance={uuid}"),

@@ -8,7 +8,6 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use common::s3::seaweed;
 use libcbt::sink::local::{Backend, LocalSink};
 use libcbt::sink::{ObjectWriter, Sink, SinkError};
 use rand::{Rng, SeedableRng};
@@ -272,6 +271,21 @@ async fn unfinished_objects_stay_invisible<S: Sink>(s: &S) {
     assert_eq!(s.get("u/done", 10).await.expect("kept"), b"kept");
 }
 
+/// The checks `$check` as tests of module `$m`, each on a fresh prefix of `$server`'s bucket.
+macro_rules! on_s3 {
+    ($m:ident, $server:ident, $($check:ident),*) => {
+        mod $m {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let prefix = format!("{}-{:08x}", stringify!($check), rng().gen::<u32>());
+                let s = common::s3::$server().await.sink(&prefix).await;
+                super::$check(&s).await;
+            })*
+        }
+    };
+}
+
 /// Every check, over every backend: `$check(&sink)` on a fresh, empty sink.
 macro_rules! conformance {
     ($($check:ident),* $(,)?) => {
@@ -293,15 +307,8 @@ macro_rules! conformance {
                 super::$check(&s).await;
             })*
         }
-        mod s3_seaweedfs {
-            use super::*;
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $check() {
-                let prefix = format!("{}-{:08x}", stringify!($check), rng().gen::<u32>());
-                let s = seaweed().await.sink(&prefix).await;
-                super::$check(&s).await;
-            })*
-        }
+        on_s3!(s3_seaweedfs, seaweed, $($check),*);
+        on_s3!(s3_ceph_rgw, ceph, $($check),*);
     };
 }
 
@@ -320,21 +327,19 @@ conformance!(
 mod s3_only {
     use super::*;
     use common::chain;
+    use common::s3::S3Server;
     use libcbt::sink::s3::{S3Sink, Secret};
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn wrong_credentials_fail_clearly_and_never_show_the_secret() {
-        let sw = seaweed().await;
+    pub async fn wrong_credentials_fail_clearly_and_never_show_the_secret(sw: &S3Server) {
         let mut cfg = sw.config("creds");
         cfg.secret_key = Secret("not-the-secret-x9q".into());
         cfg.max_retries = 0;
         let e = S3Sink::open(&cfg).await.expect_err("wrong secret accepted");
         let text = format!("{e} {e:?} {}", chain(&e));
         assert!(
-            text.contains("403")
-                || text.contains("Forbidden")
-                || text.contains("SignatureDoesNotMatch")
-                || text.contains("AccessDenied"),
+            ["403", "Forbidden", "SignatureDoesNotMatch", "AccessDenied"]
+                .iter()
+                .any(|w| text.contains(w)),
             "{text}"
         );
         assert!(
@@ -344,9 +349,7 @@ mod s3_only {
         assert!(!text.contains(&sw.secret_key), "the secret shows: {text}");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_missing_bucket_is_named() {
-        let sw = seaweed().await;
+    pub async fn a_missing_bucket_is_named(sw: &S3Server) {
         let mut cfg = sw.config("x");
         cfg.bucket = "no-such-bucket".into();
         let e = S3Sink::open(&cfg).await.expect_err("missing bucket");
@@ -356,20 +359,20 @@ mod s3_only {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_upload_left_by_a_dead_writer_is_swept_once_stale() {
-        let sw = seaweed().await;
+    pub async fn an_upload_left_by_a_dead_writer_is_swept_once_stale(sw: &S3Server) {
         let s = sw.sink(&format!("sweep-{:08x}", rng().gen::<u32>())).await;
         let mut w = s.create("segments/x.seg").await.expect("create");
         w.append(vec![7u8; 6 << 20]).await.expect("append");
         drop(w);
+        // Give the writer's part upload (spawned, not awaited: the writer was dropped) time
+        // to reach the server; what it left is then an unfinished multipart upload.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(
             s.remove_stale_partials(Duration::from_secs(3600))
                 .await
                 .expect("sweep"),
             0
         );
-        tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(
             s.remove_stale_partials(Duration::from_secs(1))
                 .await
@@ -402,4 +405,29 @@ mod s3_only {
             1
         );
     }
+
+    macro_rules! on_servers {
+        ($($check:ident),*) => {
+            mod seaweedfs {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    super::$check(common_s3::seaweed().await).await;
+                })*
+                use super::super::common::s3 as common_s3;
+            }
+            mod ceph_rgw {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    super::$check(common_s3::ceph().await).await;
+                })*
+                use super::super::common::s3 as common_s3;
+            }
+        };
+    }
+
+    on_servers!(
+        wrong_credentials_fail_clearly_and_never_show_the_secret,
+        a_missing_bucket_is_named,
+        an_upload_left_by_a_dead_writer_is_swept_once_stale
+    );
 }

@@ -1,6 +1,7 @@
-//! Real S3 servers for the tests of one binary: started once, on free ports of 127.0.0.1, with
-//! credentials checked, and gone when the test binary exits (a watchdog shell kills the server
-//! once our process is gone, whatever way it ended).
+//! Real S3 servers for the tests of one binary: SeaweedFS (`weed mini`) and Ceph RGW (a mon,
+//! a memstore OSD and radosgw, scripts/ceph-rgw.sh), each started once, on free ports of
+//! 127.0.0.1, with credentials checked, and gone when the test binary exits (a watchdog kills
+//! the server once our process is gone, whatever way it ended).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -8,21 +9,23 @@ use std::time::{Duration, Instant};
 
 use libcbt::sink::s3::{S3Config, S3Sink, Secret};
 
-/// A running SeaweedFS (`weed mini`) with one bucket.
-pub struct Seaweed {
+/// A running S3 server with one bucket.
+pub struct S3Server {
+    /// `SeaweedFS` or `Ceph RGW`.
+    pub kind: &'static str,
     pub endpoint: String,
     pub bucket: String,
     pub access_key: String,
     pub secret_key: String,
     pub log: PathBuf,
     /// SeaweedFS's Prometheus endpoint: the server's own count of the requests it served.
-    pub metrics: String,
+    pub metrics: Option<String>,
     /// The watchdog shell (it outlives this process by at most half a second).
     _watchdog: std::process::Child,
     _dir: tempfile::TempDir,
 }
 
-impl Seaweed {
+impl S3Server {
     /// A configuration of the bucket with objects under `prefix`; small parts, so that
     /// multipart uploads happen at test sizes.
     pub fn config(&self, prefix: &str) -> S3Config {
@@ -42,7 +45,11 @@ impl Seaweed {
     /// S3 requests the server has answered so far, by type (`GET`, `PUT`, `LIST`, …), from
     /// its `SeaweedFS_s3_request_total` counters: an oracle independent of our client.
     pub async fn requests(&self) -> std::collections::BTreeMap<String, u64> {
-        let text = http_get(&self.metrics).await;
+        let url = self
+            .metrics
+            .as_deref()
+            .expect("request counters (SeaweedFS only)");
+        let text = http_get(url).await;
         let mut by = std::collections::BTreeMap::new();
         for l in text
             .lines()
@@ -179,12 +186,97 @@ kill "$child" 2>/dev/null; wait "$child" 2>/dev/null"#;
 }
 
 /// The SeaweedFS of this test binary, started at the first call.
-pub async fn seaweed() -> &'static Seaweed {
-    static CELL: tokio::sync::OnceCell<Seaweed> = tokio::sync::OnceCell::const_new();
+pub async fn seaweed() -> &'static S3Server {
+    static CELL: tokio::sync::OnceCell<S3Server> = tokio::sync::OnceCell::const_new();
     CELL.get_or_init(start_seaweed).await
 }
 
-async fn start_seaweed() -> Seaweed {
+/// The Ceph RGW of this test binary, started at the first call.
+pub async fn ceph() -> &'static S3Server {
+    static CELL: tokio::sync::OnceCell<S3Server> = tokio::sync::OnceCell::const_new();
+    CELL.get_or_init(start_ceph).await
+}
+
+fn random_keys() -> (String, String) {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::SmallRng::from_entropy();
+    (
+        format!("CBT{:016X}", r.gen::<u64>()),
+        format!("s{:032x}", r.gen::<u128>()),
+    )
+}
+
+/// Creates the bucket, retrying until the server takes it (its readiness: a signed write).
+async fn make_bucket(sw: &S3Server, t: Instant) {
+    loop {
+        match S3Sink::create_bucket(&sw.config("")).await {
+            Ok(()) => break,
+            Err(e) if t.elapsed() > Duration::from_secs(90) => {
+                panic!("{} did not come up: {e:?}\n{}", sw.kind, tail(&sw.log))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    eprintln!(
+        "{} up at {} in {:.1} s",
+        sw.kind,
+        sw.endpoint,
+        t.elapsed().as_secs_f64()
+    );
+}
+
+async fn start_ceph() -> S3Server {
+    for t in ["ceph-mon", "ceph-osd", "radosgw", "radosgw-admin"] {
+        super::require(t);
+    }
+    let t = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("ceph-rgw.log");
+    let p = free_ports(2);
+    let (access_key, secret_key) = random_keys();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-rgw.sh");
+    let logf = std::fs::File::create(&log).expect("log");
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .arg(dir.path().join("cluster"))
+        .args([p[0].to_string(), p[1].to_string()])
+        .args([&access_key, &secret_key])
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(logf)
+        .spawn()
+        .expect("start scripts/ceph-rgw.sh");
+    let stdout = child.stdout.take().expect("stdout");
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l == "ready")
+    });
+    let ok = tokio::time::timeout(Duration::from_secs(120), ready).await;
+    assert!(
+        matches!(ok, Ok(Ok(true))),
+        "Ceph RGW did not come up\n{}",
+        tail(&log)
+    );
+    let sw = S3Server {
+        kind: "Ceph RGW",
+        endpoint: format!("http://127.0.0.1:{}", p[1]),
+        bucket: "cbt-test".into(),
+        access_key,
+        secret_key,
+        log,
+        metrics: None,
+        _watchdog: child,
+        _dir: dir,
+    };
+    make_bucket(&sw, t).await;
+    sw
+}
+
+async fn start_seaweed() -> S3Server {
     let weed = weed();
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("weed.log");
@@ -219,13 +311,7 @@ async fn start_seaweed() -> Seaweed {
     ];
     args.extend(flags.iter().zip(&p).map(|(f, port)| format!("-{f}={port}")));
     let s3_port = p[16];
-    let (access_key, secret_key) = (
-        format!("cbt{:08x}", std::process::id()),
-        format!("s{:032x}", {
-            use rand::{Rng, SeedableRng};
-            rand::rngs::SmallRng::from_entropy().gen::<u128>()
-        }),
-    );
+    let (access_key, secret_key) = random_keys();
     std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
     let watchdog = spawn_tied(
         &weed,
@@ -236,31 +322,18 @@ async fn start_seaweed() -> Seaweed {
         ],
         &log,
     );
-    let sw = Seaweed {
+    let sw = S3Server {
+        kind: "SeaweedFS",
         endpoint: format!("http://127.0.0.1:{s3_port}"),
         bucket: "cbt-test".into(),
         access_key,
         secret_key,
         log,
-        metrics: format!("http://127.0.0.1:{}/metrics", p[7]),
+        metrics: Some(format!("http://127.0.0.1:{}/metrics", p[7])),
         _watchdog: watchdog,
         _dir: dir,
     };
-    // Ready when a real, signed write succeeds: creating the bucket.
     let t = Instant::now();
-    loop {
-        match S3Sink::create_bucket(&sw.config("")).await {
-            Ok(()) => break,
-            Err(e) if t.elapsed() > Duration::from_secs(60) => {
-                panic!("SeaweedFS did not come up: {e:?}\n{}", tail(&sw.log))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-    eprintln!(
-        "SeaweedFS up at {} in {:.1} s",
-        sw.endpoint,
-        t.elapsed().as_secs_f64()
-    );
+    make_bucket(&sw, t).await;
     sw
 }
