@@ -406,6 +406,48 @@ mod s3_only {
         );
     }
 
+    /// A user over its quota (Ceph's user quota): the write fails as out of space, saying so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quota_exceeded_is_out_of_space() {
+        let sw = common::s3::ceph().await;
+        let (ak, sk) = ("QUOTAUSER0000001", "quota-secret-000000000000000001");
+        sw.radosgw_admin(&[
+            "user",
+            "create",
+            "--uid",
+            "quota",
+            "--display-name",
+            "quota",
+            "--access-key",
+            ak,
+            "--secret-key",
+            sk,
+        ]);
+        sw.radosgw_admin(&[
+            "quota",
+            "set",
+            "--quota-scope=user",
+            "--uid=quota",
+            "--max-size=1048576",
+        ]);
+        sw.radosgw_admin(&["quota", "enable", "--quota-scope=user", "--uid=quota"]);
+        let mut cfg = sw.config("");
+        cfg.bucket = "cbt-quota".into();
+        cfg.access_key = ak.into();
+        cfg.secret_key = Secret(sk.into());
+        S3Sink::create_bucket(&cfg).await.expect("bucket");
+        let s = S3Sink::open(&cfg).await.expect("open");
+        let e = s
+            .put("big", vec![1u8; 3 << 20])
+            .await
+            .expect_err("over the quota");
+        assert!(matches!(e, SinkError::NoSpace { .. }), "{e:?}");
+        assert!(chain(&e).contains("QuotaExceeded"), "{}", chain(&e));
+        s.put("small", vec![1u8; 1000])
+            .await
+            .expect("within the quota");
+    }
+
     macro_rules! on_servers {
         ($($check:ident),*) => {
             mod seaweedfs {

@@ -187,6 +187,11 @@ fn os_err(op: &'static str, name: &str, e: object_store::Error) -> SinkError {
         object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
             SinkError::Exists { name: name.into() }
         }
+        // A bucket or user quota (RGW, AWS): the sink is full, as a full disk is.
+        e if e.to_string().contains("QuotaExceeded") => SinkError::NoSpace {
+            name: name.into(),
+            source: std::io::Error::new(std::io::ErrorKind::QuotaExceeded, e),
+        },
         e => SinkError::Remote {
             op,
             name: name.into(),

@@ -20,6 +20,8 @@ pub struct S3Server {
     pub log: PathBuf,
     /// SeaweedFS's Prometheus endpoint: the server's own count of the requests it served.
     pub metrics: Option<String>,
+    /// Ceph's configuration, for `radosgw-admin`.
+    pub ceph_conf: Option<PathBuf>,
     /// The watchdog shell (it outlives this process by at most half a second).
     _watchdog: std::process::Child,
     _dir: tempfile::TempDir,
@@ -85,6 +87,16 @@ impl S3Server {
         }
         let total = delta.values().sum();
         (out, delta, total)
+    }
+
+    /// Runs `radosgw-admin ARGS` on this Ceph (panics on another server or a failure).
+    pub fn radosgw_admin(&self, args: &[&str]) -> String {
+        let conf = self.ceph_conf.as_ref().expect("a Ceph server");
+        super::run(
+            Command::new("radosgw-admin")
+                .env("CEPH_CONF", conf)
+                .args(args),
+        )
     }
 
     /// A sink under a prefix of its own.
@@ -269,6 +281,7 @@ async fn start_ceph() -> S3Server {
         secret_key,
         log,
         metrics: None,
+        ceph_conf: Some(dir.path().join("cluster/ceph.conf")),
         _watchdog: child,
         _dir: dir,
     };
@@ -330,6 +343,7 @@ async fn start_seaweed() -> S3Server {
         secret_key,
         log,
         metrics: Some(format!("http://127.0.0.1:{}/metrics", p[7])),
+        ceph_conf: None,
         _watchdog: watchdog,
         _dir: dir,
     };
