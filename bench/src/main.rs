@@ -23,6 +23,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+/// The tests' real servers (SeaweedFS, Ceph RGW), started the same way for the benchmarks.
+#[path = "../../libcbt/tests/common/mod.rs"]
+mod common;
+
 #[derive(Parser)]
 #[command(
     name = "cbt-bench",
@@ -65,6 +69,9 @@ enum Cmd {
         #[arg(long, default_value = "/var/tmp/cbt-bench")]
         workdir: PathBuf,
     },
+    /// B1 to object stores: full backups to SeaweedFS and Ceph RGW vs the local sink, and a
+    /// 7-deep chain restored from each, with request counts (servers started here).
+    S3(BackupArgs),
     /// Every scenario; a table on stdout and a JSON file.
     All {
         /// Smaller disks and fewer runs, for a smoke test.
@@ -711,15 +718,36 @@ async fn dirty_percent(uri: &str, pct: f64, rng: &mut SmallRng) -> Result<u64> {
 }
 
 fn backup_argv(qmp: &Path, sink: &Path, work: &Path, id: &str, level: &str) -> Result<Vec<String>> {
-    Ok(vec![
+    backup_to(qmp, &SinkArg::dir(sink), work, id, level)
+}
+
+/// A sink on cbtctl's command line: a directory, or an S3 URL and its credentials file.
+#[derive(Clone)]
+struct SinkArg(Vec<String>);
+
+impl SinkArg {
+    fn dir(p: &Path) -> SinkArg {
+        SinkArg(vec!["--sink".into(), p.display().to_string()])
+    }
+}
+
+fn backup_to(
+    qmp: &Path,
+    sink: &SinkArg,
+    work: &Path,
+    id: &str,
+    level: &str,
+) -> Result<Vec<String>> {
+    let mut v = vec![
         cbtctl()?,
         "backup".into(),
         "--qmp".into(),
         qmp.display().to_string(),
         "--disk".into(),
         "d0=bench".into(),
-        "--sink".into(),
-        sink.display().to_string(),
+    ];
+    v.extend(sink.0.iter().cloned());
+    v.extend([
         "--work-dir".into(),
         work.display().to_string(),
         "--id".into(),
@@ -727,22 +755,26 @@ fn backup_argv(qmp: &Path, sink: &Path, work: &Path, id: &str, level: &str) -> R
         "--level".into(),
         level.into(),
         "--json".into(),
-    ])
+    ]);
+    Ok(v)
 }
 
 fn restore_argv(sink: &Path, id: &str, out: &Path) -> Result<Vec<String>> {
-    Ok(vec![
-        cbtctl()?,
-        "restore".into(),
-        "--sink".into(),
-        sink.display().to_string(),
+    restore_from(&SinkArg::dir(sink), id, out)
+}
+
+fn restore_from(sink: &SinkArg, id: &str, out: &Path) -> Result<Vec<String>> {
+    let mut v = vec![cbtctl()?, "restore".into()];
+    v.extend(sink.0.iter().cloned());
+    v.extend([
         "--disk".into(),
         "bench".into(),
         "--backup".into(),
         id.into(),
         "--to".into(),
         format!("raw:{}", out.display()),
-    ])
+    ]);
+    Ok(v)
 }
 
 async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
@@ -911,6 +943,226 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(vec![full, incremental, restore])
+}
+
+// ---------------------------------------------------------------------------------------------
+// s3
+
+/// The credentials file of `sv` (0600), for cbtctl.
+fn credentials_file(dir: &Path, sv: &common::s3::S3Server) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(format!("{}.cred", sv.kind.replace(' ', "-")));
+    std::fs::write(
+        &p,
+        format!(
+            "access_key = {}\nsecret_key = {}\n",
+            sv.access_key, sv.secret_key
+        ),
+    )?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+    Ok(p)
+}
+
+fn s3_arg(sv: &common::s3::S3Server, prefix: &str, cred: &Path) -> SinkArg {
+    SinkArg(vec![
+        "--sink".into(),
+        format!("s3://{}/{prefix}?endpoint={}", sv.bucket, sv.endpoint),
+        "--credentials".into(),
+        cred.display().to_string(),
+    ])
+}
+
+/// Copies every object of `from` into `to` (the same backups on another sink).
+async fn copy_sink<A: libcbt::sink::Sink, B: libcbt::sink::Sink>(from: &A, to: &B) -> Result<u64> {
+    let mut bytes = 0;
+    for o in from.list("").await? {
+        let data = from.get(&o.name, o.len).await?;
+        bytes += data.len() as u64;
+        to.put(&o.name, data).await?;
+    }
+    Ok(bytes)
+}
+
+/// B1 to object stores: full backups to SeaweedFS and Ceph RGW against the local sink, and
+/// the restore of a 7-deep chain from each, alternating, with the servers' request counts.
+async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
+    let base = b1_image(&a.workdir, a.size, a.seed).await?;
+    let dir = a.workdir.join("s3-run");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let image = dir.join("disk.qcow2");
+    run_ok(
+        Command::new("cp")
+            .arg("--reflink=auto")
+            .arg(&base)
+            .arg(&image),
+    )?;
+    let (_qsd, qmp) = start_qsd(&dir, &image)?;
+    let work = dir.join("work");
+    let servers = [common::s3::seaweed().await, common::s3::ceph().await];
+    let creds: Vec<PathBuf> = servers
+        .iter()
+        .map(|sv| credentials_file(&dir, sv))
+        .collect::<Result<_>>()?;
+    let gib = a.size as f64 / f64::from(1u32 << 30);
+    let mut rng = SmallRng::seed_from_u64(a.seed ^ 0x53);
+
+    eprintln!(
+        "s3: full backups, {} alternating runs each (run 0 warms up)",
+        a.runs
+    );
+    let mut local = Vec::new();
+    let mut remote: Vec<Vec<Sample>> = vec![Vec::new(); servers.len()];
+    let mut requests = Vec::new();
+    let mut stored = serde_json::Value::Null;
+    for i in 0..=a.runs {
+        let sink = dir.join(format!("local-full-{i}"));
+        let (l, out) = measure(&backup_to(
+            &qmp,
+            &SinkArg::dir(&sink),
+            &work,
+            &format!("f{i}"),
+            "full",
+        )?)?;
+        let _ = std::fs::remove_dir_all(&sink);
+        let m: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        stored = m[0]["manifest"]["stats"].clone();
+        let mut line = format!("  run {i}: local {:.3}s", l.wall_s);
+        for (k, sv) in servers.iter().enumerate() {
+            let argv = backup_to(
+                &qmp,
+                &s3_arg(sv, &format!("full-{i}"), &creds[k]),
+                &work,
+                &format!("f{i}"),
+                "full",
+            )?;
+            let (r, by, total) = if sv.metrics.is_some() {
+                let (r, by, total) = sv.count(async { measure(&argv) }).await;
+                (r?.0, Some(by), total)
+            } else {
+                (measure(&argv)?.0, None, 0)
+            };
+            line += &format!(", {} {:.3}s", sv.kind, r.wall_s);
+            if i > 0 {
+                remote[k].push(r);
+                if let Some(by) = by {
+                    requests.push(serde_json::json!({"total": total, "by_type": by}));
+                }
+            }
+        }
+        eprintln!("{line}");
+        if i > 0 {
+            local.push(l);
+        }
+    }
+    let mut out = Vec::new();
+    let lstats = stats("cbtctl backup → local sink", local);
+    for (k, sv) in servers.iter().enumerate() {
+        let o = stats(&format!("cbtctl backup → {}", sv.kind), remote[k].clone());
+        let extra = if sv.metrics.is_some() {
+            let per = requests
+                .first()
+                .and_then(|r| r["total"].as_u64())
+                .unwrap_or(0);
+            serde_json::json!({"requests_per_backup": per, "requests_per_gib_of_disk": per as f64 / gib,
+                               "requests": requests, "stats": stored})
+        } else {
+            serde_json::json!({"stats": stored})
+        };
+        out.push(Scenario {
+            name: format!("s3-full-{}", if k == 0 { "seaweedfs" } else { "ceph" }),
+            workload: format!(
+                "{:.0} GiB qcow2 (B1), full backup to {} vs the local sink",
+                gib, sv.kind
+            ),
+            ratio_ours_over_peer: o.wall_median_s / lstats.wall_median_s,
+            ours: o,
+            peer: lstats.clone(),
+            target: "ratio ≤ 1.3, peak RSS ≤ 256 MiB".into(),
+            extra,
+        });
+    }
+
+    // A chain of a full and 6 × 1% incrementals on the local sink, copied object for object
+    // into each bucket; the newest restored from each, alternating.
+    eprintln!("s3: a 7-deep chain");
+    let chain = dir.join("local-chain");
+    for k in 0..7 {
+        if k > 0 {
+            with_live_export(&qmp, &dir, true, async |uri| {
+                dirty_percent(&uri, 1.0, &mut rng).await
+            })
+            .await?;
+        }
+        measure(&backup_to(
+            &qmp,
+            &SinkArg::dir(&chain),
+            &work,
+            &format!("c{k}"),
+            if k == 0 { "full" } else { "incremental" },
+        )?)?;
+    }
+    let from = libcbt::sink::local::LocalSink::open(&chain)?;
+    for sv in &servers {
+        let to = sv.sink("chain").await;
+        let bytes = copy_sink(&from, &to).await?;
+        eprintln!("  copied {} MiB into {}", bytes >> 20, sv.kind);
+    }
+    let restored = dir.join("restored.raw");
+    let mut local = Vec::new();
+    let mut remote: Vec<Vec<Sample>> = vec![Vec::new(); servers.len()];
+    let mut requests = Vec::new();
+    for i in 0..=a.runs {
+        let _ = std::fs::remove_file(&restored);
+        let (l, _) = measure(&restore_from(&SinkArg::dir(&chain), "c6", &restored)?)?;
+        let mut line = format!("  run {i}: local {:.3}s", l.wall_s);
+        for (k, sv) in servers.iter().enumerate() {
+            let _ = std::fs::remove_file(&restored);
+            let argv = restore_from(&s3_arg(sv, "chain", &creds[k]), "c6", &restored)?;
+            let r = if sv.metrics.is_some() {
+                let (r, by, total) = sv.count(async { measure(&argv) }).await;
+                if i > 0 {
+                    requests.push(serde_json::json!({"total": total, "by_type": by}));
+                }
+                r?.0
+            } else {
+                measure(&argv)?.0
+            };
+            line += &format!(", {} {:.3}s", sv.kind, r.wall_s);
+            if i > 0 {
+                remote[k].push(r);
+            }
+        }
+        eprintln!("{line}");
+        if i > 0 {
+            local.push(l);
+        }
+    }
+    let _ = std::fs::remove_file(&restored);
+    let lstats = stats("cbtctl restore ← local sink", local);
+    for (k, sv) in servers.iter().enumerate() {
+        let o = stats(&format!("cbtctl restore ← {}", sv.kind), remote[k].clone());
+        out.push(Scenario {
+            name: format!("s3-restore-{}", if k == 0 { "seaweedfs" } else { "ceph" }),
+            workload: format!(
+                "raw restore of the newest of full + 6 × 1% incrementals from {} vs the local sink",
+                sv.kind
+            ),
+            ratio_ours_over_peer: o.wall_median_s / lstats.wall_median_s,
+            ours: o,
+            peer: lstats.clone(),
+            target: "ratio ≤ 1.5, peak RSS ≤ 256 MiB".into(),
+            extra: if sv.metrics.is_some() {
+                serde_json::json!({"requests": requests})
+            } else {
+                serde_json::Value::Null
+            },
+        });
+    }
+    if std::env::var_os("CBT_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(out)
 }
 
 /// The scale workload: a sparse qcow2 of `size` with `pct`% allocated in 1 MiB extents spread
@@ -1506,6 +1758,11 @@ async fn main() -> Result<()> {
             print_table(&s);
             Ok(())
         }
+        Cmd::S3(a) => {
+            let s = bench_s3(&a).await?;
+            print_table(&s);
+            Ok(())
+        }
         Cmd::All {
             quick,
             out,
@@ -1547,6 +1804,7 @@ async fn main() -> Result<()> {
                 ..bk.clone()
             };
             scenarios.extend(bench_virtnbd(&vn).await?);
+            scenarios.extend(bench_s3(&bk).await?);
             scenarios.push(if quick {
                 bench_scale(64 << 30, 1.0, 1, &bk.workdir).await?
             } else {
