@@ -5,6 +5,8 @@
 # it is sent SIGTERM (or its parent, PARENT_PID, is gone), and stops radosgw, the OSD and the
 # monitor in that order (all at once takes seconds longer).
 # Usage: ceph-rgw.sh DIR MON_PORT RGW_PORT ACCESS_KEY SECRET_KEY [PARENT_PID]
+# The OSD keeps objects in memory, at most CEPH_MEMSTORE_GIB (default 4) GiB; past that, writes
+# block rather than fail. DIR is removed when the cluster stops.
 # Settings that matter (HOST-NOTES): paxos propose interval (every pool radosgw makes waits for
 # a map change: 18 s to come up without it), ms mon client mode = crc (radosgw loops on
 # auth otherwise), tcp_nodelay on beast (48 ms per GET/list without it).
@@ -38,6 +40,7 @@ mon data = $dir/mon
 [osd.0]
 osd data = $dir/osd
 osd objectstore = memstore
+memstore device bytes = $(( ${CEPH_MEMSTORE_GIB:-4} << 30 ))
 osd class load list = *
 osd class default list = *
 [client.rgw.t]
@@ -50,6 +53,7 @@ stop() {
     kill "${pids[i]}" 2>/dev/null || true
     wait "${pids[i]}" 2>/dev/null || true
   done
+  rm -rf "$dir"
   exit 0
 }
 trap stop TERM INT EXIT

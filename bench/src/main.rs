@@ -972,6 +972,14 @@ fn s3_arg(sv: &common::s3::S3Server, prefix: &str, cred: &Path) -> SinkArg {
     ])
 }
 
+/// Deletes every object of `sink`.
+async fn empty_sink<S: libcbt::sink::Sink>(sink: &S) -> Result<()> {
+    for o in sink.list("").await? {
+        sink.delete(&o.name).await?;
+    }
+    Ok(())
+}
+
 /// Copies every object of `from` into `to` (the same backups on another sink).
 async fn copy_sink<A: libcbt::sink::Sink, B: libcbt::sink::Sink>(from: &A, to: &B) -> Result<u64> {
     let mut bytes = 0;
@@ -999,7 +1007,11 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
     )?;
     let (_qsd, qmp) = start_qsd(&dir, &image)?;
     let work = dir.join("work");
-    let servers = [common::s3::seaweed().await, common::s3::ceph().await];
+    // Ceph's OSD keeps objects in memory: one full and the chain at a time (runs are emptied).
+    let servers = [
+        common::s3::seaweed().await,
+        common::s3::ceph_sized(12).await,
+    ];
     let creds: Vec<PathBuf> = servers
         .iter()
         .map(|sv| credentials_file(&dir, sv))
@@ -1043,6 +1055,7 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
                 (measure(&argv)?.0, None, 0)
             };
             line += &format!(", {} {:.3}s", sv.kind, r.wall_s);
+            empty_sink(&sv.sink(&format!("full-{i}")).await).await?;
             if i > 0 {
                 remote[k].push(r);
                 if let Some(by) = by {
@@ -1139,6 +1152,9 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
         }
     }
     let _ = std::fs::remove_file(&restored);
+    for sv in &servers {
+        empty_sink(&sv.sink("chain").await).await?;
+    }
     let lstats = stats("cbtctl restore ← local sink", local);
     for (k, sv) in servers.iter().enumerate() {
         let o = stats(&format!("cbtctl restore ← {}", sv.kind), remote[k].clone());

@@ -209,6 +209,38 @@ async fn rounds_to_s3(server: &s3::S3Server) {
     }
     let refs: Vec<&libcbt::format::Manifest> = manifests.iter().collect();
     assert_sink_holds_only(&sink, &refs).await;
+    // A byte flipped in a segment in the bucket: verify names the backup, the object and a
+    // position inside it; the restore refuses rather than write bad data.
+    let m = &manifests[0];
+    let seg = &m.segments[0];
+    let mut bytes = sink.get(seg, 1 << 30).await.expect("segment");
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x55;
+    sink.put(seg, bytes).await.expect("corrupt");
+    let report = libcbt::engine::verify_chain(&sink, &m.disk, &m.backup_id)
+        .await
+        .expect("verify runs");
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    let p = &report.problems[0];
+    assert_eq!(
+        (p.backup.as_str(), p.object.as_str()),
+        (m.backup_id.as_str(), seg.as_str())
+    );
+    assert!(p.pos > 0 && p.pos < at as u64, "position {:#x}", p.pos);
+    let out = lab.path("corrupt.raw");
+    let e = libcbt::engine::restore(
+        &sink,
+        &m.disk,
+        &m.backup_id,
+        &libcbt::engine::RestoreTarget::RawFile(out),
+        None,
+    )
+    .await
+    .expect_err("a restore of corrupt data");
+    assert!(
+        matches!(e, libcbt::engine::EngineError::Corrupt { .. }),
+        "{e:?}"
+    );
 }
 
 /// A backup id is never reused: not the newest one's, not an older one's, not one a job is

@@ -172,14 +172,16 @@ fn tail(log: &Path) -> String {
 /// Starts `args` under a watchdog that kills it once this test process is gone.
 fn spawn_tied(
     program: &Path,
+    dir: &Path,
     args: &[String],
     env: &[(&str, &str)],
     log: &Path,
 ) -> std::process::Child {
-    let script = r#"prog=$1; parent=$2; shift 2
+    // The server's directory goes with it: statics are never dropped, so no TempDir would.
+    let script = r#"prog=$1; parent=$2; dir=$3; shift 3
 "$prog" "$@" & child=$!
 while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.5; done
-kill "$child" 2>/dev/null; wait "$child" 2>/dev/null"#;
+kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; rm -rf "$dir""#;
     let logf = std::fs::File::create(log).expect("log");
     let mut c = Command::new("bash");
     c.arg("-c")
@@ -187,6 +189,7 @@ kill "$child" 2>/dev/null; wait "$child" 2>/dev/null"#;
         .arg("watchdog")
         .arg(program)
         .arg(std::process::id().to_string())
+        .arg(dir)
         .args(args)
         .stdin(Stdio::null())
         .stdout(logf.try_clone().expect("log"))
@@ -203,10 +206,15 @@ pub async fn seaweed() -> &'static S3Server {
     CELL.get_or_init(start_seaweed).await
 }
 
-/// The Ceph RGW of this test binary, started at the first call.
+/// The Ceph RGW of this test binary, started at the first call (its OSD holds up to 4 GiB).
 pub async fn ceph() -> &'static S3Server {
+    ceph_sized(4).await
+}
+
+/// [`ceph`], its OSD holding up to `gib` GiB in memory if this call starts it.
+pub async fn ceph_sized(gib: u32) -> &'static S3Server {
     static CELL: tokio::sync::OnceCell<S3Server> = tokio::sync::OnceCell::const_new();
-    CELL.get_or_init(start_ceph).await
+    CELL.get_or_init(|| start_ceph(gib)).await
 }
 
 fn random_keys() -> (String, String) {
@@ -237,7 +245,7 @@ async fn make_bucket(sw: &S3Server, t: Instant) {
     );
 }
 
-async fn start_ceph() -> S3Server {
+async fn start_ceph(memstore_gib: u32) -> S3Server {
     for t in ["ceph-mon", "ceph-osd", "radosgw", "radosgw-admin"] {
         super::require(t);
     }
@@ -250,10 +258,11 @@ async fn start_ceph() -> S3Server {
     let logf = std::fs::File::create(&log).expect("log");
     let mut child = Command::new("bash")
         .arg(&script)
-        .arg(dir.path().join("cluster"))
+        .arg(dir.path())
         .args([p[0].to_string(), p[1].to_string()])
         .args([&access_key, &secret_key])
         .arg(std::process::id().to_string())
+        .env("CEPH_MEMSTORE_GIB", memstore_gib.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(logf)
@@ -281,7 +290,7 @@ async fn start_ceph() -> S3Server {
         secret_key,
         log,
         metrics: None,
-        ceph_conf: Some(dir.path().join("cluster/ceph.conf")),
+        ceph_conf: Some(dir.path().join("ceph.conf")),
         _watchdog: child,
         _dir: dir,
     };
@@ -328,6 +337,7 @@ async fn start_seaweed() -> S3Server {
     std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
     let watchdog = spawn_tied(
         &weed,
+        dir.path(),
         &args,
         &[
             ("AWS_ACCESS_KEY_ID", &access_key),
