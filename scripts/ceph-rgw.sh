@@ -45,6 +45,10 @@ osd class load list = *
 osd class default list = *
 [client.rgw.t]
 rgw frontends = beast endpoint=127.0.0.1:$rgw_port tcp_nodelay=1
+# Deleted objects' data is freed by radosgw's garbage collector, 2 h later by default: in a
+# memory-backed OSD that fills it. Collect at once.
+rgw gc obj min wait = 0
+rgw gc processor period = 1
 CONF
 pids=()
 stop() {

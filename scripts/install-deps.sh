@@ -36,9 +36,9 @@ done
 [ -x /usr/bin/time ] || missing+=(time)
 # libvirt (daemon, virsh, and libvirt.so + pkg-config for the `virt` crate), the peer tool
 # virtnbdbackup, and the test guest: a Debian kernel, busybox, qemu-ga, cpio.
-# hostd's packaging checks (systemd-analyze, vagrant with its libvirt provider) and the demo
-# (curl).
-for t in libvirtd virtlogd virsh virtnbdbackup busybox qemu-ga cpio pkg-config systemd-analyze vagrant curl; do
+# hostd's packaging checks (systemd-analyze, vagrant with its libvirt provider), the demo
+# (curl), and rclone (the object-store peer of cbt-bench s3).
+for t in libvirtd virtlogd virsh virtnbdbackup busybox qemu-ga cpio pkg-config systemd-analyze vagrant curl rclone; do
   command -v "$t" >/dev/null 2>&1 || missing+=("$t")
 done
 pkg-config --exists libvirt 2>/dev/null || missing+=(libvirt-dev)
@@ -85,7 +85,7 @@ $SUDO apt-get install -y -qq --allow-downgrades \
   libnbd-bin nbdkit time bc python3 \
   libvirt-daemon-system libvirt-dev pkg-config virtnbdbackup \
   busybox-static qemu-guest-agent cpio linux-image-amd64 \
-  systemd vagrant vagrant-libvirt curl >/dev/null
+  systemd vagrant vagrant-libvirt curl rclone >/dev/null
 # Without recommends: the daemons and tools only (~250 MB), no manager, no dashboards.
 $SUDO apt-get install -y -qq --no-install-recommends ceph-mon ceph-osd radosgw ceph-common >/dev/null
 

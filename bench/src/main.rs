@@ -1008,10 +1008,7 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
     let (_qsd, qmp) = start_qsd(&dir, &image)?;
     let work = dir.join("work");
     // Ceph's OSD keeps objects in memory: one full and the chain at a time (runs are emptied).
-    let servers = [
-        common::s3::seaweed().await,
-        common::s3::ceph_sized(12).await,
-    ];
+    let servers = [common::s3::seaweed().await, common::s3::ceph_sized(8).await];
     let creds: Vec<PathBuf> = servers
         .iter()
         .map(|sv| credentials_file(&dir, sv))
@@ -1023,6 +1020,22 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
         "s3: full backups, {} alternating runs each (run 0 warms up)",
         a.runs
     );
+    // The peer: the same objects uploaded by rclone (what a virtnbdbackup user does after
+    // virtnbdbackup has written its directory): what the server takes to ingest these bytes.
+    let rclone_conf = dir.join("rclone.conf");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut conf = String::new();
+        for (k, sv) in servers.iter().enumerate() {
+            conf += &format!(
+                "[s{k}]\ntype = s3\nprovider = Other\nendpoint = {}\naccess_key_id = {}\nsecret_access_key = {}\n\n",
+                sv.endpoint, sv.access_key, sv.secret_key
+            );
+        }
+        std::fs::write(&rclone_conf, conf)?;
+        std::fs::set_permissions(&rclone_conf, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let mut rclone: Vec<Vec<Sample>> = vec![Vec::new(); servers.len()];
     let mut local = Vec::new();
     let mut remote: Vec<Vec<Sample>> = vec![Vec::new(); servers.len()];
     let mut requests = Vec::new();
@@ -1036,7 +1049,6 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
             &format!("f{i}"),
             "full",
         )?)?;
-        let _ = std::fs::remove_dir_all(&sink);
         let m: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         stored = m[0]["manifest"]["stats"].clone();
         let mut line = format!("  run {i}: local {:.3}s", l.wall_s);
@@ -1056,7 +1068,22 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
             };
             line += &format!(", {} {:.3}s", sv.kind, r.wall_s);
             empty_sink(&sv.sink(&format!("full-{i}")).await).await?;
+            // (rclone's AWS SDK fails on an AWS_CA_BUNDLE it cannot load for plain HTTP.)
+            let (rc, _) = measure(&[
+                "env".into(),
+                "-u".into(),
+                "AWS_CA_BUNDLE".into(),
+                "rclone".into(),
+                "--config".into(),
+                rclone_conf.display().to_string(),
+                "copy".into(),
+                sink.display().to_string(),
+                format!("s{k}:{}/rclone-{i}", sv.bucket),
+            ])?;
+            line += &format!(" (rclone {:.3}s)", rc.wall_s);
+            empty_sink(&sv.sink(&format!("rclone-{i}")).await).await?;
             if i > 0 {
+                rclone[k].push(rc);
                 remote[k].push(r);
                 if let Some(by) = by {
                     requests.push(serde_json::json!({"total": total, "by_type": by}));
@@ -1064,6 +1091,7 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
             }
         }
         eprintln!("{line}");
+        let _ = std::fs::remove_dir_all(&sink);
         if i > 0 {
             local.push(l);
         }
@@ -1082,6 +1110,14 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
         } else {
             serde_json::json!({"stats": stored})
         };
+        let rc = stats(
+            &format!("rclone copy of those objects → {}", sv.kind),
+            rclone[k].clone(),
+        );
+        let mut extra = extra;
+        extra["rclone_upload_of_the_same_objects"] = serde_json::json!({
+            "wall_median_s": rc.wall_median_s, "max_rss_mib": rc.max_rss_mib,
+            "ours_over_rclone": o.wall_median_s / rc.wall_median_s});
         out.push(Scenario {
             name: format!("s3-full-{}", if k == 0 { "seaweedfs" } else { "ceph" }),
             workload: format!(

@@ -37,7 +37,7 @@
 //! credentials_file = "/etc/cbt/ceph.cred"  # 0600: access_key = …, secret_key = …;
 //!                                          # without: AWS_ACCESS_KEY_ID/_SECRET_ACCESS_KEY
 //! ca_file = "/etc/cbt/rgw-ca.pem"          # optional: a private CA
-//! part_size_mib = 16                       # optional: multipart part size (5..5120)
+//! part_size_mib = 8                        # optional: multipart part size (5..5120)
 //! parts_in_flight = 4                      # optional: parts uploading at once per object
 //!
 //! [[token]]

@@ -126,6 +126,10 @@ pub struct S3Config {
     pub parts_in_flight: usize,
     /// One request, from connect to the last byte of the answer.
     pub request_timeout: Duration,
+    /// Sign requests without hashing their bodies (`UNSIGNED-PAYLOAD`). SigV4's payload hash
+    /// costs a SHA-256 of every byte uploaded; cbt's objects carry their own CRC-32 per frame
+    /// and per index, checked on every read, and HTTPS protects them in transit.
+    pub unsigned_payload: bool,
     /// Retries of a failed request (5xx, timeouts, connection errors), within `retry_timeout`.
     pub max_retries: usize,
     pub retry_timeout: Duration,
@@ -141,9 +145,10 @@ impl Default for S3Config {
             access_key: String::new(),
             secret_key: Secret::default(),
             ca_pem: None,
-            part_size: 16 << 20,
+            part_size: 8 << 20,
             parts_in_flight: 4,
             request_timeout: Duration::from_secs(120),
+            unsigned_payload: true,
             max_retries: 8,
             retry_timeout: Duration::from_secs(120),
         }
@@ -228,6 +233,7 @@ fn clients(cfg: &S3Config) -> Result<(AmazonS3, reqwest::Client), SinkError> {
         .with_access_key_id(&cfg.access_key)
         .with_secret_access_key(&cfg.secret_key.0)
         .with_skip_signature(anonymous)
+        .with_unsigned_payload(cfg.unsigned_payload)
         .with_allow_http(http)
         .with_virtual_hosted_style_request(false)
         .with_client_options(copts)
@@ -744,7 +750,8 @@ impl ObjectWriter for S3Writer {
                         .await
                         .map_err(|e| os_err("starting the upload of", &self.name, e))?;
                     let mut w = WriteMultipart::new_with_chunk_size(up, inner.part_size);
-                    w.write(&std::mem::take(&mut self.buf));
+                    // Handed over, not copied: the first part uploads from this buffer.
+                    w.put(std::mem::take(&mut self.buf).into());
                     self.upload = Some(w);
                 }
             }
