@@ -38,6 +38,9 @@ struct Faults {
     always_503: AtomicBool,
     /// Close every connection at once, answering nothing (a dead server).
     dead: AtomicBool,
+    /// Forward this many manifest writes (PUTs), each time dropping the connection instead
+    /// of answering.
+    cut_manifest_answer: AtomicUsize,
     /// After this many more forwarded requests, play dead (0: never).
     die_after: AtomicUsize,
     /// Requests seen and faults injected.
@@ -112,7 +115,13 @@ async fn proxy(upstream: SocketAddr, faults: Arc<Faults>) -> SocketAddr {
                             f.injected.fetch_add(1, Ordering::SeqCst);
                             return Ok(slow_down());
                         }
+                        let manifest = req.method() == hyper::Method::PUT
+                            && req.uri().path().ends_with(".manifest");
                         let r = forward(upstream, req).await;
+                        if manifest && take(&f.cut_manifest_answer) {
+                            f.injected.fetch_add(1, Ordering::SeqCst);
+                            return Err("answer cut".to_string());
+                        }
                         if f.die_after.load(Ordering::SeqCst) > 0
                             && f.die_after.fetch_sub(1, Ordering::SeqCst) == 1
                         {
@@ -256,6 +265,22 @@ async fn a_server_dying_under_a_backup_fails_it_cleanly_and_the_next_one_works()
     let ref0 = lab.path("ref-b0.raw");
     lab.reference(0, &ref0);
     backup("b0").await.expect("b0");
+    // A manifest write that reached the server but whose answers were all cut, the retries'
+    // too: the sink reports an error, yet the backup is committed; it must not be rolled back.
+    guest_writes(&lab.live[0], &mut r, 20).await;
+    let ref_c = lab.path("ref-c.raw");
+    lab.reference(0, &ref_c);
+    faults.cut_manifest_answer.store(10, Ordering::SeqCst);
+    let injected = faults.injected.load(Ordering::SeqCst);
+    backup("c1")
+        .await
+        .expect("a commit whose answer was cut is a commit");
+    assert!(
+        faults.injected.load(Ordering::SeqCst) > injected + 1,
+        "no retry was cut"
+    );
+    faults.cut_manifest_answer.store(0, Ordering::SeqCst);
+    restore_matches(&direct, "vm-d0", "c1", &ref_c).await;
     // The server goes away in the middle of the next backup's upload: after its catalog reads,
     // its marker and a few of its segments.
     guest_writes(&lab.live[0], &mut r, 60).await;
@@ -294,12 +319,13 @@ async fn a_server_dying_under_a_backup_fails_it_cleanly_and_the_next_one_works()
         .await
         .expect("catalog")
         .expect("b0");
-    assert_eq!(latest.backup_id, "b0");
+    assert_eq!(latest.backup_id, "c1");
     assert!(catalog::read_manifest(&direct, "vm-d0", "b1")
         .await
         .expect("read")
         .is_none());
     restore_matches(&direct, "vm-d0", "b0", &ref0).await;
+    restore_matches(&direct, "vm-d0", "c1", &ref_c).await;
     // The server is back: what the dead job left is removed by its marker, the next backup
     // works (an incremental on b0) and restores exactly.
     faults.dead.store(false, Ordering::SeqCst);
@@ -313,9 +339,9 @@ async fn a_server_dying_under_a_backup_fails_it_cleanly_and_the_next_one_works()
     let all = catalog::list_backups(&direct, "vm-d0").await.expect("list");
     assert_eq!(
         all.iter().map(|m| m.backup_id.as_str()).collect::<Vec<_>>(),
-        ["b0", "b2"]
+        ["b0", "c1", "b2"]
     );
-    assert_eq!(res[0].manifest.parent.as_deref(), Some("b0"));
+    assert_eq!(res[0].manifest.parent.as_deref(), Some("c1"));
     assert_sink_holds_only(&direct, &all.iter().collect::<Vec<_>>()).await;
     assert!(direct.list("inprogress/").await.expect("list").is_empty());
 }

@@ -361,7 +361,12 @@ mod s3_only {
 
     pub async fn an_upload_left_by_a_dead_writer_is_swept_once_stale(sw: &S3Server) {
         let s = sw.sink(&format!("sweep-{:08x}", rng().gen::<u32>())).await;
-        let mut w = s.create("segments/x.seg").await.expect("create");
+        const SEG: &str = "disks/d/segments/0123456789abcdef0123456789abcdef.seg";
+        let mut w = s.create(SEG).await.expect("create");
+        w.append(vec![7u8; 6 << 20]).await.expect("append");
+        drop(w);
+        // Not a segment: another writer's upload in the bucket, never ours to abort.
+        let mut w = s.create("u/foreign.bin").await.expect("create");
         w.append(vec![7u8; 6 << 20]).await.expect("append");
         drop(w);
         // Give the writer's part upload (spawned, not awaited: the writer was dropped) time
@@ -387,7 +392,7 @@ mod s3_only {
         );
         // Another sink's uploads (another prefix) are not this sink's to sweep.
         let other = sw.sink(&format!("other-{:08x}", rng().gen::<u32>())).await;
-        let mut w = other.create("segments/y.seg").await.expect("create");
+        let mut w = other.create(SEG).await.expect("create");
         w.append(vec![7u8; 6 << 20]).await.expect("append");
         drop(w);
         tokio::time::sleep(Duration::from_millis(1100)).await;

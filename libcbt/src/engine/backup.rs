@@ -378,6 +378,7 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
     let finished = now_ms();
     let recent = layout::recent_name(&job.disk, finished, &job.backup_id);
     let mut recent_written = false;
+    let mut manifest_sent = None;
     let commit = async {
         // Create-only, all: an id that is taken fails here rather than replace a backup.
         sink.put_new(&index_ref.name, index_bytes).await?;
@@ -408,6 +409,7 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
                 .map(|s| format::segment_name(&job.disk, *s))
                 .collect(),
         };
+        manifest_sent = Some(manifest.clone());
         sink.put_new(
             &format::manifest_name(&job.disk, &job.backup_id),
             manifest.encode(),
@@ -421,6 +423,26 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
             Ok(m)
         }
         Err(e) => {
+            // A manifest write that failed without a refusal (a timeout, a connection lost
+            // after the request left) may have committed the backup all the same: rolling
+            // back would delete the data of a committed backup. Only a manifest known to be
+            // absent allows the roll-back; when that cannot be known, everything stays for
+            // recovery and garbage collection (which keep what a manifest references).
+            if let Some(sent) = manifest_sent {
+                if !matches!(e, EngineError::Sink(SinkError::Exists { .. })) {
+                    match super::catalog::read_manifest(sink, &job.disk, &job.backup_id).await {
+                        Ok(Some(m)) if m == sent => {
+                            tracing::warn!(disk = %job.disk, backup = %job.backup_id, error = %e, "the manifest write failed but the manifest is there: committed");
+                            return Ok(m);
+                        }
+                        Ok(_) => {}
+                        Err(e2) => {
+                            tracing::error!(disk = %job.disk, backup = %job.backup_id, error = %e2, "whether the manifest was written is unknown: nothing rolled back");
+                            return Err(e);
+                        }
+                    }
+                }
+            }
             if index_written {
                 let _ = sink.delete(&index_ref.name).await;
             }

@@ -63,15 +63,29 @@ pub async fn latest<S: Sink>(sink: &S, disk: &str) -> Result<Option<Manifest>, E
     let entries = sink
         .list_first(&layout::recent_prefix(disk), RECENT_LOOKAHEAD)
         .await?;
+    let mut newest: Option<Manifest> = None;
     for e in &entries {
         let Some((finished, id)) = layout::parse_recent(disk, &e.name) else {
             continue;
         };
+        // Past the first commit's finish time: nothing newer follows. Within it, the largest
+        // id wins, as in list_backups.
+        if newest
+            .as_ref()
+            .is_some_and(|n| n.finished_unix_ms != finished)
+        {
+            break;
+        }
         if let Some(m) = read_manifest(sink, disk, &id).await? {
-            if m.finished_unix_ms == finished {
-                return Ok(Some(m));
+            if m.finished_unix_ms == finished
+                && newest.as_ref().is_none_or(|n| m.backup_id > n.backup_id)
+            {
+                newest = Some(m);
             }
         }
+    }
+    if newest.is_some() {
+        return Ok(newest);
     }
     Ok(list_backups(sink, disk).await?.pop())
 }

@@ -194,6 +194,7 @@ pub trait Sink: Clone + Send + Sync + 'static {
                     Some(first.to_string())
                 })
                 .collect();
+            out.sort();
             out.dedup();
             Ok(out)
         }

@@ -85,8 +85,8 @@ pub fn read_credentials(path: &std::path::Path) -> Result<(String, Secret), Sink
         match k.trim() {
             "access_key" => key = Some(v),
             "secret_key" => secret = Some(Secret(v)),
-            // The key is named, never the value.
-            other => return Err(bad(format!("line {}: unknown key {other:?}", i + 1))),
+            // Only the line: a malformed line may hold part of a secret.
+            _ => return Err(bad(format!("line {}: not access_key or secret_key", i + 1))),
         }
     }
     match (key, secret) {
@@ -348,8 +348,16 @@ impl S3Sink {
         let full = format!("{}{prefix}", self.inner.prefix);
         let (mut objects, mut below) = (Vec::new(), Vec::new());
         let mut token = None;
-        // Bounded: ten million names.
-        for _ in 0..10_000 {
+        // Bounded: ten million names; beyond, an error rather than a partial listing (garbage
+        // collection must never see a short one).
+        for page_no in 0.. {
+            if page_no == 10_000 {
+                return Err(SinkError::TooLarge {
+                    name: format!("listing of {prefix}"),
+                    len: objects.len() as u64,
+                    max: 10_000_000,
+                });
+            }
             let want = limit.map(|n| n.saturating_sub(objects.len()).clamp(1, 1000));
             let page = self
                 .inner
@@ -508,6 +516,14 @@ impl S3Sink {
         }
         parse_uploads(&body)
     }
+}
+
+/// `disks/<disk>/segments/<32 hex digits>.seg`: the only objects cbt uploads in parts.
+fn is_segment_name(rel: &str) -> bool {
+    let parts: Vec<&str> = rel.split('/').collect();
+    matches!(parts.as_slice(), ["disks", d, "segments", f]
+        if check_name(d).is_ok()
+            && f.strip_suffix(".seg").is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit())))
 }
 
 /// One page of ListMultipartUploads.
@@ -699,7 +715,9 @@ impl Sink for S3Sink {
                 let Some(rel) = key.strip_prefix(self.inner.prefix.as_str()) else {
                     continue;
                 };
-                if check_name(rel).is_err() || !super::older_than(*initiated, grace, now) {
+                // Only cbt's multipart objects, its segments: a bucket may hold other writers'
+                // uploads, and a sink's prefix may contain another sink's.
+                if !is_segment_name(rel) || !super::older_than(*initiated, grace, now) {
                     continue;
                 }
                 let path =
@@ -828,6 +846,21 @@ mod tests {
         std::fs::write(&p, "access_key = AK\nsecret = s3cr3t\n").expect("write");
         let e = read_credentials(&p).expect_err("unknown key");
         assert!(!e.to_string().contains("s3cr3t"), "{e}");
+    }
+
+    #[test]
+    fn only_segments_are_swept() {
+        assert!(is_segment_name(
+            "disks/u.vda/segments/0123456789abcdef0123456789abcdef.seg"
+        ));
+        for n in [
+            "disks/u.vda/backups/b1.manifest",
+            "disks/u.vda/segments/x.seg",
+            "other/app/file",
+            "disks/u.vda/segments/0123456789abcdef0123456789abcdef.seg/x",
+        ] {
+            assert!(!is_segment_name(n), "{n}");
+        }
     }
 
     #[test]
