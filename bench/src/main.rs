@@ -777,9 +777,11 @@ fn restore_from(sink: &SinkArg, id: &str, out: &Path) -> Result<Vec<String>> {
     Ok(v)
 }
 
-async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
+/// A fresh run directory `name` under the work dir with a copy of the B1 image, served by
+/// qemu-storage-daemon as node d0: the directory, the server, its QMP socket, a scratch dir.
+async fn b1_run(a: &BackupArgs, name: &str) -> Result<(PathBuf, Server, PathBuf, PathBuf)> {
     let base = b1_image(&a.workdir, a.size, a.seed).await?;
-    let dir = a.workdir.join("backup-run");
+    let dir = a.workdir.join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let image = dir.join("disk.qcow2");
@@ -789,8 +791,13 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
             .arg(&base)
             .arg(&image),
     )?;
-    let (_qsd, qmp) = start_qsd(&dir, &image)?;
+    let (qsd, qmp) = start_qsd(&dir, &image)?;
     let work = dir.join("work");
+    Ok((dir, qsd, qmp, work))
+}
+
+async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
+    let (dir, _qsd, qmp, work) = b1_run(a, "backup-run").await?;
     let sink = dir.join("sink");
     let raw = dir.join("nbdcopy.raw");
     let mut rng = SmallRng::seed_from_u64(a.seed ^ 0xbac);
@@ -994,19 +1001,7 @@ async fn copy_sink<A: libcbt::sink::Sink, B: libcbt::sink::Sink>(from: &A, to: &
 /// B1 to object stores: full backups to SeaweedFS and Ceph RGW against the local sink, and
 /// the restore of a 7-deep chain from each, alternating, with the servers' request counts.
 async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
-    let base = b1_image(&a.workdir, a.size, a.seed).await?;
-    let dir = a.workdir.join("s3-run");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let image = dir.join("disk.qcow2");
-    run_ok(
-        Command::new("cp")
-            .arg("--reflink=auto")
-            .arg(&base)
-            .arg(&image),
-    )?;
-    let (_qsd, qmp) = start_qsd(&dir, &image)?;
-    let work = dir.join("work");
+    let (dir, _qsd, qmp, work) = b1_run(a, "s3-run").await?;
     // Ceph's OSD keeps objects in memory: one full and the chain at a time (runs are emptied).
     let servers = [common::s3::seaweed().await, common::s3::ceph_sized(8).await];
     let creds: Vec<PathBuf> = servers

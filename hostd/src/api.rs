@@ -34,7 +34,7 @@ use crate::config::{token_hash, valid_name};
 use crate::inventory::{self, Instance};
 use crate::journal::JobKind;
 use crate::registry::{self, JobStatus, RestoreTo, Work};
-use crate::run;
+use crate::run::{self, blocking_io};
 use crate::safe_fs;
 use crate::state::AppState;
 
@@ -765,14 +765,6 @@ fn path_refused(key: &str, e: std::io::Error) -> ApiError {
         }
         _ => ApiError::bad(format!("{key}: {e}")),
     }
-}
-
-async fn blocking_io<T: Send + 'static>(
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(std::io::Error::other)?
 }
 
 async fn backup_targets(

@@ -52,8 +52,8 @@ pub fn start_housekeeping(st: &Arc<AppState>) {
 
 /// Garbage collection of one sink, safe with other writers (this daemon's jobs, other hosts
 /// sharing the sink): temporary files and unreferenced objects older than
-/// `limits.gc_grace_secs` and not covered by a live in-progress marker. A backup must finish
-/// within the grace period (24 h by default) or its objects may be collected under it.
+/// `limits.gc_grace_secs` and not covered by a live in-progress marker (a running backup
+/// renews its marker, so it may outlast the grace period).
 pub async fn collect_sink_garbage(st: &Arc<AppState>, name: &str) -> Result<usize, String> {
     let grace = Duration::from_secs(st.cfg.limits.gc_grace_secs);
     let sink = match st.sink(name).await {
@@ -237,11 +237,10 @@ async fn reconcile_backup(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered,
     let since = u64::try_from(row.created_ms).unwrap_or(0);
     let mut committed = Vec::new();
     for d in &disks {
-        if catalog::list_backups(&sink, d)
+        if catalog::read_manifest(&sink, d, &row.backup_id)
             .await
             .map_err(|e| chain(&e))?
-            .iter()
-            .any(|m| m.backup_id == row.backup_id && m.started_unix_ms >= since)
+            .is_some_and(|m| m.started_unix_ms >= since)
         {
             committed.push(d.clone());
         }

@@ -768,7 +768,7 @@ fn with_uuid(xml: &str, uuid: &str) -> String {
 }
 
 /// Runs blocking file-system work off the runtime.
-async fn blocking_io<T: Send + 'static>(
+pub(crate) async fn blocking_io<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
     tokio::task::spawn_blocking(f)

@@ -76,43 +76,6 @@ fn unix(h: &Hostd, token: Option<&str>) -> Client {
     Client::new(Endpoint::Unix(h.socket()), token.map(String::from))
 }
 
-/// Sends and returns (status, JSON body).
-fn call(
-    rt: &tokio::runtime::Runtime,
-    c: &Client,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let r = rt
-        .block_on(c.call(method, path, body.as_ref()))
-        .expect("HTTP");
-    (r.status, r.json())
-}
-
-/// Follows a job over SSE to its end; returns every status seen.
-fn follow(rt: &tokio::runtime::Runtime, c: &Client, id: &str) -> Vec<Value> {
-    let mut seen = Vec::new();
-    let st = rt
-        .block_on(c.events(&format!("/v1/jobs/{id}/events"), |v| {
-            seen.push(v);
-            true
-        }))
-        .expect("events");
-    assert_eq!(st, 200);
-    assert!(!seen.is_empty());
-    seen
-}
-
-/// POSTs a job, expects 202, follows it to its end; returns its final status.
-fn run_job(rt: &tokio::runtime::Runtime, c: &Client, path: &str, body: Option<Value>) -> Value {
-    let (s, v) = call(rt, c, "POST", path, body);
-    assert_eq!(s, 202, "{v}");
-    follow(rt, c, v["job"]["id"].as_str().expect("id"))
-        .pop()
-        .expect("final")
-}
-
 fn start_backup(
     rt: &tokio::runtime::Runtime,
     c: &Client,

@@ -7,14 +7,12 @@
 
 mod support;
 
-use std::time::Duration;
-
 use hostd::client::{Client, Endpoint};
 use hostd::config::token_hash;
 use libcbt::engine::catalog;
 use libcbt::format::Manifest;
 use libcbt::sink::Sink;
-use serde_json::{json, Value};
+use serde_json::json;
 use support::common::lab::{assert_sink_holds_only, compare};
 use support::common::s3::{ceph, seaweed, S3Server};
 use support::common::{rng, seed};
@@ -73,40 +71,6 @@ admin = true
     )
 }
 
-fn call(
-    rt: &tokio::runtime::Runtime,
-    c: &Client,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let r = rt
-        .block_on(c.call(method, path, body.as_ref()))
-        .expect("HTTP");
-    (r.status, r.json())
-}
-
-/// POSTs a job, expects 202, waits for its end; returns its final status.
-fn run_job(rt: &tokio::runtime::Runtime, c: &Client, path: &str, body: Value) -> Value {
-    let (s, v) = call(rt, c, "POST", path, Some(body));
-    assert_eq!(s, 202, "{v}");
-    let id = v["job"]["id"].as_str().expect("job id").to_string();
-    let t = std::time::Instant::now();
-    loop {
-        let (s, v) = call(rt, c, "GET", &format!("/v1/jobs/{id}"), None);
-        assert_eq!(s, 200, "{v}");
-        let state = v["job"]["state"].as_str().unwrap_or_default().to_string();
-        if !matches!(state.as_str(), "queued" | "running") {
-            return v["job"].clone();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(300),
-            "job {id} did not end: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn seaweedfs_backups_and_disaster_recovery_from_the_bucket_alone() {
     let rt = rt();
@@ -151,7 +115,7 @@ fn backups_and_disaster_recovery(rt: &tokio::runtime::Runtime, sw: &S3Server) {
             rt,
             &c1,
             "/v1/backups",
-            json!({"instance": dom.name, "sink": "obj", "backup_id": id}),
+            Some(json!({"instance": dom.name, "sink": "obj", "backup_id": id})),
         );
         assert_eq!(last["state"], "succeeded", "{last}\n{}", h1.log());
         refs.push((id, reference));
@@ -164,7 +128,7 @@ fn backups_and_disaster_recovery(rt: &tokio::runtime::Runtime, sw: &S3Server) {
         rt,
         &c1,
         "/v1/backups",
-        json!({"instance": dom.name, "sink": "bad"}),
+        Some(json!({"instance": dom.name, "sink": "bad"})),
     );
     assert_eq!(failed["state"], "failed", "{failed}");
     assert!(!failed.to_string().contains(WRONG_SECRET), "{failed}");
@@ -221,8 +185,8 @@ fn backups_and_disaster_recovery(rt: &tokio::runtime::Runtime, sw: &S3Server) {
             rt,
             &c2,
             "/v1/restores",
-            json!({"instance": uuid, "sink": "obj", "backup_id": id,
-                   "target": {"type": "file", "path": out}}),
+            Some(json!({"instance": uuid, "sink": "obj", "backup_id": id,
+                   "target": {"type": "file", "path": out}})),
         );
         assert_eq!(last["state"], "succeeded", "{last}\n{}", h2.log());
         compare(&out, reference);
@@ -231,7 +195,7 @@ fn backups_and_disaster_recovery(rt: &tokio::runtime::Runtime, sw: &S3Server) {
         rt,
         &c2,
         "/v1/verifications",
-        json!({"instance": uuid, "sink": "obj", "backup_id": "s2"}),
+        Some(json!({"instance": uuid, "sink": "obj", "backup_id": "s2"})),
     );
     assert_eq!(last["state"], "succeeded", "{last}");
     // A staging copy of the domain from the XML saved in the bucket, running.
@@ -240,8 +204,8 @@ fn backups_and_disaster_recovery(rt: &tokio::runtime::Runtime, sw: &S3Server) {
         rt,
         &c2,
         "/v1/restores",
-        json!({"instance": uuid, "sink": "obj", "backup_id": "s2",
-               "target": {"type": "domain", "name": staging, "start": true}}),
+        Some(json!({"instance": uuid, "sink": "obj", "backup_id": "s2",
+               "target": {"type": "domain", "name": staging, "start": true}})),
     );
     assert_eq!(last["state"], "succeeded", "{last}\n{}", h2.log());
     assert!(virsh(&["domstate", &staging]).contains("running"));

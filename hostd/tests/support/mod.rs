@@ -648,3 +648,51 @@ pub fn local_user(name: &str) -> (u32, u32) {
     ]));
     user_ids(name).unwrap_or_else(|| panic!("useradd {name} made no user"))
 }
+
+// --- the daemon's API, from a synchronous test ---
+
+/// Sends and returns (status, JSON body).
+pub fn call(
+    rt: &tokio::runtime::Runtime,
+    c: &hostd::client::Client,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let r = rt
+        .block_on(c.call(method, path, body.as_ref()))
+        .expect("HTTP");
+    (r.status, r.json())
+}
+
+/// Follows a job over SSE to its end; returns every status seen.
+pub fn follow(
+    rt: &tokio::runtime::Runtime,
+    c: &hostd::client::Client,
+    id: &str,
+) -> Vec<serde_json::Value> {
+    let mut seen = Vec::new();
+    let st = rt
+        .block_on(c.events(&format!("/v1/jobs/{id}/events"), |v| {
+            seen.push(v);
+            true
+        }))
+        .expect("events");
+    assert_eq!(st, 200);
+    assert!(!seen.is_empty());
+    seen
+}
+
+/// POSTs a job, expects 202, follows it to its end; returns its final status.
+pub fn run_job(
+    rt: &tokio::runtime::Runtime,
+    c: &hostd::client::Client,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let (s, v) = call(rt, c, "POST", path, body);
+    assert_eq!(s, 202, "{v}");
+    follow(rt, c, v["job"]["id"].as_str().expect("id"))
+        .pop()
+        .expect("final")
+}

@@ -11,7 +11,7 @@ use super::{cancelled, is_cancelled, CancelToken, EngineError, Pool, Progress, P
 use crate::format::segment::{self, FrameHeader, FRAME_HEADER_LEN};
 use crate::format::{self, plan_restore, FrameRead, Index, Level, Manifest, RestorePlan};
 use crate::nbd::{Client, ConnectOptions, Timeouts};
-use crate::sink::Sink;
+use crate::sink::{Sink, SinkError};
 
 /// Deepest chain accepted (a cycle or a runaway chain is refused).
 pub const MAX_CHAIN: usize = 10_000;
@@ -95,22 +95,11 @@ pub async fn load_chain<S: Sink>(
                 what: format!("cycle or chain deeper than {MAX_CHAIN} at {id}"),
             });
         }
-        let mname = format::manifest_name(disk, &id);
-        let mbytes = sink
-            .get(&mname, format::manifest::MAX_MANIFEST as u64)
-            .await?;
-        let m = Manifest::decode(&mbytes).map_err(|source| EngineError::Corrupt {
-            object: mname.clone(),
-            pos: 0,
-            source,
-        })?;
-        if m.backup_id != id || m.disk != disk {
-            return Err(EngineError::Mismatch {
-                object: mname,
-                pos: 0,
-                what: "manifest names another backup or disk",
-            });
-        }
+        let m = super::catalog::read_manifest(sink, disk, &id)
+            .await?
+            .ok_or_else(|| SinkError::NotFound {
+                name: format::manifest_name(disk, &id),
+            })?;
         let ibytes = sink.get(&m.index.name, m.index.len.min(MAX_INDEX)).await?;
         if ibytes.len() as u64 != m.index.len || crc32fast::hash(&ibytes) != m.index.crc32 {
             return Err(EngineError::Mismatch {

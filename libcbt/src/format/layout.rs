@@ -37,6 +37,16 @@ pub fn segment_name(disk: &str, id: SegmentId) -> String {
     format!("disks/{disk}/segments/{id:032x}.seg")
 }
 
+/// True for a segment's name, `disks/<disk>/segments/<32 hex digits>.seg` (the only objects
+/// cbt writes in parts, so the only unfinished uploads that are its to sweep).
+pub fn is_segment_name(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('/').collect();
+    matches!(parts.as_slice(), ["disks", d, "segments", f]
+        if crate::sink::check_name(d).is_ok()
+            && f.strip_suffix(".seg")
+                .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit())))
+}
+
 /// Prefix of the segments written by the backup whose segment prefix is `prefix`.
 pub fn segment_prefix_name(disk: &str, prefix: u64) -> String {
     format!("disks/{disk}/segments/{prefix:016x}")
@@ -65,7 +75,8 @@ pub fn recent_name(disk: &str, finished_ms: u64, backup: &str) -> String {
 pub fn parse_recent(disk: &str, name: &str) -> Option<(u64, String)> {
     let rest = name.strip_prefix(&recent_prefix(disk))?;
     let (inv, backup) = rest.split_once('-')?;
-    if inv.len() != 20 || backup.is_empty() {
+    // Read from storage: only a valid backup id names a manifest to read.
+    if inv.len() != 20 || super::BackupId::parse(backup).is_err() {
         return None;
     }
     let inv: u64 = inv.parse().ok()?;
@@ -100,6 +111,19 @@ pub fn job_record_name(domain_uuid: &str, backup: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segment_names_are_told_from_the_rest() {
+        assert!(is_segment_name(&segment_name("u.vda", 0xdead_beef)));
+        for n in [
+            "disks/u.vda/backups/b1.manifest",
+            "disks/u.vda/segments/x.seg",
+            "other/app/file",
+            "disks/u.vda/segments/0123456789abcdef0123456789abcdef.seg/x",
+        ] {
+            assert!(!is_segment_name(n), "{n}");
+        }
+    }
 
     #[test]
     fn recency_entries_sort_newest_first_and_parse_back() {

@@ -39,6 +39,7 @@ use object_store::{
 };
 
 use super::{check_name, ObjectInfo, ObjectWriter, Sink, SinkError};
+use crate::format::layout;
 
 /// Smallest part S3 accepts (but for the last).
 pub const MIN_PART: usize = 5 << 20;
@@ -133,6 +134,36 @@ pub struct S3Config {
     /// Retries of a failed request (5xx, timeouts, connection errors), within `retry_timeout`.
     pub max_retries: usize,
     pub retry_timeout: Duration,
+}
+
+impl S3Config {
+    /// Checks the address and the tuning; on a fault, the field's name and what it must be.
+    pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        let e = &self.endpoint;
+        if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() > 1024 {
+            return Err(("endpoint", "an http:// or https:// URL"));
+        }
+        let b = &self.bucket;
+        if b.is_empty()
+            || b.len() > 63
+            || !b
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-.".contains(&c))
+        {
+            return Err(("bucket", "1 to 63 of [a-z0-9.-]"));
+        }
+        let prefix = self.prefix.trim_matches('/');
+        if !prefix.is_empty() && check_name(prefix).is_err() {
+            return Err(("prefix", "'/'-separated [A-Za-z0-9._-] names"));
+        }
+        if !(MIN_PART..=MAX_PART).contains(&self.part_size) {
+            return Err(("part_size", "5 MiB to 5 GiB"));
+        }
+        if !(1..=64).contains(&self.parts_in_flight) {
+            return Err(("parts_in_flight", "1 to 64"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for S3Config {
@@ -255,29 +286,9 @@ impl S3Sink {
     /// (see the module documentation). A missing bucket, wrong credentials or an unreachable
     /// endpoint fail here, with the server's answer.
     pub async fn open(cfg: &S3Config) -> Result<S3Sink, SinkError> {
-        if !(cfg.endpoint.starts_with("http://") || cfg.endpoint.starts_with("https://")) {
-            return Err(invalid("endpoint: an http:// or https:// URL"));
-        }
-        if cfg.bucket.is_empty()
-            || cfg.bucket.len() > 63
-            || !cfg
-                .bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        {
-            return Err(invalid("bucket: 1 to 63 of [a-z0-9.-]"));
-        }
+        cfg.validate()
+            .map_err(|(key, why)| invalid(&format!("{key}: {why}")))?;
         let prefix = cfg.prefix.trim_matches('/');
-        if !prefix.is_empty() {
-            check_name(prefix)
-                .map_err(|_| invalid("prefix: '/'-separated [A-Za-z0-9._-] names"))?;
-        }
-        if !(MIN_PART..=MAX_PART).contains(&cfg.part_size) {
-            return Err(invalid("part_size: 5 MiB to 5 GiB"));
-        }
-        if !(1..=64).contains(&cfg.parts_in_flight) {
-            return Err(invalid("parts_in_flight: 1 to 64"));
-        }
         let (store, http) = clients(cfg)?;
         let sink = S3Sink {
             inner: Arc::new(Inner {
@@ -518,14 +529,6 @@ impl S3Sink {
     }
 }
 
-/// `disks/<disk>/segments/<32 hex digits>.seg`: the only objects cbt uploads in parts.
-fn is_segment_name(rel: &str) -> bool {
-    let parts: Vec<&str> = rel.split('/').collect();
-    matches!(parts.as_slice(), ["disks", d, "segments", f]
-        if check_name(d).is_ok()
-            && f.strip_suffix(".seg").is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit())))
-}
-
 /// One page of ListMultipartUploads.
 #[derive(Debug, Default, PartialEq)]
 struct UploadsPage {
@@ -717,7 +720,7 @@ impl Sink for S3Sink {
                 };
                 // Only cbt's multipart objects, its segments: a bucket may hold other writers'
                 // uploads, and a sink's prefix may contain another sink's.
-                if !is_segment_name(rel) || !super::older_than(*initiated, grace, now) {
+                if !layout::is_segment_name(rel) || !super::older_than(*initiated, grace, now) {
                     continue;
                 }
                 let path =
@@ -846,21 +849,6 @@ mod tests {
         std::fs::write(&p, "access_key = AK\nsecret = s3cr3t\n").expect("write");
         let e = read_credentials(&p).expect_err("unknown key");
         assert!(!e.to_string().contains("s3cr3t"), "{e}");
-    }
-
-    #[test]
-    fn only_segments_are_swept() {
-        assert!(is_segment_name(
-            "disks/u.vda/segments/0123456789abcdef0123456789abcdef.seg"
-        ));
-        for n in [
-            "disks/u.vda/backups/b1.manifest",
-            "disks/u.vda/segments/x.seg",
-            "other/app/file",
-            "disks/u.vda/segments/0123456789abcdef0123456789abcdef.seg/x",
-        ] {
-            assert!(!is_segment_name(n), "{n}");
-        }
     }
 
     #[test]
