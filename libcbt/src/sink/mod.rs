@@ -26,16 +26,28 @@
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
-#[cfg(feature = "s3")]
+#[cfg(all(feature = "s3", feature = "swift"))]
 pub mod any;
 pub mod local;
 #[cfg(feature = "s3")]
 pub mod s3;
+#[cfg(feature = "swift")]
+pub mod swift;
 #[allow(unsafe_code)]
 pub mod uring;
 
 /// Longest object name.
 pub const MAX_NAME: usize = 512;
+
+/// A secret (password, key, token): shown as `***` by `Debug`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
 
 /// Errors of sinks.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +155,14 @@ pub trait Sink: Clone + Send + Sync + 'static {
         name: &str,
         data: Vec<u8>,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Whether [`put_new`](Sink::put_new) has exactly one winner among writers racing at the
+    /// same instant (true of a directory and of S3 servers with conditional writes); false
+    /// where the server tests the precondition when a write starts (native Swift): there, a
+    /// name written once is refused to later writers, but two overlapping writes may both
+    /// succeed, the later replacing the earlier.
+    fn atomic_put_new(&self) -> bool {
+        true
+    }
     /// Reads `len` bytes at `offset`; fails rather than return fewer.
     fn get_range(
         &self,

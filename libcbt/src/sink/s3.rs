@@ -46,15 +46,7 @@ pub const MIN_PART: usize = 5 << 20;
 /// Largest part S3 accepts.
 pub const MAX_PART: usize = 5 << 30;
 
-/// A secret: shown as `***` by `Debug`.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
-    }
-}
+pub use super::Secret;
 
 /// Reads S3 credentials from a file of two lines, `access_key = …` and `secret_key = …`
 /// (values may be quoted; `#` starts a comment). The file must not be readable by group or
@@ -234,6 +226,18 @@ fn os_err(op: &'static str, name: &str, e: object_store::Error) -> SinkError {
             source: Box::new(e),
         },
     }
+}
+
+/// An error and its sources, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out += ": ";
+        out += &s.to_string();
+        cur = s.source();
+    }
+    out
 }
 
 /// The S3 client of `cfg` and a plain HTTP client with the same trust, for presigned
@@ -449,6 +453,14 @@ impl S3Sink {
             .map_err(|e| match e {
                 object_store::Error::NotFound { .. } => {
                     SinkError::Config(format!("bucket {} not found", self.inner.bucket))
+                }
+                // Swift's s3api: "Conditional object PUTs are not supported."
+                e if error_chain(&e).contains("501 Not Implemented") => {
+                    SinkError::Unsupported(format!(
+                        "create-only writes (PUT with If-None-Match: *): the server answered 501 \
+                         Not Implemented ({})",
+                        error_chain(&e).chars().take(400).collect::<String>()
+                    ))
                 }
                 e => os_err("probing with", &name, e),
             })?;

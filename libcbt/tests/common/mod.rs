@@ -4,6 +4,7 @@
 
 pub mod lab;
 pub mod s3;
+pub mod swift;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
