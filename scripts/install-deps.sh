@@ -50,6 +50,13 @@ for t in ceph-mon ceph-osd radosgw radosgw-admin; do
   command -v "$t" >/dev/null 2>&1 || missing+=("$t")
 done
 
+# OpenStack Swift (account, container, object, proxy) with memcached for the Swift sink tests
+# (scripts/swift.sh), and Keystone for their v3 logins.
+for t in swift-proxy-server swift-account-server swift-container-server swift-object-server \
+  swift-ring-builder memcached keystone-manage uwsgi; do
+  command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+done
+
 command -v bc >/dev/null 2>&1 || missing+=(bc)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 
@@ -88,8 +95,11 @@ $SUDO apt-get install -y -qq --allow-downgrades \
   systemd vagrant vagrant-libvirt curl rclone >/dev/null
 # Without recommends: the daemons and tools only (~250 MB), no manager, no dashboards.
 $SUDO apt-get install -y -qq --no-install-recommends ceph-mon ceph-osd radosgw ceph-common >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends swift swift-proxy swift-account \
+  swift-container swift-object memcached keystone python3-keystonemiddleware uwsgi-plugin-python3 >/dev/null
 
-for t in "${tools[@]}" libvirtd virsh virtnbdbackup busybox qemu-ga ceph-mon ceph-osd radosgw; do
+for t in "${tools[@]}" libvirtd virsh virtnbdbackup busybox qemu-ga ceph-mon ceph-osd radosgw \
+  swift-proxy-server memcached keystone-manage uwsgi; do
   command -v "$t" >/dev/null 2>&1 || { echo "install-deps: $t still missing after install" >&2; exit 1; }
 done
 ls /boot/vmlinuz-* >/dev/null 2>&1 || { echo "install-deps: no kernel in /boot after install" >&2; exit 1; }

@@ -40,6 +40,26 @@
 //! part_size_mib = 8                        # optional: multipart part size (5..5120)
 //! parts_in_flight = 4                      # optional: parts uploading at once per object
 //!
+//! [[sink]]
+//! name = "swift"
+//! type = "swift"                           # OpenStack Swift, native API
+//! auth_url = "https://keystone.example:5000/v3"  # Keystone v3, or tempauth's …/auth/v1.0
+//! user = "cbt"                             # Keystone user (tempauth: account:user)
+//! user_domain = "Default"                  # optional
+//! project = "backups"                      # the project whose Swift account holds them
+//! project_domain = "Default"               # optional
+//! application_credential_id = "…"          # optional: log in with it instead of a password
+//! region = "RegionOne"                     # optional: catalog region
+//! interface = "internal"                   # optional: catalog interface (default public)
+//! storage_url = "https://swift/v1/AUTH_x"  # optional: instead of the catalog's
+//! container = "backups"
+//! prefix = "region1"                       # optional
+//! credentials_file = "/etc/cbt/swift.cred" # 0600: password = … (or
+//!                                          # application_credential_secret = …, key = …)
+//! ca_file = "/etc/cbt/swift-ca.pem"        # optional
+//! segment_size_mib = 16                    # optional: SLO segment size (1..5120)
+//! segments_in_flight = 4                   # optional
+//!
 //! [[token]]
 //! name = "orchestrator"
 //! sha256 = "…64 hex digits…"               # sha256 of the bearer token
@@ -231,6 +251,18 @@ pub struct SinkCfg {
     pub ca_file: Option<PathBuf>,
     pub part_size_mib: Option<usize>,
     pub parts_in_flight: Option<usize>,
+    /// `swift`: where and how (`prefix`, `region`, `credentials_file`, `ca_file` too).
+    pub container: Option<String>,
+    pub auth_url: Option<String>,
+    pub user: Option<String>,
+    pub user_domain: Option<String>,
+    pub project: Option<String>,
+    pub project_domain: Option<String>,
+    pub application_credential_id: Option<String>,
+    pub interface: Option<String>,
+    pub storage_url: Option<String>,
+    pub segment_size_mib: Option<usize>,
+    pub segments_in_flight: Option<usize>,
     #[serde(default)]
     pub tenants: Vec<String>,
 }
@@ -242,6 +274,7 @@ pub enum SinkKind {
     #[default]
     Local,
     S3,
+    Swift,
 }
 
 impl SinkCfg {
@@ -249,7 +282,7 @@ impl SinkCfg {
     pub fn local_path(&self) -> Option<&Path> {
         match self.kind {
             SinkKind::Local => self.path.as_deref(),
-            SinkKind::S3 => None,
+            SinkKind::S3 | SinkKind::Swift => None,
         }
     }
 
@@ -264,6 +297,47 @@ impl SinkCfg {
                 prefix: self.prefix.clone(),
                 region: self.region.clone(),
             },
+            SinkKind::Swift => SinkAddress::Swift(libcbt::sink::any::SwiftAddress {
+                container: self.container.clone().unwrap_or_default(),
+                prefix: self.prefix.clone(),
+                auth_url: self.auth_url.clone().unwrap_or_default(),
+                user: self.user.clone(),
+                user_domain: self.user_domain.clone(),
+                project: self.project.clone(),
+                project_domain: self.project_domain.clone(),
+                application_credential_id: self.application_credential_id.clone(),
+                region: self.region.clone(),
+                interface: self.interface.clone(),
+                storage_url: self.storage_url.clone(),
+            }),
+        }
+    }
+
+    /// How to open the sink besides its address: credentials file, CA, tuning.
+    pub fn open_options(&self) -> Result<libcbt::sink::any::OpenOptions, String> {
+        let ca_pem = match &self.ca_file {
+            Some(ca) => {
+                Some(std::fs::read(ca).map_err(|e| format!("ca_file {}: {e}", ca.display()))?)
+            }
+            None => None,
+        };
+        Ok(libcbt::sink::any::OpenOptions {
+            credentials_file: self.credentials_file.clone(),
+            ca_pem,
+            s3: self.s3_tuning(),
+            swift: self.swift_tuning(),
+        })
+    }
+
+    /// The Swift settings besides the address (segment size, segments in flight).
+    pub fn swift_tuning(&self) -> libcbt::sink::swift::SwiftConfig {
+        let d = libcbt::sink::swift::SwiftConfig::default();
+        libcbt::sink::swift::SwiftConfig {
+            segment_size: self
+                .segment_size_mib
+                .map_or(d.segment_size, |m| m.saturating_mul(1 << 20)),
+            segments_in_flight: self.segments_in_flight.unwrap_or(d.segments_in_flight),
+            ..d
         }
     }
 
@@ -280,31 +354,71 @@ impl SinkCfg {
     }
 
     fn validate(&self, i: usize) -> Result<(), (String, String)> {
+        use SinkKind::{Local, Swift, S3};
         let key = |k: &str| format!("sink[{i}].{k}");
-        let s3_keys = [
-            ("endpoint", self.endpoint.is_some()),
-            ("bucket", self.bucket.is_some()),
-            ("prefix", !self.prefix.is_empty()),
-            ("region", self.region.is_some()),
-            ("credentials_file", self.credentials_file.is_some()),
-            ("ca_file", self.ca_file.is_some()),
-            ("part_size_mib", self.part_size_mib.is_some()),
-            ("parts_in_flight", self.parts_in_flight.is_some()),
+        // Each key, whether it is set, and the types it belongs to.
+        let keys: [(&str, bool, &[SinkKind]); 19] = [
+            ("path", self.path.is_some(), &[Local]),
+            ("endpoint", self.endpoint.is_some(), &[S3]),
+            ("bucket", self.bucket.is_some(), &[S3]),
+            ("prefix", !self.prefix.is_empty(), &[S3, Swift]),
+            ("region", self.region.is_some(), &[S3, Swift]),
+            (
+                "credentials_file",
+                self.credentials_file.is_some(),
+                &[S3, Swift],
+            ),
+            ("ca_file", self.ca_file.is_some(), &[S3, Swift]),
+            ("part_size_mib", self.part_size_mib.is_some(), &[S3]),
+            ("parts_in_flight", self.parts_in_flight.is_some(), &[S3]),
+            ("container", self.container.is_some(), &[Swift]),
+            ("auth_url", self.auth_url.is_some(), &[Swift]),
+            ("user", self.user.is_some(), &[Swift]),
+            ("user_domain", self.user_domain.is_some(), &[Swift]),
+            ("project", self.project.is_some(), &[Swift]),
+            ("project_domain", self.project_domain.is_some(), &[Swift]),
+            (
+                "application_credential_id",
+                self.application_credential_id.is_some(),
+                &[Swift],
+            ),
+            ("interface", self.interface.is_some(), &[Swift]),
+            ("storage_url", self.storage_url.is_some(), &[Swift]),
+            (
+                "segment_size_mib",
+                self.segment_size_mib.is_some(),
+                &[Swift],
+            ),
         ];
-        match self.kind {
-            SinkKind::Local => {
-                if let Some((k, _)) = s3_keys.iter().find(|(_, set)| *set) {
-                    return Err((key(k), "only for type = \"s3\"".into()));
-                }
-                match &self.path {
-                    Some(p) if p.is_absolute() => {}
-                    _ => return Err((key("path"), "must be an absolute path".into())),
-                }
+        if self.segments_in_flight.is_some() && self.kind != Swift {
+            return Err((
+                key("segments_in_flight"),
+                "only for type = \"swift\"".into(),
+            ));
+        }
+        for (k, set, kinds) in keys {
+            if set && !kinds.contains(&self.kind) {
+                let names: Vec<String> = kinds
+                    .iter()
+                    .map(|k| format!("\"{}\"", format!("{k:?}").to_lowercase()))
+                    .collect();
+                return Err((key(k), format!("only for type = {}", names.join(" or "))));
             }
-            SinkKind::S3 => {
-                if self.path.is_some() {
-                    return Err((key("path"), "only for type = \"local\"".into()));
-                }
+        }
+        for (k, f) in [
+            ("credentials_file", &self.credentials_file),
+            ("ca_file", &self.ca_file),
+        ] {
+            if f.as_ref().is_some_and(|f| !f.is_absolute()) {
+                return Err((key(k), "must be an absolute path".into()));
+            }
+        }
+        match self.kind {
+            Local => match &self.path {
+                Some(p) if p.is_absolute() => {}
+                _ => return Err((key("path"), "must be an absolute path".into())),
+            },
+            S3 => {
                 // The sink's own rules, named after this file's keys.
                 let s3 = libcbt::sink::s3::S3Config {
                     endpoint: self.endpoint.clone().unwrap_or_default(),
@@ -316,13 +430,18 @@ impl SinkCfg {
                     let k = if k == "part_size" { "part_size_mib" } else { k };
                     return Err((key(k), why.into()));
                 }
-                for (k, f) in [
-                    ("credentials_file", &self.credentials_file),
-                    ("ca_file", &self.ca_file),
-                ] {
-                    if f.as_ref().is_some_and(|f| !f.is_absolute()) {
-                        return Err((key(k), "must be an absolute path".into()));
-                    }
+            }
+            Swift => {
+                let libcbt::sink::any::SinkAddress::Swift(a) = self.address() else {
+                    unreachable!("a swift address")
+                };
+                let cfg = a.config(Default::default(), &self.swift_tuning());
+                if let Err((k, why)) = cfg.validate() {
+                    let k = match k {
+                        "segment_size" => "segment_size_mib",
+                        k => k,
+                    };
+                    return Err((key(k), why.into()));
                 }
             }
         }
@@ -638,7 +757,7 @@ mod tests {
         assert!(e.to_string().contains("sink[0].path"), "{e}");
         let e = parse(&format!("{s3}bucket = \"b\"\npart_size_mib = 1\n")).expect_err("part");
         assert!(e.to_string().contains("sink[0].part_size_mib"), "{e}");
-        let e = parse("[[sink]]\nname = \"c\"\ntype = \"swift\"\n").expect_err("type");
+        let e = parse("[[sink]]\nname = \"c\"\ntype = \"nfs\"\n").expect_err("type");
         assert!(e.to_string().contains("swift"), "{e}");
         let c = parse(&format!("{s3}bucket = \"b\"\nprefix = \"p/q\"\n")).expect("s3 sink");
         assert_eq!(c.sinks[0].kind, SinkKind::S3);

@@ -7,7 +7,7 @@ use libcbt::sink::any::AnySink;
 use libcbt::sink::SinkError;
 use libcbt::source::libvirt::LibvirtSource;
 
-use crate::config::{Config, SinkCfg, SinkKind};
+use crate::config::{Config, SinkCfg};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::registry::Jobs;
@@ -134,22 +134,9 @@ impl AppState {
     }
 }
 
-/// Opens the sink of `cfg`: a directory, or an S3 bucket with the credentials of its file
-/// (or of the environment) and the CA it names.
+/// Opens the sink of `cfg`: a directory, an S3 bucket or a Swift container, with the
+/// credentials of its file (or of the environment) and the CA it names.
 async fn open_sink(cfg: &SinkCfg) -> Result<AnySink, SinkError> {
-    let mut tuning = cfg.s3_tuning();
-    let mut creds = None;
-    if cfg.kind == SinkKind::S3 {
-        creds = match &cfg.credentials_file {
-            Some(f) => Some(libcbt::sink::s3::read_credentials(f)?),
-            None => libcbt::sink::s3::credentials_from_env(),
-        };
-        if let Some(ca) = &cfg.ca_file {
-            tuning.ca_pem = Some(
-                std::fs::read(ca)
-                    .map_err(|e| SinkError::Config(format!("ca_file {}: {e}", ca.display())))?,
-            );
-        }
-    }
-    AnySink::open(&cfg.address(), creds, &tuning).await
+    let opts = cfg.open_options().map_err(SinkError::Config)?;
+    AnySink::open(&cfg.address(), &opts).await
 }

@@ -1,5 +1,5 @@
-//! `cbt-hostd` with an S3 sink on a real SeaweedFS (started by this binary): backups of a
-//! libvirt domain into the bucket through the API, and disaster recovery from the bucket
+//! `cbt-hostd` with an object-store sink on a real SeaweedFS, Ceph RGW or Swift (started by
+//! this binary): backups of a libvirt domain into the bucket through the API, and disaster recovery from the bucket
 //! alone: a second daemon with an empty state directory and only the sink's configuration
 //! lists the backups, restores each into a file (checked with `qemu-img compare`) and into a
 //! staging domain that runs, verifies the chain, and deletes a backup. A sink with wrong
@@ -11,62 +11,97 @@ use hostd::client::{Client, Endpoint};
 use hostd::config::token_hash;
 use libcbt::engine::catalog;
 use libcbt::format::Manifest;
+use libcbt::sink::any::AnySink;
 use libcbt::sink::Sink;
 use serde_json::json;
 use support::common::lab::{assert_sink_holds_only, compare};
 use support::common::s3::{ceph, seaweed, S3Server};
+use support::common::swift::{swift, SwiftServer};
 use support::common::{rng, seed};
 use support::*;
 
 const ADMIN: &str = "admin-token-s3-0123456789";
 const WRONG_SECRET: &str = "wrong-secret-7c1e9d";
 
-/// A daemon config with the bucket as sink `obj` and a sink `bad` with a wrong secret.
-fn config(sw: &S3Server, prefix: &str, creds_dir: &std::path::Path) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let write = |name: &str, secret: &str| {
-        let p = creds_dir.join(name);
-        std::fs::write(
-            &p,
-            format!("access_key = {}\nsecret_key = {secret}\n", sw.access_key),
+/// An object store the test runs on.
+#[derive(Clone, Copy)]
+enum Remote {
+    S3(&'static S3Server),
+    Swift(&'static SwiftServer),
+}
+
+impl Remote {
+    /// The secret that must never show.
+    fn secret(&self) -> &str {
+        match self {
+            Remote::S3(sw) => &sw.secret_key,
+            Remote::Swift(sw) => &sw.key,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Remote::S3(sw) if sw.metrics.is_some() => "s3dr-sw",
+            Remote::S3(_) => "s3dr-ceph",
+            Remote::Swift(_) => "s3dr-swift",
+        }
+    }
+
+    /// The sink as the test reads it, beside the daemon.
+    async fn sink(&self, prefix: &str) -> AnySink {
+        match self {
+            Remote::S3(sw) => AnySink::S3(sw.sink(prefix).await),
+            Remote::Swift(sw) => AnySink::Swift(sw.sink(prefix).await),
+        }
+    }
+
+    /// A `[[sink]]` named `name` under `prefix`, with the credentials file `cred` holding
+    /// `secret`.
+    fn sink_toml(&self, name: &str, prefix: &str, cred: &std::path::Path, secret: &str) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let (text, body) = match self {
+            Remote::S3(sw) => (
+                format!("access_key = {}\nsecret_key = {secret}\n", sw.access_key),
+                format!(
+                    "type = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\npart_size_mib = 5\n",
+                    sw.endpoint, sw.bucket
+                ),
+            ),
+            Remote::Swift(sw) => (
+                format!("key = {secret}\n"),
+                format!(
+                    "type = \"swift\"\nauth_url = \"{}/auth/v1.0\"\nuser = \"cbt:tester\"\n\
+                     container = \"{}\"\nsegment_size_mib = 5\n",
+                    sw.proxy, sw.container
+                ),
+            ),
+        };
+        std::fs::write(cred, text).expect("credentials");
+        std::fs::set_permissions(cred, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        format!(
+            "[[sink]]\nname = \"{name}\"\nprefix = \"{prefix}\"\ncredentials_file = \"{}\"\n{body}\n",
+            cred.display()
         )
-        .expect("credentials");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        p
-    };
-    let good = write("good.cred", &sw.secret_key);
-    let bad = write("bad.cred", WRONG_SECRET);
+    }
+}
+
+/// A daemon config with the store as sink `obj` and a sink `bad` with a wrong secret.
+fn config(remote: Remote, prefix: &str, creds_dir: &std::path::Path) -> String {
+    let good = remote.sink_toml("obj", prefix, &creds_dir.join("good.cred"), remote.secret());
+    let bad = remote.sink_toml("bad", "bad", &creds_dir.join("bad.cred"), WRONG_SECRET);
     format!(
         r#"[server]
 unix_socket = "{{dir}}/hostd.sock"
 state_dir = "{{dir}}/state"
 restore_dirs = ["{{dir}}/restores"]
 
-[[sink]]
-name = "obj"
-type = "s3"
-endpoint = "{ep}"
-bucket = "{bucket}"
-prefix = "{prefix}"
-credentials_file = "{good}"
-part_size_mib = 5
-
-[[sink]]
-name = "bad"
-type = "s3"
-endpoint = "{ep}"
-bucket = "{bucket}"
-credentials_file = "{bad}"
-
+{good}
+{bad}
 [[token]]
 name = "admin"
 sha256 = "{hash}"
 admin = true
 "#,
-        ep = sw.endpoint,
-        bucket = sw.bucket,
-        good = good.display(),
-        bad = bad.display(),
         hash = token_hash(ADMIN),
     )
 }
@@ -75,25 +110,28 @@ admin = true
 fn seaweedfs_backups_and_disaster_recovery_from_the_bucket_alone() {
     let rt = rt();
     let sw = rt.block_on(seaweed());
-    backups_and_disaster_recovery(&rt, sw);
+    backups_and_disaster_recovery(&rt, Remote::S3(sw));
 }
 
 #[test]
 fn ceph_rgw_backups_and_disaster_recovery_from_the_bucket_alone() {
     let rt = rt();
     let sw = rt.block_on(ceph());
-    backups_and_disaster_recovery(&rt, sw);
+    backups_and_disaster_recovery(&rt, Remote::S3(sw));
 }
 
-fn backups_and_disaster_recovery(rt: &tokio::runtime::Runtime, sw: &S3Server) {
+#[test]
+fn swift_backups_and_disaster_recovery_from_the_container_alone() {
+    let rt = rt();
+    let sw = rt.block_on(swift());
+    backups_and_disaster_recovery(&rt, Remote::Swift(sw));
+}
+
+fn backups_and_disaster_recovery(rt: &tokio::runtime::Runtime, remote: Remote) {
     let _g = serial();
     let mut r = rng(seed("s3_dr"));
     let dom = Dom::bare(
-        if sw.metrics.is_some() {
-            "s3dr-sw"
-        } else {
-            "s3dr-ceph"
-        },
+        remote.name(),
         &[Disk {
             target: "vda",
             format: "qcow2",
@@ -102,7 +140,7 @@ fn backups_and_disaster_recovery(rt: &tokio::runtime::Runtime, sw: &S3Server) {
     );
     let prefix = format!("dr-{}-{}", std::process::id(), dom.name);
     let creds = shared_dir();
-    let cfg = config(sw, &prefix, creds.path());
+    let cfg = config(remote, &prefix, creds.path());
 
     // --- the first host: two backups of the domain into the bucket ---
     let h1 = Hostd::start(&cfg);
@@ -136,12 +174,12 @@ fn backups_and_disaster_recovery(rt: &tokio::runtime::Runtime, sw: &S3Server) {
     drop(h1);
     assert!(log1.contains("sink unavailable"), "{log1}");
     assert!(
-        !log1.contains(WRONG_SECRET) && !log1.contains(&sw.secret_key),
+        !log1.contains(WRONG_SECRET) && !log1.contains(remote.secret()),
         "{log1}"
     );
 
     // The bucket holds exactly the two committed backups.
-    let bucket = rt.block_on(sw.sink(&prefix));
+    let bucket = rt.block_on(remote.sink(&prefix));
     let disk = dom.disk_id("vda");
     let manifests: Vec<Manifest> = rt
         .block_on(catalog::list_backups(&bucket, &disk))

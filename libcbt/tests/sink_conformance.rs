@@ -30,6 +30,10 @@ async fn round_trip<S: Sink>(s: &S) {
         s.get("a/b/none", 10).await,
         Err(SinkError::NotFound { .. })
     ));
+    // Empty objects (the catalog's recency entries are empty).
+    s.put_new("a/e/empty", Vec::new()).await.expect("empty");
+    assert!(s.get("a/e/empty", 0).await.expect("get empty").is_empty());
+    s.delete("a/e/empty").await.expect("delete empty");
     s.put("a/b/c.json", b"bye".to_vec()).await.expect("replace");
     assert_eq!(s.get("a/b/c.json", 100).await.expect("get"), b"bye");
     for bad in ["../x", "/abs", "a//b", ".hidden", "a/./b", "sp ace"] {

@@ -49,6 +49,52 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Reads a credentials file of `key = value` lines, keys among `allowed` (values may be
+/// quoted; `#` starts a comment). The file must not be readable by group or others: a secret
+/// in a world-readable file is refused, not used. Errors never quote a line (it may hold part
+/// of a secret).
+pub fn read_secrets(
+    path: &std::path::Path,
+    allowed: &[&str],
+) -> Result<std::collections::BTreeMap<String, Secret>, SinkError> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |why: String| SinkError::Config(format!("credentials {}: {why}", path.display()));
+    let md = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if md.mode() & 0o077 != 0 {
+        return Err(bad(format!(
+            "mode {:o}: readable by others; chmod 600 it",
+            md.mode() & 0o777
+        )));
+    }
+    if md.len() > 64 << 10 {
+        return Err(bad("larger than 64 KiB".into()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let mut out = std::collections::BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(bad(format!("line {}: not key = value", i + 1)));
+        };
+        let k = k.trim();
+        if !allowed.contains(&k) {
+            return Err(bad(format!(
+                "line {}: not one of {}",
+                i + 1,
+                allowed.join(", ")
+            )));
+        }
+        out.insert(
+            k.to_string(),
+            Secret(v.trim().trim_matches('"').to_string()),
+        );
+    }
+    Ok(out)
+}
+
 /// Errors of sinks.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {

@@ -49,42 +49,15 @@ pub const MAX_PART: usize = 5 << 30;
 pub use super::Secret;
 
 /// Reads S3 credentials from a file of two lines, `access_key = …` and `secret_key = …`
-/// (values may be quoted; `#` starts a comment). The file must not be readable by group or
-/// others: a secret in a world-readable file is refused, not used.
+/// (see [`read_secrets`](super::read_secrets): 0600, quoted values, `#` comments).
 pub fn read_credentials(path: &std::path::Path) -> Result<(String, Secret), SinkError> {
-    use std::os::unix::fs::MetadataExt;
-    let bad = |why: String| SinkError::Config(format!("credentials {}: {why}", path.display()));
-    let md = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-    if md.mode() & 0o077 != 0 {
-        return Err(bad(format!(
-            "mode {:o}: readable by others; chmod 600 it",
-            md.mode() & 0o777
-        )));
-    }
-    if md.len() > 64 << 10 {
-        return Err(bad("larger than 64 KiB".into()));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let (mut key, mut secret) = (None, None);
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((k, v)) = line.split_once('=') else {
-            return Err(bad(format!("line {}: not key = value", i + 1)));
-        };
-        let v = v.trim().trim_matches('"').to_string();
-        match k.trim() {
-            "access_key" => key = Some(v),
-            "secret_key" => secret = Some(Secret(v)),
-            // Only the line: a malformed line may hold part of a secret.
-            _ => return Err(bad(format!("line {}: not access_key or secret_key", i + 1))),
-        }
-    }
-    match (key, secret) {
-        (Some(k), Some(s)) => Ok((k, s)),
-        _ => Err(bad("needs access_key and secret_key".into())),
+    let mut m = super::read_secrets(path, &["access_key", "secret_key"])?;
+    match (m.remove("access_key"), m.remove("secret_key")) {
+        (Some(k), Some(s)) => Ok((k.0, s)),
+        _ => Err(SinkError::Config(format!(
+            "credentials {}: needs access_key and secret_key",
+            path.display()
+        ))),
     }
 }
 

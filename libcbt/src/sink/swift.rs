@@ -66,6 +66,29 @@ const SEGMENTS: &str = ".cbt-slo/";
 const UPLOADS: &str = ".cbt-uploads/";
 const UPLOAD_META: &str = "x-object-meta-cbt-upload";
 
+/// The secret of a Swift login from a 0600 file holding one of `password = …` (Keystone
+/// password), `application_credential_secret = …` or `key = …` (tempauth).
+pub fn read_secret(path: &std::path::Path) -> Result<Secret, SinkError> {
+    let m = super::read_secrets(path, &["password", "application_credential_secret", "key"])?;
+    let mut it = m.into_values();
+    match (it.next(), it.next()) {
+        (Some(s), None) => Ok(s),
+        _ => Err(SinkError::Config(format!(
+            "credentials {}: needs exactly one of password, application_credential_secret, key",
+            path.display()
+        ))),
+    }
+}
+
+/// The secret of a Swift login from the environment, as an OpenStack RC file sets it:
+/// `OS_PASSWORD`, `OS_APPLICATION_CREDENTIAL_SECRET` or (tempauth) `ST_KEY`.
+pub fn secret_from_env() -> Option<Secret> {
+    ["OS_APPLICATION_CREDENTIAL_SECRET", "OS_PASSWORD", "ST_KEY"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        .map(Secret)
+}
+
 /// How to log in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SwiftAuth {
@@ -594,7 +617,10 @@ impl SwiftSink {
                         .headers(h)
                         .header("X-Auth-Token", &s.token.0);
                     if let Some(body) = &body {
-                        b = b.body(body.0.clone());
+                        // Explicit: reqwest sends none for an empty body, and Swift wants one.
+                        b = b
+                            .header(reqwest::header::CONTENT_LENGTH, body.0.len())
+                            .body(body.0.clone());
                     }
                     b
                 })

@@ -19,7 +19,7 @@ use libcbt::format::BackupId;
 use libcbt::job::{self, DiskSpec};
 use libcbt::nbd::{self, proto::tflag, Client, ConnectOptions};
 use libcbt::qmp::Qmp;
-use libcbt::sink::any::{AnySink, SinkAddress};
+use libcbt::sink::any::{AnySink, OpenOptions, SinkAddress};
 use libcbt::source::qemu::{QemuSource, Requested};
 
 #[derive(Parser)]
@@ -185,14 +185,18 @@ enum Command {
     },
 }
 
-/// Where the backups are: a directory, or an S3 bucket.
+/// Where the backups are: a directory, an S3 bucket or a Swift container.
 #[derive(clap::Args)]
 struct SinkArgs {
-    /// A directory (local or NFS), or s3://BUCKET[/PREFIX]?endpoint=URL[&region=R].
+    /// A directory (local or NFS), s3://BUCKET[/PREFIX]?endpoint=URL[&region=R], or
+    /// swift://CONTAINER[/PREFIX][?auth_url=URL&user=U&project=P&region=R…] (parameters not
+    /// given come from an OpenStack RC file's OS_AUTH_URL, OS_USERNAME, OS_PROJECT_NAME, …).
     #[arg(long = "sink")]
     address: String,
-    /// S3 credentials: a 0600 file with `access_key = …` and `secret_key = …` (default:
-    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or anonymous).
+    /// A 0600 credentials file: `access_key = …` and `secret_key = …` for S3 (default:
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or anonymous); `password = …`,
+    /// `application_credential_secret = …` or `key = …` for Swift (default: OS_PASSWORD,
+    /// OS_APPLICATION_CREDENTIAL_SECRET or ST_KEY).
     #[arg(long)]
     credentials: Option<PathBuf>,
     /// PEM file of a private CA of the object store.
@@ -202,17 +206,16 @@ struct SinkArgs {
 
 impl SinkArgs {
     async fn open(&self) -> Result<AnySink> {
-        let addr = SinkAddress::parse(&self.address)?;
-        let creds = match &self.credentials {
-            Some(f) => Some(libcbt::sink::s3::read_credentials(f)?),
-            None => libcbt::sink::s3::credentials_from_env(),
+        let addr = SinkAddress::parse_with(&self.address, |k| std::env::var(k).ok())?;
+        let mut opts = OpenOptions {
+            credentials_file: self.credentials.clone(),
+            ..Default::default()
         };
-        let mut tuning = libcbt::sink::s3::S3Config::default();
         if let Some(ca) = &self.ca {
-            tuning.ca_pem =
+            opts.ca_pem =
                 Some(std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?);
         }
-        AnySink::open(&addr, creds, &tuning)
+        AnySink::open(&addr, &opts)
             .await
             .with_context(|| format!("opening the sink {}", self.address))
     }
