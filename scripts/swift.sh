@@ -7,9 +7,9 @@
 # Usage: swift.sh DIR PROXY_PORT KEY [PARENT_PID]
 #   tempauth users (account AUTH_cbt): cbt:tester (admin of the account, key KEY) and
 #   cbt:guest (no rights on the account's containers, key KEY).
-#   With KEYSTONE_URL=http://127.0.0.1:P/v3 set, the proxy checks Keystone tokens instead
-#   (authtoken + keystoneauth, service user swift / KEY in project service), and tempauth
-#   stays in the pipeline for the tempauth users.
+#   With KEYSTONE_URL=http://127.0.0.1:P/v3 and KEYSTONE_PROXY_PORT set, a second proxy on
+#   that port checks Keystone tokens (authtoken + keystoneauth, accounts KEY_<project>,
+#   service user swift / KEY in project service).
 # Facts (HOST-NOTES): mount_check = false and disable_fallocate = true on a plain directory;
 # servers need `user = root`; s3api goes before the auth filters.
 set -euo pipefail
@@ -65,10 +65,8 @@ use = egg:swift#$name
 [container-sharder]
 CONF
 done
-auth=tempauth
 keystone_filters=""
 if [ -n "${KEYSTONE_URL:-}" ]; then
-  auth="tempauth authtoken keystoneauth"
   keystone_filters="
 [filter:authtoken]
 paste.filter_factory = keystonemiddleware.auth_token:filter_factory
@@ -89,16 +87,19 @@ operator_roles = admin, member
 reseller_prefix = KEY_
 "
 fi
-cat > "$dir/proxy-server.conf" <<CONF
+# proxy_conf FILE PORT AUTH_FILTERS: a proxy of the cluster with these auth filters (s3api
+# only with tempauth: with Keystone it wants s3token too).
+proxy_conf() {
+  cat > "$1" <<CONF
 [DEFAULT]
 bind_ip = 127.0.0.1
-bind_port = $proxy_port
+bind_port = $2
 swift_dir = $dir
 user = root
 workers = 1
 log_level = WARNING
 [pipeline:main]
-pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats bulk s3api $auth slo copy proxy-logging proxy-server
+pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats bulk $3 slo copy proxy-logging proxy-server
 [app:proxy-server]
 use = egg:swift#proxy
 account_autocreate = true
@@ -131,6 +132,8 @@ user_cbt_tester = $key .admin
 user_cbt_guest = $key
 $keystone_filters
 CONF
+}
+proxy_conf "$dir/proxy-server.conf" "$proxy_port" "s3api tempauth"
 pids=()
 stop() {
   trap - TERM INT EXIT
@@ -147,6 +150,12 @@ for s in account container object; do
   $py "$(command -v swift-$s-server)" "$dir/$s-server.conf" -v >"$dir/log/$s.log" 2>&1 & pids+=($!)
 done
 $py "$(command -v swift-proxy-server)" "$dir/proxy-server.conf" -v >"$dir/log/proxy.log" 2>&1 & pids+=($!)
+if [ -n "${KEYSTONE_URL:-}" ]; then
+  # A second proxy for Keystone tokens: with authtoken in front of tempauth, every tempauth
+  # request would cost a (failing) validation at Keystone.
+  proxy_conf "$dir/proxy-keystone.conf" "$KEYSTONE_PROXY_PORT" "authtoken keystoneauth"
+  $py "$(command -v swift-proxy-server)" "$dir/proxy-keystone.conf" -v >"$dir/log/proxy-keystone.log" 2>&1 & pids+=($!)
+fi
 url=http://127.0.0.1:$proxy_port
 ok=""
 for _ in $(seq 300); do

@@ -569,6 +569,50 @@ mod swift_only {
         );
     }
 
+    /// Keystone v3: a password login and an application credential both reach project
+    /// `cbt`'s account through the token's catalog (not tempauth's account), and a sink works
+    /// there from end to end; a reader is refused by Swift, a wrong password by Keystone,
+    /// each said clearly and without the secret.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keystone_logins_reach_the_projects_account() {
+        let sw = swift().await;
+        let prefix = format!("ks-{:08x}", rng().gen::<u32>());
+        let alice = SwiftSink::open(&sw.keystone_config("alice", &prefix))
+            .await
+            .unwrap_or_else(|e| panic!("alice: {}\n{}", chain(&e), sw.logs()));
+        round_trip(&alice).await;
+        large_objects_in_many_parts(&alice).await;
+        let mut cfg = sw.keystone_config("alice", &prefix);
+        cfg.auth = SwiftAuth::ApplicationCredential {
+            auth_url: sw.keystone.clone(),
+            id: sw.app_credential.0.clone(),
+            secret: Secret(sw.app_credential.1.clone()),
+        };
+        cfg.interface = "internal".into();
+        let app = SwiftSink::open(&cfg).await.expect("application credential");
+        assert_eq!(app.get("a/b/c.json", 10).await.expect("get"), b"bye");
+        // Tempauth's account is another one: the object is not there.
+        let other = sw.sink(&prefix).await;
+        assert!(matches!(
+            other.get("a/b/c.json", 10).await,
+            Err(SinkError::NotFound { .. })
+        ));
+
+        let e = SwiftSink::open(&sw.keystone_config("bob", &prefix))
+            .await
+            .expect_err("a reader may not write");
+        let text = chain(&e);
+        assert!(text.contains("403"), "{text}");
+        let mut cfg = sw.keystone_config("alice", &prefix);
+        if let SwiftAuth::Password { password, .. } = &mut cfg.auth {
+            *password = Secret("not-alices-password-q7".into());
+        }
+        let e = SwiftSink::open(&cfg).await.expect_err("wrong password");
+        let text = format!("{e:?} {}", chain(&e));
+        assert!(text.contains("401"), "{text}");
+        assert!(!text.contains("not-alices-password-q7"), "{text}");
+    }
+
     /// Tokens that the server forgets (memcached flushed: as after a revocation or expiry)
     /// are renewed on the 401, and the request goes through.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

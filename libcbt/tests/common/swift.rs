@@ -1,6 +1,7 @@
 //! A real OpenStack Swift for the tests of one binary (scripts/swift.sh: account, container
-//! and object servers, a proxy with tempauth, s3api, bulk and SLO, and memcached), started once
-//! on free ports of 127.0.0.1 and gone when the test binary exits.
+//! and object servers, a proxy with tempauth, Keystone's authtoken, s3api, bulk and SLO, and
+//! memcached) and the Keystone it trusts (scripts/keystone.sh), started once, side by side, on
+//! free ports of 127.0.0.1, and gone when the test binary exits.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,7 +19,13 @@ pub struct SwiftServer {
     pub key: String,
     pub container: String,
     pub dir: PathBuf,
+    /// Keystone v3 (`http://127.0.0.1:PORT/v3`): project `cbt` with users `alice` (member)
+    /// and `bob` (reader), password [`key`](Self::key) for both.
+    pub keystone: String,
+    /// Alice's application credential: id and secret.
+    pub app_credential: (String, String),
     _child: std::process::Child,
+    _keystone: std::process::Child,
 }
 
 impl SwiftServer {
@@ -37,6 +44,23 @@ impl SwiftServer {
             request_timeout: Duration::from_secs(30),
             retry_timeout: Duration::from_secs(30),
             ..SwiftConfig::default()
+        }
+    }
+
+    /// A Keystone configuration of container `cbt-test` in project `cbt`'s account, as `user`
+    /// with a password, objects under `prefix`; the endpoint from the token's catalog.
+    pub fn keystone_config(&self, user: &str, prefix: &str) -> SwiftConfig {
+        SwiftConfig {
+            auth: SwiftAuth::Password {
+                auth_url: self.keystone.clone(),
+                user: user.into(),
+                user_domain: "Default".into(),
+                password: Secret(self.key.clone()),
+                project: "cbt".into(),
+                project_domain: "Default".into(),
+            },
+            region: Some("RegionOne".into()),
+            ..self.config(prefix)
         }
     }
 
@@ -78,7 +102,7 @@ impl SwiftServer {
     /// The last lines of the servers' logs.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for s in ["proxy", "account", "container", "object"] {
+        for s in ["proxy", "proxy-keystone", "account", "container", "object"] {
             let t =
                 std::fs::read_to_string(self.dir.join(format!("log/{s}.log"))).unwrap_or_default();
             let lines: Vec<&str> = t.lines().collect();
@@ -97,6 +121,54 @@ pub async fn swift() -> &'static SwiftServer {
     CELL.get_or_init(start).await
 }
 
+/// Runs `script ARGS PARENT_PID` with `env`, its stderr into `log`; returns it and the lines
+/// it printed before `ready` (panics if it does not get there within 120 s).
+async fn start_script(
+    script: &str,
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    log: PathBuf,
+) -> (std::process::Child, Vec<String>) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(script);
+    let logf = std::fs::File::create(&log).expect("log");
+    let mut c = Command::new("bash");
+    c.arg(&script)
+        .args(&args)
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(logf);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().expect("start a server script");
+    let stdout = child.stdout.take().expect("stdout");
+    let lines = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut seen = Vec::new();
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if l == "ready" {
+                return Some(seen);
+            }
+            seen.push(l);
+        }
+        None
+    });
+    match tokio::time::timeout(Duration::from_secs(120), lines).await {
+        Ok(Ok(Some(seen))) => (child, seen),
+        _ => panic!(
+            "{} did not come up\n{}",
+            script.display(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ),
+    }
+}
+
 async fn start() -> SwiftServer {
     for t in [
         "swift-proxy-server",
@@ -105,61 +177,74 @@ async fn start() -> SwiftServer {
         "swift-object-server",
         "swift-ring-builder",
         "memcached",
+        "keystone-manage",
+        "uwsgi",
     ] {
         super::require(t);
     }
     let t = Instant::now();
-    // Not a TempDir: the script removes its directory when it stops (statics never drop).
     use rand::{Rng, SeedableRng};
     let mut r = rand::rngs::SmallRng::from_entropy();
-    let dir = std::env::temp_dir().join(format!(
-        "cbt-swift-{}-{:x}",
-        std::process::id(),
-        r.gen::<u32>()
-    ));
-    let port = super::s3::free_ports(1)[0];
+    // Not TempDirs: the scripts remove their directories when they stop (statics never drop).
+    let tmp = std::env::temp_dir();
+    let tag = format!("{}-{:x}", std::process::id(), r.gen::<u32>());
+    let dir = tmp.join(format!("cbt-swift-{tag}"));
+    let ports = super::s3::free_ports(3);
+    let (port, ks_port, ks_proxy_port) = (ports[0], ports[1], ports[2]);
     let key = format!("k{:024x}", r.gen::<u64>());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/swift.sh");
-    let log = std::env::temp_dir().join(format!("cbt-swift-{}.log", std::process::id()));
-    let logf = std::fs::File::create(&log).expect("log");
-    let mut child = Command::new("bash")
-        .arg(&script)
-        .arg(&dir)
-        .arg(port.to_string())
-        .arg(&key)
-        .arg(std::process::id().to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(logf)
-        .spawn()
-        .expect("start scripts/swift.sh");
-    let stdout = child.stdout.take().expect("stdout");
-    let ready = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .any(|l| l == "ready")
-    });
-    let ok = tokio::time::timeout(Duration::from_secs(90), ready).await;
-    assert!(
-        matches!(ok, Ok(Ok(true))),
-        "Swift did not come up\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+    let proxy = format!("http://127.0.0.1:{port}");
+    let keystone = format!("http://127.0.0.1:{ks_port}/v3");
+    // Side by side: Swift's authtoken asks Keystone only at the first token it checks.
+    let ks = start_script(
+        "keystone.sh",
+        vec![
+            tmp.join(format!("cbt-keystone-{tag}"))
+                .display()
+                .to_string(),
+            ks_port.to_string(),
+            key.clone(),
+            format!("http://127.0.0.1:{ks_proxy_port}"),
+        ],
+        vec![],
+        tmp.join(format!("cbt-keystone-{tag}.log")),
     );
+    let sw = start_script(
+        "swift.sh",
+        vec![dir.display().to_string(), port.to_string(), key.clone()],
+        vec![
+            ("KEYSTONE_URL", keystone.clone()),
+            ("KEYSTONE_PROXY_PORT", ks_proxy_port.to_string()),
+        ],
+        tmp.join(format!("cbt-swift-{tag}.log")),
+    );
+    let ((ks_child, ks_out), (sw_child, _)) = tokio::join!(ks, sw);
+    let app_credential = ks_out
+        .iter()
+        .find_map(|l| {
+            let mut w = l.strip_prefix("app_credential ")?.split(' ');
+            Some((w.next()?.to_string(), w.next()?.to_string()))
+        })
+        .expect("an application credential from keystone.sh");
     let sw = SwiftServer {
-        proxy: format!("http://127.0.0.1:{port}"),
+        proxy,
         key,
         container: "cbt-test".into(),
         dir,
-        _child: child,
+        keystone,
+        app_credential,
+        _child: sw_child,
+        _keystone: ks_child,
     };
     SwiftSink::create_container(&sw.config(""))
         .await
         .unwrap_or_else(|e| panic!("create the container: {e:?}\n{}", sw.logs()));
+    SwiftSink::create_container(&sw.keystone_config("alice", ""))
+        .await
+        .unwrap_or_else(|e| panic!("create the Keystone container: {e:?}\n{}", sw.logs()));
     eprintln!(
-        "Swift up at {} in {:.1} s",
+        "Swift and Keystone up at {} and {} in {:.1} s",
         sw.proxy,
+        sw.keystone,
         t.elapsed().as_secs_f64()
     );
     sw
