@@ -5,6 +5,8 @@
 
 mod common;
 
+use libcbt::sink::Sink;
+
 use common::lab::{guest_writes, restore_matches, Lab};
 use common::s3::seaweed;
 use common::{rng, seed};
@@ -66,6 +68,30 @@ async fn newest_backup_and_disk_list_cost_the_same_whatever_the_history() {
     for (round, total, by) in &job_requests {
         eprintln!("backup job {round}: {total} requests {by:?}");
     }
+    // Garbage collection deletes in batches: 300 orphan segments of a disk, a handful of
+    // requests (listings and one DeleteObjects), not 300 DELETEs.
+    let orphans: Vec<String> = (0..300u32)
+        .map(|i| format!("disks/vm-orphan/segments/{:032x}.seg", 0xabc0_0000 + i))
+        .collect();
+    for n in &orphans {
+        sink.put(n, vec![1]).await.expect("orphan");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let (gone, by_gc, gc) = sw
+        .count(catalog::collect_garbage(
+            &sink,
+            "vm-orphan",
+            std::time::Duration::from_millis(1),
+        ))
+        .await;
+    assert_eq!(gone.expect("gc").len(), 300);
+    eprintln!("garbage collection of 300 orphans: {gc} requests {by_gc:?}");
+    assert!(gc <= 8, "{gc} requests: {by_gc:?}");
+    assert!(sink
+        .list("disks/vm-orphan/")
+        .await
+        .expect("list")
+        .is_empty());
     // The newest restores exactly from the bucket (what was found is what was written).
     let reference = lab.path("ref-last.raw");
     lab.reference(0, &reference);

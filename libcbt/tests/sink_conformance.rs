@@ -195,6 +195,21 @@ async fn deletes_are_idempotent<S: Sink>(s: &S) {
         Err(SinkError::NotFound { .. })
     ));
     assert!(s.list("d/").await.expect("list").is_empty());
+    // Many at once, missing ones among them; a segment name (an SLO on Swift) too.
+    let mut names: Vec<String> = (0..25).map(|i| format!("d/m/{i:03}")).collect();
+    for n in &names {
+        s.put(n, vec![7]).await.expect("put");
+    }
+    let seg = "disks/d/segments/0123456789abcdef0123456789abcdef.seg".to_string();
+    let mut w = s.create(&seg).await.expect("create");
+    w.append(vec![1u8; 6 << 20]).await.expect("append");
+    w.finish().await.expect("finish");
+    names.push("d/m/missing".into());
+    names.push(seg);
+    s.delete_many(&names).await.expect("delete many");
+    s.delete_many(&names).await.expect("again");
+    assert!(s.list("d/").await.expect("list").is_empty());
+    assert!(s.list("disks/").await.expect("list").is_empty());
 }
 
 async fn large_objects_in_many_parts<S: Sink>(s: &S) {

@@ -134,16 +134,14 @@ pub async fn forget_backup<S: Sink>(
         return Ok(Vec::new());
     };
     sink.delete(&name).await?;
+    let mut rest = vec![
+        layout::recent_name(disk, m.finished_unix_ms, backup),
+        m.index.name.clone(),
+    ];
+    rest.extend(m.segments.iter().cloned());
+    sink.delete_many(&rest).await?;
     let mut gone = vec![name];
-    let recent = layout::recent_name(disk, m.finished_unix_ms, backup);
-    sink.delete(&recent).await?;
-    gone.push(recent);
-    sink.delete(&m.index.name).await?;
-    gone.push(m.index.name.clone());
-    for s in &m.segments {
-        sink.delete(s).await?;
-        gone.push(s.clone());
-    }
+    gone.extend(rest);
     Ok(gone)
 }
 
@@ -250,12 +248,14 @@ pub async fn collect_garbage<S: Sink>(
                     .is_some_and(|p| name.starts_with(&layout::segment_prefix_name(disk, p)))
         })
     };
-    for o in orphans(sink, disk).await? {
-        if o.older_than(grace, now) && !covered(&o.name) {
-            sink.delete(&o.name).await?;
-            gone.push(o.name);
-        }
-    }
+    let doomed: Vec<String> = orphans(sink, disk)
+        .await?
+        .into_iter()
+        .filter(|o| o.older_than(grace, now) && !covered(&o.name))
+        .map(|o| o.name)
+        .collect();
+    sink.delete_many(&doomed).await?;
+    gone.extend(doomed);
     if !gone.is_empty() {
         tracing::info!(disk, objects = gone.len(), "garbage collected");
     }
@@ -305,12 +305,9 @@ pub async fn abandon_backup<S: Sink>(
             .filter(|o| layout::parse_recent(disk, &o.name).is_some_and(|(_, id)| id == backup))
             .map(|o| o.name),
     );
-    for n in doomed {
-        if !used.contains(&n) {
-            sink.delete(&n).await?;
-            gone.push(n);
-        }
-    }
+    doomed.retain(|n| !used.contains(n));
+    sink.delete_many(&doomed).await?;
+    gone.extend(doomed);
     sink.delete(&name).await?;
     gone.push(name);
     Ok(gone)

@@ -344,6 +344,9 @@ impl Sink for AnySink {
     async fn delete(&self, name: &str) -> Result<(), SinkError> {
         each!(self, s => s.delete(name).await)
     }
+    async fn delete_many(&self, names: &[String]) -> Result<(), SinkError> {
+        each!(self, s => s.delete_many(names).await)
+    }
     async fn remove_stale_partials(&self, grace: Duration) -> Result<u64, SinkError> {
         each!(self, s => s.remove_stale_partials(grace).await)
     }

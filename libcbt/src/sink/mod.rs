@@ -12,6 +12,7 @@
 //! | [`Sink::get`] (bounded) | read | `GetObject` |
 //! | [`Sink::list`] (by prefix) | directory walk | `ListObjectsV2` |
 //! | [`Sink::delete`] | unlink | `DeleteObject` |
+//! | [`Sink::delete_many`] | unlink each | `DeleteObjects` (1,000 a request) |
 //!
 //! Objects are written once and never modified. An object is visible only once complete
 //! (`finish` or `put` returned): a crash leaves temporary files that [`Sink::list`] does not
@@ -267,6 +268,17 @@ pub trait Sink: Clone + Send + Sync + 'static {
     }
     /// Deletes an object; deleting a missing object is not an error.
     fn delete(&self, name: &str) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Deletes objects (missing ones are fine) in as few requests as the backend allows: S3
+    /// `DeleteObjects` of up to 1,000 names, a Swift bulk delete; one by one in a directory.
+    /// After an error some may be gone and others not: calling again finishes the work.
+    fn delete_many(&self, names: &[String]) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async move {
+            for n in names {
+                self.delete(n).await?;
+            }
+            Ok(())
+        }
+    }
     /// Removes what writers that died left behind (temporary files, unfinished uploads)
     /// older than `grace`; returns how many. Never touches a complete object, nor a partial
     /// one that a live writer (in this process, another one or another host) may still finish

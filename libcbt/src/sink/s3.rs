@@ -10,6 +10,7 @@
 //! | [`get`](Sink::get) | `GetObject`, the size checked before the body is read |
 //! | [`list`](Sink::list), [`list_first`](Sink::list_first), [`list_dirs`](Sink::list_dirs) | `ListObjectsV2` with the name prefix (and `max-keys`, or the `/` delimiter), 1,000 names a page |
 //! | [`delete`](Sink::delete) | `DeleteObject` |
+//! | [`delete_many`](Sink::delete_many) | `DeleteObjects`, 1,000 names a request |
 //! | [`remove_stale_partials`](Sink::remove_stale_partials) | `ListMultipartUploads` (pages), `AbortMultipartUpload` per stale upload |
 //!
 //! **Create-only commits.** Indexes, manifests and markers are written with
@@ -690,6 +691,25 @@ impl Sink for S3Sink {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(os_err("deleting", name, e)),
         }
+    }
+
+    async fn delete_many(&self, names: &[String]) -> Result<(), SinkError> {
+        use futures_util::StreamExt;
+        let paths = names
+            .iter()
+            .map(|n| self.key(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut done = self
+            .inner
+            .store
+            .delete_stream(futures_util::stream::iter(paths.into_iter().map(Ok)).boxed());
+        while let Some(r) = done.next().await {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(os_err("deleting", "objects", e)),
+            }
+        }
+        Ok(())
     }
 
     async fn remove_stale_partials(&self, grace: Duration) -> Result<u64, SinkError> {

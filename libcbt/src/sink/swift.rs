@@ -9,7 +9,8 @@
 //! | [`get_range`](Sink::get_range) | one `GET` with `Range` |
 //! | [`get`](Sink::get) | `GET`, the length checked before the body is read |
 //! | [`list`](Sink::list), [`list_first`](Sink::list_first), [`list_dirs`](Sink::list_dirs) | container `GET` with `prefix`, `marker` (and `limit`, or the `/` delimiter), 10,000 names a page |
-//! | [`delete`](Sink::delete) | `DELETE ?multipart-manifest=delete` (an SLO goes with its segments) |
+//! | [`delete`](Sink::delete) | `DELETE` (a segment: `?multipart-manifest=delete`, an SLO goes with its segments) |
+//! | [`delete_many`](Sink::delete_many) | one bulk delete of up to 1,000 names (segments: as [`delete`](Sink::delete)) |
 //! | [`remove_stale_partials`](Sink::remove_stale_partials) | a listing of the upload markers; per stale one, a `HEAD`, a listing of its segments and one bulk delete |
 //!
 //! **Authentication**: Keystone v3 (password or application credential; the object-store
@@ -1224,6 +1225,20 @@ impl Sink for SwiftSink {
     async fn delete(&self, name: &str) -> Result<(), SinkError> {
         let key = self.key(name)?;
         self.delete_key(name, &key).await
+    }
+
+    async fn delete_many(&self, names: &[String]) -> Result<(), SinkError> {
+        // A segment may be an SLO, whose segments a bulk delete would leave behind: those go
+        // one by one, with theirs; everything else in one bulk delete.
+        let mut plain = Vec::new();
+        for n in names {
+            if crate::format::layout::is_segment_name(n) {
+                self.delete(n).await?;
+            } else {
+                plain.push(self.key(n)?);
+            }
+        }
+        self.bulk_delete(&plain).await
     }
 
     async fn remove_stale_partials(&self, grace: Duration) -> Result<u64, SinkError> {
