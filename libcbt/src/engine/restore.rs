@@ -11,27 +11,23 @@ use super::{cancelled, is_cancelled, CancelToken, EngineError, Pool, Progress, P
 use crate::format::segment::{self, FrameHeader, FRAME_HEADER_LEN};
 use crate::format::{self, plan_restore, FrameRead, Index, Level, Manifest, RestorePlan};
 use crate::nbd::{Client, ConnectOptions, Timeouts};
-use crate::sink::{Sink, SinkError};
+use crate::sink::{ReadHint, Sink, SinkError};
 
 /// Deepest chain accepted (a cycle or a runaway chain is refused).
 pub const MAX_CHAIN: usize = 10_000;
 /// Largest index object read (32 bytes an entry: 2^25 entries).
 pub const MAX_INDEX: u64 = 1 << 30;
-/// Frames read together when they are adjacent in one segment.
-const MAX_COALESCED_READ: u64 = 2 << 20;
-/// Largest decoded size of one coalesced group.
-const MAX_COALESCED_RAW: u64 = 4 << 20;
 /// Concurrent writes into a raw-file target (mostly O_DIRECT through io_uring: the disk
 /// needs several in flight; synchronous O_DIRECT writes into a sparse ext4 file serialize on
 /// its inode lock).
 const FILE_WRITERS: usize = 32;
 /// Alignment of O_DIRECT writes (memory, offset and length).
 const ALIGN: usize = 4096;
-/// Groups of frames being read, decoded and written at once. With O_DIRECT writes the disk
-/// wants depth: 10 smaller groups (2 MiB read, 4 MiB decoded) against 6 of twice the size
-/// restored a 31-deep chain of an 8 GiB disk in 4.8-5.4 s instead of 4.9-5.3 s by hand, and
-/// peaked at 150-168 MiB RSS instead of 168-212 MiB.
-const RESTORE_PARALLEL: usize = 10;
+// Groups of frames being read, decoded and written at once come from the sink's
+// [`ReadHint`](crate::sink::ReadHint). On a local disk, with O_DIRECT writes, the disk wants
+// depth: 10 smaller groups (2 MiB read, 4 MiB decoded) against 6 of twice the size restored a
+// 31-deep chain of an 8 GiB disk in 4.8-5.4 s instead of 4.9-5.3 s by hand, and peaked at
+// 150-168 MiB RSS instead of 168-212 MiB.
 
 /// Where a restore writes.
 #[derive(Debug, Clone)]
@@ -239,11 +235,12 @@ async fn read_frames_at<S: Sink>(
     Ok(out)
 }
 
-/// Groups frames that are adjacent in one segment, up to [`MAX_COALESCED_READ`] stored bytes
-/// and [`MAX_COALESCED_RAW`] decoded bytes: a group is decoded at once, and well-compressed
-/// frames would otherwise make a 4 MiB read decode to gigabytes (seen: 3,276 64 KiB frames of
-/// a 10% incremental in one group, 205 MiB).
-pub(crate) fn coalesce(frames: &[FrameRead]) -> Vec<&[FrameRead]> {
+/// Groups frames that follow each other in one segment (adjacent, or apart by at most
+/// `hint.max_gap` bytes, read through and dropped), up to `hint.max_read` stored bytes and
+/// `hint.max_decoded` decoded bytes: a group is one read and is decoded at once, and
+/// well-compressed frames would otherwise make a 4 MiB read decode to gigabytes (seen: 3,276
+/// 64 KiB frames of a 10% incremental in one group, 205 MiB).
+pub(crate) fn coalesce<'a>(frames: &'a [FrameRead], hint: &ReadHint) -> Vec<&'a [FrameRead]> {
     let mut groups = Vec::new();
     let mut start = 0;
     let mut raw = 0u64;
@@ -251,11 +248,13 @@ pub(crate) fn coalesce(frames: &[FrameRead]) -> Vec<&[FrameRead]> {
         let split = i == frames.len()
             || i > start && {
                 let (a, b) = (&frames[i - 1], &frames[i]);
+                let a_end = a.pos.saturating_add(u64::from(a.frame_len));
                 b.segment != a.segment
-                    || b.pos != a.pos + u64::from(a.frame_len)
+                    || b.pos < a_end
+                    || b.pos - a_end > hint.max_gap
                     || b.pos.saturating_add(u64::from(b.frame_len)) - frames[start].pos
-                        > MAX_COALESCED_READ
-                    || raw + u64::from(b.len) > MAX_COALESCED_RAW
+                        > hint.max_read
+                    || raw + u64::from(b.len) > hint.max_decoded
             };
         if split && i > start {
             groups.push(&frames[start..i]);
@@ -588,10 +587,11 @@ async fn restore_direct<S: Sink>(
         }
     );
     let tgt = Arc::new(tgt);
-    let sem = Arc::new(Semaphore::new(RESTORE_PARALLEL));
+    let hint = sink.read_hint();
+    let sem = Arc::new(Semaphore::new(hint.parallel.max(1)));
     let (pool, reads) = (Arc::new(Pool::default()), Arc::new(Pool::default()));
     let mut tasks = tokio::task::JoinSet::new();
-    let groups: Vec<Vec<FrameRead>> = coalesce(&plan.frames)
+    let groups: Vec<Vec<FrameRead>> = coalesce(&plan.frames, &hint)
         .into_iter()
         .map(<[FrameRead]>::to_vec)
         .collect();
@@ -789,22 +789,41 @@ mod tests {
     fn groups_are_bounded_in_stored_and_in_decoded_bytes() {
         // 3,000 adjacent frames of 64 KiB that compressed to 100 bytes each.
         let frames: Vec<FrameRead> = (0..3000).map(|i| frame(i * 100, 100, 65536)).collect();
-        let groups = coalesce(&frames);
+        let local = ReadHint::LOCAL;
+        let groups = coalesce(&frames, &local);
         assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), 3000);
         for g in &groups {
             let raw: u64 = g.iter().map(|f| u64::from(f.len)).sum();
-            assert!(raw <= MAX_COALESCED_RAW, "group decodes to {raw} bytes");
+            assert!(raw <= local.max_decoded, "group decodes to {raw} bytes");
         }
-        assert_eq!(groups.len(), 3000 * 65536 / MAX_COALESCED_RAW as usize + 1);
+        assert_eq!(groups.len(), 3000 * 65536 / local.max_decoded as usize + 1);
         // Incompressible 1 MiB frames: the stored bound applies.
         let frames: Vec<FrameRead> = (0..10).map(|i| frame(i << 20, 1 << 20, 1 << 20)).collect();
-        assert!(coalesce(&frames).iter().all(|g| g.len() <= 4));
-        // A gap or another segment splits; a single frame is a group.
-        let mut f = vec![frame(0, 10, 10), frame(10, 10, 10), frame(30, 10, 10)];
+        assert!(coalesce(&frames, &local).iter().all(|g| g.len() <= 2));
+        let remote = ReadHint::OBJECT_STORE;
+        assert!(coalesce(&frames, &remote).iter().all(|g| g.len() <= 8));
+        // Another segment splits; a gap splits locally, and is read through on an object
+        // store up to its bound; a frame before the last one's end splits; a single frame
+        // is a group.
+        let mut f = vec![
+            frame(0, 10, 10),
+            frame(10, 10, 10),
+            frame(30, 10, 10),
+            frame(30 + (2 << 20), 10, 10),
+            frame(5, 10, 10),
+        ];
+        assert_eq!(coalesce(&f, &local).len(), 4);
+        assert_eq!(
+            coalesce(&f, &remote)
+                .iter()
+                .map(|g| g.len())
+                .collect::<Vec<_>>(),
+            [3, 1, 1]
+        );
         f[2].segment = 2;
-        assert_eq!(coalesce(&f).len(), 2);
-        assert_eq!(coalesce(&f[..1]).len(), 1);
-        assert!(coalesce(&[]).is_empty());
+        assert_eq!(coalesce(&f[..3], &local).len(), 2);
+        assert_eq!(coalesce(&f[..1], &local).len(), 1);
+        assert!(coalesce(&[], &local).is_empty());
     }
     /// A decoded frame of `len` bytes (byte i = (seed + i) % 251) at an aligned address.
     fn decoded(len: usize, seed: usize) -> Decoded {

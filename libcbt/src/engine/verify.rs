@@ -142,7 +142,7 @@ async fn verify<S: Sink>(
             })
             .collect();
         frames.sort_by_key(|f| (f.segment, f.pos));
-        for group in coalesce(&frames) {
+        for group in coalesce(&frames, &sink.read_hint()) {
             if is_cancelled(cancel) {
                 return Err(EngineError::Cancelled);
             }

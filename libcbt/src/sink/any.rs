@@ -311,6 +311,9 @@ impl Sink for AnySink {
             AnySink::Swift(s) => s.create(name).await.map(AnyWriter::Swift),
         }
     }
+    fn read_hint(&self) -> super::ReadHint {
+        each!(self, s => s.read_hint())
+    }
     fn atomic_put_new(&self) -> bool {
         each!(self, s => s.atomic_put_new())
     }

@@ -565,6 +565,10 @@ fn parse_uploads(body: &[u8]) -> Result<UploadsPage, SinkError> {
 impl Sink for S3Sink {
     type Writer = S3Writer;
 
+    fn read_hint(&self) -> super::ReadHint {
+        super::ReadHint::OBJECT_STORE
+    }
+
     async fn create(&self, name: &str) -> Result<S3Writer, SinkError> {
         let path = self.key(name)?;
         Ok(S3Writer {

@@ -1043,6 +1043,10 @@ fn parse_token(
 impl Sink for SwiftSink {
     type Writer = SwiftWriter;
 
+    fn read_hint(&self) -> super::ReadHint {
+        super::ReadHint::OBJECT_STORE
+    }
+
     fn atomic_put_new(&self) -> bool {
         false
     }
