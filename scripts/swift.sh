@@ -99,7 +99,7 @@ user = root
 workers = 1
 log_level = WARNING
 [pipeline:main]
-pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats bulk $3 slo copy proxy-logging proxy-server
+pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats bulk $3 container-quotas slo copy proxy-logging proxy-server
 [app:proxy-server]
 use = egg:swift#proxy
 account_autocreate = true
@@ -121,6 +121,8 @@ use = egg:swift#listing_formats
 use = egg:swift#bulk
 [filter:slo]
 use = egg:swift#slo
+[filter:container-quotas]
+use = egg:swift#container_quotas
 [filter:copy]
 use = egg:swift#copy
 [filter:s3api]

@@ -762,6 +762,31 @@ mod tests {
         let c = parse(&format!("{s3}bucket = \"b\"\nprefix = \"p/q\"\n")).expect("s3 sink");
         assert_eq!(c.sinks[0].kind, SinkKind::S3);
         assert!(c.sinks[0].local_path().is_none());
+        let swift = "[[sink]]\nname = \"o\"\ntype = \"swift\"\n\
+                     auth_url = \"https://k:5000/v3\"\nuser = \"u\"\nproject = \"p\"\n";
+        let e = parse(swift).expect_err("no container");
+        assert!(e.to_string().contains("sink[0].container"), "{e}");
+        let e = parse(&format!("{swift}container = \"c\"\nbucket = \"b\"\n")).expect_err("s3 key");
+        assert!(e.to_string().contains("sink[0].bucket"), "{e}");
+        let e = parse(&format!("{swift}container = \"c\"\nsegment_size_mib = 0\n"))
+            .expect_err("segment size");
+        assert!(e.to_string().contains("sink[0].segment_size_mib"), "{e}");
+        let e = parse(&format!(
+            "{swift}container = \"c\"\ninterface = \"private\"\n"
+        ))
+        .expect_err("interface");
+        assert!(e.to_string().contains("sink[0].interface"), "{e}");
+        let e = parse(&format!("{s3}bucket = \"b\"\ncontainer = \"c\"\n")).expect_err("swift key");
+        assert!(e.to_string().contains("sink[0].container"), "{e}");
+        let c = parse(&format!("{swift}container = \"c\"\nregion = \"R1\"\n")).expect("swift sink");
+        assert_eq!(c.sinks[0].kind, SinkKind::Swift);
+        let libcbt::sink::any::SinkAddress::Swift(a) = c.sinks[0].address() else {
+            panic!("not a swift address")
+        };
+        assert_eq!(
+            (a.container.as_str(), a.region.as_deref(), a.user.as_deref()),
+            ("c", Some("R1"), Some("u"))
+        );
         let e =
             parse("[[token]]\nname = \"t\"\nsha256 = \"zz\"\nadmin = true\n").expect_err("hash");
         assert!(e.to_string().contains("token[0].sha256"), "{e}");

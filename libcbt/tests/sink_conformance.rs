@@ -628,6 +628,28 @@ mod swift_only {
         assert!(!text.contains("not-alices-password-q7"), "{text}");
     }
 
+    /// A container over its quota (Swift's container_quotas): the write fails as out of
+    /// space, and a small one still goes in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quota_exceeded_is_out_of_space() {
+        let sw = swift().await;
+        let mut cfg = sw.config("");
+        cfg.container = "cbt-quota".into();
+        SwiftSink::create_container(&cfg).await.expect("container");
+        sw.set_container_meta("cbt-quota", "X-Container-Meta-Quota-Bytes", "1048576")
+            .await;
+        let s = SwiftSink::open(&cfg).await.expect("open");
+        let e = s
+            .put("big", vec![1u8; 3 << 20])
+            .await
+            .expect_err("over the quota");
+        assert!(matches!(e, SinkError::NoSpace { .. }), "{e:?}");
+        assert!(chain(&e).contains("413"), "{}", chain(&e));
+        s.put("small", vec![1u8; 1000])
+            .await
+            .expect("within the quota");
+    }
+
     /// Tokens that the server forgets (memcached flushed: as after a revocation or expiry)
     /// are renewed on the 401, and the request goes through.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,6 +86,44 @@ impl SwiftServer {
             .unwrap_or_else(|e| panic!("open the Swift sink: {e:?}\n{}", self.logs()))
     }
 
+    /// Sets a metadata header on a container of tempauth's account (as its admin).
+    pub async fn set_container_meta(&self, container: &str, header: &str, value: &str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let host = self.proxy.trim_start_matches("http://").to_string();
+        let call = |req: String| {
+            let host = host.clone();
+            async move {
+                let mut c = tokio::net::TcpStream::connect(&host).await.expect("proxy");
+                c.write_all(req.as_bytes()).await.expect("request");
+                let mut out = Vec::new();
+                c.read_to_end(&mut out).await.expect("answer");
+                String::from_utf8_lossy(&out).into_owned()
+            }
+        };
+        let auth = call(format!(
+            "GET /auth/v1.0 HTTP/1.0\r\nHost: {host}\r\nX-Auth-User: cbt:tester\r\nX-Auth-Key: {}\r\n\r\n",
+            self.key
+        ))
+        .await;
+        let token = auth
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("x-auth-token")
+                    .then(|| v.trim().to_string())
+            })
+            .expect("a tempauth token");
+        let answer = call(format!(
+            "POST /v1/AUTH_cbt/{container} HTTP/1.0\r\nHost: {host}\r\nX-Auth-Token: {token}\r\n\
+             {header}: {value}\r\nContent-Length: 0\r\n\r\n"
+        ))
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 204") || answer.starts_with("HTTP/1.0 204"),
+            "{answer}"
+        );
+    }
+
     /// Forgets every token (flushes tempauth's memcached), as a revocation would.
     pub async fn flush_tokens(&self) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
