@@ -1,4 +1,4 @@
-//! The S3 sink under faults, between it and a real SeaweedFS: a fault proxy in the test (HTTP,
+//! The S3 and Swift sinks under faults, between them and a real SeaweedFS or Swift: a fault proxy in the test (HTTP,
 //! request by request) answers `503 SlowDown` in the server's place, forwards a request and
 //! loses its answer, delays answers, or plays dead. Retried faults succeed (a create-only write
 //! whose answer was lost is recognised as our own), a persistent fault or a silent server fails
@@ -19,10 +19,13 @@ use hyper_util::rt::TokioIo;
 use libcbt::engine::{catalog, BackupOptions};
 use libcbt::job::{self, DiskSpec};
 use libcbt::sink::s3::{S3Config, S3Sink};
+use libcbt::sink::swift::{SwiftAuth, SwiftSink};
+use libcbt::sink::Secret;
 use libcbt::sink::{Sink, SinkError};
 use libcbt::source::qemu::Requested;
 use support::common::lab::{assert_sink_holds_only, guest_writes, restore_matches, Lab};
 use support::common::s3::{seaweed, S3Server};
+use support::common::swift::swift;
 use support::common::{chain, rng, seed};
 
 /// What the proxy does to the requests it sees.
@@ -344,4 +347,61 @@ async fn a_server_dying_under_a_backup_fails_it_cleanly_and_the_next_one_works()
     assert_eq!(res[0].manifest.parent.as_deref(), Some("c1"));
     assert_sink_holds_only(&direct, &all.iter().collect::<Vec<_>>()).await;
     assert!(direct.list("inprogress/").await.expect("list").is_empty());
+}
+
+/// The Swift sink under the same faults, through the proxy (both the login and the storage
+/// URL): 503s are retried, a create-only commit whose answer was lost is recognised as ours
+/// and a rival's is not, and a persistent fault fails within the configured time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swift_retries_faults_and_recognises_a_lost_commit_answer() {
+    let sw = swift().await;
+    let faults = Arc::new(Faults::default());
+    let upstream: SocketAddr = sw
+        .proxy
+        .strip_prefix("http://")
+        .expect("http")
+        .parse()
+        .expect("addr");
+    let addr = proxy(upstream, faults.clone()).await;
+    let mut cfg = sw.config("faults");
+    cfg.auth = SwiftAuth::TempAuth {
+        auth_url: format!("http://{addr}/auth/v1.0"),
+        user: "cbt:tester".into(),
+        key: Secret(sw.key.clone()),
+    };
+    cfg.storage_url = Some(format!("http://{addr}/v1/AUTH_cbt"));
+    let s = SwiftSink::open(&cfg).await.expect("open");
+    faults.slow_down.store(3, Ordering::SeqCst);
+    s.put("a/x", b"one".to_vec()).await.expect("put after 503s");
+    assert_eq!(s.get("a/x", 10).await.expect("get"), b"one");
+    assert_eq!(faults.injected.load(Ordering::SeqCst), 3);
+    faults.lose_answer.store(1, Ordering::SeqCst);
+    s.put_new("m/b1.manifest", b"ours".to_vec())
+        .await
+        .expect("a commit whose answer was lost is ours");
+    assert_eq!(faults.injected.load(Ordering::SeqCst), 4);
+    assert_eq!(s.get("m/b1.manifest", 10).await.expect("get"), b"ours");
+    s.put_new("m/b2.manifest", b"rival".to_vec())
+        .await
+        .expect("first");
+    faults.lose_answer.store(1, Ordering::SeqCst);
+    assert!(matches!(
+        s.put_new("m/b2.manifest", b"mine".to_vec()).await,
+        Err(SinkError::Exists { .. })
+    ));
+    assert_eq!(s.get("m/b2.manifest", 10).await.expect("get"), b"rival");
+
+    cfg.retry_timeout = Duration::from_secs(3);
+    cfg.request_timeout = Duration::from_secs(2);
+    let s = SwiftSink::open(&cfg).await.expect("open");
+    faults.always_503.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    let e = s.put("a/y", vec![1]).await.expect_err("a persistent 503");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(chain(&e).contains("503"), "{}", chain(&e));
+    faults.always_503.store(false, Ordering::SeqCst);
 }

@@ -591,6 +591,7 @@ mod swift_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn keystone_logins_reach_the_projects_account() {
         let sw = swift().await;
+        let (app_id, app_secret) = sw.keystone_up().await.clone();
         let prefix = format!("ks-{:08x}", rng().gen::<u32>());
         let alice = SwiftSink::open(&sw.keystone_config("alice", &prefix))
             .await
@@ -600,8 +601,8 @@ mod swift_only {
         let mut cfg = sw.keystone_config("alice", &prefix);
         cfg.auth = SwiftAuth::ApplicationCredential {
             auth_url: sw.keystone.clone(),
-            id: sw.app_credential.0.clone(),
-            secret: Secret(sw.app_credential.1.clone()),
+            id: app_id,
+            secret: Secret(app_secret),
         };
         cfg.interface = "internal".into();
         let app = SwiftSink::open(&cfg).await.expect("application credential");

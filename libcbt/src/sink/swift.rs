@@ -577,8 +577,36 @@ impl SwiftSink {
         }
     }
 
+    /// A request with the session's token to the URL `url_of` makes of the session, built
+    /// by `build`; retried as [`retrying`](Self::retrying) does, and sent once more with a
+    /// new token when answered 401.
+    async fn authed(
+        &self,
+        op: &'static str,
+        name: &str,
+        url_of: impl Fn(&Session) -> Result<Url, SinkError>,
+        build: impl Fn(Url) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, SinkError> {
+        let mut renewed = false;
+        loop {
+            let s = self.session().await?;
+            let url = url_of(&s)?;
+            let r = self
+                .retrying(op, name, || {
+                    build(url.clone()).header("X-Auth-Token", &s.token.0)
+                })
+                .await?;
+            if r.status() == StatusCode::UNAUTHORIZED && !renewed {
+                self.invalidate(&s).await;
+                renewed = true;
+                continue;
+            }
+            return Ok(r);
+        }
+    }
+
     /// A request on the container (`path` empty) or on an object of it (`path` is the full
-    /// key, prefix included), with the token; renews the token once on a 401.
+    /// key, prefix included).
     #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
@@ -590,9 +618,7 @@ impl SwiftSink {
         body: Option<Body>,
         headers: impl Fn(&mut reqwest::header::HeaderMap),
     ) -> Result<reqwest::Response, SinkError> {
-        let mut renewed = false;
-        loop {
-            let s = self.session().await?;
+        let url_of = |s: &Session| {
             let mut url = Url::parse(&s.storage_url)
                 .map_err(|_| remote(op, name, "the storage URL does not parse"))?;
             {
@@ -607,32 +633,21 @@ impl SwiftSink {
             if !query.is_empty() {
                 url.query_pairs_mut().extend_pairs(query);
             }
-            let r = self
-                .retrying(op, name, || {
-                    let mut h = reqwest::header::HeaderMap::new();
-                    headers(&mut h);
-                    let mut b = self
-                        .inner
-                        .http
-                        .request(method.clone(), url.clone())
-                        .headers(h)
-                        .header("X-Auth-Token", &s.token.0);
-                    if let Some(body) = &body {
-                        // Explicit: reqwest sends none for an empty body, and Swift wants one.
-                        b = b
-                            .header(reqwest::header::CONTENT_LENGTH, body.0.len())
-                            .body(body.0.clone());
-                    }
-                    b
-                })
-                .await?;
-            if r.status() == StatusCode::UNAUTHORIZED && !renewed {
-                self.invalidate(&s).await;
-                renewed = true;
-                continue;
+            Ok(url)
+        };
+        self.authed(op, name, url_of, |url| {
+            let mut h = reqwest::header::HeaderMap::new();
+            headers(&mut h);
+            let mut b = self.inner.http.request(method.clone(), url).headers(h);
+            if let Some(body) = &body {
+                // Explicit: reqwest sends none for an empty body, and Swift wants one.
+                b = b
+                    .header(reqwest::header::CONTENT_LENGTH, body.0.len())
+                    .body(body.0.clone());
             }
-            return Ok(r);
-        }
+            b
+        })
+        .await
     }
 
     /// The key of object `name`.
@@ -774,7 +789,6 @@ impl SwiftSink {
                 text.push_str(u.path());
                 text.push('\n');
             }
-            // The bulk call is on the account: the container's parent.
             let r = self.send_account_bulk(Bytes::from(text)).await?;
             let status = r.status();
             let answer = read_bounded(r, "deleting", "segments").await?;
@@ -786,31 +800,23 @@ impl SwiftSink {
         Ok(())
     }
 
+    /// A bulk delete (a POST on the account: the container's parent).
     async fn send_account_bulk(&self, body: Bytes) -> Result<reqwest::Response, SinkError> {
-        let mut renewed = false;
-        loop {
-            let s = self.session().await?;
+        let url_of = |s: &Session| {
             let mut url = Url::parse(&s.storage_url)
                 .map_err(|_| remote("deleting", "segments", "the storage URL does not parse"))?;
             url.query_pairs_mut().append_pair("bulk-delete", "");
-            let r = self
-                .retrying("deleting", "segments", || {
-                    self.inner
-                        .http
-                        .post(url.clone())
-                        .header("X-Auth-Token", &s.token.0)
-                        .header("Content-Type", "text/plain")
-                        .header("Accept", "application/json")
-                        .body(body.clone())
-                })
-                .await?;
-            if r.status() == StatusCode::UNAUTHORIZED && !renewed {
-                self.invalidate(&s).await;
-                renewed = true;
-                continue;
-            }
-            return Ok(r);
-        }
+            Ok(url)
+        };
+        self.authed("deleting", "segments", url_of, |url| {
+            self.inner
+                .http
+                .post(url)
+                .header("Content-Type", "text/plain")
+                .header("Accept", "application/json")
+                .body(body.clone())
+        })
+        .await
     }
 
     /// Objects under `prefix` (a full key prefix), page by page, at most `limit`; with

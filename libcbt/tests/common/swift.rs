@@ -1,7 +1,8 @@
 //! A real OpenStack Swift for the tests of one binary (scripts/swift.sh: account, container
 //! and object servers, a proxy with tempauth, Keystone's authtoken, s3api, bulk and SLO, and
-//! memcached) and the Keystone it trusts (scripts/keystone.sh), started once, side by side, on
-//! free ports of 127.0.0.1, and gone when the test binary exits.
+//! memcached), started once on free ports of 127.0.0.1, and the Keystone it trusts
+//! (scripts/keystone.sh), started at the first test that logs in through it; both gone when
+//! the test binary exits.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,10 +23,13 @@ pub struct SwiftServer {
     /// Keystone v3 (`http://127.0.0.1:PORT/v3`): project `cbt` with users `alice` (member)
     /// and `bob` (reader), password [`key`](Self::key) for both.
     pub keystone: String,
-    /// Alice's application credential: id and secret.
-    pub app_credential: (String, String),
+    /// Keystone's port and the address of the proxy that trusts it (its catalog's).
+    ks_port: u16,
+    ks_proxy: String,
+    tag: String,
+    /// Keystone once up: its process and alice's application credential (id, secret).
+    ks: tokio::sync::OnceCell<(std::process::Child, (String, String))>,
     _child: std::process::Child,
-    _keystone: std::process::Child,
 }
 
 impl SwiftServer {
@@ -45,6 +49,51 @@ impl SwiftServer {
             retry_timeout: Duration::from_secs(30),
             ..SwiftConfig::default()
         }
+    }
+
+    /// Starts Keystone (once) and returns alice's application credential (id, secret); her
+    /// project's container `cbt-test` exists then.
+    pub async fn keystone_up(&self) -> &(String, String) {
+        let (_, cred) = self
+            .ks
+            .get_or_init(|| async {
+                let t = Instant::now();
+                let tmp = std::env::temp_dir();
+                let (child, out) = start_script(
+                    "keystone.sh",
+                    vec![
+                        tmp.join(format!("cbt-keystone-{}", self.tag))
+                            .display()
+                            .to_string(),
+                        self.ks_port.to_string(),
+                        self.key.clone(),
+                        self.ks_proxy.clone(),
+                    ],
+                    vec![],
+                    tmp.join(format!("cbt-keystone-{}.log", self.tag)),
+                )
+                .await;
+                let cred = out
+                    .iter()
+                    .find_map(|l| {
+                        let mut w = l.strip_prefix("app_credential ")?.split(' ');
+                        Some((w.next()?.to_string(), w.next()?.to_string()))
+                    })
+                    .expect("an application credential from keystone.sh");
+                SwiftSink::create_container(&self.keystone_config("alice", ""))
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("create the Keystone container: {e:?}\n{}", self.logs())
+                    });
+                eprintln!(
+                    "Keystone up at {} in {:.1} s",
+                    self.keystone,
+                    t.elapsed().as_secs_f64()
+                );
+                (child, cred)
+            })
+            .await;
+        cred
     }
 
     /// A Keystone configuration of container `cbt-test` in project `cbt`'s account, as `user`
@@ -232,21 +281,9 @@ async fn start() -> SwiftServer {
     let key = format!("k{:024x}", r.gen::<u64>());
     let proxy = format!("http://127.0.0.1:{port}");
     let keystone = format!("http://127.0.0.1:{ks_port}/v3");
-    // Side by side: Swift's authtoken asks Keystone only at the first token it checks.
-    let ks = start_script(
-        "keystone.sh",
-        vec![
-            tmp.join(format!("cbt-keystone-{tag}"))
-                .display()
-                .to_string(),
-            ks_port.to_string(),
-            key.clone(),
-            format!("http://127.0.0.1:{ks_proxy_port}"),
-        ],
-        vec![],
-        tmp.join(format!("cbt-keystone-{tag}.log")),
-    );
-    let sw = start_script(
+    // Swift's authtoken asks Keystone only at the first token it checks: Keystone can come
+    // later, when a test needs it.
+    let (sw_child, _) = start_script(
         "swift.sh",
         vec![dir.display().to_string(), port.to_string(), key.clone()],
         vec![
@@ -254,35 +291,26 @@ async fn start() -> SwiftServer {
             ("KEYSTONE_PROXY_PORT", ks_proxy_port.to_string()),
         ],
         tmp.join(format!("cbt-swift-{tag}.log")),
-    );
-    let ((ks_child, ks_out), (sw_child, _)) = tokio::join!(ks, sw);
-    let app_credential = ks_out
-        .iter()
-        .find_map(|l| {
-            let mut w = l.strip_prefix("app_credential ")?.split(' ');
-            Some((w.next()?.to_string(), w.next()?.to_string()))
-        })
-        .expect("an application credential from keystone.sh");
+    )
+    .await;
     let sw = SwiftServer {
         proxy,
         key,
         container: "cbt-test".into(),
         dir,
         keystone,
-        app_credential,
+        ks_port,
+        ks_proxy: format!("http://127.0.0.1:{ks_proxy_port}"),
+        tag,
+        ks: tokio::sync::OnceCell::new(),
         _child: sw_child,
-        _keystone: ks_child,
     };
     SwiftSink::create_container(&sw.config(""))
         .await
         .unwrap_or_else(|e| panic!("create the container: {e:?}\n{}", sw.logs()));
-    SwiftSink::create_container(&sw.keystone_config("alice", ""))
-        .await
-        .unwrap_or_else(|e| panic!("create the Keystone container: {e:?}\n{}", sw.logs()));
     eprintln!(
-        "Swift and Keystone up at {} and {} in {:.1} s",
+        "Swift up at {} in {:.1} s",
         sw.proxy,
-        sw.keystone,
         t.elapsed().as_secs_f64()
     );
     sw
