@@ -308,10 +308,6 @@ enum Put<'a> {
     Manifest(&'a str),
 }
 
-/// A request's body: shared, so that a retry sends it again without a copy.
-#[derive(Clone, Default)]
-struct Body(Bytes);
-
 impl SwiftSink {
     /// Logs in, checks that the container exists and probes that the server refuses a second
     /// create-only write. Wrong credentials, a missing container or an unreachable endpoint
@@ -615,7 +611,8 @@ impl SwiftSink {
         method: Method,
         path: &str,
         query: &[(&str, &str)],
-        body: Option<Body>,
+        // Shared: a retry sends it again without a copy.
+        body: Option<Bytes>,
         headers: impl Fn(&mut reqwest::header::HeaderMap),
     ) -> Result<reqwest::Response, SinkError> {
         let url_of = |s: &Session| {
@@ -642,8 +639,8 @@ impl SwiftSink {
             if let Some(body) = &body {
                 // Explicit: reqwest sends none for an empty body, and Swift wants one.
                 b = b
-                    .header(reqwest::header::CONTENT_LENGTH, body.0.len())
-                    .body(body.0.clone());
+                    .header(reqwest::header::CONTENT_LENGTH, body.len())
+                    .body(body.clone());
             }
             b
         })
@@ -676,7 +673,7 @@ impl SwiftSink {
                 Method::PUT,
                 key,
                 query,
-                Some(Body(data)),
+                Some(data),
                 |h| match kind {
                     Put::Plain => {}
                     Put::CreateOnly => {
@@ -840,12 +837,12 @@ impl SwiftSink {
             }
             let want = limit
                 .map(|n| n.saturating_sub(objects.len()).clamp(1, PAGE))
-                .unwrap_or(PAGE)
-                .to_string();
+                .unwrap_or(PAGE);
+            let want_text = want.to_string();
             let mut q = vec![
                 ("format", "json"),
                 ("prefix", prefix),
-                ("limit", want.as_str()),
+                ("limit", want_text.as_str()),
             ];
             if !marker.is_empty() {
                 q.push(("marker", marker.as_str()));
@@ -876,7 +873,7 @@ impl SwiftSink {
                     objects.push(e);
                 }
             }
-            if limit.is_some_and(|l| objects.len() >= l) || n < want.parse().unwrap_or(PAGE) {
+            if limit.is_some_and(|l| objects.len() >= l) || n < want {
                 break;
             }
             marker = last;
@@ -947,22 +944,37 @@ fn renew_before(left: Duration) -> Duration {
 
 /// Reads an answer's body, refusing more than [`MAX_ANSWER`] bytes.
 async fn read_bounded(
-    mut r: reqwest::Response,
+    r: reqwest::Response,
     op: &'static str,
     name: &str,
 ) -> Result<Vec<u8>, SinkError> {
+    read_at_most(r, op, name, MAX_ANSWER as u64).await
+}
+
+/// Reads an answer's body of at most `max` bytes (its announced length checked first):
+/// [`SinkError::TooLarge`] naming `name` otherwise.
+async fn read_at_most(
+    mut r: reqwest::Response,
+    op: &'static str,
+    name: &str,
+    max: u64,
+) -> Result<Vec<u8>, SinkError> {
+    let too_large = |len| SinkError::TooLarge {
+        name: name.into(),
+        len,
+        max,
+    };
+    if let Some(l) = r.content_length().filter(|&l| l > max) {
+        return Err(too_large(l));
+    }
     let mut out = Vec::new();
     while let Some(chunk) = r.chunk().await.map_err(|e| SinkError::Remote {
         op,
         name: name.into(),
         source: Box::new(e),
     })? {
-        if out.len() + chunk.len() > MAX_ANSWER {
-            return Err(SinkError::TooLarge {
-                name: format!("answer to {op} {name}"),
-                len: (out.len() + chunk.len()) as u64,
-                max: MAX_ANSWER as u64,
-            });
+        if (out.len() + chunk.len()) as u64 > max {
+            return Err(too_large((out.len() + chunk.len()) as u64));
         }
         out.extend_from_slice(&chunk);
     }
@@ -1177,33 +1189,7 @@ impl Sink for SwiftSink {
     }
 
     async fn get(&self, name: &str, max: u64) -> Result<Vec<u8>, SinkError> {
-        let key = self.key(name)?;
-        let mut r = self
-            .send("reading", name, Method::GET, &key, &[], None, |_| {})
-            .await?;
-        if !r.status().is_success() {
-            return Err(status_err("reading", name, r.status()));
-        }
-        let too_large = |len| SinkError::TooLarge {
-            name: name.into(),
-            len,
-            max,
-        };
-        if let Some(l) = r.content_length().filter(|&l| l > max) {
-            return Err(too_large(l));
-        }
-        let mut out = Vec::new();
-        while let Some(chunk) = r.chunk().await.map_err(|e| SinkError::Remote {
-            op: "reading",
-            name: name.into(),
-            source: Box::new(e),
-        })? {
-            if (out.len() + chunk.len()) as u64 > max {
-                return Err(too_large((out.len() + chunk.len()) as u64));
-            }
-            out.extend_from_slice(&chunk);
-        }
-        Ok(out)
+        self.get_key(name, &self.key(name)?, max).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, SinkError> {
@@ -1266,7 +1252,7 @@ impl Sink for SwiftSink {
                 continue;
             }
             // The marker names the object.
-            let name = match self.get_key_bounded(&m.name, MAX_NAME_BYTES).await {
+            let name = match self.get_key(&m.name, &m.name, MAX_NAME_BYTES).await {
                 Ok(b) => String::from_utf8(b).unwrap_or_default(),
                 Err(SinkError::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
@@ -1310,23 +1296,15 @@ fn is_upload_id(id: &str) -> bool {
 }
 
 impl SwiftSink {
-    /// [`Sink::get`] of a full key.
-    async fn get_key_bounded(&self, key: &str, max: u64) -> Result<Vec<u8>, SinkError> {
+    /// [`Sink::get`] of a full key (`name` for errors).
+    async fn get_key(&self, name: &str, key: &str, max: u64) -> Result<Vec<u8>, SinkError> {
         let r = self
-            .send("reading", key, Method::GET, key, &[], None, |_| {})
+            .send("reading", name, Method::GET, key, &[], None, |_| {})
             .await?;
         if !r.status().is_success() {
-            return Err(status_err("reading", key, r.status()));
+            return Err(status_err("reading", name, r.status()));
         }
-        let b = read_bounded(r, "reading", key).await?;
-        if b.len() as u64 > max {
-            return Err(SinkError::TooLarge {
-                name: key.into(),
-                len: b.len() as u64,
-                max,
-            });
-        }
-        Ok(b)
+        read_at_most(r, "reading", name, max).await
     }
 }
 
