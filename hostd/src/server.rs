@@ -333,6 +333,21 @@ pub async fn run(cfg: Config) -> Result<()> {
     let router = crate::api::router(st.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
+    // The TCP listener is bound first: once the Unix socket exists, every door is open (what
+    // the tests and a supervisor that waits for the socket rely on).
+    let tcp = match s.listen {
+        Some(addr) => {
+            let (Some(c), Some(k)) = (&s.tls_cert, &s.tls_key) else {
+                anyhow::bail!("server.listen needs tls_cert and tls_key");
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(c, k)?);
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            Some((addr, acceptor, l))
+        }
+        None => None,
+    };
     if let Some(path) = &s.unix_socket {
         use std::os::unix::fs::PermissionsExt;
         if let Some(parent) = path.parent() {
@@ -353,14 +368,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         });
         tracing::info!(socket = %path.display(), "listening");
     }
-    if let Some(addr) = s.listen {
-        let (Some(c), Some(k)) = (&s.tls_cert, &s.tls_key) else {
-            anyhow::bail!("server.listen needs tls_cert and tls_key");
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(c, k)?);
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
+    if let Some((addr, acceptor, l)) = tcp {
         let (r, mut rx) = (router.clone(), stop_rx.clone());
         let limits = ConnLimits::of(s);
         let slots = Arc::new(tokio::sync::Semaphore::new(s.max_connections));
