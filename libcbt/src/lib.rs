@@ -10,6 +10,7 @@
 //! | [`sink`] | `Sink` trait (object-store shaped) and the local/NFS directory sink |
 //! | [`source`] | change tracking: QMP change source (bitmaps, fleecing, NBD export) |
 //! | [`qmp`] | async QMP client: commands with ids, typed errors, events, transactions |
+//! | [`retention`] | the prune planner: which backups a keep policy keeps, and why |
 //! | [`fuzzing`] | entry points for the `fuzz/` targets (not a stable API) |
 //!
 //! See `ARCHITECTURE.md` in the project's shared notes for the layers still to come
@@ -21,6 +22,7 @@ pub mod format;
 pub mod job;
 pub mod nbd;
 pub mod qmp;
+pub mod retention;
 pub mod sink;
 pub mod source;
 
