@@ -69,8 +69,9 @@ enum Cmd {
         #[arg(long, default_value = "/var/tmp/cbt-bench")]
         workdir: PathBuf,
     },
-    /// B1 to object stores: full backups to SeaweedFS and Ceph RGW vs the local sink, and a
-    /// 7-deep chain restored from each, with request counts (servers started here).
+    /// B1 to object stores: full backups to SeaweedFS, Ceph RGW and Swift vs the local sink,
+    /// and a 7-deep chain restored from each, with request counts (servers started here); then
+    /// end to end against virtnbdbackup + rclone on libvirt domains.
     S3(BackupArgs),
     /// Every scenario; a table on stdout and a JSON file.
     All {
@@ -956,27 +957,133 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
 // s3
 
 /// The credentials file of `sv` (0600), for cbtctl.
-fn credentials_file(dir: &Path, sv: &common::s3::S3Server) -> Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let p = dir.join(format!("{}.cred", sv.kind.replace(' ', "-")));
-    std::fs::write(
-        &p,
-        format!(
-            "access_key = {}\nsecret_key = {}\n",
-            sv.access_key, sv.secret_key
-        ),
-    )?;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
-    Ok(p)
+/// An object store of the bench: S3 (SeaweedFS, Ceph RGW) or Swift's native API (tempauth).
+#[derive(Clone, Copy)]
+enum Remote {
+    S3(&'static common::s3::S3Server),
+    Swift(&'static common::swift::SwiftServer),
 }
 
-fn s3_arg(sv: &common::s3::S3Server, prefix: &str, cred: &Path) -> SinkArg {
-    SinkArg(vec![
-        "--sink".into(),
-        format!("s3://{}/{prefix}?endpoint={}", sv.bucket, sv.endpoint),
-        "--credentials".into(),
-        cred.display().to_string(),
-    ])
+impl Remote {
+    fn kind(self) -> &'static str {
+        match self {
+            Remote::S3(sv) => sv.kind,
+            Remote::Swift(_) => "Swift",
+        }
+    }
+
+    /// The scenario names' suffix.
+    fn short(self) -> &'static str {
+        match self {
+            Remote::S3(sv) if sv.kind == "SeaweedFS" => "seaweedfs",
+            Remote::S3(_) => "ceph",
+            Remote::Swift(_) => "swift",
+        }
+    }
+
+    /// A 0600 credentials file for cbtctl.
+    fn credentials_file(self, dir: &Path) -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(format!("{}.cred", self.short()));
+        let text = match self {
+            Remote::S3(sv) => format!(
+                "access_key = {}\nsecret_key = {}\n",
+                sv.access_key, sv.secret_key
+            ),
+            Remote::Swift(sw) => format!("key = {}\n", sw.key),
+        };
+        std::fs::write(&p, text)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+        Ok(p)
+    }
+
+    /// cbtctl's `--sink` for objects under `prefix`, with its credentials file.
+    fn arg(self, prefix: &str, cred: &Path) -> SinkArg {
+        let url = match self {
+            Remote::S3(sv) => format!("s3://{}/{prefix}?endpoint={}", sv.bucket, sv.endpoint),
+            Remote::Swift(sw) => format!(
+                "swift://{}/{prefix}?auth_url={}/auth/v1.0&user=cbt:tester",
+                sw.container, sw.proxy
+            ),
+        };
+        SinkArg(vec![
+            "--sink".into(),
+            url,
+            "--credentials".into(),
+            cred.display().to_string(),
+        ])
+    }
+
+    async fn sink(self, prefix: &str) -> libcbt::sink::any::AnySink {
+        use libcbt::sink::any::AnySink;
+        match self {
+            Remote::S3(sv) => AnySink::S3(sv.sink(prefix).await),
+            Remote::Swift(sw) => AnySink::Swift(sw.sink(prefix).await),
+        }
+    }
+
+    /// rclone's section `name` for this server.
+    fn rclone_section(self, name: &str) -> String {
+        match self {
+            Remote::S3(sv) => format!(
+                "[{name}]\ntype = s3\nprovider = Other\nendpoint = {}\naccess_key_id = {}\nsecret_access_key = {}\n\n",
+                sv.endpoint, sv.access_key, sv.secret_key
+            ),
+            Remote::Swift(sw) => format!(
+                "[{name}]\ntype = swift\nauth = {}/auth/v1.0\nuser = cbt:tester\nkey = {}\n\n",
+                sw.proxy, sw.key
+            ),
+        }
+    }
+
+    /// rclone's path of `sub` in the bucket or container, through section `name`.
+    fn rclone_path(self, name: &str, sub: &str) -> String {
+        let b = match self {
+            Remote::S3(sv) => &sv.bucket,
+            Remote::Swift(sw) => &sw.container,
+        };
+        format!("{name}:{b}/{sub}")
+    }
+
+    /// Runs `f` and returns what it returned with the server's request counts by type and
+    /// their total, where the server counts them (SeaweedFS).
+    async fn count<T>(
+        self,
+        f: impl std::future::Future<Output = T>,
+    ) -> (T, Option<(std::collections::BTreeMap<String, u64>, u64)>) {
+        match self {
+            Remote::S3(sv) if sv.metrics.is_some() => {
+                let (out, by, total) = sv.count(f).await;
+                (out, Some((by, total)))
+            }
+            _ => (f.await, None),
+        }
+    }
+}
+
+/// rclone with `conf`, without the environment's AWS_CA_BUNDLE (its AWS SDK fails on a bundle
+/// it cannot load even for plain HTTP).
+fn rclone_argv(conf: &Path, args: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = ["env", "-u", "AWS_CA_BUNDLE", "rclone", "--config"]
+        .map(String::from)
+        .to_vec();
+    v.push(conf.display().to_string());
+    v.extend(args.iter().cloned());
+    v
+}
+
+/// A 0600 rclone configuration with a section `s{k}` per server.
+fn rclone_conf(dir: &Path, servers: &[Remote]) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("rclone.conf");
+    let conf: String = servers
+        .iter()
+        .enumerate()
+        .map(|(k, sv)| sv.rclone_section(&format!("s{k}")))
+        .collect();
+    std::fs::write(&p, conf)?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+    Ok(p)
 }
 
 /// Deletes every object of `sink`.
@@ -1003,10 +1110,14 @@ async fn copy_sink<A: libcbt::sink::Sink, B: libcbt::sink::Sink>(from: &A, to: &
 async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
     let (dir, _qsd, qmp, work) = b1_run(a, "s3-run").await?;
     // Ceph's OSD keeps objects in memory: one full and the chain at a time (runs are emptied).
-    let servers = [common::s3::seaweed().await, common::s3::ceph_sized(8).await];
+    let servers = [
+        Remote::S3(common::s3::seaweed().await),
+        Remote::S3(common::s3::ceph_sized(8).await),
+        Remote::Swift(common::swift::swift().await),
+    ];
     let creds: Vec<PathBuf> = servers
         .iter()
-        .map(|sv| credentials_file(&dir, sv))
+        .map(|sv| sv.credentials_file(&dir))
         .collect::<Result<_>>()?;
     let gib = a.size as f64 / f64::from(1u32 << 30);
     let mut rng = SmallRng::seed_from_u64(a.seed ^ 0x53);
@@ -1017,19 +1128,7 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
     );
     // The peer: the same objects uploaded by rclone (what a virtnbdbackup user does after
     // virtnbdbackup has written its directory): what the server takes to ingest these bytes.
-    let rclone_conf = dir.join("rclone.conf");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mut conf = String::new();
-        for (k, sv) in servers.iter().enumerate() {
-            conf += &format!(
-                "[s{k}]\ntype = s3\nprovider = Other\nendpoint = {}\naccess_key_id = {}\nsecret_access_key = {}\n\n",
-                sv.endpoint, sv.access_key, sv.secret_key
-            );
-        }
-        std::fs::write(&rclone_conf, conf)?;
-        std::fs::set_permissions(&rclone_conf, std::fs::Permissions::from_mode(0o600))?;
-    }
+    let rclone_conf = rclone_conf(&dir, &servers)?;
     let mut rclone: Vec<Vec<Sample>> = vec![Vec::new(); servers.len()];
     let mut local = Vec::new();
     let mut remote: Vec<Vec<Sample>> = vec![Vec::new(); servers.len()];
@@ -1050,37 +1149,29 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
         for (k, sv) in servers.iter().enumerate() {
             let argv = backup_to(
                 &qmp,
-                &s3_arg(sv, &format!("full-{i}"), &creds[k]),
+                &sv.arg(&format!("full-{i}"), &creds[k]),
                 &work,
                 &format!("f{i}"),
                 "full",
             )?;
-            let (r, by, total) = if sv.metrics.is_some() {
-                let (r, by, total) = sv.count(async { measure(&argv) }).await;
-                (r?.0, Some(by), total)
-            } else {
-                (measure(&argv)?.0, None, 0)
-            };
-            line += &format!(", {} {:.3}s", sv.kind, r.wall_s);
+            let (r, counted) = sv.count(async { measure(&argv) }).await;
+            let r = r?.0;
+            line += &format!(", {} {:.3}s", sv.kind(), r.wall_s);
             empty_sink(&sv.sink(&format!("full-{i}")).await).await?;
-            // (rclone's AWS SDK fails on an AWS_CA_BUNDLE it cannot load for plain HTTP.)
-            let (rc, _) = measure(&[
-                "env".into(),
-                "-u".into(),
-                "AWS_CA_BUNDLE".into(),
-                "rclone".into(),
-                "--config".into(),
-                rclone_conf.display().to_string(),
-                "copy".into(),
-                sink.display().to_string(),
-                format!("s{k}:{}/rclone-{i}", sv.bucket),
-            ])?;
+            let (rc, _) = measure(&rclone_argv(
+                &rclone_conf,
+                &[
+                    "copy".into(),
+                    sink.display().to_string(),
+                    sv.rclone_path(&format!("s{k}"), &format!("rclone-{i}")),
+                ],
+            ))?;
             line += &format!(" (rclone {:.3}s)", rc.wall_s);
             empty_sink(&sv.sink(&format!("rclone-{i}")).await).await?;
             if i > 0 {
                 rclone[k].push(rc);
                 remote[k].push(r);
-                if let Some(by) = by {
+                if let Some((by, total)) = counted {
                     requests.push(serde_json::json!({"total": total, "by_type": by}));
                 }
             }
@@ -1094,8 +1185,8 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
     let mut out = Vec::new();
     let lstats = stats("cbtctl backup → local sink", local);
     for (k, sv) in servers.iter().enumerate() {
-        let o = stats(&format!("cbtctl backup → {}", sv.kind), remote[k].clone());
-        let extra = if sv.metrics.is_some() {
+        let o = stats(&format!("cbtctl backup → {}", sv.kind()), remote[k].clone());
+        let extra = if sv.short() == "seaweedfs" {
             let per = requests
                 .first()
                 .and_then(|r| r["total"].as_u64())
@@ -1106,7 +1197,7 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
             serde_json::json!({"stats": stored})
         };
         let rc = stats(
-            &format!("rclone copy of those objects → {}", sv.kind),
+            &format!("rclone copy of those objects → {}", sv.kind()),
             rclone[k].clone(),
         );
         let mut extra = extra;
@@ -1114,10 +1205,11 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
             "wall_median_s": rc.wall_median_s, "max_rss_mib": rc.max_rss_mib,
             "ours_over_rclone": o.wall_median_s / rc.wall_median_s});
         out.push(Scenario {
-            name: format!("s3-full-{}", if k == 0 { "seaweedfs" } else { "ceph" }),
+            name: format!("s3-full-{}", sv.short()),
             workload: format!(
                 "{:.0} GiB qcow2 (B1), full backup to {} vs the local sink",
-                gib, sv.kind
+                gib,
+                sv.kind()
             ),
             ratio_ours_over_peer: o.wall_median_s / lstats.wall_median_s,
             ours: o,
@@ -1150,7 +1242,7 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
     for sv in &servers {
         let to = sv.sink("chain").await;
         let bytes = copy_sink(&from, &to).await?;
-        eprintln!("  copied {} MiB into {}", bytes >> 20, sv.kind);
+        eprintln!("  copied {} MiB into {}", bytes >> 20, sv.kind());
     }
     let restored = dir.join("restored.raw");
     let mut local = Vec::new();
@@ -1162,17 +1254,13 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
         let mut line = format!("  run {i}: local {:.3}s", l.wall_s);
         for (k, sv) in servers.iter().enumerate() {
             let _ = std::fs::remove_file(&restored);
-            let argv = restore_from(&s3_arg(sv, "chain", &creds[k]), "c6", &restored)?;
-            let r = if sv.metrics.is_some() {
-                let (r, by, total) = sv.count(async { measure(&argv) }).await;
-                if i > 0 {
-                    requests.push(serde_json::json!({"total": total, "by_type": by}));
-                }
-                r?.0
-            } else {
-                measure(&argv)?.0
-            };
-            line += &format!(", {} {:.3}s", sv.kind, r.wall_s);
+            let argv = restore_from(&sv.arg("chain", &creds[k]), "c6", &restored)?;
+            let (r, counted) = sv.count(async { measure(&argv) }).await;
+            if let (true, Some((by, total))) = (i > 0, counted) {
+                requests.push(serde_json::json!({"total": total, "by_type": by}));
+            }
+            let r = r?.0;
+            line += &format!(", {} {:.3}s", sv.kind(), r.wall_s);
             if i > 0 {
                 remote[k].push(r);
             }
@@ -1188,18 +1276,21 @@ async fn bench_s3(a: &BackupArgs) -> Result<Vec<Scenario>> {
     }
     let lstats = stats("cbtctl restore ← local sink", local);
     for (k, sv) in servers.iter().enumerate() {
-        let o = stats(&format!("cbtctl restore ← {}", sv.kind), remote[k].clone());
+        let o = stats(
+            &format!("cbtctl restore ← {}", sv.kind()),
+            remote[k].clone(),
+        );
         out.push(Scenario {
-            name: format!("s3-restore-{}", if k == 0 { "seaweedfs" } else { "ceph" }),
+            name: format!("s3-restore-{}", sv.short()),
             workload: format!(
                 "raw restore of the newest of full + 6 × 1% incrementals from {} vs the local sink",
-                sv.kind
+                sv.kind()
             ),
             ratio_ours_over_peer: o.wall_median_s / lstats.wall_median_s,
             ours: o,
             peer: lstats.clone(),
             target: "ratio ≤ 1.5, peak RSS ≤ 256 MiB".into(),
-            extra: if sv.metrics.is_some() {
+            extra: if sv.short() == "seaweedfs" {
                 serde_json::json!({"requests": requests})
             } else {
                 serde_json::Value::Null
@@ -1459,8 +1550,9 @@ fn sh(cmd: String) -> Vec<String> {
     vec!["sh".into(), "-c".into(), cmd]
 }
 
-async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
-    for t in ["virtnbdbackup", "virsh", "qemu-io"] {
+/// Fails unless every tool of `tools` is on the PATH.
+fn require_tools(tools: &[&str]) -> Result<()> {
+    for t in tools {
         if Command::new("sh")
             .arg("-c")
             .arg(format!("command -v {t}"))
@@ -1472,8 +1564,15 @@ async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
             bail!("{t} is not installed (make bench installs it)");
         }
     }
+    Ok(())
+}
+
+/// A fresh run directory `name` and two identical running domains `da` and `db` on copies of
+/// the B1 image (virtnbdbackup refuses checkpoints it did not create, so each tool has its own).
+async fn twin_domains(a: &BackupArgs, name: &str, da: &str, db: &str) -> Result<PathBuf> {
+    ensure_libvirtd()?;
     let base = b1_image(&a.workdir, a.size, a.seed).await?;
-    let dir = a.workdir.join("virtnbd-run");
+    let dir = a.workdir.join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     {
@@ -1484,11 +1583,71 @@ async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
     for i in [&ia, &ib] {
         run_ok(Command::new("cp").arg("--sparse=always").arg(&base).arg(i))?;
     }
-    let (da, db) = ("cbt-bench-ours", "cbt-bench-peer");
     bench_domain(&dir, da, &ia)?;
     bench_domain(&dir, db, &ib)?;
     wait_idle(da)?;
     wait_idle(db)?;
+    Ok(dir)
+}
+
+/// Starts virtlogd and libvirtd unless libvirtd answers already (a machine without systemd).
+fn ensure_libvirtd() -> Result<()> {
+    let up = || {
+        Command::new("virsh")
+            .args(["-c", "qemu:///system", "version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if up() {
+        return Ok(());
+    }
+    let _ = Command::new("virtlogd").arg("-d").status();
+    run_ok(Command::new("libvirtd").arg("-d"))?;
+    let t = Instant::now();
+    while !up() {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("libvirtd did not answer within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// The libvirt UUID of `domain`.
+fn domuuid(domain: &str) -> Result<String> {
+    Ok(String::from_utf8_lossy(
+        &Command::new("virsh")
+            .args(["-c", "qemu:///system", "domuuid", domain])
+            .output()?
+            .stdout,
+    )
+    .trim()
+    .to_string())
+}
+
+/// Destroys and undefines `domains` and removes `dir`, unless CBT_BENCH_KEEP is set.
+fn drop_domains(what: &str, dir: &Path, domains: &[&str]) {
+    if std::env::var_os("CBT_BENCH_KEEP").is_some() {
+        eprintln!(
+            "{what}: kept {} and the domains (CBT_BENCH_KEEP)",
+            dir.display()
+        );
+        return;
+    }
+    for d in domains {
+        let _ = virsh(&["destroy", d]);
+        let _ = virsh(&["undefine", "--checkpoints-metadata", d]);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
+    require_tools(&["virtnbdbackup", "virsh", "qemu-io"])?;
+    let (da, db) = ("cbt-bench-ours", "cbt-bench-peer");
+    let dir = twin_domains(a, "virtnbd-run", da, db).await?;
+    let (ia, ib) = (dir.join("ours.qcow2"), dir.join("peer.qcow2"));
     let ctl = cbtctl()?;
     let scratch = dir.join("scratch");
     let ours_backup = |sink: &Path, level: &str, id: &str| {
@@ -1619,14 +1778,7 @@ async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
         });
     }
     // B4: restore of the whole chain (a full and every incremental above) to a new image.
-    let uuid = String::from_utf8_lossy(
-        &Command::new("virsh")
-            .args(["-c", "qemu:///system", "domuuid", da])
-            .output()?
-            .stdout,
-    )
-    .trim()
-    .to_string();
+    let uuid = domuuid(da)?;
     let chain_len = 1 + 2 * a.runs;
     let (mut o, mut p) = (Vec::new(), Vec::new());
     for i in 0..a.runs {
@@ -1659,19 +1811,106 @@ async fn bench_virtnbd(a: &BackupArgs) -> Result<Vec<Scenario>> {
         ours: o,
         peer: p,
     });
-    if std::env::var_os("CBT_BENCH_KEEP").is_some() {
-        eprintln!(
-            "virtnbd: kept {} and the domains (CBT_BENCH_KEEP)",
-            dir.display()
-        );
-        return Ok(scenarios);
-    }
-    for d in [da, db] {
-        let _ = virsh(&["destroy", d]);
-        let _ = virsh(&["undefine", "--checkpoints-metadata", d]);
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop_domains("virtnbd", &dir, &[da, db]);
     Ok(scenarios)
+}
+
+/// End to end against what a virtnbdbackup user does today to put backups on an object store:
+/// virtnbdbackup into a directory, then `rclone copy` into the bucket; and back: `rclone copy`
+/// out of the bucket, then virtnbdrestore. Full backups of B1 on twin libvirt domains and the
+/// restore of each, to and from SeaweedFS, alternating.
+async fn bench_s3_e2e(a: &BackupArgs) -> Result<Vec<Scenario>> {
+    require_tools(&["virtnbdbackup", "virtnbdrestore", "virsh", "rclone"])?;
+    let (da, db) = ("cbt-bench-e2e-ours", "cbt-bench-e2e-peer");
+    let dir = twin_domains(a, "s3-e2e-run", da, db).await?;
+    let sv = Remote::S3(common::s3::seaweed().await);
+    let cred = sv.credentials_file(&dir)?;
+    let conf = rclone_conf(&dir, &[sv])?;
+    let rc = rclone_argv(&conf, &[]).join(" ");
+    let ctl = cbtctl()?;
+    let uuid = domuuid(da)?;
+    let scratch = dir.join("scratch");
+    let sink = |prefix: &str| {
+        let v = sv.arg(prefix, &cred).0;
+        format!("{} '{}' {} {}", v[0], v[1], v[2], v[3])
+    };
+    eprintln!(
+        "s3-e2e: {} alternating runs of each (run 0 warms up)",
+        a.runs
+    );
+    let (mut ob, mut pb, mut or, mut pr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..=a.runs {
+        let (m_ob, _) = measure(&sh(format!(
+            "{ctl} backup-domain --domain {da} {s} --level full --id e{i} --scratch-dir {sc} >/dev/null",
+            s = sink("e2e"),
+            sc = scratch.display()
+        )))?;
+        let vnb = dir.join(format!("vnb-{i}"));
+        let remote = sv.rclone_path("s0", &format!("vnb-{i}"));
+        let (m_pb, _) = measure(&sh(format!(
+            "virtnbdbackup -d {db} -l full -o {o} >/dev/null 2>&1 && {rc} copy {o} {remote}",
+            o = vnb.display()
+        )))?;
+        let _ = std::fs::remove_dir_all(&vnb);
+        let raw = dir.join("restored.raw");
+        let (m_or, _) = measure(&sh(format!(
+            "{ctl} restore {s} --disk {uuid}.vda --backup e{i} --to raw:{r} >/dev/null && sync -f {r}",
+            s = sink("e2e"),
+            r = raw.display()
+        )))?;
+        let _ = std::fs::remove_file(&raw);
+        let (dl, rd) = (dir.join("vnb-download"), dir.join("vnb-restore"));
+        let (m_pr, _) = measure(&sh(format!(
+            "{rc} copy {remote} {d} && virtnbdrestore -n -i {d} -o {r} >/dev/null 2>&1 && sync -f {r}",
+            d = dl.display(),
+            r = rd.display()
+        )))?;
+        for d in [&dl, &rd] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        empty_sink(&sv.sink(&format!("vnb-{i}")).await).await?;
+        eprintln!(
+            "  run {i}: backup ours {:.3}s, virtnbdbackup + rclone {:.3}s; restore ours {:.3}s, rclone + virtnbdrestore {:.3}s",
+            m_ob.wall_s, m_pb.wall_s, m_or.wall_s, m_pr.wall_s
+        );
+        if i > 0 {
+            ob.push(m_ob);
+            pb.push(m_pb);
+            or.push(m_or);
+            pr.push(m_pr);
+        }
+    }
+    empty_sink(&sv.sink("e2e").await).await?;
+    let mut out = Vec::new();
+    for (name, work, o, p) in [
+        (
+            "s3-e2e-full",
+            "full backup of a libvirt domain (B1) into SeaweedFS",
+            stats("cbtctl backup-domain → SeaweedFS", ob),
+            stats("virtnbdbackup to a directory, then rclone copy", pb),
+        ),
+        (
+            "s3-e2e-restore",
+            "restore of that full from SeaweedFS to a local image",
+            stats("cbtctl restore ← SeaweedFS (raw)", or),
+            stats("rclone copy to a directory, then virtnbdrestore", pr),
+        ),
+    ] {
+        out.push(Scenario {
+            name: name.into(),
+            workload: format!(
+                "{:.0} GiB qcow2, {work}",
+                a.size as f64 / f64::from(1u32 << 30)
+            ),
+            ratio_ours_over_peer: o.wall_median_s / p.wall_median_s,
+            target: "peer/ours ≥ 3, peak RSS ≤ 256 MiB".into(),
+            extra: serde_json::json!({"peer_over_ours": p.wall_median_s / o.wall_median_s}),
+            ours: o,
+            peer: p,
+        });
+    }
+    drop_domains("s3-e2e", &dir, &[da, db]);
+    Ok(out)
 }
 
 /// Throughput of the engine's frame codec (zero check, lz4, crc32) on one core.
@@ -1806,7 +2045,8 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::S3(a) => {
-            let s = bench_s3(&a).await?;
+            let mut s = bench_s3(&a).await?;
+            s.extend(bench_s3_e2e(&a).await?);
             print_table(&s);
             Ok(())
         }
@@ -1852,6 +2092,7 @@ async fn main() -> Result<()> {
             };
             scenarios.extend(bench_virtnbd(&vn).await?);
             scenarios.extend(bench_s3(&bk).await?);
+            scenarios.extend(bench_s3_e2e(&vn).await?);
             scenarios.push(if quick {
                 bench_scale(64 << 30, 1.0, 1, &bk.workdir).await?
             } else {

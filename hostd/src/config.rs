@@ -57,7 +57,7 @@
 //! credentials_file = "/etc/cbt/swift.cred" # 0600: password = … (or
 //!                                          # application_credential_secret = …, key = …)
 //! ca_file = "/etc/cbt/swift-ca.pem"        # optional
-//! segment_size_mib = 16                    # optional: SLO segment size (1..5120)
+//! segment_size_mib = 8                     # optional: SLO segment size (1..5120)
 //! segments_in_flight = 4                   # optional
 //!
 //! [[token]]

@@ -167,7 +167,7 @@ impl Default for SwiftConfig {
             container: String::new(),
             prefix: String::new(),
             ca_pem: None,
-            segment_size: 16 << 20,
+            segment_size: 8 << 20,
             segments_in_flight: 4,
             request_timeout: Duration::from_secs(120),
             max_retries: 8,
