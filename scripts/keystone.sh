@@ -8,6 +8,8 @@
 # Prints "app_credential ID SECRET" and then "ready"; runs until SIGTERM (or until PARENT_PID
 # is gone) and removes DIR.
 # Usage: keystone.sh DIR PORT SECRET SWIFT_URL [PARENT_PID]
+# Tokens live an hour: with tokens shorter than keystoneauth's 120 s margin, Swift's authtoken
+# logs its service user in again for every validation, and some requests got 401s here.
 # Facts (HOST-NOTES): [fernet_receipts] key_repository too, or it writes to /etc/keystone;
 # One uwsgi worker, no threads: SQLite connections may not cross threads, and two processes
 # writing at once fail with "database is locked";

@@ -4,6 +4,8 @@
 //! whose answer was lost is recognised as our own), a persistent fault or a silent server fails
 //! within the configured time, and a server that dies under a backup fails the job cleanly:
 //! no manifest, the previous chain intact, and the next backup works and restores exactly.
+//! In front of a real Keystone the proxy counts logins and can shorten the life a login answer
+//! states, so that a token's renewal before its expiry is seen.
 
 mod support;
 
@@ -46,6 +48,10 @@ struct Faults {
     cut_manifest_answer: AtomicUsize,
     /// After this many more forwarded requests, play dead (0: never).
     die_after: AtomicUsize,
+    /// Keystone logins seen (`POST …/auth/tokens`).
+    logins: AtomicUsize,
+    /// Rewrite the `expires_at` of login answers to this many seconds from now (0: leave).
+    token_life_secs: AtomicUsize,
     /// Requests seen and faults injected.
     seen: AtomicUsize,
     injected: AtomicUsize,
@@ -70,6 +76,16 @@ async fn forward(
     upstream: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, String> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    send(upstream, Request::from_parts(parts, Full::new(body))).await
+}
+
+/// Sends `req` to `upstream` on a connection of its own; returns the whole answer.
+async fn send(
+    upstream: SocketAddr,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Full<Bytes>>, String> {
     let s = tokio::net::TcpStream::connect(upstream)
         .await
         .map_err(|e| e.to_string())?;
@@ -77,15 +93,23 @@ async fn forward(
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let (parts, body) = req.into_parts();
-    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    let resp = tx
-        .send_request(Request::from_parts(parts, Full::new(body)))
-        .await
-        .map_err(|e| e.to_string())?;
+    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok(Response::from_parts(parts, Full::new(body)))
+}
+
+/// A Keystone login answer whose token's `expires_at` says `secs` from now.
+async fn shorten_token_life(r: Response<Full<Bytes>>, secs: i64) -> Response<Full<Bytes>> {
+    let (mut parts, body) = r.into_parts();
+    let Ok(bytes) = body.collect().await.map(|b| b.to_bytes());
+    let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Response::from_parts(parts, Full::new(bytes));
+    };
+    let at = chrono::Utc::now() + chrono::Duration::seconds(secs);
+    doc["token"]["expires_at"] = at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string().into();
+    parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    Response::from_parts(parts, Full::new(Bytes::from(doc.to_string())))
 }
 
 /// Starts the proxy in front of `upstream`; returns its address.
@@ -107,6 +131,18 @@ async fn proxy(upstream: SocketAddr, faults: Arc<Faults>) -> SocketAddr {
                     let f = f.clone();
                     async move {
                         f.seen.fetch_add(1, Ordering::SeqCst);
+                        let login = req.method() == hyper::Method::POST
+                            && req.uri().path().ends_with("/auth/tokens");
+                        if login {
+                            f.logins.fetch_add(1, Ordering::SeqCst);
+                            let life = f.token_life_secs.load(Ordering::SeqCst);
+                            if life > 0 {
+                                return match forward(upstream, req).await {
+                                    Ok(r) => Ok(shorten_token_life(r, life as i64).await),
+                                    Err(e) => Err(e),
+                                };
+                            }
+                        }
                         if f.dead.load(Ordering::SeqCst) {
                             return Err("dead".to_string());
                         }
@@ -404,4 +440,52 @@ async fn swift_retries_faults_and_recognises_a_lost_commit_answer() {
     );
     assert!(chain(&e).contains("503"), "{}", chain(&e));
     faults.always_503.store(false, Ordering::SeqCst);
+}
+
+/// Keystone tokens are renewed before they expire (at half their life), not after a refusal:
+/// the proxy in front of a real Keystone shortens the life its login answers state to 30 s,
+/// and a request past half of that logs in again first (two logins seen by the proxy), where
+/// a sink that waited for a 401 would have kept the token (it is good for an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swift_keystone_tokens_are_renewed_before_they_expire() {
+    let sw = swift().await;
+    sw.keystone_up().await;
+    let keystone: SocketAddr = sw
+        .keystone
+        .strip_prefix("http://")
+        .and_then(|s| s.strip_suffix("/v3"))
+        .expect("Keystone's URL")
+        .parse()
+        .expect("addr");
+    let faults = Arc::new(Faults::default());
+    let life = Duration::from_secs(30);
+    faults
+        .token_life_secs
+        .store(life.as_secs() as usize, Ordering::SeqCst);
+    let addr = proxy(keystone, faults.clone()).await;
+    let mut cfg = sw.keystone_config("alice", &format!("expiry-{}", std::process::id()));
+    if let SwiftAuth::Password { auth_url, .. } = &mut cfg.auth {
+        *auth_url = format!("http://{addr}/v3");
+    }
+    let t0 = tokio::time::Instant::now();
+    let s = SwiftSink::open(&cfg).await.expect("open");
+    s.put("a", b"1".to_vec()).await.expect("put");
+    assert_eq!(faults.logins.load(Ordering::SeqCst), 1, "one login at open");
+    tokio::time::sleep_until(t0 + life / 4).await;
+    s.put("b", b"2".to_vec()).await.expect("put");
+    assert_eq!(
+        faults.logins.load(Ordering::SeqCst),
+        1,
+        "a young token is kept"
+    );
+    tokio::time::sleep_until(t0 + life / 2 + Duration::from_secs(2)).await;
+    s.put("c", b"3".to_vec())
+        .await
+        .expect("put past half the life");
+    assert_eq!(
+        faults.logins.load(Ordering::SeqCst),
+        2,
+        "a request past half the token's life logs in again first"
+    );
+    assert_eq!(s.get("a", 10).await.expect("get"), b"1");
 }

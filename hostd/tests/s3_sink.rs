@@ -1,4 +1,4 @@
-//! `cbt-hostd` with an object-store sink on a real SeaweedFS, Ceph RGW or Swift (started by
+//! `cbt-hostd` with an object-store sink on a real SeaweedFS, Ceph RGW or Swift with Keystone (started by
 //! this binary): backups of a libvirt domain into the bucket through the API, and disaster recovery from the bucket
 //! alone: a second daemon with an empty state directory and only the sink's configuration
 //! lists the backups, restores each into a file (checked with `qemu-img compare`) and into a
@@ -12,6 +12,7 @@ use hostd::config::token_hash;
 use libcbt::engine::catalog;
 use libcbt::format::Manifest;
 use libcbt::sink::any::AnySink;
+use libcbt::sink::swift::SwiftSink;
 use libcbt::sink::Sink;
 use serde_json::json;
 use support::common::lab::{assert_sink_holds_only, compare};
@@ -51,7 +52,11 @@ impl Remote {
     async fn sink(&self, prefix: &str) -> AnySink {
         match self {
             Remote::S3(sw) => AnySink::S3(sw.sink(prefix).await),
-            Remote::Swift(sw) => AnySink::Swift(sw.sink(prefix).await),
+            Remote::Swift(sw) => AnySink::Swift(
+                SwiftSink::open(&sw.keystone_config("alice", prefix))
+                    .await
+                    .expect("open the Keystone sink"),
+            ),
         }
     }
 
@@ -67,12 +72,14 @@ impl Remote {
                     sw.endpoint, sw.bucket
                 ),
             ),
+            // Keystone v3 (a member of project `cbt`), the endpoint from the token's catalog.
             Remote::Swift(sw) => (
-                format!("key = {secret}\n"),
+                format!("password = {secret}\n"),
                 format!(
-                    "type = \"swift\"\nauth_url = \"{}/auth/v1.0\"\nuser = \"cbt:tester\"\n\
-                     container = \"{}\"\nsegment_size_mib = 5\n",
-                    sw.proxy, sw.container
+                    "type = \"swift\"\nauth_url = \"{}\"\nuser = \"alice\"\n\
+                     user_domain = \"Default\"\nproject = \"cbt\"\nproject_domain = \"Default\"\n\
+                     region = \"RegionOne\"\ncontainer = \"{}\"\nsegment_size_mib = 5\n",
+                    sw.keystone, sw.container
                 ),
             ),
         };
@@ -121,9 +128,13 @@ fn ceph_rgw_backups_and_disaster_recovery_from_the_bucket_alone() {
 }
 
 #[test]
-fn swift_backups_and_disaster_recovery_from_the_container_alone() {
+fn swift_keystone_backups_and_disaster_recovery_from_the_container_alone() {
     let rt = rt();
-    let sw = rt.block_on(swift());
+    let sw = rt.block_on(async {
+        let sw = swift().await;
+        sw.keystone_up().await;
+        sw
+    });
     backups_and_disaster_recovery(&rt, Remote::Swift(sw));
 }
 
