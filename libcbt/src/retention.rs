@@ -37,7 +37,7 @@ pub struct KeepPolicy {
     pub keep_monthly: u32,
     pub keep_yearly: u32,
     /// Seconds east of UTC of the time zone the calendar rules count in (e.g. 3600 for
-    /// UTC+1); at most ±24 h.
+    /// UTC+1); less than a day either way (±86,399).
     pub utc_offset_secs: i32,
 }
 
@@ -77,7 +77,7 @@ pub struct Verdict {
 /// A policy the planner cannot apply.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
-    #[error("utc_offset_secs {0} is beyond ±86400")]
+    #[error("utc_offset_secs {0} is a day or more (±86,399 at most)")]
     Offset(i32),
     #[error("backup {id} is listed twice")]
     Duplicate { id: String },

@@ -544,3 +544,91 @@ async fn sink_fills_up(backend: Backend) {
     );
     restore_and_compare(&sink, "b2", &refs2).await;
 }
+
+/// Prune with a keep-last policy on a chain, a second full and an incremental of it: the
+/// older chain goes whole (the incremental first), the kept incremental keeps its full, and
+/// both restore exactly; the sink then holds exactly what the two manifests name, and a
+/// second run finds nothing to do. On a directory and on SeaweedFS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_drops_whole_chains_the_policy_does_not_keep() {
+    let lab = Lab::new(&[("d0", "qcow2"), ("d1", "raw")], SIZE).await;
+    let sink = LocalSink::open(lab.path("sink")).expect("sink");
+    prune_rounds(&lab, &sink).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_drops_whole_chains_the_policy_does_not_keep_on_seaweedfs() {
+    let lab = Lab::new(&[("d0", "qcow2"), ("d1", "raw")], SIZE).await;
+    let sink = s3::seaweed()
+        .await
+        .sink(&format!("prune-{}", std::process::id()))
+        .await;
+    prune_rounds(&lab, &sink).await;
+}
+
+async fn prune_rounds<S: Sink>(lab: &Lab, sink: &S) {
+    use libcbt::engine::{plan_prune, prune, Hold};
+    use libcbt::retention::{KeepPolicy, Rule};
+    let mut rng = rng(seed("prune"));
+    let mut refs = Vec::new();
+    for (id, req) in [
+        ("p0", Requested::Auto),
+        ("p1", Requested::Auto),
+        ("p2", Requested::Full),
+        ("p3", Requested::Auto),
+    ] {
+        for l in &lab.live {
+            guest_writes(l, &mut rng, 15).await;
+        }
+        refs.push(job_round(lab, sink, id, req).await.expect("job"));
+    }
+    let disks: Vec<String> = specs(lab).into_iter().map(|s| s.disk).collect();
+    let policy = KeepPolicy {
+        keep_last: 1,
+        ..KeepPolicy::default()
+    };
+    let plan = plan_prune(sink, &disks, &policy).await.expect("plan");
+    let holds: Vec<(&str, Option<Hold>)> = plan
+        .iter()
+        .map(|e| (e.id.as_str(), e.hold.clone()))
+        .collect();
+    assert_eq!(
+        holds,
+        [
+            ("p3", Some(Hold::Kept(Rule::Last))),
+            ("p2", Some(Hold::BaseOf("p3".into()))),
+            ("p1", None),
+            ("p0", None),
+        ]
+    );
+    // The plan alone changes nothing.
+    for d in &disks {
+        assert_eq!(catalog::list_backups(sink, d).await.expect("list").len(), 4);
+    }
+    let before = sink.list("disks/").await.expect("list").len();
+    let report = prune(sink, &plan, None).await.expect("prune");
+    assert_eq!(report.deleted, ["p1", "p0"]);
+    let mut kept = Vec::new();
+    for (i, id) in [(2, "p2"), (3, "p3")] {
+        restore_and_compare(sink, id, &refs[i]).await;
+        for d in &disks {
+            kept.push(
+                catalog::read_manifest(sink, d, id)
+                    .await
+                    .expect("read")
+                    .expect("kept"),
+            );
+        }
+    }
+    let kept_refs: Vec<&libcbt::format::Manifest> = kept.iter().collect();
+    assert_sink_holds_only(sink, &kept_refs).await;
+    let after = sink.list("disks/").await.expect("list").len();
+    assert_eq!(before - after, report.objects, "objects the report counts");
+    let again = plan_prune(sink, &disks, &policy).await.expect("plan");
+    assert!(again.iter().all(|e| e.hold.is_some()), "{again:?}");
+    assert!(prune(sink, &again, None)
+        .await
+        .expect("prune")
+        .deleted
+        .is_empty());
+}

@@ -126,11 +126,7 @@ pub async fn forget_backup<S: Sink>(
     backup: &str,
 ) -> Result<Vec<String>, EngineError> {
     let name = format::manifest_name(disk, backup);
-    let Some(m) = list_backups(sink, disk)
-        .await?
-        .into_iter()
-        .find(|m| m.backup_id == backup)
-    else {
+    let Some(m) = read_manifest(sink, disk, backup).await? else {
         return Ok(Vec::new());
     };
     sink.delete(&name).await?;

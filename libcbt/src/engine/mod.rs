@@ -20,6 +20,7 @@
 
 mod backup;
 pub mod catalog;
+mod prune;
 mod restore;
 mod verify;
 
@@ -27,6 +28,7 @@ pub use backup::{
     backup_disk, is_zero, scan_export, BackupOptions, DiskBackup, Revalidate, Scan, Trusted,
     MARKER_REFRESH,
 };
+pub use prune::{plan_prune, prune, Hold, PruneEntry, PruneReport};
 pub use restore::{load_chain, restore, restore_with, RestoreOptions, RestoreStats, RestoreTarget};
 pub use verify::{verify_chain, verify_chain_with, Problem, VerifyOptions, VerifyReport};
 
@@ -45,6 +47,8 @@ pub enum EngineError {
     Nbd(#[from] NbdError),
     #[error("sink failed")]
     Sink(#[from] SinkError),
+    #[error("keep policy")]
+    Policy(#[from] crate::retention::PolicyError),
     #[error("corrupt {object} at {pos:#x}")]
     Corrupt {
         object: String,

@@ -1,0 +1,349 @@
+//! Prune: deletes the backups of one instance that a keep policy does not keep.
+//!
+//! The instance's disks are kept or dropped together: a backup here is a backup id (shared
+//! by the disks one job backed up) and the latest finish time among its disks. The
+//! [planner](crate::retention::plan) says which ids the policy keeps; on top of that a backup
+//! stays while something depends on it:
+//! - the parent chain of every kept backup (until folding exists, a kept incremental keeps
+//!   its whole chain, the full included);
+//! - the newest backup of every disk: the parent of that disk's next incremental.
+//!
+//! Everything else goes: whole chains, or the tails of chains a rule cut (a rule may keep an
+//! incremental and not its children). Children go before their parents (by the parent links
+//! of every disk, not by time, which ties or steps back), so that a crash part way leaves
+//! every remaining backup's chain whole, and each backup goes manifest first
+//! ([`catalog::forget_backup`]): a crash leaves it uncommitted, never committed with parts
+//! missing, and garbage collection takes the rest. Running the same prune again finishes the
+//! work. For a libvirt instance, the domain XML and job record saved with a backup go with it.
+//!
+//! Prune does not look for running jobs: a backup that commits meanwhile has the newest
+//! backup of its disk as parent, which the plan holds.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use super::{catalog, EngineError};
+use crate::format::{layout, Manifest};
+use crate::retention::{self, Candidate, KeepPolicy, Rule};
+use crate::sink::Sink;
+
+/// Why a backup stays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "why", content = "by")]
+pub enum Hold {
+    /// A rule of the policy keeps it.
+    Kept(Rule),
+    /// A held backup's chain goes through it: the id of the one whose chain reached it first
+    /// (its nearest descendant held by a rule or as a disk's newest).
+    BaseOf(String),
+    /// The newest backup of a disk: the parent of its next incremental.
+    Newest,
+}
+
+/// One backup of the instance in a prune plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PruneEntry {
+    pub id: String,
+    pub finished_unix_ms: u64,
+    /// The instance's disks this backup holds.
+    pub disks: Vec<String>,
+    /// Why it stays; `None`: it goes.
+    pub hold: Option<Hold>,
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    /// Backups deleted (every disk of each).
+    pub deleted: Vec<String>,
+    /// Objects deleted.
+    pub objects: usize,
+}
+
+/// The plan for the instance whose disks are `disks`: one entry per backup id, newest first.
+pub async fn plan_prune<S: Sink>(
+    sink: &S,
+    disks: &[String],
+    policy: &KeepPolicy,
+) -> Result<Vec<PruneEntry>, EngineError> {
+    let mut by_disk: BTreeMap<&str, Vec<Manifest>> = BTreeMap::new();
+    for d in disks {
+        by_disk.insert(d, catalog::list_backups(sink, d).await?);
+    }
+    Ok(plan_from(&by_disk, policy)?)
+}
+
+/// The backups of `doomed` in an order where every child (on any disk) comes before its
+/// parent; among those free to go, the newest first. Ids caught in a cycle of parent links
+/// (a damaged sink) come last, newest first.
+fn children_first<'a>(
+    doomed: &[&'a PruneEntry],
+    parents: &HashMap<String, Vec<String>>,
+) -> Vec<&'a PruneEntry> {
+    let mut left: Vec<&PruneEntry> = doomed.to_vec();
+    left.sort_by(|a, b| (b.finished_unix_ms, &b.id).cmp(&(a.finished_unix_ms, &a.id)));
+    let mut out = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        // Ids still waiting that some waiting id names as a parent.
+        let needed: std::collections::HashSet<&str> = left
+            .iter()
+            .flat_map(|e| parents.get(&e.id).into_iter().flatten())
+            .map(String::as_str)
+            .collect();
+        let next = left
+            .iter()
+            .position(|e| !needed.contains(e.id.as_str()))
+            .unwrap_or(0);
+        out.push(left.remove(next));
+    }
+    out
+}
+
+/// [`plan_prune`] on manifests already read (oldest first per disk, as
+/// [`catalog::list_backups`] gives them).
+fn plan_from(
+    by_disk: &BTreeMap<&str, Vec<Manifest>>,
+    policy: &KeepPolicy,
+) -> Result<Vec<PruneEntry>, retention::PolicyError> {
+    // Backup ids with their latest finish time and disks.
+    let mut ids: HashMap<&str, (u64, Vec<String>)> = HashMap::new();
+    for (disk, ms) in by_disk {
+        for m in ms {
+            let e = ids.entry(&m.backup_id).or_insert((0, Vec::new()));
+            e.0 = e.0.max(m.finished_unix_ms);
+            e.1.push(disk.to_string());
+        }
+    }
+    let candidates: Vec<Candidate> = ids
+        .iter()
+        .map(|(id, (t, _))| Candidate {
+            id: id.to_string(),
+            finished_unix_ms: *t,
+            pinned: false,
+        })
+        .collect();
+    let verdicts = retention::plan(&candidates, policy)?;
+    let mut hold: HashMap<String, Hold> = verdicts
+        .iter()
+        .filter_map(|v| Some((v.id.clone(), Hold::Kept(v.kept_by?))))
+        .collect();
+    for ms in by_disk.values() {
+        if let Some(newest) = ms.last() {
+            hold.entry(newest.backup_id.clone()).or_insert(Hold::Newest);
+        }
+    }
+    // Every chain through a held backup, on every disk it has: a backup held for one disk's
+    // sake is held on all of them, so its chains there are held too. A walk stops at the
+    // first backup held already, so `BaseOf` names the nearest held descendant.
+    let order: HashMap<&str, usize> = verdicts
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.id.as_str(), i))
+        .collect();
+    let mut work: Vec<(String, String)> = hold.keys().map(|id| (id.clone(), id.clone())).collect();
+    // Popped from the end: the newest first.
+    work.sort_by_key(|(id, _)| std::cmp::Reverse(order.get(id.as_str()).copied()));
+    let by_id: Vec<HashMap<&str, &Manifest>> = by_disk
+        .values()
+        .map(|ms| ms.iter().map(|m| (m.backup_id.as_str(), m)).collect())
+        .collect();
+    while let Some((id, root)) = work.pop() {
+        for disk in &by_id {
+            let mut at = disk.get(id.as_str()).and_then(|m| m.parent.as_deref());
+            // A cycle of parents (a damaged sink) ends where it meets a held backup.
+            while let Some(p) = at {
+                if hold.contains_key(p) {
+                    break;
+                }
+                hold.insert(p.to_string(), Hold::BaseOf(root.clone()));
+                work.push((p.to_string(), root.clone()));
+                at = disk.get(p).and_then(|m| m.parent.as_deref());
+            }
+        }
+    }
+    Ok(verdicts
+        .into_iter()
+        .map(|v| {
+            let disks = ids
+                .get(v.id.as_str())
+                .map(|e| e.1.clone())
+                .unwrap_or_default();
+            PruneEntry {
+                hold: hold.get(&v.id).cloned(),
+                id: v.id,
+                finished_unix_ms: v.finished_unix_ms,
+                disks,
+            }
+        })
+        .collect())
+}
+
+/// Deletes what `plan` (from [`plan_prune`]) lets go, children before parents. With
+/// `instance` (a libvirt domain's uuid), the domain XML and job record of each backup go too.
+pub async fn prune<S: Sink>(
+    sink: &S,
+    plan: &[PruneEntry],
+    instance: Option<&str>,
+) -> Result<PruneReport, EngineError> {
+    let doomed: Vec<&PruneEntry> = plan.iter().filter(|e| e.hold.is_none()).collect();
+    let mut parents: HashMap<String, Vec<String>> = HashMap::new();
+    for e in &doomed {
+        for d in &e.disks {
+            if let Some(m) = catalog::read_manifest(sink, d, &e.id).await? {
+                parents.entry(e.id.clone()).or_default().extend(m.parent);
+            }
+        }
+    }
+    let mut report = PruneReport::default();
+    for e in children_first(&doomed, &parents) {
+        for d in &e.disks {
+            report.objects += catalog::forget_backup(sink, d, &e.id).await?.len();
+        }
+        if let Some(uuid) = instance {
+            let extra = [
+                layout::domain_xml_name(uuid, &e.id),
+                layout::job_record_name(uuid, &e.id),
+            ];
+            sink.delete_many(&extra).await?;
+        }
+        tracing::info!(backup = %e.id, disks = e.disks.len(), "pruned");
+        report.deleted.push(e.id.clone());
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::manifest::tests::sample;
+    use crate::format::Level;
+
+    fn m(disk: &str, id: &str, parent: Option<&str>, t: u64) -> Manifest {
+        Manifest {
+            backup_id: id.into(),
+            disk: disk.into(),
+            parent: parent.map(String::from),
+            level: if parent.is_some() {
+                Level::Incremental
+            } else {
+                Level::Full
+            },
+            finished_unix_ms: t,
+            ..sample()
+        }
+    }
+
+    fn holds(plan: &[PruneEntry]) -> Vec<(&str, Option<Hold>)> {
+        plan.iter()
+            .map(|e| (e.id.as_str(), e.hold.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn kept_backups_keep_their_chains_on_every_disk_and_the_newest_of_every_disk_stays() {
+        const DAY: u64 = 86_400_000;
+        // vda: a0 ← a1 ← a2, full a3 ← a4; vdb joined at a3 (a full) and stays.
+        let mut by_disk = BTreeMap::new();
+        by_disk.insert(
+            "vda",
+            vec![
+                m("vda", "a0", None, DAY),
+                m("vda", "a1", Some("a0"), 2 * DAY),
+                m("vda", "a2", Some("a1"), 3 * DAY),
+                m("vda", "a3", None, 4 * DAY),
+                m("vda", "a4", Some("a3"), 5 * DAY),
+            ],
+        );
+        by_disk.insert(
+            "vdb",
+            vec![
+                m("vdb", "a3", None, 4 * DAY),
+                m("vdb", "a4", Some("a3"), 5 * DAY),
+            ],
+        );
+        let p = KeepPolicy {
+            keep_last: 1,
+            ..KeepPolicy::default()
+        };
+        let plan = plan_from(&by_disk, &p).expect("plan");
+        assert_eq!(
+            holds(&plan),
+            [
+                ("a4", Some(Hold::Kept(Rule::Last))),
+                ("a3", Some(Hold::BaseOf("a4".into()))),
+                ("a2", None),
+                ("a1", None),
+                ("a0", None),
+            ]
+        );
+        assert_eq!(plan[1].disks, ["vda", "vdb"]);
+        // Keeping a1 keeps a0 under it.
+        let p = KeepPolicy {
+            keep_last: 4,
+            ..KeepPolicy::default()
+        };
+        let plan = plan_from(&by_disk, &p).expect("plan");
+        assert_eq!(plan[4].hold, Some(Hold::BaseOf("a1".into())));
+
+        // vdb instead backed up from a1 to a2 only (then detached): its newest, a2, stays,
+        // and with it a2's chain on vda, a1 and a0, held for a2.
+        by_disk.insert(
+            "vdb",
+            vec![
+                m("vdb", "a1", None, 2 * DAY),
+                m("vdb", "a2", Some("a1"), 3 * DAY),
+            ],
+        );
+        let p = KeepPolicy {
+            keep_last: 1,
+            ..KeepPolicy::default()
+        };
+        let plan = plan_from(&by_disk, &p).expect("plan");
+        assert_eq!(
+            holds(&plan),
+            [
+                ("a4", Some(Hold::Kept(Rule::Last))),
+                ("a3", Some(Hold::BaseOf("a4".into()))),
+                ("a2", Some(Hold::Newest)),
+                ("a1", Some(Hold::BaseOf("a2".into()))),
+                ("a0", Some(Hold::BaseOf("a2".into()))),
+            ]
+        );
+    }
+
+    #[test]
+    fn children_go_before_their_parents_whatever_the_clock_said() {
+        let e = |id: &str, t: u64| PruneEntry {
+            id: id.into(),
+            finished_unix_ms: t,
+            disks: vec!["vda".into()],
+            hold: None,
+        };
+        // b9 ← b10 finished in the same millisecond (b10 sorts first by id); c1 ← c2 with the
+        // clock stepped back between them; x ↔ y a cycle (a damaged sink).
+        let list = [
+            e("b9", 5),
+            e("b10", 5),
+            e("c1", 9),
+            e("c2", 7),
+            e("x", 1),
+            e("y", 2),
+        ];
+        let parents: HashMap<String, Vec<String>> =
+            [("b10", "b9"), ("c2", "c1"), ("x", "y"), ("y", "x")]
+                .into_iter()
+                .map(|(c, p)| (c.to_string(), vec![p.to_string()]))
+                .collect();
+        let refs: Vec<&PruneEntry> = list.iter().collect();
+        let order: Vec<&str> = children_first(&refs, &parents)
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect();
+        let at = |id: &str| order.iter().position(|o| *o == id).expect("listed");
+        assert_eq!(order.len(), 6);
+        assert!(at("b10") < at("b9"), "{order:?}");
+        assert!(at("c2") < at("c1"), "{order:?}");
+        assert_eq!(&order[4..], ["y", "x"], "a cycle last, newest first");
+    }
+}
