@@ -3,7 +3,7 @@
 //! Through a running `cbt-hostd` (Unix socket, or https with a token): every API operation
 //! (`instances`, `start-backup`, `jobs`, `watch`, `cancel`, `backups`, `start-restore`,
 //! `start-verify` …). Without a daemon: `backup` (QMP), `backup-domain` (libvirt), and on a
-//! sink directory `restore`, `verify`, `list`; `info` and `map` inspect NBD exports with
+//! sink `restore`, `verify`, `list`, `prune`; `info` and `map` inspect NBD exports with
 //! libcbt's own client; `qmp` sends one raw QMP command.
 
 mod remote;
@@ -19,6 +19,7 @@ use libcbt::format::BackupId;
 use libcbt::job::{self, DiskSpec};
 use libcbt::nbd::{self, proto::tflag, Client, ConnectOptions};
 use libcbt::qmp::Qmp;
+use libcbt::retention::KeepPolicy;
 use libcbt::sink::any::{AnySink, OpenOptions, SinkAddress};
 use libcbt::source::qemu::{QemuSource, Requested};
 
@@ -161,6 +162,27 @@ enum Command {
         #[arg(long)]
         disk: Option<String>,
     },
+    /// Delete the backups of one instance that a keep policy does not keep, and print the
+    /// plan: what stays and why, what goes. A kept incremental keeps its whole chain and the
+    /// newest backup of every disk stays (the next incremental's parent), so what goes are
+    /// whole chains or their tails; children go before their parents.
+    Prune {
+        #[command(flatten)]
+        sink: SinkArgs,
+        /// A disk of the instance; all of them, since an instance's disks are kept or
+        /// dropped together (or --instance).
+        #[arg(long = "disk", required_unless_present = "instance")]
+        disks: Vec<String>,
+        /// Every disk named `INSTANCE.*` on the sink (libvirt jobs name disks
+        /// `<domain uuid>.<target>`).
+        #[arg(long, conflicts_with = "disks")]
+        instance: Option<String>,
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Print the plan; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Send one QMP command and print its result (for operators).
     Qmp {
         socket: PathBuf,
@@ -183,6 +205,47 @@ enum Command {
         #[arg(long)]
         totals: bool,
     },
+}
+
+/// A keep policy (proxmox-backup's rules; none given: everything stays).
+#[derive(clap::Args)]
+struct KeepArgs {
+    /// Keep the N newest backups.
+    #[arg(long, default_value_t = 0)]
+    keep_last: u32,
+    /// Keep the newest backup of each of the N newest hours that have one.
+    #[arg(long, default_value_t = 0)]
+    keep_hourly: u32,
+    /// Keep the newest backup of each of the N newest days that have one.
+    #[arg(long, default_value_t = 0)]
+    keep_daily: u32,
+    /// Keep the newest backup of each of the N newest ISO weeks that have one.
+    #[arg(long, default_value_t = 0)]
+    keep_weekly: u32,
+    /// Keep the newest backup of each of the N newest months that have one.
+    #[arg(long, default_value_t = 0)]
+    keep_monthly: u32,
+    /// Keep the newest backup of each of the N newest years that have one.
+    #[arg(long, default_value_t = 0)]
+    keep_yearly: u32,
+    /// The time zone the calendar rules count in, as seconds east of UTC (e.g. 3600).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-86_399..=86_399))]
+    utc_offset_secs: i32,
+}
+
+impl KeepArgs {
+    fn policy(&self) -> KeepPolicy {
+        KeepPolicy {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
+            utc_offset_secs: self.utc_offset_secs,
+        }
+    }
 }
 
 /// Where the backups are: a directory, an S3 bucket or a Swift container.
@@ -505,6 +568,82 @@ async fn main() -> Result<()> {
                         m.full_reason
                             .map(|r| format!("full: {r:?}"))
                             .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Command::Prune {
+            sink,
+            disks,
+            instance,
+            keep,
+            dry_run,
+        } => {
+            let sink = sink.open().await?;
+            let disks = match &instance {
+                Some(i) => {
+                    let prefix = format!("{i}.");
+                    let d: Vec<String> = catalog::list_disks(&sink)
+                        .await?
+                        .into_iter()
+                        .filter(|d| d.starts_with(&prefix))
+                        .collect();
+                    if d.is_empty() {
+                        bail!("no disk of instance {i} on the sink");
+                    }
+                    d
+                }
+                None => {
+                    for d in &disks {
+                        if catalog::latest(&sink, d).await?.is_none() {
+                            bail!("no backup of disk {d} on the sink");
+                        }
+                    }
+                    disks
+                }
+            };
+            let policy = keep.policy();
+            if policy.keeps_all() {
+                eprintln!("the policy has no rule: everything stays");
+            }
+            let plan = engine::plan_prune(&sink, &disks, &policy).await?;
+            let report = if dry_run {
+                engine::PruneReport::default()
+            } else {
+                engine::prune(&sink, &plan, instance.as_deref()).await?
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"disks": disks, "dry_run": dry_run, "plan": plan,
+                                       "deleted": report.deleted, "objects": report.objects})
+                );
+            } else {
+                for e in &plan {
+                    let why = match &e.hold {
+                        None if dry_run => "would go".to_string(),
+                        None => "deleted".to_string(),
+                        Some(engine::Hold::Kept(r)) => format!(
+                            "kept: {}",
+                            serde_json::to_value(r)?.as_str().unwrap_or_default()
+                        ),
+                        Some(engine::Hold::BaseOf(id)) => format!("kept: base of {id}"),
+                        Some(engine::Hold::Newest) => "kept: newest of a disk".to_string(),
+                    };
+                    println!(
+                        "{:<18} {} {:>2} disk(s)  {why}",
+                        e.id,
+                        chrono::DateTime::from_timestamp_millis(e.finished_unix_ms as i64)
+                            .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                            .unwrap_or_default(),
+                        e.disks.len()
+                    );
+                }
+                if !dry_run {
+                    println!(
+                        "pruned {} backups ({} objects)",
+                        report.deleted.len(),
+                        report.objects
                     );
                 }
             }

@@ -1,0 +1,180 @@
+//! `cbtctl prune` offline on a sink directory, with backups made by real jobs against
+//! qemu-storage-daemon: the dry run prints the plan and deletes nothing, the real run deletes
+//! what the plan let go (a whole chain), and what stays still verifies.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use libcbt::engine::{catalog, BackupOptions};
+use libcbt::job::{self, DiskSpec};
+use libcbt::sink::local::LocalSink;
+use libcbt::source::qemu::Requested;
+use support::common::lab::{guest_writes, Lab};
+use support::common::{rng, seed};
+
+/// Runs cbtctl with `args`; returns its stdout, failing the test on a non-zero exit.
+fn cbtctl(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_cbtctl"))
+        .args(args)
+        .output()
+        .expect("run cbtctl");
+    assert!(
+        out.status.success(),
+        "cbtctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn ids(sink: &Path) -> Vec<String> {
+    let out = cbtctl(&["--json", "list", "--sink", &sink.display().to_string()]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let mut ids: Vec<String> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|m| m["backup_id"].as_str().expect("id").to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_plans_then_deletes_whole_chains() {
+    let mut rng = rng(seed("prune_cli"));
+    let lab = Lab::new(&[("d0", "qcow2"), ("d1", "qcow2")], 32 << 20).await;
+    let dir = lab.path("sink");
+    let sink = LocalSink::open(&dir).expect("sink");
+    let specs: Vec<DiskSpec> = lab
+        .disks
+        .iter()
+        .map(|d| DiskSpec {
+            node: d.node.clone(),
+            disk: format!("inst1.{}", d.node),
+        })
+        .collect();
+    let opts = BackupOptions {
+        chunk_size: 256 << 10,
+        segment_size: 4 << 20,
+        ..Default::default()
+    };
+    for (id, req) in [
+        ("c0", Requested::Auto),
+        ("c1", Requested::Auto),
+        ("c2", Requested::Full),
+        ("c3", Requested::Auto),
+        ("c4", Requested::Auto),
+    ] {
+        for l in &lab.live {
+            guest_writes(l, &mut rng, 10).await;
+        }
+        job::backup_qemu(
+            &lab.source,
+            &sink,
+            &id.parse().expect("id"),
+            &specs,
+            req,
+            &opts,
+        )
+        .await
+        .expect("backup");
+    }
+    // What a libvirt job saves beside the disks (domain XML, job record), for two backups.
+    use libcbt::format::layout;
+    use libcbt::sink::Sink;
+    for id in ["c0", "c3"] {
+        for name in [
+            layout::domain_xml_name("inst1", id),
+            layout::job_record_name("inst1", id),
+        ] {
+            sink.put(&name, b"<domain/>".to_vec()).await.expect("put");
+        }
+    }
+    let s = dir.display().to_string();
+    let keep = ["--keep-last", "2"];
+    let plan_args = |dry: bool| {
+        let mut a = vec!["--json", "prune", "--sink", &s, "--instance", "inst1"];
+        a.extend(keep);
+        if dry {
+            a.push("--dry-run");
+        }
+        a
+    };
+    let out: serde_json::Value = serde_json::from_str(&cbtctl(&plan_args(true))).expect("json");
+    let plan: Vec<(String, serde_json::Value)> = out["plan"]
+        .as_array()
+        .expect("plan")
+        .iter()
+        .map(|e| (e["id"].as_str().expect("id").to_string(), e["hold"].clone()))
+        .collect();
+    assert_eq!(
+        plan,
+        [
+            (
+                "c4".into(),
+                serde_json::json!({"why": "kept", "by": "last"})
+            ),
+            (
+                "c3".into(),
+                serde_json::json!({"why": "kept", "by": "last"})
+            ),
+            (
+                "c2".into(),
+                serde_json::json!({"why": "base_of", "by": "c3"})
+            ),
+            ("c1".into(), serde_json::Value::Null),
+            ("c0".into(), serde_json::Value::Null),
+        ],
+        "{out}"
+    );
+    assert_eq!(out["disks"], serde_json::json!(["inst1.d0", "inst1.d1"]));
+    assert_eq!(
+        ids(&dir),
+        ["c0", "c1", "c2", "c3", "c4"],
+        "a dry run deletes nothing"
+    );
+
+    let out: serde_json::Value = serde_json::from_str(&cbtctl(&plan_args(false))).expect("json");
+    assert_eq!(out["deleted"], serde_json::json!(["c1", "c0"]), "{out}");
+    assert_eq!(ids(&dir), ["c2", "c3", "c4"]);
+    let records: Vec<String> = sink
+        .list("domains/")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    let mut want = vec![
+        layout::domain_xml_name("inst1", "c3"),
+        layout::job_record_name("inst1", "c3"),
+    ];
+    want.sort();
+    assert_eq!(
+        records, want,
+        "the pruned backup's records go, the kept one's stay"
+    );
+    for d in ["inst1.d0", "inst1.d1"] {
+        cbtctl(&["verify", "--sink", &s, "--disk", d, "--backup", "c4"]);
+        // Nothing stray: the orphan listing of each disk is empty.
+        assert!(
+            catalog::orphans(&sink, d)
+                .await
+                .expect("orphans")
+                .is_empty(),
+            "{d}"
+        );
+    }
+    // A policy without rules keeps everything, and says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_cbtctl"))
+        .args([
+            "prune", "--sink", &s, "--disk", "inst1.d0", "--disk", "inst1.d1",
+        ])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("everything stays"));
+    assert_eq!(ids(&dir), ["c2", "c3", "c4"]);
+}
