@@ -61,22 +61,12 @@ pub async fn collect_sink_garbage(st: &Arc<AppState>, name: &str) -> Result<usiz
         Ok(None) => return Ok(0),
         Err(e) => return Err(chain(&e)),
     };
-    let mut n = usize::try_from(
-        sink.remove_stale_partials(grace)
-            .await
-            .map_err(|e| chain(&e))?,
-    )
-    .unwrap_or(usize::MAX);
-    for d in catalog::disks_with_objects(&sink)
+    let r = catalog::collect_sink_garbage(&sink, grace)
         .await
-        .map_err(|e| chain(&e))?
-    {
-        n += catalog::collect_garbage(&sink, &d, grace)
-            .await
-            .map_err(|e| chain(&e))?
-            .len();
-    }
-    Ok(n)
+        .map_err(|e| chain(&e))?;
+    Ok(usize::try_from(r.partials)
+        .unwrap_or(usize::MAX)
+        .saturating_add(r.objects.len()))
 }
 
 /// Brings what an interrupted job left behind back to a consistent state. Called for every

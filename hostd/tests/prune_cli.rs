@@ -1,6 +1,7 @@
 //! `cbtctl prune` offline on a sink directory, with backups made by real jobs against
 //! qemu-storage-daemon: the dry run prints the plan and deletes nothing, the real run deletes
-//! what the plan let go (a whole chain), and what stays still verifies.
+//! what the plan let go (a whole chain), and what stays still verifies; `cbtctl gc` then takes
+//! an old unreferenced object and leaves a young one.
 
 mod support;
 
@@ -43,7 +44,7 @@ fn ids(sink: &Path) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prune_plans_then_deletes_whole_chains() {
+async fn prune_plans_then_deletes_whole_chains_and_gc_takes_old_leftovers() {
     let mut rng = rng(seed("prune_cli"));
     let lab = Lab::new(&[("d0", "qcow2"), ("d1", "qcow2")], 32 << 20).await;
     let dir = lab.path("sink");
@@ -166,6 +167,35 @@ async fn prune_plans_then_deletes_whole_chains() {
                 .is_empty(),
             "{d}"
         );
+    }
+    // Left by an interrupted job: an unreferenced segment two days old goes, a fresh one
+    // (a job may be writing it) stays, and so does everything committed.
+    let seg = |n: u128| layout::segment_name("inst1.d0", n);
+    for n in [1, 2] {
+        sink.put(&seg(n), vec![7u8; 100]).await.expect("put");
+    }
+    let old = dir.join(seg(1));
+    let touched = Command::new("touch")
+        .args(["-d", "2 days ago"])
+        .arg(&old)
+        .status()
+        .expect("touch");
+    assert!(touched.success());
+    assert!(
+        !Command::new(env!("CARGO_BIN_EXE_cbtctl"))
+            .args(["gc", "--sink", &s, "--grace-secs", "60"])
+            .status()
+            .expect("run")
+            .success(),
+        "a grace period shorter than the marker renewals is refused"
+    );
+    let out: serde_json::Value =
+        serde_json::from_str(&cbtctl(&["--json", "gc", "--sink", &s])).expect("json");
+    assert_eq!(out["objects"], serde_json::json!([seg(1)]), "{out}");
+    assert!(!old.exists());
+    assert!(dir.join(seg(2)).exists());
+    for d in ["inst1.d0", "inst1.d1"] {
+        cbtctl(&["verify", "--sink", &s, "--disk", d, "--backup", "c4"]);
     }
     // A policy without rules keeps everything, and says so.
     let out = Command::new(env!("CARGO_BIN_EXE_cbtctl"))

@@ -258,6 +258,31 @@ pub async fn collect_garbage<S: Sink>(
     Ok(gone)
 }
 
+/// What [`collect_sink_garbage`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcReport {
+    /// Unfinished uploads and temporary files ([`Sink::remove_stale_partials`]).
+    pub partials: u64,
+    /// Objects deleted by [`collect_garbage`], over every disk.
+    pub objects: Vec<String>,
+}
+
+/// Garbage collection of a whole sink, safe with other writers: stale partial uploads, then
+/// [`collect_garbage`] on every disk with anything on the sink.
+pub async fn collect_sink_garbage<S: Sink>(
+    sink: &S,
+    grace: Duration,
+) -> Result<GcReport, EngineError> {
+    let mut r = GcReport {
+        partials: sink.remove_stale_partials(grace).await?,
+        ..GcReport::default()
+    };
+    for d in disks_with_objects(sink).await? {
+        r.objects.extend(collect_garbage(sink, &d, grace).await?);
+    }
+    Ok(r)
+}
+
 /// Removes what an interrupted backup `backup` of `disk` wrote, whatever its age, when its
 /// in-progress marker is there to say what that is: its segments (by the marker's prefix) and
 /// index, unless a committed manifest references them, then the marker. Without a marker

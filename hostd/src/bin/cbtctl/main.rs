@@ -3,7 +3,7 @@
 //! Through a running `cbt-hostd` (Unix socket, or https with a token): every API operation
 //! (`instances`, `start-backup`, `jobs`, `watch`, `cancel`, `backups`, `start-restore`,
 //! `start-verify` …). Without a daemon: `backup` (QMP), `backup-domain` (libvirt), and on a
-//! sink `restore`, `verify`, `list`, `prune`; `info` and `map` inspect NBD exports with
+//! sink `restore`, `verify`, `list`, `prune`, `gc`; `info` and `map` inspect NBD exports with
 //! libcbt's own client; `qmp` sends one raw QMP command.
 
 mod remote;
@@ -182,6 +182,17 @@ enum Command {
         /// Print the plan; delete nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Garbage-collect a sink, safe with backups running anywhere: unfinished uploads and
+    /// objects no committed backup references, older than the grace period and not covered
+    /// by a live in-progress marker (what a crash or a prune interrupted left behind).
+    Gc {
+        #[command(flatten)]
+        sink: SinkArgs,
+        /// Leave anything younger than this (at least six in-progress marker renewals, as
+        /// for cbt-hostd's limits.gc_grace_secs).
+        #[arg(long, default_value_t = 24 * 3600)]
+        grace_secs: u64,
     },
     /// Send one QMP command and print its result (for operators).
     Qmp {
@@ -646,6 +657,25 @@ async fn main() -> Result<()> {
                         report.objects
                     );
                 }
+            }
+        }
+        Command::Gc { sink, grace_secs } => {
+            let min = 6 * engine::MARKER_REFRESH.as_secs();
+            if grace_secs < min {
+                bail!("--grace-secs must be at least {min} (six in-progress marker renewals)");
+            }
+            let sink = sink.open().await?;
+            let r =
+                catalog::collect_sink_garbage(&sink, std::time::Duration::from_secs(grace_secs))
+                    .await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "removed {} unfinished uploads and {} unreferenced objects",
+                    r.partials,
+                    r.objects.len()
+                );
             }
         }
         Command::Qmp {
