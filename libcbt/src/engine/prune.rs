@@ -346,4 +346,108 @@ mod tests {
         assert!(at("c2") < at("c1"), "{order:?}");
         assert_eq!(&order[4..], ["y", "x"], "a cycle last, newest first");
     }
+
+    /// Up to 3 disks and 24 backup ids over about two months; each disk takes part in a
+    /// random run of the ids (it joins and may leave), each of its backups a full or an
+    /// incremental of its previous one.
+    fn history() -> impl proptest::strategy::Strategy<Value = BTreeMap<String, Vec<Manifest>>> {
+        use proptest::prelude::*;
+        const HOUR: u64 = 3_600_000;
+        (
+            prop::collection::vec(0u64..60 * 24, 1..24),
+            prop::collection::vec(
+                (
+                    0usize..24,
+                    0usize..24,
+                    prop::collection::vec(any::<bool>(), 24),
+                ),
+                1..4,
+            ),
+        )
+            .prop_map(|(mut hours, disks)| {
+                hours.sort_unstable();
+                let n = hours.len();
+                let mut out = BTreeMap::new();
+                for (k, (a, b, full)) in disks.into_iter().enumerate() {
+                    let (from, to) = (a.min(b) % n, a.max(b) % n);
+                    let disk = format!("vd{k}");
+                    let mut ms: Vec<Manifest> = Vec::new();
+                    for i in from..=to.max(from) {
+                        let parent = match ms.last() {
+                            Some(prev) if !full[i] => Some(prev.backup_id.clone()),
+                            _ => None,
+                        };
+                        ms.push(m(
+                            &disk,
+                            &format!("b{i:02}"),
+                            parent.as_deref(),
+                            hours[i] * HOUR + 1,
+                        ));
+                    }
+                    out.insert(disk, ms);
+                }
+                out
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn nothing_held_loses_a_parent_and_children_go_first(
+            h in history(),
+            last in 0u32..4,
+            daily in 0u32..5,
+            weekly in 0u32..3,
+        ) {
+            let policy = KeepPolicy {
+                keep_last: last,
+                keep_daily: daily,
+                keep_weekly: weekly,
+                ..KeepPolicy::default()
+            };
+            let by_disk: BTreeMap<&str, Vec<Manifest>> =
+                h.iter().map(|(d, ms)| (d.as_str(), ms.clone())).collect();
+            let plan = plan_from(&by_disk, &policy).expect("plan");
+            let held = |id: &str| plan.iter().any(|e| e.id == id && e.hold.is_some());
+            for ms in by_disk.values() {
+                // The newest of every disk stays, and every held backup's parent too.
+                proptest::prop_assert!(held(&ms.last().expect("one").backup_id));
+                for m in ms {
+                    if let (true, Some(p)) = (held(&m.backup_id), &m.parent) {
+                        proptest::prop_assert!(held(p), "{} held, its parent {p} not", m.backup_id);
+                    }
+                }
+            }
+            // What the policy keeps is held by it.
+            let verdicts = retention::plan(
+                &plan
+                    .iter()
+                    .map(|e| Candidate { id: e.id.clone(), finished_unix_ms: e.finished_unix_ms, pinned: false })
+                    .collect::<Vec<_>>(),
+                &policy,
+            )
+            .expect("plan");
+            for v in &verdicts {
+                if let Some(r) = v.kept_by {
+                    let e = plan.iter().find(|e| e.id == v.id).expect("listed");
+                    proptest::prop_assert_eq!(&e.hold, &Some(Hold::Kept(r)));
+                }
+            }
+            // Deletion order: no doomed backup goes before a doomed child of it.
+            let doomed: Vec<&PruneEntry> = plan.iter().filter(|e| e.hold.is_none()).collect();
+            let mut parents: HashMap<String, Vec<String>> = HashMap::new();
+            for ms in by_disk.values() {
+                for m in ms {
+                    parents.entry(m.backup_id.clone()).or_default().extend(m.parent.clone());
+                }
+            }
+            let order: Vec<&str> = children_first(&doomed, &parents).iter().map(|e| e.id.as_str()).collect();
+            proptest::prop_assert_eq!(order.len(), doomed.len());
+            for (i, id) in order.iter().enumerate() {
+                for later in &order[i + 1..] {
+                    let is_parent_of_later = parents.get(*later).is_some_and(|p| p.iter().any(|p| p == id));
+                    proptest::prop_assert!(!is_parent_of_later, "{id} goes before its child {later}");
+                }
+            }
+        }
+    }
 }
