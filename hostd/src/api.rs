@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use libcbt::engine::catalog;
+use libcbt::engine::{self, catalog};
 use libcbt::format::{BackupId, BackupStats, Consistency, FullReason, Level, Manifest};
 use libcbt::job;
 use libcbt::sink::any::AnySink;
@@ -176,6 +176,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         )
         .route("/v1/restores", post(start_restore))
         .route("/v1/verifications", post(start_verify))
+        .route("/v1/prune", post(prune_backups))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(show_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
@@ -720,6 +721,83 @@ async fn delete_backup(
     let _ = s.delete(&run::record_name(&uuid, &id)).await;
     tracing::info!(backup = %id, instance = %uuid, objects = gone.len(), "backup deleted");
     Ok(Json(json!({ "deleted": id, "objects": gone.len() })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneReq {
+    instance: String,
+    sink: String,
+    /// No rule: everything stays.
+    #[serde(default)]
+    policy: libcbt::retention::KeepPolicy,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Prunes an instance's backups on a sink by a keep policy (see `libcbt::engine::prune`):
+/// answers the plan (what keeps each backup) and what was deleted. Metadata deletes only, so
+/// it answers at once, like a single deletion; no backup of the instance may start meanwhile,
+/// and none may be running.
+async fn prune_backups(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    body: Result<Json<PruneReq>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    accepting(&st)?;
+    let Json(r) = body?;
+    check_sink(&st, &c, &r.sink)?;
+    let uuid = resolve_uuid(&st, &c, &r.instance).await?;
+    // The instance's disks, from the backups the caller may see.
+    let mut disks: Vec<String> = backups_on(&st, &c, &r.sink, Some(&uuid))
+        .await?
+        .into_iter()
+        .flat_map(|b| b.disks.into_iter().map(|d| d.disk))
+        .collect();
+    disks.sort();
+    disks.dedup();
+    if disks.is_empty() {
+        return Err(ApiError::not_found("backup"));
+    }
+    let _claim = if r.dry_run {
+        None
+    } else {
+        let claim = st.jobs.claim(&uuid).map_err(submit_error)?;
+        if st.jobs.all().iter().any(|j| {
+            let s = j.snapshot();
+            !s.terminal() && s.instance == uuid && s.sink == r.sink
+        }) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "busy",
+                "a job of this instance runs on this sink",
+            ));
+        }
+        Some(claim)
+    };
+    let s = open_sink(&st, &r.sink).await?;
+    let plan = engine::plan_prune(&s, &disks, &r.policy)
+        .await
+        .map_err(|e| match e {
+            engine::EngineError::Policy(p) => ApiError::bad(format!("policy: {p}")),
+            e => ApiError::internal(chain(&e)),
+        })?;
+    let report = if r.dry_run {
+        engine::PruneReport::default()
+    } else {
+        engine::prune(&s, &plan, Some(&uuid))
+            .await
+            .map_err(|e| ApiError::internal(chain(&e)))?
+    };
+    if !r.dry_run {
+        tracing::info!(instance = %uuid, sink = %r.sink, deleted = report.deleted.len(),
+                       objects = report.objects, "pruned");
+    }
+    Ok(Json(json!({
+        "instance": uuid, "sink": r.sink, "dry_run": r.dry_run, "disks": disks,
+        "plan": plan, "deleted": report.deleted, "objects": report.objects,
+    })))
 }
 
 #[derive(Debug, Deserialize)]

@@ -75,6 +75,7 @@ pub fn document() -> Value {
             },
             "/v1/restores": {"post": op("Start restore", "restores", "202", Some("RestoreRequest"), json!([]))},
             "/v1/verifications": {"post": op("Start verification", "verifications", "202", Some("VerifyRequest"), json!([]))},
+            "/v1/prune": {"post": op("Prune backups", "backups", "200", Some("PruneRequest"), json!([]))},
             "/v1/jobs": {"get": op("List jobs", "jobs", "200", None, json!([]))},
             "/v1/jobs/{id}": {"get": op("Show job", "jobs", "200", None, json!([job_id.clone()]))},
             "/v1/jobs/{id}/cancel": {"post": op("Cancel job", "jobs", "202", None, json!([job_id.clone()]))},
@@ -96,6 +97,22 @@ pub fn document() -> Value {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["code", "message"],
                     "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+                "PruneRequest": {"type": "object", "additionalProperties": false,
+                    "required": ["instance", "sink"],
+                    "properties": {
+                        "instance": {"type": "string", "description": "domain name or UUID"},
+                        "sink": {"type": "string"},
+                        "policy": {"type": "object", "additionalProperties": false,
+                            "description": "proxmox-backup's keep rules; none: everything stays",
+                            "properties": {
+                                "keep_last": {"type": "integer", "minimum": 0},
+                                "keep_hourly": {"type": "integer", "minimum": 0},
+                                "keep_daily": {"type": "integer", "minimum": 0},
+                                "keep_weekly": {"type": "integer", "minimum": 0},
+                                "keep_monthly": {"type": "integer", "minimum": 0},
+                                "keep_yearly": {"type": "integer", "minimum": 0},
+                                "utc_offset_secs": {"type": "integer", "minimum": -86399, "maximum": 86399}}},
+                        "dry_run": {"type": "boolean"}}},
                 "BackupRequest": {"type": "object", "additionalProperties": false,
                     "required": ["instance", "sink"],
                     "properties": {

@@ -408,6 +408,44 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         409
     );
 
+    // Prune: a dry run keeps the newer backup by the rule and the older as its base, and
+    // deletes nothing; another tenant cannot reach the instance; a bad policy is a 400.
+    let prune = |who: &Client, policy: Value, dry: bool| {
+        call(
+            &rt,
+            who,
+            "POST",
+            "/v1/prune",
+            Some(json!({"instance": inst, "sink": "local", "policy": policy, "dry_run": dry})),
+        )
+    };
+    let (s, v) = prune(&ta, json!({"keep_last": 1}), true);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["plan"],
+        json!([
+            {"id": backup2, "finished_unix_ms": v["plan"][0]["finished_unix_ms"], "disks": v["disks"],
+             "hold": {"why": "kept", "by": "last"}},
+            {"id": backup1, "finished_unix_ms": v["plan"][1]["finished_unix_ms"], "disks": v["disks"],
+             "hold": {"why": "base_of", "by": backup2}},
+        ]),
+        "{v}"
+    );
+    assert_eq!(v["deleted"], json!([]));
+    assert_eq!(prune(&tb, json!({"keep_last": 1}), true).0, 404);
+    let (s, v) = prune(&ta, json!({"keep_last": 1, "utc_offset_secs": 90000}), true);
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = prune(&ta, json!({"keep_lots": 1}), true);
+    assert_eq!(s, 400, "{v}");
+    let (_, v) = call(
+        &rt,
+        &ta,
+        "GET",
+        &format!("/v1/backups?sink=local&instance={inst}"),
+        None,
+    );
+    assert_eq!(v["backups"].as_array().map(Vec::len), Some(2), "{v}");
+
     // --- restores: to a file (checked by qemu-img compare), into a staging domain ---
     let restores = h.dir.path().join("restores");
     let (s, v) = call(
@@ -788,6 +826,14 @@ fn hardening_restore_targets_names_queue_and_instance_lock() {
         None,
     );
     assert_eq!(s, 409, "{v}");
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "POST",
+        "/v1/prune",
+        Some(json!({"instance": a.name, "sink": "local", "policy": {"keep_last": 1}})),
+    );
+    assert_eq!(s, 409, "a prune while the instance's backup runs: {v}");
     let last = follow(&rt, &ta, &first).pop().expect("final");
     assert_eq!(last["state"], "succeeded", "{last}");
 

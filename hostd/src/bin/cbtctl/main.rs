@@ -219,7 +219,7 @@ enum Command {
 }
 
 /// A keep policy (proxmox-backup's rules; none given: everything stays).
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct KeepArgs {
     /// Keep the N newest backups.
     #[arg(long, default_value_t = 0)]

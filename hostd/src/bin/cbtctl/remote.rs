@@ -96,6 +96,19 @@ pub enum Remote {
         instance: String,
         backup_id: String,
     },
+    /// Prune an instance's backups on a sink by keep rules (as `cbtctl prune`, through the
+    /// daemon, which keeps the instance's backups from starting meanwhile).
+    PruneBackups {
+        #[arg(long)]
+        sink: String,
+        #[arg(long)]
+        instance: String,
+        #[command(flatten)]
+        keep: super::KeepArgs,
+        /// Answer the plan; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Restore to a file, an NBD export, or a new (staging) domain.
     StartRestore {
         #[arg(long)]
@@ -460,6 +473,46 @@ pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
             )
             .await?;
             println!("deleted {backup_id} ({} objects)", v["objects"]);
+        }
+        Remote::PruneBackups {
+            sink,
+            instance,
+            keep,
+            dry_run,
+        } => {
+            let v = call(
+                &cl,
+                "POST",
+                "/v1/prune",
+                Some(
+                    json!({"instance": instance, "sink": sink, "policy": keep.policy(),
+                            "dry_run": dry_run}),
+                ),
+            )
+            .await?;
+            if c.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for e in v["plan"].as_array().into_iter().flatten() {
+                    let why = match &e["hold"] {
+                        Value::Null if dry_run => "would go".to_string(),
+                        Value::Null => "deleted".to_string(),
+                        h => format!(
+                            "kept: {} {}",
+                            h["why"].as_str().unwrap_or_default(),
+                            h["by"].as_str().unwrap_or_default()
+                        ),
+                    };
+                    println!("{:<18} {why}", e["id"].as_str().unwrap_or_default());
+                }
+                if !dry_run {
+                    println!(
+                        "pruned {} backups ({} objects)",
+                        v["deleted"].as_array().map_or(0, Vec::len),
+                        v["objects"]
+                    );
+                }
+            }
         }
         Remote::StartRestore {
             sink,
