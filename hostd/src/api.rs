@@ -749,17 +749,14 @@ async fn prune_backups(
     let Json(r) = body?;
     check_sink(&st, &c, &r.sink)?;
     let uuid = resolve_uuid(&st, &c, &r.instance).await?;
-    // The instance's disks, from the backups the caller may see.
-    let mut disks: Vec<String> = backups_on(&st, &c, &r.sink, Some(&uuid))
-        .await?
-        .into_iter()
-        .flat_map(|b| b.disks.into_iter().map(|d| d.disk))
-        .collect();
-    disks.sort();
-    disks.dedup();
-    if disks.is_empty() {
+    let s = open_sink(&st, &r.sink).await?;
+    // The caller must see the instance's tenant, as in the backup listing.
+    if !c.sees(tenant_of_uuid(&st, &s, &uuid).await.as_deref()) {
         return Err(ApiError::not_found("backup"));
     }
+    let disks = catalog::instance_disks(&s, &uuid)
+        .await
+        .map_err(|e| ApiError::internal(chain(&e)))?;
     let _claim = if r.dry_run {
         None
     } else {
@@ -776,13 +773,19 @@ async fn prune_backups(
         }
         Some(claim)
     };
-    let s = open_sink(&st, &r.sink).await?;
     let plan = engine::plan_prune(&s, &disks, &r.policy)
         .await
         .map_err(|e| match e {
             engine::EngineError::Policy(p) => ApiError::bad(format!("policy: {p}")),
             e => ApiError::internal(chain(&e)),
         })?;
+    if plan.is_empty() {
+        return Err(ApiError::not_found("backup"));
+    }
+    // The disks that hold backups (a disk with only leftovers holds none).
+    let mut disks: Vec<&String> = plan.iter().flat_map(|e| &e.disks).collect();
+    disks.sort();
+    disks.dedup();
     let report = if r.dry_run {
         engine::PruneReport::default()
     } else {

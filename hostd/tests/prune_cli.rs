@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use libcbt::engine::{catalog, BackupOptions};
-use libcbt::job::{self, DiskSpec};
+use libcbt::job;
 use libcbt::sink::local::LocalSink;
 use libcbt::source::qemu::Requested;
 use support::common::lab::{guest_writes, Lab};
@@ -49,14 +49,7 @@ async fn prune_plans_then_deletes_whole_chains_and_gc_takes_old_leftovers() {
     let lab = Lab::new(&[("d0", "qcow2"), ("d1", "qcow2")], 32 << 20).await;
     let dir = lab.path("sink");
     let sink = LocalSink::open(&dir).expect("sink");
-    let specs: Vec<DiskSpec> = lab
-        .disks
-        .iter()
-        .map(|d| DiskSpec {
-            node: d.node.clone(),
-            disk: format!("inst1.{}", d.node),
-        })
-        .collect();
+    let specs = lab.specs("inst1.");
     let opts = BackupOptions {
         chunk_size: 256 << 10,
         segment_size: 4 << 20,

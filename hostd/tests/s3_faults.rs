@@ -112,6 +112,16 @@ async fn shorten_token_life(r: Response<Full<Bytes>>, secs: i64) -> Response<Ful
     Response::from_parts(parts, Full::new(Bytes::from(doc.to_string())))
 }
 
+/// The address of a test server's `http://HOST:PORT[/path]` URL.
+fn host_of(url: &str) -> SocketAddr {
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    rest.split('/')
+        .next()
+        .unwrap_or(rest)
+        .parse()
+        .expect("HOST:PORT")
+}
+
 /// Starts the proxy in front of `upstream`; returns its address.
 async fn proxy(upstream: SocketAddr, faults: Arc<Faults>) -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -184,13 +194,7 @@ async fn proxy(upstream: SocketAddr, faults: Arc<Faults>) -> SocketAddr {
 
 /// The server's config, through a proxy with `faults`.
 async fn through_proxy(sw: &S3Server, prefix: &str, faults: &Arc<Faults>) -> S3Config {
-    let upstream: SocketAddr = sw
-        .endpoint
-        .strip_prefix("http://")
-        .expect("http")
-        .parse()
-        .expect("addr");
-    let addr = proxy(upstream, faults.clone()).await;
+    let addr = proxy(host_of(&sw.endpoint), faults.clone()).await;
     S3Config {
         endpoint: format!("http://{addr}"),
         ..sw.config(prefix)
@@ -203,7 +207,13 @@ async fn retried_faults_succeed_and_a_lost_commit_answer_is_recognised() {
     let faults = Arc::new(Faults::default());
     let cfg = through_proxy(sw, "retries", &faults).await;
     let s = S3Sink::open(&cfg).await.expect("open");
-    // 503 SlowDown three times: object_store retries, the calls succeed.
+    retries_and_lost_commit_answers(&s, &faults).await;
+}
+
+/// 503s are retried; a create-only commit whose answer was lost is recognised as ours, and a
+/// rival's object under that name stays a conflict.
+async fn retries_and_lost_commit_answers<S: Sink>(s: &S, faults: &Faults) {
+    // 503 SlowDown three times: the sink retries, the calls succeed.
     faults.slow_down.store(3, Ordering::SeqCst);
     s.put("a/x", b"one".to_vec()).await.expect("put after 503s");
     assert_eq!(s.get("a/x", 10).await.expect("get"), b"one");
@@ -222,6 +232,7 @@ async fn retried_faults_succeed_and_a_lost_commit_answer_is_recognised() {
     s.put_new("m/b2.manifest", b"rival".to_vec())
         .await
         .expect("first");
+    faults.lose_answer.store(1, Ordering::SeqCst);
     assert!(matches!(
         s.put_new("m/b2.manifest", b"mine".to_vec()).await,
         Err(SinkError::Exists { .. })
@@ -392,13 +403,7 @@ async fn a_server_dying_under_a_backup_fails_it_cleanly_and_the_next_one_works()
 async fn swift_retries_faults_and_recognises_a_lost_commit_answer() {
     let sw = swift().await;
     let faults = Arc::new(Faults::default());
-    let upstream: SocketAddr = sw
-        .proxy
-        .strip_prefix("http://")
-        .expect("http")
-        .parse()
-        .expect("addr");
-    let addr = proxy(upstream, faults.clone()).await;
+    let addr = proxy(host_of(&sw.proxy), faults.clone()).await;
     let mut cfg = sw.config("faults");
     cfg.auth = SwiftAuth::TempAuth {
         auth_url: format!("http://{addr}/auth/v1.0"),
@@ -407,25 +412,7 @@ async fn swift_retries_faults_and_recognises_a_lost_commit_answer() {
     };
     cfg.storage_url = Some(format!("http://{addr}/v1/AUTH_cbt"));
     let s = SwiftSink::open(&cfg).await.expect("open");
-    faults.slow_down.store(3, Ordering::SeqCst);
-    s.put("a/x", b"one".to_vec()).await.expect("put after 503s");
-    assert_eq!(s.get("a/x", 10).await.expect("get"), b"one");
-    assert_eq!(faults.injected.load(Ordering::SeqCst), 3);
-    faults.lose_answer.store(1, Ordering::SeqCst);
-    s.put_new("m/b1.manifest", b"ours".to_vec())
-        .await
-        .expect("a commit whose answer was lost is ours");
-    assert_eq!(faults.injected.load(Ordering::SeqCst), 4);
-    assert_eq!(s.get("m/b1.manifest", 10).await.expect("get"), b"ours");
-    s.put_new("m/b2.manifest", b"rival".to_vec())
-        .await
-        .expect("first");
-    faults.lose_answer.store(1, Ordering::SeqCst);
-    assert!(matches!(
-        s.put_new("m/b2.manifest", b"mine".to_vec()).await,
-        Err(SinkError::Exists { .. })
-    ));
-    assert_eq!(s.get("m/b2.manifest", 10).await.expect("get"), b"rival");
+    retries_and_lost_commit_answers(&s, &faults).await;
 
     cfg.retry_timeout = Duration::from_secs(3);
     cfg.request_timeout = Duration::from_secs(2);
@@ -450,13 +437,7 @@ async fn swift_retries_faults_and_recognises_a_lost_commit_answer() {
 async fn swift_keystone_tokens_are_renewed_before_they_expire() {
     let sw = swift().await;
     sw.keystone_up().await;
-    let keystone: SocketAddr = sw
-        .keystone
-        .strip_prefix("http://")
-        .and_then(|s| s.strip_suffix("/v3"))
-        .expect("Keystone's URL")
-        .parse()
-        .expect("addr");
+    let keystone = host_of(&sw.keystone);
     let faults = Arc::new(Faults::default());
     let life = Duration::from_secs(30);
     faults

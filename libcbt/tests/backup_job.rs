@@ -17,13 +17,7 @@ use libcbt::source::qemu::Requested;
 const SIZE: u64 = 64 << 20;
 
 fn specs(lab: &Lab) -> Vec<DiskSpec> {
-    lab.disks
-        .iter()
-        .map(|d| DiskSpec {
-            node: d.node.clone(),
-            disk: format!("vm-{}", d.node),
-        })
-        .collect()
+    lab.specs("vm-")
 }
 
 /// Takes references of every disk, runs a job, and checks the bitmaps left behind.

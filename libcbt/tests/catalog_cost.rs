@@ -11,7 +11,7 @@ use common::lab::{guest_writes, restore_matches, Lab};
 use common::s3::seaweed;
 use common::{rng, seed};
 use libcbt::engine::{catalog, BackupOptions};
-use libcbt::job::{self, DiskSpec};
+use libcbt::job;
 use libcbt::source::qemu::Requested;
 
 const SIZE: u64 = 8 << 20;
@@ -22,14 +22,7 @@ async fn newest_backup_and_disk_list_cost_the_same_whatever_the_history() {
     let lab = Lab::new(&[("d0", "qcow2"), ("d1", "qcow2")], SIZE).await;
     let sw = seaweed().await;
     let sink = sw.sink(&format!("cost-{}", std::process::id())).await;
-    let specs: Vec<DiskSpec> = lab
-        .disks
-        .iter()
-        .map(|d| DiskSpec {
-            node: d.node.clone(),
-            disk: format!("vm-{}", d.node),
-        })
-        .collect();
+    let specs = lab.specs("vm-");
     let mut costs = Vec::new();
     let mut job_requests = Vec::new();
     for round in 0..24 {

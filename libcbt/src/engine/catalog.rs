@@ -35,6 +35,15 @@ pub async fn list_disks<S: Sink>(sink: &S) -> Result<Vec<String>, EngineError> {
     Ok(sink.list_dirs("disks/").await?)
 }
 
+/// The disks of instance `uuid`: those named `<uuid>.<target>`, as libvirt jobs name them
+/// (one delimiter listing, as [`list_disks`]).
+pub async fn instance_disks<S: Sink>(sink: &S, uuid: &str) -> Result<Vec<String>, EngineError> {
+    let prefix = format!("{uuid}.");
+    let mut disks = list_disks(sink).await?;
+    disks.retain(|d| d.starts_with(&prefix));
+    Ok(disks)
+}
+
 /// Disks with anything on the sink: objects under `disks/` or only an in-progress marker (a
 /// backup that died before its first segment). What garbage collection and recovery visit.
 pub async fn disks_with_objects<S: Sink>(sink: &S) -> Result<Vec<String>, EngineError> {

@@ -50,6 +50,9 @@ pub struct PruneEntry {
     pub disks: Vec<String>,
     /// Why it stays; `None`: it goes.
     pub hold: Option<Hold>,
+    /// Its parents on its disks (what orders the deletions; not part of the answer).
+    #[serde(skip)]
+    pub parents: Vec<String>,
 }
 
 /// What a prune did.
@@ -77,10 +80,7 @@ pub async fn plan_prune<S: Sink>(
 /// The backups of `doomed` in an order where every child (on any disk) comes before its
 /// parent; among those free to go, the newest first. Ids caught in a cycle of parent links
 /// (a damaged sink) come last, newest first.
-fn children_first<'a>(
-    doomed: &[&'a PruneEntry],
-    parents: &HashMap<String, Vec<String>>,
-) -> Vec<&'a PruneEntry> {
+fn children_first<'a>(doomed: &[&'a PruneEntry]) -> Vec<&'a PruneEntry> {
     let mut left: Vec<&PruneEntry> = doomed.to_vec();
     left.sort_by(|a, b| (b.finished_unix_ms, &b.id).cmp(&(a.finished_unix_ms, &a.id)));
     let mut out = Vec::with_capacity(left.len());
@@ -88,8 +88,7 @@ fn children_first<'a>(
         // Ids still waiting that some waiting id names as a parent.
         let needed: std::collections::HashSet<&str> = left
             .iter()
-            .flat_map(|e| parents.get(&e.id).into_iter().flatten())
-            .map(String::as_str)
+            .flat_map(|e| e.parents.iter().map(String::as_str))
             .collect();
         let next = left
             .iter()
@@ -106,18 +105,19 @@ fn plan_from(
     by_disk: &BTreeMap<&str, Vec<Manifest>>,
     policy: &KeepPolicy,
 ) -> Result<Vec<PruneEntry>, retention::PolicyError> {
-    // Backup ids with their latest finish time and disks.
-    let mut ids: HashMap<&str, (u64, Vec<String>)> = HashMap::new();
+    // Backup ids with their latest finish time, disks and parents.
+    let mut ids: HashMap<&str, (u64, Vec<String>, Vec<String>)> = HashMap::new();
     for (disk, ms) in by_disk {
         for m in ms {
-            let e = ids.entry(&m.backup_id).or_insert((0, Vec::new()));
+            let e = ids.entry(&m.backup_id).or_default();
             e.0 = e.0.max(m.finished_unix_ms);
             e.1.push(disk.to_string());
+            e.2.extend(m.parent.clone());
         }
     }
     let candidates: Vec<Candidate> = ids
         .iter()
-        .map(|(id, (t, _))| Candidate {
+        .map(|(id, (t, _, _))| Candidate {
             id: id.to_string(),
             finished_unix_ms: *t,
             pinned: false,
@@ -165,15 +165,13 @@ fn plan_from(
     Ok(verdicts
         .into_iter()
         .map(|v| {
-            let disks = ids
-                .get(v.id.as_str())
-                .map(|e| e.1.clone())
-                .unwrap_or_default();
+            let (_, disks, parents) = ids.remove(v.id.as_str()).unwrap_or_default();
             PruneEntry {
                 hold: hold.get(&v.id).cloned(),
                 id: v.id,
                 finished_unix_ms: v.finished_unix_ms,
                 disks,
+                parents,
             }
         })
         .collect())
@@ -187,16 +185,8 @@ pub async fn prune<S: Sink>(
     instance: Option<&str>,
 ) -> Result<PruneReport, EngineError> {
     let doomed: Vec<&PruneEntry> = plan.iter().filter(|e| e.hold.is_none()).collect();
-    let mut parents: HashMap<String, Vec<String>> = HashMap::new();
-    for e in &doomed {
-        for d in &e.disks {
-            if let Some(m) = catalog::read_manifest(sink, d, &e.id).await? {
-                parents.entry(e.id.clone()).or_default().extend(m.parent);
-            }
-        }
-    }
     let mut report = PruneReport::default();
-    for e in children_first(&doomed, &parents) {
+    for e in children_first(&doomed) {
         for d in &e.disks {
             report.objects += catalog::forget_backup(sink, d, &e.id).await?.len();
         }
@@ -314,29 +304,25 @@ mod tests {
 
     #[test]
     fn children_go_before_their_parents_whatever_the_clock_said() {
-        let e = |id: &str, t: u64| PruneEntry {
+        let e = |id: &str, t: u64, parent: Option<&str>| PruneEntry {
             id: id.into(),
             finished_unix_ms: t,
             disks: vec!["vda".into()],
             hold: None,
+            parents: parent.into_iter().map(String::from).collect(),
         };
         // b9 ← b10 finished in the same millisecond (b10 sorts first by id); c1 ← c2 with the
         // clock stepped back between them; x ↔ y a cycle (a damaged sink).
         let list = [
-            e("b9", 5),
-            e("b10", 5),
-            e("c1", 9),
-            e("c2", 7),
-            e("x", 1),
-            e("y", 2),
+            e("b9", 5, None),
+            e("b10", 5, Some("b9")),
+            e("c1", 9, None),
+            e("c2", 7, Some("c1")),
+            e("x", 1, Some("y")),
+            e("y", 2, Some("x")),
         ];
-        let parents: HashMap<String, Vec<String>> =
-            [("b10", "b9"), ("c2", "c1"), ("x", "y"), ("y", "x")]
-                .into_iter()
-                .map(|(c, p)| (c.to_string(), vec![p.to_string()]))
-                .collect();
         let refs: Vec<&PruneEntry> = list.iter().collect();
-        let order: Vec<&str> = children_first(&refs, &parents)
+        let order: Vec<&str> = children_first(&refs)
             .iter()
             .map(|e| e.id.as_str())
             .collect();
@@ -440,7 +426,7 @@ mod tests {
                     parents.entry(m.backup_id.clone()).or_default().extend(m.parent.clone());
                 }
             }
-            let order: Vec<&str> = children_first(&doomed, &parents).iter().map(|e| e.id.as_str()).collect();
+            let order: Vec<&str> = children_first(&doomed).iter().map(|e| e.id.as_str()).collect();
             proptest::prop_assert_eq!(order.len(), doomed.len());
             for (i, id) in order.iter().enumerate() {
                 for later in &order[i + 1..] {

@@ -156,6 +156,17 @@ impl Lab {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// A job's disks: every lab disk, named `<prefix><node>` on the sink.
+    pub fn specs(&self, prefix: &str) -> Vec<libcbt::job::DiskSpec> {
+        self.disks
+            .iter()
+            .map(|d| libcbt::job::DiskSpec {
+                node: d.node.clone(),
+                disk: format!("{prefix}{}", d.node),
+            })
+            .collect()
+    }
 }
 
 /// Random guest-like writes of up to 1 MiB: data (half of it compressible), zeroes, discards.

@@ -593,31 +593,27 @@ async fn main() -> Result<()> {
             let sink = sink.open().await?;
             let disks = match &instance {
                 Some(i) => {
-                    let prefix = format!("{i}.");
-                    let d: Vec<String> = catalog::list_disks(&sink)
-                        .await?
-                        .into_iter()
-                        .filter(|d| d.starts_with(&prefix))
-                        .collect();
+                    let d = catalog::instance_disks(&sink, i).await?;
                     if d.is_empty() {
                         bail!("no disk of instance {i} on the sink");
                     }
                     d
                 }
-                None => {
-                    for d in &disks {
-                        if catalog::latest(&sink, d).await?.is_none() {
-                            bail!("no backup of disk {d} on the sink");
-                        }
-                    }
-                    disks
-                }
+                None => disks,
             };
             let policy = keep.policy();
             if policy.keeps_all() {
                 eprintln!("the policy has no rule: everything stays");
             }
             let plan = engine::plan_prune(&sink, &disks, &policy).await?;
+            if instance.is_none() {
+                if let Some(d) = disks
+                    .iter()
+                    .find(|d| !plan.iter().any(|e| e.disks.contains(d)))
+                {
+                    bail!("no backup of disk {d} on the sink");
+                }
+            }
             let report = if dry_run {
                 engine::PruneReport::default()
             } else {
