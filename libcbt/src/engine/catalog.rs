@@ -23,6 +23,18 @@ pub async fn list_backups<S: Sink>(sink: &S, disk: &str) -> Result<Vec<Manifest>
             pos: 0,
             source,
         })?;
+        // Read from storage: its id names the objects prune and forget delete, so it must be
+        // a valid backup id and the very one this manifest is stored under.
+        if m.disk != disk
+            || format::BackupId::parse(&m.backup_id).is_err()
+            || o.name != format::manifest_name(disk, &m.backup_id)
+        {
+            return Err(EngineError::Mismatch {
+                object: o.name,
+                pos: 0,
+                what: "manifest names another backup or disk",
+            });
+        }
         out.push(m);
     }
     out.sort_by(|a, b| (a.finished_unix_ms, &a.backup_id).cmp(&(b.finished_unix_ms, &b.backup_id)));
@@ -516,5 +528,26 @@ mod tests {
         assert!(backup_id_taken(&sink, D, "b2").await.expect("taken"));
         // "b" is a prefix of "b0" but not an id in use.
         assert!(!backup_id_taken(&sink, D, "b").await.expect("taken"));
+    }
+
+    /// A manifest stored under another backup's name (or naming an id that is not one) is
+    /// refused by the listing, so that nothing deletes by the id it claims.
+    #[tokio::test]
+    async fn a_manifest_under_another_name_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = LocalSink::open(dir.path()).expect("sink");
+        commit(&sink, "b1", &[]).await;
+        assert_eq!(list_backups(&sink, D).await.expect("list").len(), 1);
+        let bytes = sink
+            .get(&format::manifest_name(D, "b1"), 1 << 20)
+            .await
+            .expect("get");
+        sink.put(&format::manifest_name(D, "b2"), bytes)
+            .await
+            .expect("copy");
+        assert!(matches!(
+            list_backups(&sink, D).await,
+            Err(EngineError::Mismatch { .. })
+        ));
     }
 }
