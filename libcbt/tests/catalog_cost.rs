@@ -55,8 +55,9 @@ async fn newest_backup_and_disk_list_cost_the_same_whatever_the_history() {
             costs.push((latest, list));
         }
     }
-    // One listing and one manifest read; one delimiter listing.
-    assert_eq!(costs[0], (2, 1), "after 4 backups");
+    // Two listings (the recency entries; the newest backup's generations) and one manifest
+    // read; one delimiter listing.
+    assert_eq!(costs[0], (3, 1), "after 4 backups");
     assert_eq!(costs[1], costs[0], "the cost grew with the history");
     for (round, total, by) in &job_requests {
         eprintln!("backup job {round}: {total} requests {by:?}");

@@ -97,6 +97,8 @@ async fn commit(sink: &LocalSink, id: &str, parent: Option<&str>, size: u64, idx
             crc32: crc32fast::hash(&ib),
         },
         segments: Vec::new(),
+        generation: 0,
+        folded: Vec::new(),
     };
     sink.put(&name, ib).await.expect("index");
     sink.put(&format::manifest_name(DISK, id), m.encode())

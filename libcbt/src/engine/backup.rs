@@ -408,6 +408,8 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
                 .iter()
                 .map(|s| format::segment_name(&job.disk, *s))
                 .collect(),
+            generation: 0,
+            folded: Vec::new(),
         };
         manifest_sent = Some(manifest.clone());
         sink.put_new(

@@ -6,39 +6,98 @@ use super::EngineError;
 use crate::format::{self, layout, Manifest, Marker};
 use crate::sink::{ObjectInfo, Sink};
 
-/// Committed backups of `disk`, oldest first (by finish time, then id). Unreadable manifests
-/// are an error: a catalog that silently drops one could pick the wrong parent.
+/// Committed backups of `disk`, oldest first (by finish time, then id): the manifest of the
+/// highest generation of each. Unreadable manifests are an error: a catalog that silently
+/// drops one could pick the wrong parent.
 pub async fn list_backups<S: Sink>(sink: &S, disk: &str) -> Result<Vec<Manifest>, EngineError> {
-    let prefix = layout::backups_prefix(disk);
-    let mut out = Vec::new();
-    for o in sink.list(&prefix).await? {
+    let mut current: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+    for o in sink.list(&layout::backups_prefix(disk)).await? {
         if !o.name.ends_with(".manifest") {
             continue;
         }
-        let bytes = sink
-            .get(&o.name, format::manifest::MAX_MANIFEST as u64)
-            .await?;
-        let m = Manifest::decode(&bytes).map_err(|source| EngineError::Corrupt {
-            object: o.name.clone(),
-            pos: 0,
-            source,
-        })?;
-        // Read from storage: its id names the objects prune and forget delete, so it must be
-        // a valid backup id and the very one this manifest is stored under.
-        if m.disk != disk
-            || format::BackupId::parse(&m.backup_id).is_err()
-            || o.name != format::manifest_name(disk, &m.backup_id)
-        {
+        let Some((id, generation, _)) = layout::parse_backup_object(disk, &o.name) else {
             return Err(EngineError::Mismatch {
                 object: o.name,
                 pos: 0,
-                what: "manifest names another backup or disk",
+                what: "not a manifest name cbt writes",
             });
-        }
-        out.push(m);
+        };
+        let g = current.entry(id).or_insert(generation);
+        *g = (*g).max(generation);
+    }
+    let mut out = Vec::with_capacity(current.len());
+    for (id, generation) in current {
+        let name = layout::manifest_name_gen(disk, &id, generation);
+        let bytes = sink
+            .get(&name, format::manifest::MAX_MANIFEST as u64)
+            .await?;
+        out.push(check_manifest(&bytes, name, disk, &id, generation)?);
     }
     out.sort_by(|a, b| (a.finished_unix_ms, &a.backup_id).cmp(&(b.finished_unix_ms, &b.backup_id)));
     Ok(out)
+}
+
+/// Decodes the manifest stored as `name`, which must be generation `generation` of backup
+/// `backup` of `disk`: its id names the objects prune and forget delete, so it must be the
+/// very one it is stored under.
+fn check_manifest(
+    bytes: &[u8],
+    name: String,
+    disk: &str,
+    backup: &str,
+    generation: u32,
+) -> Result<Manifest, EngineError> {
+    let m = Manifest::decode(bytes).map_err(|source| EngineError::Corrupt {
+        object: name.clone(),
+        pos: 0,
+        source,
+    })?;
+    if m.disk != disk || m.backup_id != backup || m.generation != generation {
+        return Err(EngineError::Mismatch {
+            object: name,
+            pos: 0,
+            what: "manifest names another backup, disk or generation",
+        });
+    }
+    Ok(m)
+}
+
+/// The generations of backup `backup` of `disk` on the sink: of its manifests, and of any of
+/// its objects (an index a fold wrote before it died counts too: a new generation goes above).
+async fn generations<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+) -> Result<(Option<u32>, Option<u32>), EngineError> {
+    let (mut manifest, mut any) = (None, None);
+    for o in sink
+        .list(&layout::backup_objects_prefix(disk, backup))
+        .await?
+    {
+        if let Some((id, g, is_manifest)) = layout::parse_backup_object(disk, &o.name) {
+            if id == backup {
+                any = any.max(Some(g));
+                if is_manifest {
+                    manifest = manifest.max(Some(g));
+                }
+            }
+        }
+    }
+    Ok((manifest, any))
+}
+
+/// The next generation a fold into `backup` of `disk` writes: above every object of it.
+pub async fn next_generation<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+) -> Result<u32, EngineError> {
+    let (_, any) = generations(sink, disk, backup).await?;
+    any.map_or(Ok(1), |g| {
+        g.checked_add(1).ok_or_else(|| {
+            EngineError::Invalid(format!("backup {backup} of {disk}: generations exhausted"))
+        })
+    })
 }
 
 /// Disks that have objects on the sink: one delimiter listing (a request per 1,000 disks on
@@ -111,53 +170,101 @@ pub async fn latest<S: Sink>(sink: &S, disk: &str) -> Result<Option<Manifest>, E
     Ok(list_backups(sink, disk).await?.pop())
 }
 
-/// The manifest of backup `backup` of `disk`, if it is committed.
+/// The manifest of backup `backup` of `disk` (its highest generation), if it is committed.
+/// One listing and one read.
 pub async fn read_manifest<S: Sink>(
     sink: &S,
     disk: &str,
     backup: &str,
 ) -> Result<Option<Manifest>, EngineError> {
-    let name = format::manifest_name(disk, backup);
+    let (Some(generation), _) = generations(sink, disk, backup).await? else {
+        return Ok(None);
+    };
+    let name = layout::manifest_name_gen(disk, backup, generation);
     let bytes = match sink.get(&name, format::manifest::MAX_MANIFEST as u64).await {
         Ok(b) => b,
-        Err(crate::sink::SinkError::NotFound { .. }) => return Ok(None),
+        // Deleted since the listing: gone, or (a fold racing) read again.
+        Err(crate::sink::SinkError::NotFound { .. }) => {
+            return read_manifest_once(sink, disk, backup).await
+        }
         Err(e) => return Err(e.into()),
     };
-    let m = Manifest::decode(&bytes).map_err(|source| EngineError::Corrupt {
-        object: name.clone(),
-        pos: 0,
-        source,
-    })?;
-    if m.disk != disk || m.backup_id != backup {
-        return Err(EngineError::Mismatch {
-            object: name,
-            pos: 0,
-            what: "manifest names another backup or disk",
-        });
-    }
-    Ok(Some(m))
+    check_manifest(&bytes, name, disk, backup, generation).map(Some)
 }
 
-/// Removes one committed backup of `disk`: the manifest first (so a crash in between leaves
-/// an uncommitted backup, never a committed one with missing parts), then its index and
-/// segments. Returns the objects deleted. The caller makes sure no later backup depends on it.
+/// [`read_manifest`] without the retry after a race.
+async fn read_manifest_once<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+) -> Result<Option<Manifest>, EngineError> {
+    let (Some(generation), _) = generations(sink, disk, backup).await? else {
+        return Ok(None);
+    };
+    let name = layout::manifest_name_gen(disk, backup, generation);
+    match sink.get(&name, format::manifest::MAX_MANIFEST as u64).await {
+        Ok(b) => check_manifest(&b, name, disk, backup, generation).map(Some),
+        Err(crate::sink::SinkError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes one committed backup of `disk`, keeping what the disk's other backups still read
+/// (a fold hands a backup's segments to its children). The caller makes sure no backup has
+/// it as parent. Returns the objects deleted.
 pub async fn forget_backup<S: Sink>(
     sink: &S,
     disk: &str,
     backup: &str,
 ) -> Result<Vec<String>, EngineError> {
-    let name = format::manifest_name(disk, backup);
-    let Some(m) = read_manifest(sink, disk, backup).await? else {
+    let all = list_backups(sink, disk).await?;
+    let Some(m) = all.iter().find(|m| m.backup_id == backup) else {
         return Ok(Vec::new());
     };
-    sink.delete(&name).await?;
-    let mut rest = vec![
-        layout::recent_name(disk, m.finished_unix_ms, backup),
-        m.index.name.clone(),
-    ];
-    rest.extend(m.segments.iter().cloned());
+    let others: Vec<&Manifest> = all.iter().filter(|o| o.backup_id != backup).collect();
+    forget_among(sink, m, &others).await
+}
+
+/// Removes backup `m` whose disk's other committed backups are `others`. Its older
+/// generations' manifests go first (hidden behind the current one), then the current
+/// manifest (so a crash in between leaves an uncommitted backup, never a committed one with
+/// missing parts, nor an older generation whose parent a fold removed), then its indexes,
+/// recency entry, and the segments it lists that no other backup lists.
+pub(crate) async fn forget_among<S: Sink>(
+    sink: &S,
+    m: &Manifest,
+    others: &[&Manifest],
+) -> Result<Vec<String>, EngineError> {
+    let (disk, backup) = (m.disk.as_str(), m.backup_id.as_str());
+    let mut manifests = Vec::new();
+    let mut rest = vec![layout::recent_name(disk, m.finished_unix_ms, backup)];
+    for o in sink
+        .list(&layout::backup_objects_prefix(disk, backup))
+        .await?
+    {
+        match layout::parse_backup_object(disk, &o.name) {
+            Some((id, g, true)) if id == backup => manifests.push((g, o.name)),
+            Some((id, _, false)) if id == backup => rest.push(o.name),
+            _ => {}
+        }
+    }
+    manifests.sort();
+    let shared: std::collections::HashSet<&str> = others
+        .iter()
+        .flat_map(|o| o.segments.iter().map(String::as_str))
+        .collect();
+    rest.extend(
+        m.segments
+            .iter()
+            .filter(|s| !shared.contains(s.as_str()))
+            .cloned(),
+    );
+    let mut gone = Vec::new();
+    for (_, name) in manifests {
+        sink.delete(&name).await?;
+        gone.push(name);
+    }
     sink.delete_many(&rest).await?;
-    let mut gone = vec![name];
     gone.extend(rest);
     Ok(gone)
 }
@@ -188,7 +295,7 @@ async fn referenced<S: Sink>(
 ) -> Result<std::collections::BTreeSet<String>, EngineError> {
     let mut used = std::collections::BTreeSet::new();
     for m in list_backups(sink, disk).await? {
-        used.insert(format::manifest_name(disk, &m.backup_id));
+        used.insert(layout::manifest_name_gen(disk, &m.backup_id, m.generation));
         used.insert(layout::recent_name(disk, m.finished_unix_ms, &m.backup_id));
         used.insert(m.index.name.clone());
         used.extend(m.segments.iter().cloned());

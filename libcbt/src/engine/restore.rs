@@ -74,6 +74,32 @@ pub struct RestoreStats {
     pub bytes_zero: u64,
 }
 
+/// Reads the index of manifest `m` and checks it against the manifest (length, crc32, disk
+/// size).
+pub(crate) async fn load_index<S: Sink>(sink: &S, m: &Manifest) -> Result<Index, EngineError> {
+    let ibytes = sink.get(&m.index.name, m.index.len.min(MAX_INDEX)).await?;
+    if ibytes.len() as u64 != m.index.len || crc32fast::hash(&ibytes) != m.index.crc32 {
+        return Err(EngineError::Mismatch {
+            object: m.index.name.clone(),
+            pos: 0,
+            what: "index length or checksum differs from the manifest",
+        });
+    }
+    let idx = Index::decode(&ibytes).map_err(|source| EngineError::Corrupt {
+        object: m.index.name.clone(),
+        pos: 0,
+        source,
+    })?;
+    if idx.disk_size != m.disk_size {
+        return Err(EngineError::Mismatch {
+            object: m.index.name.clone(),
+            pos: 0,
+            what: "index disk size differs from the manifest",
+        });
+    }
+    Ok(idx)
+}
+
 /// Loads and checks the manifests and indexes of the chain ending at `backup`, oldest (the
 /// full) first.
 pub async fn load_chain<S: Sink>(
@@ -96,26 +122,7 @@ pub async fn load_chain<S: Sink>(
             .ok_or_else(|| SinkError::NotFound {
                 name: format::manifest_name(disk, &id),
             })?;
-        let ibytes = sink.get(&m.index.name, m.index.len.min(MAX_INDEX)).await?;
-        if ibytes.len() as u64 != m.index.len || crc32fast::hash(&ibytes) != m.index.crc32 {
-            return Err(EngineError::Mismatch {
-                object: m.index.name.clone(),
-                pos: 0,
-                what: "index length or checksum differs from the manifest",
-            });
-        }
-        let idx = Index::decode(&ibytes).map_err(|source| EngineError::Corrupt {
-            object: m.index.name.clone(),
-            pos: 0,
-            source,
-        })?;
-        if idx.disk_size != m.disk_size {
-            return Err(EngineError::Mismatch {
-                object: m.index.name.clone(),
-                pos: 0,
-                what: "index disk size differs from the manifest",
-            });
-        }
+        let idx = load_index(sink, &m).await?;
         if let Some((child, _)) = chain.last() {
             let child: &Manifest = child;
             if child.disk_size != m.disk_size {
@@ -205,7 +212,13 @@ async fn read_frames_at<S: Sink>(
             .get(at..at.saturating_add(f.frame_len as usize))
             .ok_or_else(|| corrupt(format::FormatError::Truncated { what: "frame" }))?;
         let h = FrameHeader::decode(frame).map_err(corrupt)?;
-        if h.offset != f.offset || h.raw_len != f.len || h.frame_len() != u64::from(f.frame_len) {
+        // A frame only slices name may be longer than the plan knows (`exact_len`).
+        let len_ok = if f.exact_len {
+            h.raw_len == f.len
+        } else {
+            h.raw_len >= f.len
+        };
+        if h.offset != f.offset || !len_ok || h.frame_len() != u64::from(f.frame_len) {
             return Err(EngineError::Mismatch {
                 object: object.clone(),
                 pos: f.pos,
@@ -781,6 +794,7 @@ mod tests {
             frame_len,
             offset: pos * 1000,
             len,
+            exact_len: true,
             pieces: vec![],
         }
     }

@@ -2,7 +2,7 @@
 
 use super::restore::{coalesce, load_chain, read_frames};
 use super::{cancelled, is_cancelled, CancelToken, EngineError, Pool};
-use crate::format::{FrameRead, Location};
+use crate::format::FrameRead;
 use crate::sink::Sink;
 
 /// Something wrong, and where.
@@ -122,26 +122,22 @@ async fn verify<S: Sink>(
     report.backups = chain.len();
     let pool = Pool::default();
     for (m, idx) in &chain {
-        let mut frames: Vec<FrameRead> = idx
-            .entries
-            .iter()
-            .filter_map(|e| match e.loc {
-                Location::Frame {
-                    segment,
-                    pos,
-                    frame_len,
-                } => Some(FrameRead {
-                    segment,
-                    pos,
-                    frame_len,
-                    offset: e.offset,
-                    len: e.len,
-                    pieces: std::iter::once(e.offset..e.end()).collect(),
-                }),
-                Location::Zero => None,
-            })
-            .collect();
+        // Each frame once (the slices of one frame in a folded index name it again).
+        let mut frames: Vec<FrameRead> =
+            idx.entries.iter().filter_map(|e| e.frame_read()).collect();
         frames.sort_by_key(|f| (f.segment, f.pos));
+        frames.dedup_by(|b, a| {
+            let same = (a.segment, a.pos) == (b.segment, b.pos);
+            if same && b.exact_len {
+                (a.len, a.exact_len) = (b.len, true);
+            } else if same && !a.exact_len {
+                a.len = a.len.max(b.len);
+            }
+            if same {
+                a.pieces.append(&mut b.pieces);
+            }
+            same
+        });
         for group in coalesce(&frames, &sink.read_hint()) {
             if is_cancelled(cancel) {
                 return Err(EngineError::Cancelled);

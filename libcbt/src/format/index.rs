@@ -15,14 +15,15 @@
 //! |---|---|
 //! | 0 | disk offset u64 |
 //! | 8 | length u32 |
-//! | 12 | kind u8: 1 data (one frame), 2 zero |
-//! | 13 | reserved (3) |
+//! | 12 | kind u8: 1 data (one frame), 2 zero, 3 part of a frame |
+//! | 13 | reserved (3); kind 3: skip u24, the frame's raw bytes before the entry's first |
 //! | 16 | segment number u32 (into the table above; 0 for zero entries) |
 //! | 20 | frame length u32 (header + stored bytes; 0 for zero entries) |
 //! | 24 | frame position u64 in the segment (0 for zero entries) |
 //!
 //! Entries are sorted by offset and disjoint. A data entry covers exactly the raw bytes of its
-//! frame; a frame is at least its 32-byte header and ends before 2^64, and every entry of a
+//! frame; a slice entry (kind 3, written by folds, [`overlay`]) covers the raw bytes
+//! `skip..skip + len` of its frame, whose first raw byte is at disk offset `offset − skip`; a frame is at least its 32-byte header and ends before 2^64, and every entry of a
 //! chain that names a frame agrees with the others on it ([`plan_restore`] checks). Ranges no
 //! entry covers were not part of this backup: for a full backup they read as zeroes; for an
 //! incremental they come from the parent. The object's exact length follows from its counts,
@@ -40,6 +41,7 @@ const HEADER_LEN: usize = 32;
 const ENTRY_LEN: usize = 32;
 const KIND_DATA: u8 = 1;
 const KIND_ZERO: u8 = 2;
+const KIND_SLICE: u8 = 3;
 
 /// Identity of a segment object (random, unique per disk).
 pub type SegmentId = u128;
@@ -53,6 +55,34 @@ pub enum Location {
         pos: u64,
         frame_len: u32,
     },
+    /// The raw bytes `skip..skip + len` of a frame (the rest of it is another range's, or was
+    /// overwritten by a later backup folded into this index).
+    Slice {
+        segment: SegmentId,
+        pos: u64,
+        frame_len: u32,
+        skip: u32,
+    },
+}
+
+impl Location {
+    /// The frame this location names, and how many of its raw bytes come before it.
+    fn frame(&self) -> Option<(SegmentId, u64, u32, u32)> {
+        match *self {
+            Location::Zero => None,
+            Location::Frame {
+                segment,
+                pos,
+                frame_len,
+            } => Some((segment, pos, frame_len, 0)),
+            Location::Slice {
+                segment,
+                pos,
+                frame_len,
+                skip,
+            } => Some((segment, pos, frame_len, skip)),
+        }
+    }
 }
 
 /// One range of the disk in a backup.
@@ -66,6 +96,29 @@ pub struct IndexEntry {
 impl IndexEntry {
     pub fn end(&self) -> u64 {
         self.offset + u64::from(self.len)
+    }
+
+    /// The frame this entry takes its bytes from, read whole, with the entry's range as the
+    /// only piece (`None` for a zero entry). The raw length of the frame of a slice is not
+    /// known before it is read: a lower bound stands in (see [`FrameRead::exact_len`]).
+    pub fn frame_read(&self) -> Option<FrameRead> {
+        let (segment, pos, frame_len, skip) = self.loc.frame()?;
+        let header = super::segment::FRAME_HEADER_LEN as u32;
+        let exact_len = matches!(self.loc, Location::Frame { .. });
+        let len = if exact_len {
+            self.len
+        } else {
+            (skip + self.len).max(frame_len.saturating_sub(header))
+        };
+        Some(FrameRead {
+            segment,
+            pos,
+            frame_len,
+            offset: self.offset - u64::from(skip),
+            len,
+            exact_len,
+            pieces: std::iter::once(self.offset..self.end()).collect(),
+        })
     }
 }
 
@@ -91,7 +144,7 @@ impl Index {
         let mut segments: Vec<SegmentId> = Vec::new();
         let mut seg_no = std::collections::HashMap::new();
         for e in &self.entries {
-            if let Location::Frame { segment, .. } = e.loc {
+            if let Some((segment, ..)) = e.loc.frame() {
                 seg_no.entry(segment).or_insert_with(|| {
                     segments.push(segment);
                     segments.len() - 1
@@ -126,6 +179,19 @@ impl Index {
                     frame_len,
                 } => {
                     out.extend_from_slice(&[KIND_DATA, 0, 0, 0]);
+                    out.extend_from_slice(&(seg_no[&segment] as u32).to_be_bytes());
+                    out.extend_from_slice(&frame_len.to_be_bytes());
+                    out.extend_from_slice(&pos.to_be_bytes());
+                }
+                Location::Slice {
+                    segment,
+                    pos,
+                    frame_len,
+                    skip,
+                } => {
+                    // skip < 4 MiB (MAX_FRAME_RAW): it fits the 24 bits.
+                    let s = skip.to_be_bytes();
+                    out.extend_from_slice(&[KIND_SLICE, s[1], s[2], s[3]]);
                     out.extend_from_slice(&(seg_no[&segment] as u32).to_be_bytes());
                     out.extend_from_slice(&frame_len.to_be_bytes());
                     out.extend_from_slice(&pos.to_be_bytes());
@@ -208,18 +274,32 @@ impl Index {
                 });
             }
             prev_end = end;
-            let loc = match b[p + 12] {
+            let kind = b[p + 12];
+            let loc = match kind {
                 KIND_ZERO => Location::Zero,
-                KIND_DATA => {
+                KIND_DATA | KIND_SLICE => {
                     let seg = u32_at(p + 16) as usize;
                     let frame_len = u32_at(p + 20);
                     let segment = *segments.get(seg).ok_or(FormatError::BadValue {
                         what: "index segment number",
                         value: seg as u64,
                     })?;
+                    let skip = if kind == KIND_SLICE {
+                        u32::from_be_bytes([0, b[p + 13], b[p + 14], b[p + 15]])
+                    } else {
+                        0
+                    };
+                    // A frame holds at most MAX_FRAME_RAW raw bytes, stored in no more (lz4
+                    // is used only where it is shorter), after its header.
                     let header = super::segment::FRAME_HEADER_LEN as u64;
-                    if len > MAX_FRAME_RAW
-                        || u64::from(frame_len) > header + u64::from(len)
+                    let raw_max = if kind == KIND_DATA {
+                        u64::from(len)
+                    } else {
+                        u64::from(MAX_FRAME_RAW)
+                    };
+                    if u64::from(skip) + u64::from(len) > u64::from(MAX_FRAME_RAW)
+                        || u64::from(skip) > offset
+                        || u64::from(frame_len) > header + raw_max
                         || u64::from(frame_len) < header
                     {
                         return Err(FormatError::BadValue {
@@ -234,10 +314,19 @@ impl Index {
                             value: pos,
                         });
                     }
-                    Location::Frame {
-                        segment,
-                        pos,
-                        frame_len,
+                    if kind == KIND_DATA {
+                        Location::Frame {
+                            segment,
+                            pos,
+                            frame_len,
+                        }
+                    } else {
+                        Location::Slice {
+                            segment,
+                            pos,
+                            frame_len,
+                            skip,
+                        }
                     }
                 }
                 k => {
@@ -261,7 +350,11 @@ pub struct FrameRead {
     pub frame_len: u32,
     /// Disk offset of the frame's first raw byte.
     pub offset: u64,
+    /// The frame's raw length when `exact_len`; otherwise a lower bound (only slices name the
+    /// frame: the furthest raw byte they take, or the stored length if larger) that the
+    /// frame's header may exceed.
     pub len: u32,
+    pub exact_len: bool,
     /// Disk ranges taken from this frame (inside `offset..offset + len`), in order.
     pub pieces: Vec<Range<u64>>,
 }
@@ -346,6 +439,22 @@ impl PlanError {
     }
 }
 
+/// What the entries of a chain say about one frame.
+struct FrameClaims {
+    /// Index and disk offset of the first entry that named it.
+    first: (usize, u64),
+    /// Disk offset of its first raw byte.
+    start: u64,
+    frame_len: u32,
+    /// Its raw length, once a whole-frame entry has named it.
+    raw: Option<u32>,
+    /// The furthest raw byte an entry takes from it.
+    reach: u32,
+    /// The last index that named it, and the last that named it whole.
+    last_index: Option<usize>,
+    last_whole: Option<usize>,
+}
+
 /// Merges a chain of indexes, oldest (the full) first, newest wins, into a restore plan of
 /// the newest. Metadata only: no data is read. The disk size is the newest backup's.
 ///
@@ -358,8 +467,8 @@ pub fn plan_restore(chain: &[&Index]) -> Result<RestorePlan, PlanError> {
     let disk_size = chain.last().map_or(0, |i| i.disk_size);
     let mut all: Vec<IndexEntry> = Vec::new();
     let mut map = ExtentMap::new();
-    // The first entry seen for each frame, and where it came from.
-    let mut owner: std::collections::HashMap<(SegmentId, u64), (usize, IndexEntry)> =
+    // What the entries seen so far say of each frame, and where each claim came from.
+    let mut owner: std::collections::HashMap<(SegmentId, u64), FrameClaims> =
         std::collections::HashMap::new();
     for (index, idx) in chain.iter().enumerate() {
         for e in &idx.entries {
@@ -370,12 +479,7 @@ pub fn plan_restore(chain: &[&Index]) -> Result<RestorePlan, PlanError> {
                     index,
                     offset: e.offset,
                 })?;
-            if let Location::Frame {
-                segment,
-                pos,
-                frame_len,
-            } = e.loc
-            {
+            if let Some((segment, pos, frame_len, skip)) = e.loc.frame() {
                 if pos.checked_add(u64::from(frame_len)).is_none() {
                     return Err(PlanError::FrameEnd {
                         index,
@@ -384,17 +488,49 @@ pub fn plan_restore(chain: &[&Index]) -> Result<RestorePlan, PlanError> {
                         frame_len,
                     });
                 }
-                let (other_index, other) = *owner.entry((segment, pos)).or_insert((index, *e));
-                if other.offset != e.offset || other.len != e.len || other.loc != e.loc {
-                    return Err(PlanError::FrameConflict {
-                        index,
-                        offset: e.offset,
-                        other_index,
-                        other_offset: other.offset,
-                        segment,
-                        pos,
-                    });
+                let conflict = |other: (usize, u64)| PlanError::FrameConflict {
+                    index,
+                    offset: e.offset,
+                    other_index: other.0,
+                    other_offset: other.1,
+                    segment,
+                    pos,
+                };
+                let start = e
+                    .offset
+                    .checked_sub(u64::from(skip))
+                    .ok_or(conflict((index, e.offset)))?;
+                let reach = skip.saturating_add(e.len);
+                let whole = matches!(e.loc, Location::Frame { .. });
+                let c = owner.entry((segment, pos)).or_insert(FrameClaims {
+                    first: (index, e.offset),
+                    start,
+                    frame_len,
+                    raw: None,
+                    reach: 0,
+                    last_index: None,
+                    last_whole: None,
+                });
+                // One frame: one disk offset and length; one raw length for its whole
+                // entries; no slice past it; and no two entries of one index on the same bytes
+                // (disjoint entries of one index may share a frame only as slices).
+                let overlap_in_index =
+                    c.last_index == Some(index) && (whole || c.last_whole == Some(index));
+                if c.start != start
+                    || c.frame_len != frame_len
+                    || overlap_in_index
+                    || (whole && c.raw.is_some_and(|r| r != e.len))
+                    || (whole && c.reach > e.len)
+                    || c.raw.is_some_and(|r| reach > r)
+                {
+                    return Err(conflict(c.first));
                 }
+                if whole {
+                    c.raw = Some(e.len);
+                    c.last_whole = Some(index);
+                }
+                c.reach = c.reach.max(reach);
+                c.last_index = Some(index);
             }
             // Entries of older backups past the newest disk size are cut off by the clip below.
             let n = u32::try_from(all.len()).map_err(|_| PlanError::TooManyEntries {
@@ -406,7 +542,6 @@ pub fn plan_restore(chain: &[&Index]) -> Result<RestorePlan, PlanError> {
             map.insert(e.offset..end, n);
         }
     }
-    drop(owner);
     let covered_all: ExtentMap = [Extent::new(0, disk_size, 0)]
         .into_iter()
         .filter(|e| e.start < e.end)
@@ -417,27 +552,32 @@ pub fn plan_restore(chain: &[&Index]) -> Result<RestorePlan, PlanError> {
         std::collections::BTreeMap::new();
     for piece in map.iter() {
         let e = all[piece.flags as usize];
-        match e.loc {
-            Location::Zero => zeros.insert(piece.range(), 0),
-            Location::Frame {
-                segment,
-                pos,
-                frame_len,
-            } => {
-                // Every entry of this frame agrees with `e` (checked above), and the piece
-                // lies inside `e`: so it lies inside the frame's raw bytes.
-                frames
+        match e.loc.frame() {
+            None => zeros.insert(piece.range(), 0),
+            Some((segment, pos, frame_len, _)) => {
+                // Every entry of this frame agrees on where it starts (checked above), and the
+                // piece lies inside `e`: so it lies inside the frame's raw bytes.
+                let c = &owner[&(segment, pos)];
+                let header = super::segment::FRAME_HEADER_LEN as u32;
+                let pieces = &mut frames
                     .entry((segment, pos))
                     .or_insert_with(|| FrameRead {
                         segment,
                         pos,
                         frame_len,
-                        offset: e.offset,
-                        len: e.len,
+                        offset: c.start,
+                        len: c
+                            .raw
+                            .unwrap_or_else(|| c.reach.max(frame_len.saturating_sub(header))),
+                        exact_len: c.raw.is_some(),
                         pieces: Vec::new(),
                     })
-                    .pieces
-                    .push(piece.range());
+                    .pieces;
+                // Pieces of one frame from entries of several backups may meet: one write.
+                match pieces.last_mut() {
+                    Some(last) if last.end == piece.start => last.end = piece.end,
+                    _ => pieces.push(piece.range()),
+                }
             }
         }
     }
@@ -446,6 +586,87 @@ pub fn plan_restore(chain: &[&Index]) -> Result<RestorePlan, PlanError> {
         frames: frames.into_values().collect(),
         zeros,
     })
+}
+
+/// The index of the newest backup of `chain` (oldest first) as it reads through the whole
+/// chain: what a fold writes for a backup whose ancestors in `chain` go. Metadata only: the
+/// entries name the same frames (a frame that later backups overwrote in part becomes one or
+/// more [`Location::Slice`]s of it), and restoring the result alone equals restoring the
+/// chain. The chain is checked as [`plan_restore`] checks it; the disk size is the newest's.
+pub fn fold_indexes(chain: &[&Index]) -> Result<Index, PlanError> {
+    plan_restore(chain)?;
+    let disk_size = chain.last().map_or(0, |i| i.disk_size);
+    let mut all: Vec<IndexEntry> = Vec::new();
+    let mut map = ExtentMap::new();
+    for (index, idx) in chain.iter().enumerate() {
+        for e in &idx.entries {
+            // Bounded and non-overflowing: plan_restore accepted the chain.
+            let n = u32::try_from(all.len()).map_err(|_| PlanError::TooManyEntries {
+                index,
+                offset: e.offset,
+                max: MAX_PLAN_ENTRIES,
+            })?;
+            all.push(*e);
+            map.insert(e.offset..e.end(), n);
+        }
+    }
+    let disk: ExtentMap = [Extent::new(0, disk_size, 0)]
+        .into_iter()
+        .filter(|e| e.start < e.end)
+        .collect();
+    let map = map.intersect(&disk.with_flags(0));
+    let entries = map
+        .iter()
+        .map(|piece| {
+            let e = all[piece.flags as usize];
+            // A piece lies inside its entry, which is at most 4 MiB long.
+            let cut = (piece.start - e.offset) as u32;
+            let len = (piece.end - piece.start) as u32;
+            let loc = match e.loc {
+                Location::Frame { .. } if cut == 0 && len == e.len => e.loc,
+                Location::Zero => Location::Zero,
+                Location::Frame {
+                    segment,
+                    pos,
+                    frame_len,
+                } => Location::Slice {
+                    segment,
+                    pos,
+                    frame_len,
+                    skip: cut,
+                },
+                Location::Slice {
+                    segment,
+                    pos,
+                    frame_len,
+                    skip,
+                } => Location::Slice {
+                    segment,
+                    pos,
+                    frame_len,
+                    skip: skip + cut,
+                },
+            };
+            IndexEntry {
+                offset: piece.start,
+                len,
+                loc,
+            }
+        })
+        .collect();
+    Ok(Index { disk_size, entries })
+}
+
+/// The segments `index` reads from, each once, in order.
+pub fn referenced_segments(index: &Index) -> Vec<SegmentId> {
+    let mut s: Vec<SegmentId> = index
+        .entries
+        .iter()
+        .filter_map(|e| e.loc.frame().map(|f| f.0))
+        .collect();
+    s.sort_unstable();
+    s.dedup();
+    s
 }
 
 #[cfg(test)]
@@ -552,6 +773,112 @@ mod tests {
             let model: Vec<Option<Location>> = model.into_iter().map(|m| Some(m.unwrap_or(Location::Zero))).collect();
             prop_assert_eq!(got, model);
         }
+    }
+
+    /// Per 512-byte block: the frame (segment, position, disk offset of its first raw byte)
+    /// a plan takes the block from, or `None` for zeroes; checks each piece lies in its frame.
+    fn blocks(plan: &RestorePlan) -> Vec<Option<(u128, u64, u64)>> {
+        let mut got = vec![None; (plan.disk_size / 512) as usize];
+        for f in &plan.frames {
+            for r in &f.pieces {
+                assert!(r.start >= f.offset && r.end <= f.offset + u64::from(f.len));
+                for b in r.start / 512..r.end / 512 {
+                    got[b as usize] = Some((f.segment, f.pos, f.offset));
+                }
+            }
+        }
+        got
+    }
+
+    /// A random chain whose frames sit at their disk offset in one segment per backup.
+    fn arb_chain(disk: u64, depth: Range<usize>) -> impl Strategy<Value = Vec<Index>> {
+        prop::collection::vec(arb_index(disk), depth).prop_map(|mut chain| {
+            for (i, idx) in chain.iter_mut().enumerate() {
+                for e in &mut idx.entries {
+                    if let Location::Frame { segment, pos, .. } = &mut e.loc {
+                        *segment = i as u128;
+                        *pos = e.offset;
+                    }
+                }
+            }
+            chain
+        })
+    }
+
+    proptest! {
+        /// Folding any run of a chain into the backup after it, in any number of steps,
+        /// restores the same bytes from the same frames as the whole chain; the folded index
+        /// survives encoding, and a restore of it alone reads no frame the chain did not.
+        #[test]
+        fn folded_chains_restore_what_the_chain_did(
+            chain in arb_chain(64 << 10, 1..7),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..4),
+        ) {
+            let refs: Vec<&Index> = chain.iter().collect();
+            let want = blocks(&plan_restore(&refs).expect("consistent chain"));
+            // Fold the chain at random points, oldest parts first, until one index is left.
+            let mut folded: Vec<Index> = chain.clone();
+            for c in &cuts {
+                if folded.len() < 2 {
+                    break;
+                }
+                // Fold backups at..=at+1 .. into the backup at `to`.
+                let to = 1 + c.index(folded.len() - 1);
+                let from = c.index(to);
+                let part: Vec<&Index> = folded[from..=to].iter().collect();
+                let f = fold_indexes(&part).expect("fold");
+                prop_assert_eq!(&Index::decode(&f.encode()).expect("decode"), &f);
+                folded.splice(from..=to, [f]);
+                let refs: Vec<&Index> = folded.iter().collect();
+                prop_assert_eq!(&blocks(&plan_restore(&refs).expect("folded chain")), &want);
+            }
+            let refs: Vec<&Index> = folded.iter().collect();
+            let all = fold_indexes(&refs).expect("fold all");
+            let plan = plan_restore(&[&all]).expect("folded");
+            prop_assert_eq!(&blocks(&plan), &want);
+            let used: std::collections::HashSet<u128> =
+                chain.iter().flat_map(referenced_segments).collect();
+            prop_assert!(referenced_segments(&all).iter().all(|s| used.contains(s)));
+        }
+    }
+
+    #[test]
+    fn a_slice_reaching_past_its_frame_or_overlapping_it_in_one_index_is_refused() {
+        let whole = index(vec![data(0, 4096, 1, 0, 100)]);
+        let slice = |offset, len, skip| IndexEntry {
+            offset,
+            len,
+            loc: Location::Slice {
+                segment: 1,
+                pos: 0,
+                frame_len: 100,
+                skip,
+            },
+        };
+        // The tail of the frame, then a slice running past its end.
+        let tail = index(vec![slice(1024, 3072, 1024)]);
+        let plan = plan_restore(&[&whole, &tail]).expect("agreeing slice");
+        assert_eq!(plan.frames[0].pieces, vec![0..4096]);
+        assert!(plan.frames[0].exact_len);
+        let past = index(vec![slice(1024, 4096, 1024)]);
+        assert!(matches!(
+            plan_restore(&[&whole, &past]),
+            Err(PlanError::FrameConflict { index: 1, .. })
+        ));
+        // A slice that puts the frame elsewhere on the disk.
+        let moved = index(vec![slice(2048, 1024, 1024)]);
+        assert!(plan_restore(&[&whole, &moved]).is_err());
+        // Slices alone: the raw length is a lower bound.
+        let alone = index(vec![slice(0, 512, 0), slice(2048, 512, 2048)]);
+        let plan = plan_restore(&[&alone]).expect("slices");
+        assert!(!plan.frames[0].exact_len);
+        assert_eq!(plan.frames[0].len, 2560);
+        assert_eq!(Index::decode(&alone.encode()).expect("decode"), alone);
+        // The whole frame and a slice of it in one index cover its bytes twice.
+        let twice = index(vec![data(0, 4096, 1, 0, 100), slice(8192, 512, 8192)]);
+        assert!(plan_restore(&[&twice]).is_err());
+        // A skip larger than the offset cannot be decoded.
+        assert!(Index::decode(&index(vec![slice(512, 512, 1024)]).encode()).is_err());
     }
 
     fn data(offset: u64, len: u32, segment: u128, pos: u64, frame_len: u32) -> IndexEntry {

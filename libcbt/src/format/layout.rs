@@ -7,6 +7,7 @@
 //! | index | `disks/<disk>/backups/<backup-id>.idx` | create-only, before the manifest |
 //! | recency entry | `disks/<disk>/recent/<u64::MAX - finished-ms:020>-<backup-id>` (empty) | create-only, just before the manifest: newest first in name order, so the newest backup is found with one listing request |
 //! | manifest | `disks/<disk>/backups/<backup-id>.manifest` | create-only, last: its presence is the commit |
+//! | folded index, manifest | `disks/<disk>/backups/<backup-id>.g<N>.idx`, `.g<N>.manifest` (N ≥ 1) | create-only, by a fold into the backup: the highest generation's manifest is the backup |
 //! | in-progress marker | `inprogress/<disk>/<backup-id>.json` | create-only, before the first segment; deleted after the commit or the rollback |
 //! | domain XML | `domains/<domain-uuid>/<backup-id>.xml` | create-only, before the disks (libvirt jobs) |
 //! | job record | `domains/<domain-uuid>/<backup-id>.json` | after the commit (`cbt-hostd`: labels, caller, quiesce outcome) |
@@ -55,6 +56,46 @@ pub fn segment_prefix_name(disk: &str, prefix: u64) -> String {
 /// Object name of a backup's index.
 pub fn index_name(disk: &str, backup: &str) -> String {
     format!("disks/{disk}/backups/{backup}.idx")
+}
+
+/// Object name of the index of generation `generation` of a backup (0: [`index_name`]).
+pub fn index_name_gen(disk: &str, backup: &str, generation: u32) -> String {
+    match generation {
+        0 => index_name(disk, backup),
+        g => format!("disks/{disk}/backups/{backup}.g{g}.idx"),
+    }
+}
+
+/// Object name of the manifest of generation `generation` of a backup (0: [`manifest_name`]).
+pub fn manifest_name_gen(disk: &str, backup: &str, generation: u32) -> String {
+    match generation {
+        0 => manifest_name(disk, backup),
+        g => format!("disks/{disk}/backups/{backup}.g{g}.manifest"),
+    }
+}
+
+/// What an object under [`backups_prefix`] is: an index or a manifest (`true`), of which
+/// backup, of which generation. `None`: a name cbt does not write there.
+pub fn parse_backup_object(disk: &str, name: &str) -> Option<(String, u32, bool)> {
+    let rest = name.strip_prefix(&backups_prefix(disk))?;
+    let (stem, manifest) = if let Some(s) = rest.strip_suffix(".manifest") {
+        (s, true)
+    } else {
+        (rest.strip_suffix(".idx")?, false)
+    };
+    let (id, generation) = match stem.split_once('.') {
+        None => (stem, 0),
+        Some((id, g)) => {
+            let g = g.strip_prefix('g')?;
+            // Canonical decimal only, so that one generation has one name.
+            if g.is_empty() || g.starts_with('0') || !g.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            (id, g.parse::<u32>().ok().filter(|g| *g > 0)?)
+        }
+    };
+    super::BackupId::parse(id).ok()?;
+    Some((id.to_string(), generation, manifest))
 }
 
 /// Prefix of the recency entries of `disk`.
@@ -122,6 +163,35 @@ mod tests {
             "disks/u.vda/segments/0123456789abcdef0123456789abcdef.seg/x",
         ] {
             assert!(!is_segment_name(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn generation_names_parse_back_and_nothing_else_does() {
+        let d = "u.vda";
+        for g in [0, 1, 7, 12, u32::MAX] {
+            assert_eq!(
+                parse_backup_object(d, &manifest_name_gen(d, "b-1", g)),
+                Some(("b-1".into(), g, true))
+            );
+            assert_eq!(
+                parse_backup_object(d, &index_name_gen(d, "b-1", g)),
+                Some(("b-1".into(), g, false))
+            );
+            crate::sink::check_name(&manifest_name_gen(d, "b-1", g)).expect("valid");
+        }
+        for n in [
+            "disks/u.vda/backups/b-1.g0.manifest",
+            "disks/u.vda/backups/b-1.g01.idx",
+            "disks/u.vda/backups/b-1.g.idx",
+            "disks/u.vda/backups/b-1.x1.idx",
+            "disks/u.vda/backups/b-1.g1.g2.idx",
+            "disks/u.vda/backups/b-1.g99999999999.idx",
+            "disks/u.vda/backups/b.1.manifest",
+            "disks/u.vda/backups/b-1.json",
+            "disks/u.vdb/backups/b-1.idx",
+        ] {
+            assert_eq!(parse_backup_object(d, n), None, "{n}");
         }
     }
 

@@ -43,6 +43,9 @@ pub enum FullReason {
     DiskAdded,
     /// The disk's format cannot hold a bitmap (raw): every backup of it is full.
     Untracked,
+    /// An incremental whose whole chain was folded into it by retention: a synthetic full,
+    /// no data copied (see `folded`).
+    Folded,
 }
 
 /// Crash- or application-consistent.
@@ -108,8 +111,20 @@ pub struct Manifest {
     pub finished_unix_ms: u64,
     pub stats: BackupStats,
     pub index: ObjectRef,
-    /// Segments written by this backup.
+    /// Segments this backup's index reads from: those it wrote, and after a fold those of
+    /// the backups folded into it that it still reads.
     pub segments: Vec<String>,
+    /// Generation of this manifest: 0 as the backup wrote it, one more at every fold into it
+    /// (`<id>.g<N>.manifest`, with its index `<id>.g<N>.idx`). The highest one is the backup.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u32,
+    /// Backups folded into this one (deleted by retention), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folded: Vec<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Manifest {
@@ -191,6 +206,8 @@ pub(crate) mod tests {
                 crc32: 7,
             },
             segments: vec!["a.seg".into()],
+            generation: 0,
+            folded: vec![],
         }
     }
 

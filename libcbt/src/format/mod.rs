@@ -15,7 +15,10 @@ pub use backup_id::{BackupId, InvalidBackupId};
 pub use layout::{index_name, manifest_name, segment_name};
 pub use marker::Marker;
 
-pub use index::{plan_restore, FrameRead, Index, IndexEntry, Location, RestorePlan, SegmentId};
+pub use index::{
+    fold_indexes, plan_restore, referenced_segments, FrameRead, Index, IndexEntry, Location,
+    RestorePlan, SegmentId,
+};
 pub use manifest::{BackupStats, Consistency, FullReason, Level, Manifest, ObjectRef};
 
 /// Bytes that are not a valid cbt object. Each variant names what was being read; callers add

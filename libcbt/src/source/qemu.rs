@@ -650,6 +650,8 @@ mod tests {
                 crc32: 0,
             },
             segments: vec![],
+            generation: 0,
+            folded: vec![],
         }
     }
 
