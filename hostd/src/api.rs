@@ -691,36 +691,20 @@ async fn delete_backup(
     }
     let s = open_sink(&st, &sink).await?;
     let disks: Vec<String> = b.disks.into_iter().map(|d| d.disk).collect();
-    // An incremental that depends on this backup makes it undeletable.
-    for d in &disks {
-        for m in catalog::list_backups(&s, d)
-            .await
-            .map_err(ApiError::internal)?
-        {
-            if m.parent.as_deref() == Some(id.as_str()) {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "has_dependents",
-                    format!(
-                        "backup {} of {d} is an incremental on top of it",
-                        m.backup_id
-                    ),
-                ));
-            }
-        }
-    }
-    let mut gone = Vec::new();
-    for d in &disks {
-        gone.extend(
-            catalog::forget_backup(&s, d, &id)
-                .await
-                .map_err(ApiError::internal)?,
-        );
-    }
-    let _ = s.delete(&job::domain_xml_name(&uuid, &id)).await;
-    let _ = s.delete(&run::record_name(&uuid, &id)).await;
-    tracing::info!(backup = %id, instance = %uuid, objects = gone.len(), "backup deleted");
-    Ok(Json(json!({ "deleted": id, "objects": gone.len() })))
+    // Backups that depend on it take its index in (a fold: metadata only), so any backup
+    // can go, the full of a chain included.
+    let plan = engine::plan_delete(&s, &disks, &id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found("backup"))?;
+    let report = engine::prune(&s, &plan, Some(&uuid))
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::info!(backup = %id, instance = %uuid, objects = report.objects,
+                   folds = report.folds, "backup deleted");
+    Ok(Json(
+        json!({ "deleted": id, "objects": report.objects, "folds": report.folds }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -800,6 +784,7 @@ async fn prune_backups(
     Ok(Json(json!({
         "instance": uuid, "sink": r.sink, "dry_run": r.dry_run, "disks": disks,
         "plan": plan, "deleted": report.deleted, "objects": report.objects,
+        "folds": report.folds,
     })))
 }
 

@@ -395,21 +395,9 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         .0,
         404
     );
-    // The older backup has a dependent: it cannot be deleted.
-    assert_eq!(
-        call(
-            &rt,
-            &ta,
-            "DELETE",
-            &format!("/v1/backups/local/{backup1}?instance={inst}"),
-            None
-        )
-        .0,
-        409
-    );
 
-    // Prune: a dry run keeps the newer backup by the rule and the older as its base, and
-    // deletes nothing; another tenant cannot reach the instance; a bad policy is a 400.
+    // Prune: a dry run keeps the newer backup by the rule and would fold the older into it,
+    // and deletes nothing; another tenant cannot reach the instance; a bad policy is a 400.
     let prune = |who: &Client, policy: Value, dry: bool| {
         call(
             &rt,
@@ -427,7 +415,7 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
             {"id": backup2, "finished_unix_ms": v["plan"][0]["finished_unix_ms"], "disks": v["disks"],
              "hold": {"why": "kept", "by": "last"}},
             {"id": backup1, "finished_unix_ms": v["plan"][1]["finished_unix_ms"], "disks": v["disks"],
-             "hold": {"why": "base_of", "by": backup2}},
+             "hold": null, "folds_into": [backup2]},
         ]),
         "{v}"
     );
@@ -504,6 +492,36 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         .args(["-c", "qemu:///system", "undefine", &staging])
         .output();
 
+    // Deleting the full under the incremental folds it in: the incremental becomes a
+    // synthetic full that restores exactly as before.
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "DELETE",
+        &format!("/v1/backups/local/{backup1}?instance={inst}"),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(v["folds"].as_u64() >= Some(1), "{v}");
+    let (_, v) = call(
+        &rt,
+        &ta,
+        "GET",
+        &format!("/v1/backups?sink=local&instance={inst}"),
+        None,
+    );
+    assert_eq!(v["backups"].as_array().map(Vec::len), Some(1), "{v}");
+    let out = restores.join("folded.raw");
+    let last = run_job(
+        &rt,
+        &ta,
+        "/v1/restores",
+        Some(json!({"instance": inst, "sink": "local",
+        "backup_id": backup2, "target": {"type": "file", "path": out}})),
+    );
+    assert_eq!(last["state"], "succeeded", "{last}");
+    compare(&out, &r2);
+
     // --- verify ---
     let last = run_job(
         &rt,
@@ -562,7 +580,7 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
     // Nothing of the cancelled backup is left: checkpoint, scratch, objects.
     let sink_dir = h.dir.path().join("sink");
     let all = only_committed(&rt, &sink_dir);
-    assert_eq!(all.len(), 2);
+    assert_eq!(all.len(), 1, "backup2 (backup1 was folded into it)");
     assert_eq!(a.checkpoints(), vec![format!("cbt-{backup2}")]);
     let left = walk(&h.dir.path().join("state/scratch"));
     assert!(left.is_empty(), "{left:?}");

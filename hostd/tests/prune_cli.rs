@@ -115,10 +115,7 @@ async fn prune_plans_then_deletes_whole_chains_and_gc_takes_old_leftovers() {
                 "c3".into(),
                 serde_json::json!({"why": "kept", "by": "last"})
             ),
-            (
-                "c2".into(),
-                serde_json::json!({"why": "base_of", "by": "c3"})
-            ),
+            ("c2".into(), serde_json::Value::Null),
             ("c1".into(), serde_json::Value::Null),
             ("c0".into(), serde_json::Value::Null),
         ],
@@ -132,8 +129,19 @@ async fn prune_plans_then_deletes_whole_chains_and_gc_takes_old_leftovers() {
     );
 
     let out: serde_json::Value = serde_json::from_str(&cbtctl(&plan_args(false))).expect("json");
-    assert_eq!(out["deleted"], serde_json::json!(["c1", "c0"]), "{out}");
-    assert_eq!(ids(&dir), ["c2", "c3", "c4"]);
+    // The full c2 is folded into c3 (which becomes a synthetic full); c1 ← c0 goes whole.
+    assert_eq!(
+        out["plan"][2]["folds_into"],
+        serde_json::json!(["c3"]),
+        "{out}"
+    );
+    assert_eq!(
+        out["deleted"],
+        serde_json::json!(["c2", "c1", "c0"]),
+        "{out}"
+    );
+    assert_eq!(out["folds"], serde_json::json!(2), "one per disk: {out}");
+    assert_eq!(ids(&dir), ["c3", "c4"]);
     let records: Vec<String> = sink
         .list("domains/")
         .await
@@ -199,5 +207,5 @@ async fn prune_plans_then_deletes_whole_chains_and_gc_takes_old_leftovers() {
         .expect("run");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("everything stays"));
-    assert_eq!(ids(&dir), ["c2", "c3", "c4"]);
+    assert_eq!(ids(&dir), ["c3", "c4"]);
 }

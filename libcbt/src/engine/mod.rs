@@ -28,7 +28,9 @@ pub use backup::{
     backup_disk, is_zero, scan_export, BackupOptions, DiskBackup, Revalidate, Scan, Trusted,
     MARKER_REFRESH,
 };
-pub use prune::{plan_prune, prune, Hold, PruneEntry, PruneReport};
+pub use prune::{
+    plan_delete, plan_folds, plan_prune, prune, Fold, Hold, PruneEntry, PruneReport, MAX_FOLDED,
+};
 pub use restore::{load_chain, restore, restore_with, RestoreOptions, RestoreStats, RestoreTarget};
 pub use verify::{verify_chain, verify_chain_with, Problem, VerifyOptions, VerifyReport};
 

@@ -1,32 +1,50 @@
-//! Prune: deletes the backups of one instance that a keep policy does not keep.
+//! Prune: deletes the backups of one instance that a keep policy does not keep, and any
+//! single backup on request, the full of a chain included.
 //!
 //! The instance's disks are kept or dropped together: a backup here is a backup id (shared
 //! by the disks one job backed up) and the latest finish time among its disks. The
-//! [planner](crate::retention::plan) says which ids the policy keeps; on top of that a backup
-//! stays while something depends on it:
-//! - the parent chain of every kept backup (until folding exists, a kept incremental keeps
-//!   its whole chain, the full included);
-//! - the newest backup of every disk: the parent of that disk's next incremental.
+//! [planner](crate::retention::plan) says which ids the policy keeps; the newest backup of
+//! every disk stays too (the parent of that disk's next incremental). Everything else goes.
 //!
-//! Everything else goes: whole chains, or the tails of chains a rule cut (a rule may keep an
-//! incremental and not its children). Children go before their parents (by the parent links
-//! of every disk, not by time, which ties or steps back), so that a crash part way leaves
-//! every remaining backup's chain whole, and each backup goes manifest first
-//! ([`catalog::forget_backup`]): a crash leaves it uncommitted, never committed with parts
-//! missing, and garbage collection takes the rest. Running the same prune again finishes the
-//! work. For a libvirt instance, the domain XML and job record saved with a backup go with it.
+//! A backup that goes while a backup that stays depends on it is *folded*: on each disk, a
+//! backup that stays and whose parent goes gets a new generation of its manifest and index
+//! (`<id>.g<N>.manifest`, `.g<N>.idx`, create-only) whose index is its doomed ancestors'
+//! indexes overlaid by its own ([`fold_indexes`]), whose parent is its nearest ancestor that
+//! stays (none: it becomes a synthetic full), and which lists the segments it now reads.
+//! Metadata only: no segment byte is read or written, and it restores byte for byte as before.
 //!
-//! Prune does not look for running jobs: a backup that commits meanwhile has the newest
-//! backup of its disk as parent, which the plan holds.
+//! Order, so that a crash anywhere leaves every backup that should exist restorable and the
+//! same prune run again finishes the work:
+//! 1. every fold, each committed by its new manifest (until then the old generation, with its
+//!    whole chain, is the backup); then the fold's older generations go (hidden already);
+//! 2. the doomed backups, children before parents (by the parent links of every disk, not by
+//!    time, which ties or steps back), each manifest first ([`catalog::forget_among`]): its
+//!    segments go unless a backup that stays lists them (a fold handed them on).
+//!
+//! This order also keeps a concurrent garbage collector safe: it marks by the manifests it
+//! lists and reads, and a manifest deleted between its listing and its read fails the
+//! collection. A collector that saw a backup's old generation read it before the fold
+//! deleted it, hence before any doomed backup went, so it also saw every backup the new
+//! generation reads through.
+//!
+//! For a libvirt instance, the domain XML and job record saved with a backup go with it. Prune
+//! does not look for running jobs: a backup that commits meanwhile has the newest backup of
+//! its disk as parent, which stays, and backups the plan does not know of stay.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
+use super::restore::load_index;
 use super::{catalog, EngineError};
-use crate::format::{layout, Manifest};
+use crate::format::{
+    fold_indexes, layout, referenced_segments, FullReason, Index, Level, Manifest, ObjectRef,
+};
 use crate::retention::{self, Candidate, KeepPolicy, Rule};
 use crate::sink::Sink;
+
+/// Ids kept in a manifest's `folded` list: the most recent ones (years of nightly folds).
+pub const MAX_FOLDED: usize = 1_000;
 
 /// Why a backup stays.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -34,11 +52,10 @@ use crate::sink::Sink;
 pub enum Hold {
     /// A rule of the policy keeps it.
     Kept(Rule),
-    /// A held backup's chain goes through it: the id of the one whose chain reached it first
-    /// (its nearest descendant held by a rule or as a disk's newest).
-    BaseOf(String),
     /// The newest backup of a disk: the parent of its next incremental.
     Newest,
+    /// Not asked to go (a single backup was deleted).
+    Spared,
 }
 
 /// One backup of the instance in a prune plan.
@@ -50,6 +67,9 @@ pub struct PruneEntry {
     pub disks: Vec<String>,
     /// Why it stays; `None`: it goes.
     pub hold: Option<Hold>,
+    /// Backups that stay and will have this one folded into them (on some disk), when it goes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub folds_into: Vec<String>,
     /// Its parents on its disks (what orders the deletions; not part of the answer).
     #[serde(skip)]
     pub parents: Vec<String>,
@@ -62,6 +82,71 @@ pub struct PruneReport {
     pub deleted: Vec<String>,
     /// Objects deleted.
     pub objects: usize,
+    /// Folds: new generations written (one per disk of a backup that stays).
+    pub folds: usize,
+    /// Index bytes read and written by the folds (no segment byte is).
+    pub index_bytes_read: u64,
+    pub index_bytes_written: u64,
+}
+
+/// One fold on one disk: the backups of `chain` (oldest first) go into `into`, whose parent
+/// becomes `parent`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fold {
+    pub into: String,
+    pub chain: Vec<String>,
+    pub parent: Option<String>,
+}
+
+/// The folds that deleting the backups `doomed` of one disk takes (`ms`: the disk's
+/// backups): each backup that stays, with a doomed parent, takes its doomed ancestors up to
+/// the nearest one that stays (a full ends a chain). A chain that is broken already (a parent missing, a cycle) is
+/// refused: folding it would hide the damage.
+pub fn plan_folds(
+    ms: &[Manifest],
+    doomed: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Fold>, EngineError> {
+    let by_id: HashMap<&str, &Manifest> = ms.iter().map(|m| (m.backup_id.as_str(), m)).collect();
+    let mut out = Vec::new();
+    for m in ms.iter().filter(|m| !doomed(&m.backup_id)) {
+        // A full's chain is itself, whatever parent it names (fulls of a raw disk name the
+        // backup before them).
+        let parent_of = |m: &'_ Manifest| match m.level {
+            Level::Incremental => m.parent.clone(),
+            Level::Full => None,
+        };
+        let mut chain = Vec::new();
+        let mut at = parent_of(m);
+        let parent = loop {
+            match at {
+                None => break None,
+                Some(p) if !doomed(&p) => break Some(p),
+                Some(p) => {
+                    let pm = by_id.get(p.as_str()).ok_or_else(|| EngineError::Chain {
+                        backup: m.backup_id.clone(),
+                        what: format!("parent {p} is missing"),
+                    })?;
+                    if chain.len() > ms.len() {
+                        return Err(EngineError::Chain {
+                            backup: m.backup_id.clone(),
+                            what: "a cycle of parents".into(),
+                        });
+                    }
+                    chain.push(p);
+                    at = parent_of(pm);
+                }
+            }
+        };
+        if !chain.is_empty() {
+            chain.reverse();
+            out.push(Fold {
+                into: m.backup_id.clone(),
+                chain,
+                parent,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The plan for the instance whose disks are `disks`: one entry per backup id, newest first.
@@ -70,11 +155,67 @@ pub async fn plan_prune<S: Sink>(
     disks: &[String],
     policy: &KeepPolicy,
 ) -> Result<Vec<PruneEntry>, EngineError> {
-    let mut by_disk: BTreeMap<&str, Vec<Manifest>> = BTreeMap::new();
-    for d in disks {
-        by_disk.insert(d, catalog::list_backups(sink, d).await?);
+    let by_disk = list_disks(sink, disks).await?;
+    let mut plan = plan_from(&by_disk, policy)?;
+    annotate_folds(&mut plan, &by_disk)?;
+    Ok(plan)
+}
+
+/// The plan that deletes backup `id` of the instance whose disks are `disks` and nothing
+/// else. `None`: no such backup.
+pub async fn plan_delete<S: Sink>(
+    sink: &S,
+    disks: &[String],
+    id: &str,
+) -> Result<Option<Vec<PruneEntry>>, EngineError> {
+    let by_disk = list_disks(sink, disks).await?;
+    let mut plan = plan_from(&by_disk, &KeepPolicy::default())?;
+    if !plan.iter().any(|e| e.id == id) {
+        return Ok(None);
     }
-    Ok(plan_from(&by_disk, policy)?)
+    for e in &mut plan {
+        e.hold = (e.id != id).then_some(Hold::Spared);
+    }
+    annotate_folds(&mut plan, &by_disk)?;
+    Ok(Some(plan))
+}
+
+async fn list_disks<'a, S: Sink>(
+    sink: &S,
+    disks: &'a [String],
+) -> Result<BTreeMap<&'a str, Vec<Manifest>>, EngineError> {
+    let mut by_disk = BTreeMap::new();
+    for d in disks {
+        by_disk.insert(d.as_str(), catalog::list_backups(sink, d).await?);
+    }
+    Ok(by_disk)
+}
+
+/// Fills in `folds_into`, and checks that the folds can be made.
+fn annotate_folds(
+    plan: &mut [PruneEntry],
+    by_disk: &BTreeMap<&str, Vec<Manifest>>,
+) -> Result<(), EngineError> {
+    let doomed: HashSet<String> = plan
+        .iter()
+        .filter(|e| e.hold.is_none())
+        .map(|e| e.id.clone())
+        .collect();
+    let mut into: HashMap<String, Vec<String>> = HashMap::new();
+    for ms in by_disk.values() {
+        for f in plan_folds(ms, &|id| doomed.contains(id))? {
+            for c in f.chain {
+                let v = into.entry(c).or_default();
+                if !v.contains(&f.into) {
+                    v.push(f.into.clone());
+                }
+            }
+        }
+    }
+    for e in plan {
+        e.folds_into = into.remove(&e.id).unwrap_or_default();
+    }
+    Ok(())
 }
 
 /// The backups of `doomed` in an order where every child (on any disk) comes before its
@@ -86,7 +227,7 @@ fn children_first<'a>(doomed: &[&'a PruneEntry]) -> Vec<&'a PruneEntry> {
     let mut out = Vec::with_capacity(left.len());
     while !left.is_empty() {
         // Ids still waiting that some waiting id names as a parent.
-        let needed: std::collections::HashSet<&str> = left
+        let needed: HashSet<&str> = left
             .iter()
             .flat_map(|e| e.parents.iter().map(String::as_str))
             .collect();
@@ -100,7 +241,7 @@ fn children_first<'a>(doomed: &[&'a PruneEntry]) -> Vec<&'a PruneEntry> {
 }
 
 /// [`plan_prune`] on manifests already read (oldest first per disk, as
-/// [`catalog::list_backups`] gives them).
+/// [`catalog::list_backups`] gives them), before `folds_into` is filled in.
 fn plan_from(
     by_disk: &BTreeMap<&str, Vec<Manifest>>,
     policy: &KeepPolicy,
@@ -133,35 +274,6 @@ fn plan_from(
             hold.entry(newest.backup_id.clone()).or_insert(Hold::Newest);
         }
     }
-    // Every chain through a held backup, on every disk it has: a backup held for one disk's
-    // sake is held on all of them, so its chains there are held too. A walk stops at the
-    // first backup held already, so `BaseOf` names the nearest held descendant.
-    let order: HashMap<&str, usize> = verdicts
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v.id.as_str(), i))
-        .collect();
-    let mut work: Vec<(String, String)> = hold.keys().map(|id| (id.clone(), id.clone())).collect();
-    // Popped from the end: the newest first.
-    work.sort_by_key(|(id, _)| std::cmp::Reverse(order.get(id.as_str()).copied()));
-    let by_id: Vec<HashMap<&str, &Manifest>> = by_disk
-        .values()
-        .map(|ms| ms.iter().map(|m| (m.backup_id.as_str(), m)).collect())
-        .collect();
-    while let Some((id, root)) = work.pop() {
-        for disk in &by_id {
-            let mut at = disk.get(id.as_str()).and_then(|m| m.parent.as_deref());
-            // A cycle of parents (a damaged sink) ends where it meets a held backup.
-            while let Some(p) = at {
-                if hold.contains_key(p) {
-                    break;
-                }
-                hold.insert(p.to_string(), Hold::BaseOf(root.clone()));
-                work.push((p.to_string(), root.clone()));
-                at = disk.get(p).and_then(|m| m.parent.as_deref());
-            }
-        }
-    }
     Ok(verdicts
         .into_iter()
         .map(|v| {
@@ -171,24 +283,206 @@ fn plan_from(
                 id: v.id,
                 finished_unix_ms: v.finished_unix_ms,
                 disks,
+                folds_into: Vec::new(),
                 parents,
             }
         })
         .collect())
 }
 
-/// Deletes what `plan` (from [`plan_prune`]) lets go, children before parents. With
-/// `instance` (a libvirt domain's uuid), the domain XML and job record of each backup go too.
+/// What one fold read and wrote.
+struct Folded {
+    manifest: Manifest,
+    read: u64,
+    written: u64,
+}
+
+/// Makes fold `f` on `disk` (`by_id`: the disk's backups): writes the next generation of
+/// `f.into`'s index and manifest, create-only, then deletes its older generations.
+async fn fold<S: Sink>(
+    sink: &S,
+    disk: &str,
+    f: &Fold,
+    by_id: &HashMap<&str, &Manifest>,
+) -> Result<Folded, EngineError> {
+    let find = |id: &str| {
+        by_id.get(id).copied().ok_or_else(|| EngineError::Chain {
+            backup: f.into.clone(),
+            what: format!("{id} is gone"),
+        })
+    };
+    let into = find(&f.into)?;
+    let mut members: Vec<&Manifest> = Vec::with_capacity(f.chain.len() + 1);
+    for id in &f.chain {
+        members.push(find(id)?);
+    }
+    members.push(into);
+    let mut indexes: Vec<Index> = Vec::with_capacity(members.len());
+    let mut read = 0;
+    for m in &members {
+        if m.disk_size != into.disk_size {
+            return Err(EngineError::Chain {
+                backup: f.into.clone(),
+                what: format!("{} differs in size", m.backup_id),
+            });
+        }
+        indexes.push(load_index(sink, m).await?);
+        read += m.index.len;
+    }
+    let refs: Vec<&Index> = indexes.iter().collect();
+    let merged = fold_indexes(&refs).map_err(|source| EngineError::Plan {
+        object: members
+            .get(source.index())
+            .map_or_else(String::new, |m| m.index.name.clone()),
+        offset: source.offset(),
+        source: Box::new(source),
+    })?;
+    let listed: HashSet<&str> = members
+        .iter()
+        .flat_map(|m| m.segments.iter().map(String::as_str))
+        .collect();
+    let segments: Vec<String> = referenced_segments(&merged)
+        .into_iter()
+        .map(|s| layout::segment_name(disk, s))
+        .collect();
+    if segments.iter().any(|s| !listed.contains(s.as_str())) {
+        return Err(EngineError::Mismatch {
+            object: into.index.name.clone(),
+            pos: 0,
+            what: "an index of the chain reads a segment no manifest of it lists",
+        });
+    }
+    let generation = catalog::next_generation(sink, disk, &into.backup_id).await?;
+    let bytes = merged.encode();
+    let index = ObjectRef {
+        name: layout::index_name_gen(disk, &into.backup_id, generation),
+        len: bytes.len() as u64,
+        crc32: crc32fast::hash(&bytes),
+    };
+    let written = index.len;
+    sink.put_new(&index.name, bytes).await?;
+    let mut folded: Vec<String> = members[..members.len() - 1]
+        .iter()
+        .flat_map(|m| m.folded.iter().cloned().chain([m.backup_id.clone()]))
+        .chain(into.folded.iter().cloned())
+        .collect();
+    folded.drain(..folded.len().saturating_sub(MAX_FOLDED));
+    let full = f.parent.is_none();
+    let manifest = Manifest {
+        parent: f.parent.clone(),
+        level: if full {
+            Level::Full
+        } else {
+            Level::Incremental
+        },
+        full_reason: if full {
+            Some(FullReason::Folded)
+        } else {
+            into.full_reason
+        },
+        chunk_size: members.iter().map(|m| m.chunk_size).max().unwrap_or(0),
+        index,
+        segments,
+        generation,
+        folded,
+        ..into.clone()
+    };
+    let name = layout::manifest_name_gen(disk, &into.backup_id, generation);
+    let encoded = manifest.encode();
+    let written = written + encoded.len() as u64;
+    sink.put_new(&name, encoded).await?;
+    tracing::info!(disk, backup = %into.backup_id, generation, folded = f.chain.len(), "folded");
+    // The older generations are hidden now; the garbage collector would take them too.
+    let stale: Vec<String> = sink
+        .list(&layout::backup_objects_prefix(disk, &into.backup_id))
+        .await?
+        .into_iter()
+        .filter(|o| {
+            layout::parse_backup_object(disk, &o.name)
+                .is_some_and(|(id, g, _)| id == into.backup_id && g < generation)
+        })
+        .map(|o| o.name)
+        .collect();
+    sink.delete_many(&stale).await?;
+    Ok(Folded {
+        manifest,
+        read,
+        written,
+    })
+}
+
+/// Deletes what `plan` (from [`plan_prune`] or [`plan_delete`]) lets go: folds first, then
+/// the doomed backups, children before parents. With `instance` (a libvirt domain's uuid),
+/// the domain XML and job record of each backup go too. The disks are listed afresh: a
+/// backup the plan does not name stays; older generations a fold that died left are swept.
 pub async fn prune<S: Sink>(
     sink: &S,
     plan: &[PruneEntry],
     instance: Option<&str>,
 ) -> Result<PruneReport, EngineError> {
     let doomed: Vec<&PruneEntry> = plan.iter().filter(|e| e.hold.is_none()).collect();
+    let doomed_ids: HashSet<&str> = doomed.iter().map(|e| e.id.as_str()).collect();
     let mut report = PruneReport::default();
+    let mut disks: Vec<&str> = plan
+        .iter()
+        .flat_map(|e| e.disks.iter().map(String::as_str))
+        .collect();
+    disks.sort_unstable();
+    disks.dedup();
+    // Each disk's backups after its folds.
+    let mut current: BTreeMap<&str, Vec<Manifest>> = BTreeMap::new();
+    for d in disks {
+        let mut ms = catalog::list_backups(sink, d).await?;
+        let folds = plan_folds(&ms, &|id| doomed_ids.contains(id))?;
+        let mut made = Vec::with_capacity(folds.len());
+        {
+            let by_id: HashMap<&str, &Manifest> =
+                ms.iter().map(|m| (m.backup_id.as_str(), m)).collect();
+            for f in &folds {
+                let r = fold(sink, d, f, &by_id).await?;
+                report.folds += 1;
+                report.index_bytes_read += r.read;
+                report.index_bytes_written += r.written;
+                made.push(r.manifest);
+            }
+        }
+        for m in made {
+            if let Some(old) = ms.iter_mut().find(|o| o.backup_id == m.backup_id) {
+                *old = m;
+            }
+        }
+        // Older generations a fold that died left behind (hidden already): one listing.
+        let generation: HashMap<&str, u32> = ms
+            .iter()
+            .map(|m| (m.backup_id.as_str(), m.generation))
+            .collect();
+        let stale: Vec<String> = sink
+            .list(&layout::backups_prefix(d))
+            .await?
+            .into_iter()
+            .filter(|o| {
+                layout::parse_backup_object(d, &o.name).is_some_and(|(id, g, _)| {
+                    generation
+                        .get(id.as_str())
+                        .is_some_and(|current| g < *current)
+                })
+            })
+            .map(|o| o.name)
+            .collect();
+        sink.delete_many(&stale).await?;
+        current.insert(d, ms);
+    }
     for e in children_first(&doomed) {
         for d in &e.disks {
-            report.objects += catalog::forget_backup(sink, d, &e.id).await?.len();
+            let Some(ms) = current.get_mut(d.as_str()) else {
+                continue;
+            };
+            let Some(at) = ms.iter().position(|m| m.backup_id == e.id) else {
+                continue;
+            };
+            let m = ms.remove(at);
+            let others: Vec<&Manifest> = ms.iter().collect();
+            report.objects += catalog::forget_among(sink, &m, &others).await?.len();
         }
         if let Some(uuid) = instance {
             let extra = [
@@ -231,7 +525,7 @@ mod tests {
     }
 
     #[test]
-    fn kept_backups_keep_their_chains_on_every_disk_and_the_newest_of_every_disk_stays() {
+    fn what_stays_takes_in_the_chains_of_what_goes_on_every_disk() {
         const DAY: u64 = 86_400_000;
         // vda: a0 ← a1 ← a2, full a3 ← a4; vdb joined at a3 (a full) and stays.
         let mut by_disk = BTreeMap::new();
@@ -256,28 +550,42 @@ mod tests {
             keep_last: 1,
             ..KeepPolicy::default()
         };
-        let plan = plan_from(&by_disk, &p).expect("plan");
+        let mut plan = plan_from(&by_disk, &p).expect("plan");
+        annotate_folds(&mut plan, &by_disk).expect("folds");
         assert_eq!(
             holds(&plan),
             [
                 ("a4", Some(Hold::Kept(Rule::Last))),
-                ("a3", Some(Hold::BaseOf("a4".into()))),
+                ("a3", None),
                 ("a2", None),
                 ("a1", None),
                 ("a0", None),
             ]
         );
-        assert_eq!(plan[1].disks, ["vda", "vdb"]);
-        // Keeping a1 keeps a0 under it.
-        let p = KeepPolicy {
-            keep_last: 4,
-            ..KeepPolicy::default()
-        };
-        let plan = plan_from(&by_disk, &p).expect("plan");
-        assert_eq!(plan[4].hold, Some(Hold::BaseOf("a1".into())));
+        // The full a3 goes into a4 (on both disks); the old chain has nothing left to serve.
+        assert_eq!(plan[1].folds_into, ["a4"]);
+        assert!(plan[2..].iter().all(|e| e.folds_into.is_empty()));
+        assert_eq!(
+            plan_folds(&by_disk["vdb"], &|id| id != "a4").expect("folds"),
+            [Fold {
+                into: "a4".into(),
+                chain: vec!["a3".into()],
+                parent: None
+            }]
+        );
+        // Keeping a2 and a0: a1 goes into a2, whose parent becomes a0.
+        let ms = &by_disk["vda"];
+        assert_eq!(
+            plan_folds(ms, &|id| id == "a1").expect("folds"),
+            [Fold {
+                into: "a2".into(),
+                chain: vec!["a1".into()],
+                parent: Some("a0".into())
+            }]
+        );
 
         // vdb instead backed up from a1 to a2 only (then detached): its newest, a2, stays,
-        // and with it a2's chain on vda, a1 and a0, held for a2.
+        // and takes in a1 on vdb and a0, a1 on vda.
         by_disk.insert(
             "vdb",
             vec![
@@ -285,21 +593,52 @@ mod tests {
                 m("vdb", "a2", Some("a1"), 3 * DAY),
             ],
         );
-        let p = KeepPolicy {
-            keep_last: 1,
-            ..KeepPolicy::default()
-        };
-        let plan = plan_from(&by_disk, &p).expect("plan");
+        let mut plan = plan_from(&by_disk, &p).expect("plan");
+        annotate_folds(&mut plan, &by_disk).expect("folds");
         assert_eq!(
             holds(&plan),
             [
                 ("a4", Some(Hold::Kept(Rule::Last))),
-                ("a3", Some(Hold::BaseOf("a4".into()))),
+                ("a3", None),
                 ("a2", Some(Hold::Newest)),
-                ("a1", Some(Hold::BaseOf("a2".into()))),
-                ("a0", Some(Hold::BaseOf("a2".into()))),
+                ("a1", None),
+                ("a0", None),
             ]
         );
+        assert_eq!(plan[3].folds_into, ["a2"]);
+        assert_eq!(
+            plan_folds(&by_disk["vda"], &|id| !["a2", "a4"].contains(&id)).expect("folds"),
+            [
+                Fold {
+                    into: "a2".into(),
+                    chain: vec!["a0".into(), "a1".into()],
+                    parent: None
+                },
+                Fold {
+                    into: "a4".into(),
+                    chain: vec!["a3".into()],
+                    parent: None
+                }
+            ]
+        );
+        // A full that names the backup before it (a raw disk's) takes nothing in.
+        let raw = vec![
+            m("vdb", "r0", None, DAY),
+            Manifest {
+                parent: Some("r0".into()),
+                ..m("vdb", "r1", None, 2 * DAY)
+            },
+        ];
+        assert_eq!(plan_folds(&raw, &|id| id == "r0").expect("folds"), []);
+        // A missing parent is refused, not folded over.
+        let broken = vec![
+            m("vda", "a1", Some("a0"), DAY),
+            m("vda", "a2", Some("a1"), 2 * DAY),
+        ];
+        assert!(matches!(
+            plan_folds(&broken, &|id| id != "a2"),
+            Err(EngineError::Chain { .. })
+        ));
     }
 
     #[test]
@@ -309,6 +648,7 @@ mod tests {
             finished_unix_ms: t,
             disks: vec!["vda".into()],
             hold: None,
+            folds_into: vec![],
             parents: parent.into_iter().map(String::from).collect(),
         };
         // b9 ← b10 finished in the same millisecond (b10 sorts first by id); c1 ← c2 with the
@@ -378,7 +718,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn nothing_held_loses_a_parent_and_children_go_first(
+        fn after_the_folds_what_stays_reads_only_what_stays_and_children_go_first(
             h in history(),
             last in 0u32..4,
             daily in 0u32..5,
@@ -392,14 +732,34 @@ mod tests {
             };
             let by_disk: BTreeMap<&str, Vec<Manifest>> =
                 h.iter().map(|(d, ms)| (d.as_str(), ms.clone())).collect();
-            let plan = plan_from(&by_disk, &policy).expect("plan");
+            let mut plan = plan_from(&by_disk, &policy).expect("plan");
+            annotate_folds(&mut plan, &by_disk).expect("folds");
             let held = |id: &str| plan.iter().any(|e| e.id == id && e.hold.is_some());
             for ms in by_disk.values() {
-                // The newest of every disk stays, and every held backup's parent too.
+                // The newest of every disk stays.
                 proptest::prop_assert!(held(&ms.last().expect("one").backup_id));
-                for m in ms {
-                    if let (true, Some(p)) = (held(&m.backup_id), &m.parent) {
-                        proptest::prop_assert!(held(p), "{} held, its parent {p} not", m.backup_id);
+                // Apply the folds to the parent links: every backup that stays then has a
+                // chain of backups that stay, and each fold took exactly the doomed
+                // backups between it and that parent, oldest first.
+                let mut parent: HashMap<&str, Option<String>> =
+                    ms.iter().map(|m| (m.backup_id.as_str(), m.parent.clone())).collect();
+                for f in plan_folds(ms, &|id| !held(id)).expect("folds") {
+                    let mut at = parent[f.into.as_str()].clone();
+                    let mut between = Vec::new();
+                    while let Some(p) = at.clone().filter(|p| !held(p)) {
+                        at = parent[p.as_str()].clone();
+                        between.push(p);
+                    }
+                    between.reverse();
+                    proptest::prop_assert_eq!(&between, &f.chain);
+                    proptest::prop_assert_eq!(&at, &f.parent);
+                    parent.insert(ms.iter().find(|m| m.backup_id == f.into).map(|m| m.backup_id.as_str()).expect("listed"), f.parent.clone());
+                }
+                for m in ms.iter().filter(|m| held(&m.backup_id)) {
+                    let mut at = parent[m.backup_id.as_str()].clone();
+                    while let Some(p) = at {
+                        proptest::prop_assert!(held(&p), "{} reads {p}, which goes", m.backup_id);
+                        at = parent[p.as_str()].clone();
                     }
                 }
             }

@@ -623,19 +623,27 @@ async fn main() -> Result<()> {
                 println!(
                     "{}",
                     serde_json::json!({"disks": disks, "dry_run": dry_run, "plan": plan,
-                                       "deleted": report.deleted, "objects": report.objects})
+                                       "deleted": report.deleted, "objects": report.objects,
+                                       "folds": report.folds,
+                                       "index_bytes_read": report.index_bytes_read,
+                                       "index_bytes_written": report.index_bytes_written})
                 );
             } else {
                 for e in &plan {
+                    let into = if e.folds_into.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", folded into {}", e.folds_into.join(", "))
+                    };
                     let why = match &e.hold {
-                        None if dry_run => "would go".to_string(),
-                        None => "deleted".to_string(),
+                        None if dry_run => format!("would go{into}"),
+                        None => format!("deleted{into}"),
                         Some(engine::Hold::Kept(r)) => format!(
                             "kept: {}",
                             serde_json::to_value(r)?.as_str().unwrap_or_default()
                         ),
-                        Some(engine::Hold::BaseOf(id)) => format!("kept: base of {id}"),
                         Some(engine::Hold::Newest) => "kept: newest of a disk".to_string(),
+                        Some(engine::Hold::Spared) => "kept".to_string(),
                     };
                     println!(
                         "{:<18} {} {:>2} disk(s)  {why}",
@@ -648,9 +656,11 @@ async fn main() -> Result<()> {
                 }
                 if !dry_run {
                     println!(
-                        "pruned {} backups ({} objects)",
+                        "pruned {} backups ({} objects, {} folds writing {} index bytes)",
                         report.deleted.len(),
-                        report.objects
+                        report.objects,
+                        report.folds,
+                        report.index_bytes_written
                     );
                 }
             }
