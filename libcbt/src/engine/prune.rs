@@ -360,7 +360,6 @@ async fn fold<S: Sink>(
         crc32: crc32fast::hash(&bytes),
     };
     let written = index.len;
-    sink.put_new(&index.name, bytes).await?;
     let mut folded: Vec<String> = members[..members.len() - 1]
         .iter()
         .flat_map(|m| m.folded.iter().cloned().chain([m.backup_id.clone()]))
@@ -389,7 +388,20 @@ async fn fold<S: Sink>(
     };
     let name = layout::manifest_name_gen(disk, &into.backup_id, generation);
     let encoded = manifest.encode();
+    // A generation readers would refuse must never become the highest: checked before
+    // anything is written.
+    if manifest.index.len > super::restore::MAX_INDEX
+        || encoded.len() > crate::format::manifest::MAX_MANIFEST
+    {
+        return Err(EngineError::Invalid(format!(
+            "folding into {} of {disk} would write an index of {} bytes and a manifest of {}              bytes, more than readers accept",
+            into.backup_id,
+            manifest.index.len,
+            encoded.len()
+        )));
+    }
     let written = written + encoded.len() as u64;
+    sink.put_new(&manifest.index.name, bytes).await?;
     sink.put_new(&name, encoded).await?;
     tracing::info!(disk, backup = %into.backup_id, generation, folded = f.chain.len(), "folded");
     // The older generations are hidden now; the garbage collector would take them too.
