@@ -702,9 +702,17 @@ async fn delete_backup(
         .map_err(ApiError::internal)?;
     tracing::info!(backup = %id, instance = %uuid, objects = report.objects,
                    folds = report.folds, "backup deleted");
-    Ok(Json(
-        json!({ "deleted": id, "objects": report.objects, "folds": report.folds }),
-    ))
+    st.metrics.reclaimed(
+        "delete",
+        report.deleted.len(),
+        report.objects,
+        report.bytes_reclaimed,
+    );
+    st.metrics.folded("prune", report.folds);
+    Ok(Json(json!({
+        "deleted": id, "objects": report.objects, "folds": report.folds,
+        "bytes_reclaimed": report.bytes_reclaimed,
+    })))
 }
 
 #[derive(Debug, Deserialize)]
@@ -780,11 +788,20 @@ async fn prune_backups(
     if !r.dry_run {
         tracing::info!(instance = %uuid, sink = %r.sink, deleted = report.deleted.len(),
                        objects = report.objects, "pruned");
+        st.metrics.reclaimed(
+            "prune",
+            report.deleted.len(),
+            report.objects,
+            report.bytes_reclaimed,
+        );
+        st.metrics.folded("prune", report.folds);
     }
     Ok(Json(json!({
         "instance": uuid, "sink": r.sink, "dry_run": r.dry_run, "disks": disks,
         "plan": plan, "deleted": report.deleted, "objects": report.objects,
-        "folds": report.folds,
+        "folds": report.folds, "bytes_reclaimed": report.bytes_reclaimed,
+        "index_bytes_read": report.index_bytes_read,
+        "index_bytes_written": report.index_bytes_written,
     })))
 }
 

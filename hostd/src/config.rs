@@ -26,6 +26,7 @@
 //! name = "local"
 //! path = "/srv/backups"                    # type = "local" (the default): a directory, NFS
 //! tenants = []                             # empty: every tenant
+//! max_chain = 14                           # optional: longer chains become synthetic fulls
 //!
 //! [[sink]]
 //! name = "ceph"
@@ -265,6 +266,10 @@ pub struct SinkCfg {
     pub segments_in_flight: Option<usize>,
     #[serde(default)]
     pub tenants: Vec<String>,
+    /// Bounded chains: a backup that would be the `max_chain + 1`-th of its chain (its full
+    /// included) becomes a synthetic full right after it commits (a fold, metadata only), so
+    /// no restore merges more than `max_chain` indexes. Unset: chains grow until a full.
+    pub max_chain: Option<usize>,
 }
 
 /// The backend of a sink.
@@ -390,6 +395,9 @@ impl SinkCfg {
                 &[Swift],
             ),
         ];
+        if self.max_chain == Some(0) {
+            return Err((key("max_chain"), "must be at least 1".into()));
+        }
         if self.segments_in_flight.is_some() && self.kind != Swift {
             return Err((
                 key("segments_in_flight"),
@@ -747,6 +755,9 @@ mod tests {
         assert!(e.to_string().contains("unix_sockett"), "{e}");
         let e = parse("[[sink]]\nname = \"a/b\"\npath = \"/x\"\n").expect_err("bad name");
         assert!(e.to_string().contains("sink[0].name"), "{e}");
+        let e = parse("[[sink]]\nname = \"a\"\npath = \"/x\"\nmax_chain = 0\n")
+            .expect_err("max_chain 0");
+        assert!(e.to_string().contains("sink[0].max_chain"), "{e}");
         let e = parse("[[sink]]\nname = \"a\"\npath = \"/x\"\nbucket = \"b\"\n")
             .expect_err("s3 key on a local sink");
         assert!(e.to_string().contains("sink[0].bucket"), "{e}");

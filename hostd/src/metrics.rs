@@ -22,6 +22,12 @@ pub struct Metrics {
     pub fulls: Family<Labels, Counter>,
     pub freeze_seconds: Histogram,
     pub errors: Family<Labels, Counter>,
+    /// Retention: backups deleted, objects deleted and bytes reclaimed, by what deleted them
+    /// (`prune`, `delete`, `gc`); folds by why (`prune`, `max_chain`).
+    pub retention_backups: Family<Labels, Counter>,
+    pub retention_objects: Family<Labels, Counter>,
+    pub retention_bytes: Family<Labels, Counter>,
+    pub folds: Family<Labels, Counter>,
 }
 
 fn l(pairs: &[(&str, &str)]) -> Labels {
@@ -51,6 +57,10 @@ impl Metrics {
             fulls: Family::default(),
             freeze_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 12)),
             errors: Family::default(),
+            retention_backups: Family::default(),
+            retention_objects: Family::default(),
+            retention_bytes: Family::default(),
+            folds: Family::default(),
             registry: Registry::default(),
         };
         registry.register("jobs", "Jobs that ended, by kind and state", m.jobs.clone());
@@ -91,6 +101,26 @@ impl Metrics {
             m.freeze_seconds.clone(),
         );
         registry.register("errors", "Failed jobs by error kind", m.errors.clone());
+        registry.register(
+            "retention_deleted_backups",
+            "Backups deleted, by prune or delete",
+            m.retention_backups.clone(),
+        );
+        registry.register(
+            "retention_deleted_objects",
+            "Sink objects deleted, by prune, delete or gc",
+            m.retention_objects.clone(),
+        );
+        registry.register(
+            "retention_reclaimed_bytes",
+            "Bytes of the sink objects deleted, by prune, delete or gc",
+            m.retention_bytes.clone(),
+        );
+        registry.register(
+            "folds",
+            "New manifest generations written by folds, by why (prune, max_chain)",
+            m.folds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -102,6 +132,24 @@ impl Metrics {
 
     pub fn full(&self, reason: &str) {
         self.fulls.get_or_create(&l(&[("reason", reason)])).inc();
+    }
+
+    /// What a prune, a delete or a garbage collection (`by`) removed.
+    pub fn reclaimed(&self, by: &str, backups: usize, objects: usize, bytes: u64) {
+        let k = l(&[("by", by)]);
+        self.retention_backups
+            .get_or_create(&k)
+            .inc_by(backups as u64);
+        self.retention_objects
+            .get_or_create(&k)
+            .inc_by(objects as u64);
+        self.retention_bytes.get_or_create(&k).inc_by(bytes);
+    }
+
+    pub fn folded(&self, why: &str, n: usize) {
+        self.folds
+            .get_or_create(&l(&[("why", why)]))
+            .inc_by(n as u64);
     }
 
     pub fn error(&self, kind: &str) {

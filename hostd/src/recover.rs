@@ -64,6 +64,7 @@ pub async fn collect_sink_garbage(st: &Arc<AppState>, name: &str) -> Result<usiz
     let r = catalog::collect_sink_garbage(&sink, grace)
         .await
         .map_err(|e| chain(&e))?;
+    st.metrics.reclaimed("gc", 0, r.objects.len(), r.bytes);
     Ok(usize::try_from(r.partials)
         .unwrap_or(usize::MAX)
         .saturating_add(r.objects.len()))

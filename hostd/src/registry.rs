@@ -45,6 +45,10 @@ pub struct DiskStatus {
     pub full_reason: Option<String>,
     pub done: u64,
     pub total: u64,
+    /// The backups of the chain this one now stands for, when `max_chain` made it a
+    /// synthetic full.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synthetic_full_of: Option<usize>,
 }
 
 impl JobStatus {

@@ -17,7 +17,7 @@ use libcbt::source::qemu::Requested;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use libcbt::format::BackupId;
+use libcbt::format::{BackupId, Level};
 
 use crate::journal::{JobKind, JobRow, JobState, Journal};
 use crate::recover::BackupPlan;
@@ -179,10 +179,17 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: BackupId
                 quiesce,
                 labels,
             } => {
+                let max_chain = st
+                    .cfg
+                    .sinks
+                    .iter()
+                    .find(|c| c.name == sink)
+                    .and_then(|c| c.max_chain);
                 run_backup(
                     &st,
                     &job,
                     &s,
+                    max_chain,
                     &backup_id,
                     &domain_uuid,
                     disks,
@@ -266,6 +273,7 @@ async fn run_backup(
     st: &Arc<AppState>,
     job: &Arc<Job>,
     sink: &AnySink,
+    max_chain: Option<usize>,
     backup_id: &BackupId,
     uuid: &str,
     disks: Option<Vec<String>>,
@@ -383,10 +391,40 @@ async fn run_backup(
         if let Some(reason) = m.full_reason {
             st.metrics.full(&reason_name(&reason));
         }
-        disks.push(json!({
+        let mut disk = json!({
             "disk": m.disk, "level": m.level, "full_reason": m.full_reason, "parent": m.parent,
             "disk_size": m.disk_size, "stats": m.stats, "seconds": d.seconds,
-        }));
+        });
+        // The backup has committed: bounding its chain is housekeeping, and a failure leaves
+        // the chain as it was (longer), which the next backup bounds.
+        if let Some(n) = max_chain.filter(|_| m.level == Level::Incremental) {
+            match engine::bound_chain(sink, &m.disk, backup_id.as_str(), n).await {
+                Ok(Some(b)) => {
+                    st.metrics.folded("max_chain", 1);
+                    update(job, |s| {
+                        s.disks.entry(m.disk.clone()).or_default().synthetic_full_of =
+                            Some(b.depth + 1)
+                    });
+                    disk["synthetic_full"] = json!({
+                        "chain": b.depth + 1, "generation": b.generation,
+                        "index_bytes_read": b.index_bytes_read,
+                        "index_bytes_written": b.index_bytes_written,
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(disk = %m.disk, error = %chain(&e), "bounding the chain failed");
+                    update(job, |s| {
+                        s.warnings.push(format!(
+                            "{}: the chain was not bounded to {n}: {}",
+                            m.disk,
+                            chain(&e)
+                        ))
+                    });
+                }
+            }
+        }
+        disks.push(disk);
     }
     if let Some(ms) = r.quiesce.freeze_ms {
         st.metrics.freeze_seconds.observe(ms as f64 / 1000.0);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use hostd::client::{Client, Endpoint};
 use hostd::config::token_hash;
-use libcbt::format::Manifest;
+use libcbt::format::{FullReason, Level, Manifest};
 use libcbt::sink::local::LocalSink;
 use rand::Rng;
 use serde_json::{json, Value};
@@ -50,6 +50,12 @@ path = "{{dir}}/sink"
 name = "only-b"
 path = "{{dir}}/sink-b"
 tenants = ["p-b"]
+
+[[sink]]
+name = "bounded"
+path = "{{dir}}/sink-bounded"
+tenants = ["p-b"]
+max_chain = 2
 
 [[token]]
 name = "admin"
@@ -600,6 +606,80 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
     );
     assert!(
         text.contains("cbt_backup_fulls_total{reason=\"first_backup\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cbt_retention_deleted_backups_total{by=\"delete\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("cbt_folds_total{why=\"prune\"} 1"), "{text}");
+
+    // --- bounded chains: the sink "bounded" has max_chain = 2 ---
+    let binst = b.name.as_str();
+    let mut refs = Vec::new();
+    let mut ends = Vec::new();
+    for i in 0..4 {
+        b.scatter("vda", 64 * MIB, 5, &mut r);
+        refs.push(b.reference("vda", &format!("bounded{i}")));
+        let id = start_backup(&rt, &tb, binst, "bounded", json!({}));
+        let last = follow(&rt, &tb, &id).pop().expect("final");
+        assert_eq!(last["state"], "succeeded", "{last}");
+        ends.push(last);
+    }
+    let disk_of = |j: &Value| {
+        j["disks"]
+            .as_object()
+            .expect("disks")
+            .values()
+            .next()
+            .expect("disk")
+            .clone()
+    };
+    let synthetic: Vec<Value> = ends
+        .iter()
+        .map(|j| disk_of(j)["synthetic_full_of"].clone())
+        .collect();
+    // The third would be the third of its chain: it becomes a synthetic full standing for
+    // the three; the fourth chains from it.
+    assert_eq!(synthetic, [Value::Null, Value::Null, json!(3), Value::Null]);
+    assert_eq!(disk_of(&ends[2])["level"], "incremental");
+    let bounded_dir = h.dir.path().join("sink-bounded");
+    let all = only_committed(&rt, &bounded_dir);
+    let shape: Vec<(String, Level, Option<FullReason>, u32)> = ends
+        .iter()
+        .map(|j| {
+            let id = j["backup_id"].as_str().expect("id");
+            let m = all.iter().find(|m| m.backup_id == id).expect("manifest");
+            (id.to_string(), m.level, m.full_reason, m.generation)
+        })
+        .collect();
+    assert_eq!(
+        shape.iter().map(|s| (s.1, s.2, s.3)).collect::<Vec<_>>(),
+        [
+            (Level::Full, Some(FullReason::FirstBackup), 0),
+            (Level::Incremental, None, 0),
+            (Level::Full, Some(FullReason::ChainBounded), 1),
+            (Level::Incremental, None, 0),
+        ]
+    );
+    for ((id, ..), reference) in shape.iter().zip(&refs) {
+        let out = restores.join(format!("bounded-{id}.raw"));
+        let last = run_job(
+            &rt,
+            &tb,
+            "/v1/restores",
+            Some(json!({"instance": binst, "sink": "bounded",
+            "backup_id": id, "target": {"type": "file", "path": out}})),
+        );
+        assert_eq!(last["state"], "succeeded", "{last}");
+        compare(&out, reference);
+    }
+    let m = rt
+        .block_on(unix(&h, None).call("GET", "/metrics", None))
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(
+        text.contains("cbt_folds_total{why=\"max_chain\"} 1"),
         "{text}"
     );
 

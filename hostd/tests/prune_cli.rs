@@ -128,7 +128,39 @@ async fn prune_plans_then_deletes_whole_chains_and_gc_takes_old_leftovers() {
         "a dry run deletes nothing"
     );
 
+    let sizes = || -> std::collections::BTreeMap<String, u64> {
+        let mut m = std::collections::BTreeMap::new();
+        let mut dirs = vec![dir.join("disks")];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+                let md = e.metadata().expect("metadata");
+                if md.is_dir() {
+                    dirs.push(e.path());
+                } else {
+                    let name = e
+                        .path()
+                        .strip_prefix(&dir)
+                        .expect("under")
+                        .display()
+                        .to_string();
+                    m.insert(name, md.len());
+                }
+            }
+        }
+        m
+    };
+    let before = sizes();
     let out: serde_json::Value = serde_json::from_str(&cbtctl(&plan_args(false))).expect("json");
+    // The bytes reclaimed are those of the doomed backups' objects that went (the kept c3's
+    // old generation, replaced by its fold, is not reclaimed space).
+    let after = sizes();
+    let gone: u64 = before
+        .iter()
+        .filter(|(n, _)| !after.contains_key(*n) && !n.contains("/backups/c3."))
+        .map(|(_, l)| l)
+        .sum();
+    assert!(gone > 0);
+    assert_eq!(out["bytes_reclaimed"], serde_json::json!(gone), "{out}");
     // The full c2 is folded into c3 (which becomes a synthetic full); c1 ← c0 goes whole.
     assert_eq!(
         out["plan"][2]["folds_into"],

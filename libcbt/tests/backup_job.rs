@@ -712,6 +712,87 @@ async fn prune_rounds<S: Sink>(lab: &Lab, sink: &S) {
         .is_empty());
 }
 
+/// `max_chain = 3`: the backup that would be the fourth of its chain becomes a synthetic full
+/// (no data written, its chain left as it was), the next ones chain from it, every backup
+/// restores as before, and the old chain can then go without a fold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_chains_become_synthetic_fulls() {
+    use libcbt::engine::{ancestors, bound_chain, plan_prune, prune};
+    use libcbt::retention::KeepPolicy;
+    let lab = Lab::new(&[("d0", "qcow2"), ("d1", "raw")], SIZE).await;
+    let sink = LocalSink::open(lab.path("sink")).expect("sink");
+    let disks: Vec<String> = specs(&lab).into_iter().map(|s| s.disk).collect();
+    let mut rng = rng(seed("bounded"));
+    let mut refs = Refs::new();
+    let mut bounded = Vec::new();
+    for id in ["b0", "b1", "b2", "b3", "b4", "b5", "b6"] {
+        for l in &lab.live {
+            guest_writes(l, &mut rng, 15).await;
+        }
+        refs.insert(
+            id.into(),
+            job_round(&lab, &sink, id, Requested::Auto)
+                .await
+                .expect("job"),
+        );
+        let segments = segment_names(&sink).await;
+        for d in &disks {
+            if let Some(b) = bound_chain(&sink, d, id, 3).await.expect("bound") {
+                assert_eq!((b.backup.as_str(), b.depth), (id, 3), "{b:?}");
+                bounded.push((d.clone(), id));
+            }
+            let ms = catalog::list_backups(&sink, d).await.expect("list");
+            let chain = ancestors(&ms, id).expect("chain");
+            assert!(chain.len() < 3, "{id} of {d} merges {chain:?}");
+        }
+        // No data written: the segments are the ones the backup wrote.
+        assert_eq!(segment_names(&sink).await, segments);
+    }
+    // b3 and b6 are the fourth of their chains, on both disks.
+    assert_eq!(
+        bounded,
+        [
+            ("vm-d0".to_string(), "b3"),
+            ("vm-d1".to_string(), "b3"),
+            ("vm-d0".to_string(), "b6"),
+            ("vm-d1".to_string(), "b6"),
+        ]
+    );
+    let b3 = catalog::read_manifest(&sink, "vm-d1", "b3")
+        .await
+        .expect("read")
+        .expect("b3");
+    assert_eq!(
+        (b3.level, b3.full_reason, b3.parent, b3.generation),
+        (Level::Full, Some(FullReason::ChainBounded), None, 1)
+    );
+    assert!(b3.folded.is_empty(), "its chain stays: {:?}", b3.folded);
+    let b4 = catalog::read_manifest(&sink, "vm-d1", "b4")
+        .await
+        .expect("read")
+        .expect("b4");
+    assert_eq!(b4.parent.as_deref(), Some("b3"));
+    assert_eq!(all_restore(&sink, &disks, &refs).await.len(), 7);
+
+    // Bounding again does nothing.
+    assert_eq!(
+        bound_chain(&sink, "vm-d0", "b6", 3).await.expect("again"),
+        None
+    );
+    // The chain b0..b2 goes whole: nothing left depends on it.
+    let policy = KeepPolicy {
+        keep_last: 4,
+        ..KeepPolicy::default()
+    };
+    let plan = plan_prune(&sink, &disks, &policy).await.expect("plan");
+    let r = prune(&sink, &plan, None).await.expect("prune");
+    assert_eq!((r.deleted.len(), r.folds), (3, 0), "{r:?}");
+    assert_eq!(
+        all_restore(&sink, &disks, &refs).await,
+        ["b3", "b4", "b5", "b6"]
+    );
+}
+
 async fn segment_names<S: Sink>(sink: &S) -> std::collections::BTreeSet<String> {
     sink.list("disks/")
         .await

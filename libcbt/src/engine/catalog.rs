@@ -342,13 +342,26 @@ pub async fn collect_garbage<S: Sink>(
     disk: &str,
     grace: Duration,
 ) -> Result<Vec<String>, EngineError> {
+    Ok(collect_garbage_listed(sink, disk, grace)
+        .await?
+        .into_iter()
+        .map(|o| o.name)
+        .collect())
+}
+
+/// [`collect_garbage`], returning the objects deleted as they were listed (with their sizes).
+pub async fn collect_garbage_listed<S: Sink>(
+    sink: &S,
+    disk: &str,
+    grace: Duration,
+) -> Result<Vec<ObjectInfo>, EngineError> {
     let now = SystemTime::now();
     let mut live = Vec::new();
     let mut gone = Vec::new();
     for o in sink.list(&layout::markers_prefix(disk)).await? {
         if o.older_than(grace, now) {
             sink.delete(&o.name).await?;
-            gone.push(o.name);
+            gone.push(o);
             continue;
         }
         // Unreadable or odd: covers nothing we can name, but keeps the disk's orphans.
@@ -372,13 +385,13 @@ pub async fn collect_garbage<S: Sink>(
                     .is_some_and(|p| name.starts_with(&layout::segment_prefix_name(disk, p)))
         })
     };
-    let doomed: Vec<String> = orphans(sink, disk)
+    let doomed: Vec<ObjectInfo> = orphans(sink, disk)
         .await?
         .into_iter()
         .filter(|o| o.older_than(grace, now) && !covered(&o.name))
-        .map(|o| o.name)
         .collect();
-    sink.delete_many(&doomed).await?;
+    let names: Vec<String> = doomed.iter().map(|o| o.name.clone()).collect();
+    sink.delete_many(&names).await?;
     gone.extend(doomed);
     if !gone.is_empty() {
         tracing::info!(disk, objects = gone.len(), "garbage collected");
@@ -393,6 +406,8 @@ pub struct GcReport {
     pub partials: u64,
     /// Objects deleted by [`collect_garbage`], over every disk.
     pub objects: Vec<String>,
+    /// Their bytes, as listed.
+    pub bytes: u64,
 }
 
 /// Garbage collection of a whole sink, safe with other writers: stale partial uploads, then
@@ -406,7 +421,10 @@ pub async fn collect_sink_garbage<S: Sink>(
         ..GcReport::default()
     };
     for d in disks_with_objects(sink).await? {
-        r.objects.extend(collect_garbage(sink, &d, grace).await?);
+        for o in collect_garbage_listed(sink, &d, grace).await? {
+            r.bytes += o.len;
+            r.objects.push(o.name);
+        }
     }
     Ok(r)
 }

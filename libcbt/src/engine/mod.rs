@@ -29,7 +29,8 @@ pub use backup::{
     MARKER_REFRESH,
 };
 pub use prune::{
-    plan_delete, plan_folds, plan_prune, prune, Fold, Hold, PruneEntry, PruneReport, MAX_FOLDED,
+    ancestors, bound_chain, plan_delete, plan_folds, plan_prune, prune, Bounded, Fold, Hold,
+    PruneEntry, PruneReport, MAX_FOLDED,
 };
 pub use restore::{load_chain, restore, restore_with, RestoreOptions, RestoreStats, RestoreTarget};
 pub use verify::{verify_chain, verify_chain_with, Problem, VerifyOptions, VerifyReport};

@@ -87,6 +87,8 @@ pub struct PruneReport {
     /// Index bytes read and written by the folds (no segment byte is).
     pub index_bytes_read: u64,
     pub index_bytes_written: u64,
+    /// Bytes of the objects deleted (segments, indexes, manifests), as listed before.
+    pub bytes_reclaimed: u64,
 }
 
 /// One fold on one disk: the backups of `chain` (oldest first) go into `into`, whose parent
@@ -96,6 +98,8 @@ pub struct Fold {
     pub into: String,
     pub chain: Vec<String>,
     pub parent: Option<String>,
+    /// The backups of `chain` stay (a bounded chain): not listed in `folded`.
+    pub chain_stays: bool,
 }
 
 /// The folds that deleting the backups `doomed` of one disk takes (`ms`: the disk's
@@ -143,6 +147,7 @@ pub fn plan_folds(
                 into: m.backup_id.clone(),
                 chain,
                 parent,
+                chain_stays: false,
             });
         }
     }
@@ -360,7 +365,12 @@ async fn fold<S: Sink>(
         crc32: crc32fast::hash(&bytes),
     };
     let written = index.len;
-    let mut folded: Vec<String> = members[..members.len() - 1]
+    let gone = if f.chain_stays {
+        &[][..]
+    } else {
+        &members[..members.len() - 1]
+    };
+    let mut folded: Vec<String> = gone
         .iter()
         .flat_map(|m| m.folded.iter().cloned().chain([m.backup_id.clone()]))
         .chain(into.folded.iter().cloned())
@@ -374,7 +384,9 @@ async fn fold<S: Sink>(
         } else {
             Level::Incremental
         },
-        full_reason: if full {
+        full_reason: if f.chain_stays {
+            Some(FullReason::ChainBounded)
+        } else if full {
             Some(FullReason::Folded)
         } else {
             into.full_reason
@@ -443,6 +455,8 @@ pub async fn prune<S: Sink>(
     disks.dedup();
     // Each disk's backups after its folds.
     let mut current: BTreeMap<&str, Vec<Manifest>> = BTreeMap::new();
+    // Sizes of the disks' objects as listed before any deletion (for the bytes reclaimed).
+    let mut sizes: HashMap<String, u64> = HashMap::new();
     for d in disks {
         let mut ms = catalog::list_backups(sink, d).await?;
         let folds = plan_folds(&ms, &|id| doomed_ids.contains(id))?;
@@ -468,9 +482,9 @@ pub async fn prune<S: Sink>(
             .iter()
             .map(|m| (m.backup_id.as_str(), m.generation))
             .collect();
-        let stale: Vec<String> = sink
-            .list(&layout::backups_prefix(d))
-            .await?
+        let listing = sink.list(&layout::disk_prefix(d)).await?;
+        sizes.extend(listing.iter().map(|o| (o.name.clone(), o.len)));
+        let stale: Vec<String> = listing
             .into_iter()
             .filter(|o| {
                 layout::parse_backup_object(d, &o.name).is_some_and(|(id, g, _)| {
@@ -482,6 +496,7 @@ pub async fn prune<S: Sink>(
             .map(|o| o.name)
             .collect();
         sink.delete_many(&stale).await?;
+        report.bytes_reclaimed += stale.iter().filter_map(|n| sizes.get(n)).sum::<u64>();
         current.insert(d, ms);
     }
     for e in children_first(&doomed) {
@@ -494,7 +509,9 @@ pub async fn prune<S: Sink>(
             };
             let m = ms.remove(at);
             let others: Vec<&Manifest> = ms.iter().collect();
-            report.objects += catalog::forget_among(sink, &m, &others).await?.len();
+            let gone = catalog::forget_among(sink, &m, &others).await?;
+            report.objects += gone.len();
+            report.bytes_reclaimed += gone.iter().filter_map(|n| sizes.get(n)).sum::<u64>();
         }
         if let Some(uuid) = instance {
             let extra = [
@@ -507,6 +524,75 @@ pub async fn prune<S: Sink>(
         report.deleted.push(e.id.clone());
     }
     Ok(report)
+}
+
+/// The ancestors of backup `id` among a disk's backups `ms`, oldest (its full) first: what a
+/// restore of it merges before its own index. A missing parent or a cycle is refused.
+pub fn ancestors(ms: &[Manifest], id: &str) -> Result<Vec<String>, EngineError> {
+    let plan = plan_folds(ms, &|b| b != id)?;
+    Ok(plan
+        .into_iter()
+        .find(|f| f.into == id)
+        .map(|f| f.chain)
+        .unwrap_or_default())
+}
+
+/// What bounding a chain did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Bounded {
+    pub disk: String,
+    pub backup: String,
+    /// Backups its restore merged before (the full and incrementals it folded in).
+    pub depth: usize,
+    /// The new generation, a synthetic full.
+    pub generation: u32,
+    pub index_bytes_read: u64,
+    pub index_bytes_written: u64,
+}
+
+/// Keeps the chain of backup `id` on `disk` at most `max_chain` backups long (its full
+/// included): when it is longer, `id` becomes a synthetic full, a new generation whose index
+/// folds its whole chain into its own and that lists the segments it reads. Metadata only: no
+/// segment byte is read or written, the backups of the chain stay as they were, and the next
+/// incrementals chain from `id`, so no restore merges more than `max_chain` indexes.
+///
+/// Safe to run again after a crash (the new generation is created only when the old one is
+/// the highest, and a backup already bounded has a chain of one); run it where nothing else
+/// folds the same disk (the backup job of the instance, which holds it).
+pub async fn bound_chain<S: Sink>(
+    sink: &S,
+    disk: &str,
+    id: &str,
+    max_chain: usize,
+) -> Result<Option<Bounded>, EngineError> {
+    if max_chain == 0 {
+        return Err(EngineError::Invalid("max_chain must be at least 1".into()));
+    }
+    let ms = catalog::list_backups(sink, disk).await?;
+    if !ms.iter().any(|m| m.backup_id == id) {
+        return Err(EngineError::Invalid(format!("no backup {id} of {disk}")));
+    }
+    let chain = ancestors(&ms, id)?;
+    if chain.len() < max_chain {
+        return Ok(None);
+    }
+    let depth = chain.len();
+    let f = Fold {
+        into: id.to_string(),
+        chain,
+        parent: None,
+        chain_stays: true,
+    };
+    let by_id: HashMap<&str, &Manifest> = ms.iter().map(|m| (m.backup_id.as_str(), m)).collect();
+    let r = fold(sink, disk, &f, &by_id).await?;
+    Ok(Some(Bounded {
+        disk: disk.to_string(),
+        backup: id.to_string(),
+        depth,
+        generation: r.manifest.generation,
+        index_bytes_read: r.read,
+        index_bytes_written: r.written,
+    }))
 }
 
 #[cfg(test)]
@@ -582,7 +668,8 @@ mod tests {
             [Fold {
                 into: "a4".into(),
                 chain: vec!["a3".into()],
-                parent: None
+                parent: None,
+                chain_stays: false
             }]
         );
         // Keeping a2 and a0: a1 goes into a2, whose parent becomes a0.
@@ -592,7 +679,8 @@ mod tests {
             [Fold {
                 into: "a2".into(),
                 chain: vec!["a1".into()],
-                parent: Some("a0".into())
+                parent: Some("a0".into()),
+                chain_stays: false
             }]
         );
 
@@ -624,12 +712,14 @@ mod tests {
                 Fold {
                     into: "a2".into(),
                     chain: vec!["a0".into(), "a1".into()],
-                    parent: None
+                    parent: None,
+                    chain_stays: false
                 },
                 Fold {
                     into: "a4".into(),
                     chain: vec!["a3".into()],
-                    parent: None
+                    parent: None,
+                    chain_stays: false
                 }
             ]
         );

@@ -46,6 +46,9 @@ pub enum FullReason {
     /// An incremental whose whole chain was folded into it by retention: a synthetic full,
     /// no data copied (see `folded`).
     Folded,
+    /// An incremental whose chain reached the sink's `max_chain`: a synthetic full whose index
+    /// folds its chain (no data copied; the backups of that chain stay as they were).
+    ChainBounded,
 }
 
 /// Crash- or application-consistent.

@@ -625,6 +625,7 @@ async fn main() -> Result<()> {
                     serde_json::json!({"disks": disks, "dry_run": dry_run, "plan": plan,
                                        "deleted": report.deleted, "objects": report.objects,
                                        "folds": report.folds,
+                                       "bytes_reclaimed": report.bytes_reclaimed,
                                        "index_bytes_read": report.index_bytes_read,
                                        "index_bytes_written": report.index_bytes_written})
                 );
@@ -656,9 +657,10 @@ async fn main() -> Result<()> {
                 }
                 if !dry_run {
                     println!(
-                        "pruned {} backups ({} objects, {} folds writing {} index bytes)",
+                        "pruned {} backups ({} objects, {} bytes reclaimed, {} folds writing {} index bytes)",
                         report.deleted.len(),
                         report.objects,
+                        report.bytes_reclaimed,
                         report.folds,
                         report.index_bytes_written
                     );
@@ -678,9 +680,10 @@ async fn main() -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "removed {} unfinished uploads and {} unreferenced objects",
+                    "removed {} unfinished uploads and {} unreferenced objects ({} bytes)",
                     r.partials,
-                    r.objects.len()
+                    r.objects.len(),
+                    r.bytes
                 );
             }
         }
