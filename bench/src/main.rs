@@ -945,12 +945,224 @@ async fn bench_backup(a: &BackupArgs) -> Result<Vec<Scenario>> {
         target: "ratio ≤ 1.2".into(),
         extra: serde_json::Value::Null,
     };
+    let retention = bench_retention(a, &dir, &sink, &sink2, &deep).await?;
     if std::env::var_os("CBT_BENCH_KEEP").is_some() {
         eprintln!("backup: kept {} (CBT_BENCH_KEEP)", dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    Ok(vec![full, incremental, restore])
+    let mut out = vec![full, incremental, restore];
+    out.extend(retention);
+    Ok(out)
+}
+
+/// A copy of sink directory `from` at `to` whose files are hard links: folds and prunes only
+/// create and delete whole objects, so the copy can change without touching `from`.
+fn link_copy(from: &Path, to: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(to);
+    run_ok(Command::new("cp").arg("-al").arg(from).arg(to))
+}
+
+/// Name → (size, modification time) of every segment under a sink directory.
+fn segment_files(
+    sink: &Path,
+) -> Result<std::collections::BTreeMap<String, (u64, std::time::SystemTime)>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut dirs = vec![sink.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let md = e.metadata()?;
+            if md.is_dir() {
+                dirs.push(e.path());
+            } else if e.path().extension().is_some_and(|x| x == "seg") {
+                out.insert(e.path().display().to_string(), (md.len(), md.modified()?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Retention on the history `bench_backup` made (a full and 30 × 1% incrementals of `disk`):
+/// the fold of the 8 GiB full into the first 1% incremental (cost against the index sizes),
+/// a prune of the 31 backups to keep-last 7 then a GC (time, objects, bytes reclaimed, and
+/// no segment byte rewritten), and the restore of the newest backup once `max_chain = 7`
+/// bounded the chain, against the single full of the same image.
+async fn bench_retention(
+    a: &BackupArgs,
+    dir: &Path,
+    sink: &Path,
+    single: &Path,
+    deep: &str,
+) -> Result<Vec<Scenario>> {
+    use libcbt::engine::{bound_chain, catalog};
+    use libcbt::sink::local::LocalSink;
+    let disk = "bench";
+    let s = LocalSink::open(sink)?;
+    let ms = catalog::list_backups(&s, disk).await?;
+    let (Some(full), Some(first)) = (ms.first(), ms.get(1)) else {
+        bail!("the chain is missing");
+    };
+    let (full_index, first_index) = (full.index.len, first.index.len);
+    let n = ms.len();
+    let json = |out: &str| -> serde_json::Value { serde_json::from_str(out).unwrap_or_default() };
+    let prune_argv = |sink: &Path, keep: usize| -> Result<Vec<String>> {
+        Ok(vec![
+            cbtctl()?,
+            "--json".into(),
+            "prune".into(),
+            "--sink".into(),
+            sink.display().to_string(),
+            "--disk".into(),
+            disk.into(),
+            "--keep-last".into(),
+            keep.to_string(),
+        ])
+    };
+
+    // Fold: keep-last 30 of the 31 lets the full go, folded into the first incremental.
+    eprintln!(
+        "retention: fold of the full into a 1% incremental, {} runs",
+        a.runs
+    );
+    let copy = dir.join("sink-fold");
+    let mut folds = Vec::new();
+    let mut last = serde_json::Value::Null;
+    for _ in 0..a.runs {
+        link_copy(sink, &copy)?;
+        let (t, out) = measure(&prune_argv(&copy, n - 1)?)?;
+        last = json(&out);
+        if last["folds"] != 1 {
+            bail!("the fold did not happen: {last}");
+        }
+        eprintln!(
+            "  {:.3}s, {} index bytes read",
+            t.wall_s, last["index_bytes_read"]
+        );
+        folds.push(t);
+    }
+    let fold_stats = stats("cbtctl prune (fold of the full)", folds);
+    let fold = Scenario {
+        name: "fold".into(),
+        workload: format!(
+            "delete the {} GiB full under a 1% incremental: its index folded into the incremental's",
+            a.size >> 30
+        ),
+        ratio_ours_over_peer: f64::NAN,
+        peer: fold_stats.clone(),
+        ours: fold_stats,
+        target: "cost follows the index, not the data".into(),
+        extra: serde_json::json!({
+            "full_index_bytes": full_index, "incremental_index_bytes": first_index,
+            "index_bytes_read": last["index_bytes_read"],
+            "index_bytes_written": last["index_bytes_written"],
+            "objects_deleted": last["objects"], "bytes_reclaimed": last["bytes_reclaimed"],
+        }),
+    };
+
+    // Prune the 31 to the last 7, then GC; no segment that stays may change.
+    eprintln!("retention: prune to keep-last 7, then gc");
+    let copy = dir.join("sink-prune");
+    link_copy(sink, &copy)?;
+    let segs_before = segment_files(&copy)?;
+    let (tp, out) = measure(&prune_argv(&copy, 7)?)?;
+    let pruned = json(&out);
+    let (tg, out) = measure(&[
+        cbtctl()?,
+        "--json".into(),
+        "gc".into(),
+        "--sink".into(),
+        copy.display().to_string(),
+        "--grace-secs".into(),
+        (6 * libcbt::engine::MARKER_REFRESH.as_secs()).to_string(),
+    ])?;
+    let gc = json(&out);
+    let segs_after = segment_files(&copy)?;
+    let rewritten = segs_after
+        .iter()
+        .filter(|(name, v)| segs_before.get(*name) != Some(*v))
+        .count();
+    if rewritten > 0 {
+        bail!("{rewritten} segments were written by a prune");
+    }
+    let left = catalog::list_backups(&LocalSink::open(&copy)?, disk).await?;
+    if left.len() != 7 {
+        bail!("the prune left {} backups", left.len());
+    }
+    let prune_stats = stats("cbtctl prune --keep-last 7", vec![tp]);
+    let prune = Scenario {
+        name: "prune-31-to-7".into(),
+        workload: "full + 30 × 1% incrementals pruned to keep-last 7 (the bench's backups are minutes apart: keep-daily would keep one), then gc".into(),
+        ratio_ours_over_peer: f64::NAN,
+        peer: stats("cbtctl gc", vec![tg]),
+        ours: prune_stats,
+        target: "no segment byte rewritten".into(),
+        extra: serde_json::json!({
+            "deleted": pruned["deleted"].as_array().map(Vec::len),
+            "objects_deleted": pruned["objects"], "bytes_reclaimed": pruned["bytes_reclaimed"],
+            "folds": pruned["folds"], "index_bytes_read": pruned["index_bytes_read"],
+            "index_bytes_written": pruned["index_bytes_written"],
+            "segments_before": segs_before.len(), "segments_after": segs_after.len(),
+            "segments_rewritten": rewritten,
+            "gc_objects": gc["objects"].as_array().map(Vec::len), "gc_bytes": gc["bytes"],
+        }),
+    };
+
+    // max_chain = 7, as the backups would have met it one by one.
+    eprintln!("retention: max_chain 7, restore of the newest vs a single full");
+    let copy = dir.join("sink-bounded");
+    link_copy(sink, &copy)?;
+    let b = LocalSink::open(&copy)?;
+    let t = Instant::now();
+    let mut synthetic = 0;
+    let mut index_read = 0;
+    for m in &ms {
+        if let Some(r) = bound_chain(&b, disk, &m.backup_id, 7).await? {
+            synthetic += 1;
+            index_read += r.index_bytes_read;
+        }
+    }
+    let bound_s = t.elapsed().as_secs_f64();
+    let (mut chain, mut one) = (Vec::new(), Vec::new());
+    let out = dir.join("restored.raw");
+    let ref_out = dir.join("restored-single.raw");
+    for i in 0..=a.runs {
+        let _ = std::fs::remove_file(&out);
+        let (c, _) = measure(&restore_argv(&copy, deep, &out)?)?;
+        let _ = std::fs::remove_file(&ref_out);
+        let (s1, _) = measure(&restore_argv(single, "single", &ref_out)?)?;
+        if i > 0 {
+            eprintln!(
+                "  run {i}: bounded {:.3}s, single full {:.3}s",
+                c.wall_s, s1.wall_s
+            );
+            chain.push(c);
+            one.push(s1);
+        }
+    }
+    // The restores agree byte for byte.
+    run_ok(Command::new("cmp").arg("--silent").arg(&out).arg(&ref_out))?;
+    let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_file(&ref_out);
+    let bounded_ms = catalog::list_backups(&b, disk).await?;
+    let depth = libcbt::engine::ancestors(&bounded_ms, deep)?.len() + 1;
+    let (c, s1) = (
+        stats("restore newest, max_chain 7", chain),
+        stats("restore one full", one),
+    );
+    let bounded = Scenario {
+        name: "restore-max-chain-7".into(),
+        workload: "the newest of full + 30 × 1% incrementals after max_chain = 7 made synthetic fulls, vs a single full of the same image".into(),
+        ratio_ours_over_peer: c.wall_median_s / s1.wall_median_s,
+        ours: c,
+        peer: s1,
+        target: "ratio ≤ 1.1".into(),
+        extra: serde_json::json!({
+            "synthetic_fulls": synthetic, "chain_of_newest": depth,
+            "bounding_s": bound_s, "bounding_index_bytes_read": index_read,
+        }),
+    };
+    Ok(vec![fold, prune, bounded])
 }
 
 // ---------------------------------------------------------------------------------------------
