@@ -380,13 +380,6 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
     let mut recent_written = false;
     let mut manifest_sent = None;
     let commit = async {
-        // Create-only, all: an id that is taken fails here rather than replace a backup.
-        sink.put_new(&index_ref.name, index_bytes).await?;
-        index_written = true;
-        // Before the manifest: the newest committed backup always has its entry (an entry
-        // without a manifest is skipped by readers and collected with the orphans).
-        sink.put_new(&recent, Vec::new()).await?;
-        recent_written = true;
         let manifest = Manifest {
             format_version: u32::from(segment::FORMAT_VERSION),
             backup_id: job.backup_id.clone(),
@@ -411,12 +404,31 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
             generation: 0,
             folded: Vec::new(),
         };
+        let encoded = manifest.encode();
+        // What readers refuse must not be committed: the data goes again (roll-back below).
+        if index_ref.len > super::restore::MAX_INDEX
+            || encoded.len() > format::manifest::MAX_MANIFEST
+        {
+            return Err(EngineError::Invalid(format!(
+                "{} of {}: the index ({} bytes) or the manifest ({} bytes, {} segments) would \
+                 be larger than readers accept; use larger chunks or segments",
+                job.backup_id,
+                job.disk,
+                index_ref.len,
+                encoded.len(),
+                segments.len()
+            )));
+        }
+        // Create-only, all: an id that is taken fails here rather than replace a backup.
+        sink.put_new(&index_ref.name, index_bytes).await?;
+        index_written = true;
+        // Before the manifest: the newest committed backup always has its entry (an entry
+        // without a manifest is skipped by readers and collected with the orphans).
+        sink.put_new(&recent, Vec::new()).await?;
+        recent_written = true;
         manifest_sent = Some(manifest.clone());
-        sink.put_new(
-            &format::manifest_name(&job.disk, &job.backup_id),
-            manifest.encode(),
-        )
-        .await?;
+        sink.put_new(&format::manifest_name(&job.disk, &job.backup_id), encoded)
+            .await?;
         Ok::<_, EngineError>(manifest)
     };
     match commit.await {
