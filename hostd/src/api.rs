@@ -177,6 +177,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/restores", post(start_restore))
         .route("/v1/verifications", post(start_verify))
         .route("/v1/prune", post(prune_backups))
+        .route("/v1/gc", post(collect_garbage))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(show_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
@@ -712,6 +713,54 @@ async fn delete_backup(
     Ok(Json(json!({
         "deleted": id, "objects": report.objects, "folds": report.folds,
         "bytes_reclaimed": report.bytes_reclaimed,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GcReq {
+    sink: String,
+    /// Default: `limits.gc_grace_secs`.
+    #[serde(default)]
+    grace_secs: Option<u64>,
+}
+
+/// `POST /v1/gc` (admin): the sink's garbage now, as the hourly housekeeping collects it:
+/// unfinished uploads and unreferenced objects older than the grace period and not covered by
+/// a live in-progress marker. Safe with backups and prunes running anywhere.
+async fn collect_garbage(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    body: Result<Json<GcReq>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    accepting(&st)?;
+    if c.tenant.is_some() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "garbage collection is for admin tokens only: a sink is shared by tenants",
+        ));
+    }
+    let Json(r) = body?;
+    let min = 6 * engine::MARKER_REFRESH.as_secs();
+    let grace = r.grace_secs.unwrap_or(st.cfg.limits.gc_grace_secs);
+    if grace < min {
+        return Err(ApiError::bad(format!(
+            "grace_secs: at least {min} (six in-progress marker renewals)"
+        )));
+    }
+    let s = open_sink(&st, &r.sink).await?;
+    let report = catalog::collect_sink_garbage(&s, Duration::from_secs(grace))
+        .await
+        .map_err(|e| ApiError::internal(chain(&e)))?;
+    st.metrics
+        .reclaimed("gc", 0, report.objects.len(), report.bytes);
+    tracing::info!(sink = %r.sink, objects = report.objects.len(), bytes = report.bytes,
+                   partials = report.partials, "garbage collected");
+    Ok(Json(json!({
+        "sink": r.sink, "grace_secs": grace, "partials": report.partials,
+        "objects": report.objects.len(), "bytes": report.bytes,
     })))
 }
 

@@ -76,6 +76,7 @@ pub fn document() -> Value {
             "/v1/restores": {"post": op("Start restore", "restores", "202", Some("RestoreRequest"), json!([]))},
             "/v1/verifications": {"post": op("Start verification", "verifications", "202", Some("VerifyRequest"), json!([]))},
             "/v1/prune": {"post": op("Prune backups", "backups", "200", Some("PruneRequest"), json!([]))},
+            "/v1/gc": {"post": op("Collect a sink's garbage (admin)", "backups", "200", Some("GcRequest"), json!([]))},
             "/v1/jobs": {"get": op("List jobs", "jobs", "200", None, json!([]))},
             "/v1/jobs/{id}": {"get": op("Show job", "jobs", "200", None, json!([job_id.clone()]))},
             "/v1/jobs/{id}/cancel": {"post": op("Cancel job", "jobs", "202", None, json!([job_id.clone()]))},
@@ -113,6 +114,12 @@ pub fn document() -> Value {
                                 "keep_yearly": {"type": "integer", "minimum": 0},
                                 "utc_offset_secs": {"type": "integer", "minimum": -86399, "maximum": 86399}}},
                         "dry_run": {"type": "boolean"}}},
+                "GcRequest": {"type": "object", "additionalProperties": false,
+                    "required": ["sink"],
+                    "properties": {
+                        "sink": {"type": "string"},
+                        "grace_secs": {"type": "integer", "minimum": 3600,
+                            "description": "leave objects younger than this; default limits.gc_grace_secs"}}},
                 "BackupRequest": {"type": "object", "additionalProperties": false,
                     "required": ["instance", "sink"],
                     "properties": {

@@ -683,6 +683,37 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         "{text}"
     );
 
+    // --- garbage collection on request: admin only, a grace period of at least an hour ---
+    let gc = |who: &Client, body: Value| call(&rt, who, "POST", "/v1/gc", Some(body));
+    let (s, v) = gc(&tb, json!({"sink": "bounded"}));
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = gc(&admin, json!({"sink": "bounded", "grace_secs": 60}));
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(gc(&admin, json!({"sink": "nowhere"})).0, 404);
+    // A segment a crashed job left two days ago goes; a fresh one stays (a job may be
+    // writing it), and so does everything committed.
+    let segs = bounded_dir
+        .join("disks")
+        .join(&all[0].disk)
+        .join("segments");
+    let (old, young) = (
+        segs.join(format!("{:032x}.seg", 1)),
+        segs.join(format!("{:032x}.seg", 2)),
+    );
+    std::fs::write(&old, vec![7u8; 1000]).expect("write");
+    std::fs::write(&young, vec![7u8; 10]).expect("write");
+    run(Command::new("touch").args(["-d", "2 days ago"]).arg(&old));
+    let (s, v) = gc(&admin, json!({"sink": "bounded"}));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["objects"].as_u64(), v["bytes"].as_u64()),
+        (Some(1), Some(1000)),
+        "{v}"
+    );
+    assert!(!old.exists() && young.exists());
+    std::fs::remove_file(&young).expect("remove");
+    assert_eq!(only_committed(&rt, &bounded_dir).len(), 4);
+
     // --- SIGTERM under a running backup: it stops within the grace period and rolls back ---
     let id = start_backup(&rt, &admin, inst, "local", json!({"level": "full"}));
     let t = Instant::now();

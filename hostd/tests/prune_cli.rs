@@ -241,3 +241,166 @@ async fn prune_plans_then_deletes_whole_chains_and_gc_takes_old_leftovers() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("everything stays"));
     assert_eq!(ids(&dir), ["c3", "c4"]);
 }
+
+/// Prune in one process (cbtctl, instance A) and garbage collection in another (this test,
+/// a grace period of 2 s, every 20 ms) while this process backs up instance B to the same
+/// sink over and over: every backup of B restores exactly and verifies, A's survivors too,
+/// every prune succeeds, and the sink holds exactly the committed backups afterwards. A
+/// collection may give up when a prune deletes a manifest under it (it marks by manifests it
+/// could not read): that is its designed refusal, and it must still run clean passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_and_gc_in_other_processes_never_break_backups_of_other_instances() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let mut rng = rng(seed("prune_concurrent"));
+    let (la, lb) = (
+        Lab::new(&[("d0", "qcow2")], 32 << 20).await,
+        Lab::new(&[("d0", "qcow2"), ("d1", "qcow2")], 32 << 20).await,
+    );
+    let dir = la.path("sink");
+    let sink = LocalSink::open(&dir).expect("sink");
+    let opts = BackupOptions {
+        chunk_size: 256 << 10,
+        segment_size: 1 << 20,
+        marker_refresh: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let mut refs: std::collections::BTreeMap<(String, String), std::path::PathBuf> =
+        Default::default();
+    let mut round = async |lab: &Lab,
+                           prefix: &str,
+                           id: &str,
+                           req: Requested,
+                           rng: &mut rand::rngs::SmallRng| {
+        for l in &lab.live {
+            guest_writes(l, rng, 8).await;
+        }
+        for (i, spec) in lab.specs(prefix).iter().enumerate() {
+            let r = la.path(&format!("ref-{}-{id}.raw", spec.disk));
+            lab.reference(i, &r);
+            refs.insert((spec.disk.clone(), id.to_string()), r);
+        }
+        job::backup_qemu(
+            &lab.source,
+            &sink,
+            &id.parse().expect("id"),
+            &lab.specs(prefix),
+            req,
+            &opts,
+        )
+        .await
+        .expect("backup");
+    };
+    // A: a0 ← a1 ← a2, a3 (full) ← a4 ← a5 ← a6.
+    for (i, req) in [
+        Requested::Auto,
+        Requested::Auto,
+        Requested::Auto,
+        Requested::Full,
+        Requested::Auto,
+        Requested::Auto,
+        Requested::Auto,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        round(&la, "ia.", &format!("a{i}"), req, &mut rng).await;
+    }
+    // The other process: prunes A a step at a time, each with folds and deletions.
+    let s = dir.display().to_string();
+    let script = (2..=6)
+        .rev()
+        .map(|k| {
+            format!(
+                "{cbtctl} --json prune --sink {s} --instance ia --keep-last {k} >> {s}.prunes || exit 1; sleep 0.2; ",
+                cbtctl = env!("CARGO_BIN_EXE_cbtctl")
+            )
+        })
+        .collect::<String>();
+    let mut child = tokio::process::Command::new("sh")
+        .args(["-c", &script])
+        .spawn()
+        .expect("spawn");
+    // The collector, here, all along.
+    let done = Arc::new(AtomicBool::new(false));
+    let (clean, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let collector = {
+        let (sink, done, clean, refused) =
+            (sink.clone(), done.clone(), clean.clone(), refused.clone());
+        tokio::spawn(async move {
+            let mut deleted = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                match catalog::collect_sink_garbage(&sink, Duration::from_secs(2)).await {
+                    Ok(r) => {
+                        deleted.extend(r.objects);
+                        clean.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(libcbt::engine::EngineError::Sink(libcbt::sink::SinkError::NotFound {
+                        ..
+                    })) => {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => panic!("gc: {e:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            deleted
+        })
+    };
+    // B, here, while A is pruned: at least three backups, and on until the pruner is done.
+    let mut n = 0;
+    let status = loop {
+        round(&lb, "ib.", &format!("b{n}"), Requested::Auto, &mut rng).await;
+        n += 1;
+        if n >= 3 {
+            if let Some(st) = child.try_wait().expect("wait") {
+                break st;
+            }
+        }
+    };
+    done.store(true, Ordering::SeqCst);
+    let deleted = collector.await.expect("collector");
+    assert!(status.success(), "a prune failed: {status}");
+    assert!(clean.load(Ordering::SeqCst) > 3, "the collector hardly ran");
+    eprintln!(
+        "{n} backups of B, {} clean collections, {} refused",
+        clean.load(Ordering::SeqCst),
+        refused.load(Ordering::SeqCst)
+    );
+    // The collector took nothing anyone references (it deletes only orphans; a prune
+    // deletes what it doomed itself).
+    assert!(deleted.is_empty(), "collected: {deleted:?}");
+    let prunes = std::fs::read_to_string(format!("{s}.prunes")).expect("prune output");
+    assert_eq!(prunes.lines().count(), 5, "{prunes}");
+    let mut all = Vec::new();
+    for d in catalog::list_disks(&sink).await.expect("disks") {
+        for m in catalog::list_backups(&sink, &d).await.expect("list") {
+            support::common::lab::restore_matches(
+                &sink,
+                &d,
+                &m.backup_id,
+                &refs[&(d.clone(), m.backup_id.clone())],
+            )
+            .await;
+            let v = libcbt::engine::verify_chain(&sink, &d, &m.backup_id)
+                .await
+                .expect("verify");
+            assert!(v.ok(), "{v:?}");
+            all.push(m);
+        }
+    }
+    let ids = |prefix: &str| -> Vec<String> {
+        let mut v: Vec<String> = all
+            .iter()
+            .filter(|m| m.disk.starts_with(prefix))
+            .map(|m| m.backup_id.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    assert_eq!(ids("ia."), ["a5", "a6"]);
+    assert_eq!(ids("ib.").len(), n);
+    support::common::lab::assert_sink_holds_only(&sink, &all.iter().collect::<Vec<_>>()).await;
+}

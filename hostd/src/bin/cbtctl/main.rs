@@ -52,6 +52,40 @@ struct Tuning {
     /// in-flight × chunk size × 2).
     #[arg(long, default_value_t = BackupOptions::default().in_flight)]
     in_flight: usize,
+    /// Bounded chains: a backup that would be the (N+1)-th of its chain becomes a synthetic
+    /// full right after it commits (a fold of its chain: metadata only).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_chain: Option<u32>,
+}
+
+/// Bounds the chain of each incremental just committed to `max_chain` (see
+/// [`engine::bound_chain`]); returns what it did by disk. The backups committed already: a
+/// failure is reported and leaves the chain as it was (the next backup bounds it).
+async fn bound_chains<S: libcbt::sink::Sink>(
+    sink: &S,
+    manifests: &[&libcbt::format::Manifest],
+    max_chain: Option<u32>,
+) -> std::collections::BTreeMap<String, engine::Bounded> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(n) = max_chain else {
+        return out;
+    };
+    for m in manifests {
+        if m.level != libcbt::format::Level::Incremental {
+            continue;
+        }
+        match engine::bound_chain(sink, &m.disk, &m.backup_id, n as usize).await {
+            Ok(Some(b)) => {
+                out.insert(m.disk.clone(), b);
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!(
+                "warning: {}: the chain was not bounded to {n}: {e:#}",
+                m.disk
+            ),
+        }
+    }
+    out
 }
 
 impl Tuning {
@@ -404,16 +438,24 @@ async fn main() -> Result<()> {
                 job::backup_qemu(&source, &sink, &id, &specs, requested, &tuning.options()).await;
             source.close().await?;
             let results = result?;
+            let ms: Vec<_> = results.iter().map(|r| &r.manifest).collect();
+            let bounded = bound_chains(&sink, &ms, tuning.max_chain).await;
             if json {
                 let v: Vec<_> = results
                     .iter()
-                    .map(|r| serde_json::json!({"manifest": r.manifest, "seconds": r.seconds}))
+                    .map(|r| {
+                        serde_json::json!({"manifest": r.manifest, "seconds": r.seconds,
+                                                "synthetic_full": bounded.get(&r.manifest.disk)})
+                    })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("backup {id} in {:.2}s", t.elapsed().as_secs_f64());
                 for r in &results {
                     print_disk(&r.manifest, r.seconds);
+                    if let Some(b) = bounded.get(&r.manifest.disk) {
+                        println!("    now a synthetic full of its chain of {}", b.depth + 1);
+                    }
                 }
             }
         }
@@ -443,11 +485,16 @@ async fn main() -> Result<()> {
             };
             let t = Instant::now();
             let r = job::backup_libvirt(&src, &sink, &job, &tuning.options()).await?;
+            let ms: Vec<_> = r.disks.iter().map(|d| &d.manifest).collect();
+            let bounded = bound_chains(&sink, &ms, tuning.max_chain).await;
             if json {
                 let v: Vec<_> = r
                     .disks
                     .iter()
-                    .map(|d| serde_json::json!({"manifest": d.manifest, "seconds": d.seconds}))
+                    .map(|d| {
+                        serde_json::json!({"manifest": d.manifest, "seconds": d.seconds,
+                                                "synthetic_full": bounded.get(&d.manifest.disk)})
+                    })
                     .collect();
                 println!(
                     "{}",
@@ -478,6 +525,9 @@ async fn main() -> Result<()> {
                 }
                 for d in &r.disks {
                     print_disk(&d.manifest, d.seconds);
+                    if let Some(b) = bounded.get(&d.manifest.disk) {
+                        println!("    now a synthetic full of its chain of {}", b.depth + 1);
+                    }
                 }
             }
         }
