@@ -723,6 +723,15 @@ struct GcReq {
     /// Default: `limits.gc_grace_secs`.
     #[serde(default)]
     grace_secs: Option<u64>,
+    /// Then compact the sparse segments of every disk whose instance is idle.
+    #[serde(default)]
+    compact: bool,
+    /// Live fraction under which a segment is rewritten (default 0.5).
+    #[serde(default)]
+    threshold: Option<f64>,
+    /// Live bytes copied at most, over all disks, in MiB (default 4096).
+    #[serde(default)]
+    max_copy_mib: Option<u64>,
 }
 
 /// `POST /v1/gc` (admin): the sink's garbage now, as the hourly housekeeping collects it:
@@ -750,6 +759,10 @@ async fn collect_garbage(
             "grace_secs: at least {min} (six in-progress marker renewals)"
         )));
     }
+    let threshold = r.threshold.unwrap_or(0.5);
+    if !(threshold > 0.0 && threshold <= 1.0) {
+        return Err(ApiError::bad("threshold: a fraction in (0, 1]"));
+    }
     let s = open_sink(&st, &r.sink).await?;
     let report = catalog::collect_sink_garbage(&s, Duration::from_secs(grace))
         .await
@@ -758,10 +771,78 @@ async fn collect_garbage(
         .reclaimed("gc", 0, report.objects.len(), report.bytes);
     tracing::info!(sink = %r.sink, objects = report.objects.len(), bytes = report.bytes,
                    partials = report.partials, "garbage collected");
-    Ok(Json(json!({
+    let mut out = json!({
         "sink": r.sink, "grace_secs": grace, "partials": report.partials,
         "objects": report.objects.len(), "bytes": report.bytes,
-    })))
+    });
+    if r.compact {
+        out["compaction"] = compact_sink(&st, &s, &r.sink, threshold, r.max_copy_mib).await?;
+    }
+    Ok(Json(out))
+}
+
+/// Compacts every disk of sink `name` whose instance (`<uuid>.<target>`: the part before the
+/// first dot) is idle, claiming the instance meanwhile as a prune does: no fold of its disks
+/// can run beside the rewrite. Busy disks are listed and left for another run.
+async fn compact_sink(
+    st: &AppState,
+    s: &AnySink,
+    name: &str,
+    threshold: f64,
+    max_copy_mib: Option<u64>,
+) -> ApiResult<Value> {
+    let mut left = max_copy_mib.unwrap_or(4096).saturating_mul(1 << 20);
+    let mut total = engine::CompactReport::default();
+    let mut busy = Vec::new();
+    for d in catalog::list_disks(s)
+        .await
+        .map_err(|e| ApiError::internal(chain(&e)))?
+    {
+        let instance = d.split_once('.').map_or(d.as_str(), |(u, _)| u).to_string();
+        let Ok(_claim) = st.jobs.claim(&instance) else {
+            busy.push(d);
+            continue;
+        };
+        if st.jobs.all().iter().any(|j| {
+            let j = j.snapshot();
+            !j.terminal() && j.instance == instance && j.sink == name
+        }) {
+            busy.push(d);
+            continue;
+        }
+        let opts = engine::CompactOptions {
+            threshold,
+            max_bytes: left,
+            ..Default::default()
+        };
+        let r = engine::compact(s, &d, &opts)
+            .await
+            .map_err(|e| ApiError::internal(chain(&e)))?;
+        left = left.saturating_sub(r.bytes_copied);
+        total.segments_rewritten += r.segments_rewritten;
+        total.segments_written += r.segments_written;
+        total.segments_left += r.segments_left;
+        total.bytes_copied += r.bytes_copied;
+        total.bytes_reclaimed += r.bytes_reclaimed;
+        total.backups_rewritten += r.backups_rewritten;
+    }
+    st.metrics.reclaimed(
+        "compact",
+        0,
+        total.segments_rewritten,
+        total.bytes_reclaimed,
+    );
+    tracing::info!(
+        sink = name,
+        segments = total.segments_rewritten,
+        copied = total.bytes_copied,
+        reclaimed = total.bytes_reclaimed,
+        busy = busy.len(),
+        "compacted"
+    );
+    let mut v = serde_json::to_value(&total).unwrap_or_default();
+    v["busy_disks"] = json!(busy);
+    Ok(v)
 }
 
 #[derive(Debug, Deserialize)]

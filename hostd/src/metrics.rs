@@ -23,7 +23,8 @@ pub struct Metrics {
     pub freeze_seconds: Histogram,
     pub errors: Family<Labels, Counter>,
     /// Retention: backups deleted, objects deleted and bytes reclaimed, by what deleted them
-    /// (`prune`, `delete`, `gc`); folds by why (`prune`, `max_chain`).
+    /// (`prune`, `delete`, `gc`, `compact`: its objects are the segments it rewrote); folds by
+    /// why (`prune`, `max_chain`).
     pub retention_backups: Family<Labels, Counter>,
     pub retention_objects: Family<Labels, Counter>,
     pub retention_bytes: Family<Labels, Counter>,

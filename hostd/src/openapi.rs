@@ -119,7 +119,12 @@ pub fn document() -> Value {
                     "properties": {
                         "sink": {"type": "string"},
                         "grace_secs": {"type": "integer", "minimum": 3600,
-                            "description": "leave objects younger than this; default limits.gc_grace_secs"}}},
+                            "description": "leave objects younger than this; default limits.gc_grace_secs"},
+                        "compact": {"type": "boolean", "description": "then rewrite the sparse segments of idle instances' disks"},
+                        "threshold": {"type": "number", "minimum": 0, "exclusiveMinimum": true, "maximum": 1,
+                            "description": "live fraction under which a segment is rewritten (0.5)"},
+                        "max_copy_mib": {"type": "integer", "minimum": 0,
+                            "description": "live bytes copied at most, in MiB (4096)"}}},
                 "BackupRequest": {"type": "object", "additionalProperties": false,
                     "required": ["instance", "sink"],
                     "properties": {

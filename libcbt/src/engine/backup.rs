@@ -231,16 +231,7 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
     // covered (never collected by others) and can be named (removed by its reconciler).
     let seg_prefix = (random_u128() >> 64) as u64;
     let marker_name = layout::marker_name(&job.disk, &job.backup_id);
-    let marker = Marker {
-        backup_id: job.backup_id.clone(),
-        disk: job.disk.clone(),
-        segment_prefix: format!("{seg_prefix:016x}"),
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default(),
-        pid: std::process::id(),
-        started_unix_ms: now_ms(),
-    };
+    let marker = Marker::here(&job.backup_id, &job.disk, seg_prefix, now_ms());
     match sink.put_new(&marker_name, marker.encode()).await {
         Ok(()) => {}
         Err(SinkError::Exists { .. }) => return Err(taken()),

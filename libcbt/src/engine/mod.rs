@@ -20,6 +20,7 @@
 
 mod backup;
 pub mod catalog;
+mod compact;
 mod prune;
 mod restore;
 mod verify;
@@ -28,6 +29,7 @@ pub use backup::{
     backup_disk, is_zero, scan_export, BackupOptions, DiskBackup, Revalidate, Scan, Trusted,
     MARKER_REFRESH,
 };
+pub use compact::{compact, CompactOptions, CompactReport};
 pub use prune::{
     ancestors, bound_chain, plan_delete, plan_folds, plan_prune, prune, Bounded, Fold, Hold,
     PruneEntry, PruneReport, MAX_FOLDED,

@@ -357,14 +357,6 @@ async fn fold<S: Sink>(
             what: "an index of the chain reads a segment no manifest of it lists",
         });
     }
-    let generation = catalog::next_generation(sink, disk, &into.backup_id).await?;
-    let bytes = merged.encode();
-    let index = ObjectRef {
-        name: layout::index_name_gen(disk, &into.backup_id, generation),
-        len: bytes.len() as u64,
-        crc32: crc32fast::hash(&bytes),
-    };
-    let written = index.len;
     let gone = if f.chain_stays {
         &[][..]
     } else {
@@ -377,7 +369,7 @@ async fn fold<S: Sink>(
         .collect();
     folded.drain(..folded.len().saturating_sub(MAX_FOLDED));
     let full = f.parent.is_none();
-    let manifest = Manifest {
+    let base = Manifest {
         parent: f.parent.clone(),
         level: if full {
             Level::Full
@@ -392,47 +384,73 @@ async fn fold<S: Sink>(
             into.full_reason
         },
         chunk_size: members.iter().map(|m| m.chunk_size).max().unwrap_or(0),
-        index,
-        segments,
-        generation,
         folded,
         ..into.clone()
     };
-    let name = layout::manifest_name_gen(disk, &into.backup_id, generation);
-    let encoded = manifest.encode();
-    // A generation readers would refuse must never become the highest: checked before
-    // anything is written.
-    if manifest.index.len > super::restore::MAX_INDEX
-        || encoded.len() > crate::format::manifest::MAX_MANIFEST
-    {
-        return Err(EngineError::Invalid(format!(
-            "folding into {} of {disk} would write an index of {} bytes and a manifest of {}              bytes, more than readers accept",
-            into.backup_id,
-            manifest.index.len,
-            encoded.len()
-        )));
-    }
-    let written = written + encoded.len() as u64;
-    sink.put_new(&manifest.index.name, bytes).await?;
-    sink.put_new(&name, encoded).await?;
-    tracing::info!(disk, backup = %into.backup_id, generation, folded = f.chain.len(), "folded");
-    // The older generations are hidden now; the garbage collector would take them too.
-    let stale: Vec<String> = sink
-        .list(&layout::backup_objects_prefix(disk, &into.backup_id))
-        .await?
-        .into_iter()
-        .filter(|o| {
-            layout::parse_backup_object(disk, &o.name)
-                .is_some_and(|(id, g, _)| id == into.backup_id && g < generation)
-        })
-        .map(|o| o.name)
-        .collect();
-    sink.delete_many(&stale).await?;
+    let (manifest, written) = commit_generation(sink, disk, base, &merged).await?;
+    tracing::info!(disk, backup = %into.backup_id, generation = manifest.generation, folded = f.chain.len(), "folded");
     Ok(Folded {
         manifest,
         read,
         written,
     })
+}
+
+/// Writes the next generation of backup `base.backup_id` of `disk`: index `index` and a
+/// manifest that is `base` with that index, the segments it references and the generation
+/// filled in; create-only, index then manifest (the commit); then deletes the older
+/// generations (hidden already). Refused before writing anything when readers would refuse
+/// the index or the manifest. Returns the manifest and the bytes written.
+pub(super) async fn commit_generation<S: Sink>(
+    sink: &S,
+    disk: &str,
+    base: Manifest,
+    index: &Index,
+) -> Result<(Manifest, u64), EngineError> {
+    let backup = base.backup_id.clone();
+    let generation = catalog::next_generation(sink, disk, &backup).await?;
+    let bytes = index.encode();
+    let index_ref = ObjectRef {
+        name: layout::index_name_gen(disk, &backup, generation),
+        len: bytes.len() as u64,
+        crc32: crc32fast::hash(&bytes),
+    };
+    let manifest = Manifest {
+        index: index_ref,
+        segments: referenced_segments(index)
+            .into_iter()
+            .map(|s| layout::segment_name(disk, s))
+            .collect(),
+        generation,
+        ..base
+    };
+    let name = layout::manifest_name_gen(disk, &backup, generation);
+    let encoded = manifest.encode();
+    if manifest.index.len > super::restore::MAX_INDEX
+        || encoded.len() > crate::format::manifest::MAX_MANIFEST
+    {
+        return Err(EngineError::Invalid(format!(
+            "a new generation of {backup} of {disk} would have an index of {} bytes and a \
+             manifest of {} bytes, more than readers accept",
+            manifest.index.len,
+            encoded.len()
+        )));
+    }
+    let written = manifest.index.len + encoded.len() as u64;
+    sink.put_new(&manifest.index.name, bytes).await?;
+    sink.put_new(&name, encoded).await?;
+    let stale: Vec<String> = sink
+        .list(&layout::backup_objects_prefix(disk, &backup))
+        .await?
+        .into_iter()
+        .filter(|o| {
+            layout::parse_backup_object(disk, &o.name)
+                .is_some_and(|(id, g, _)| id == backup && g < generation)
+        })
+        .map(|o| o.name)
+        .collect();
+    sink.delete_many(&stale).await?;
+    Ok((manifest, written))
 }
 
 /// Deletes what `plan` (from [`plan_prune`] or [`plan_delete`]) lets go: folds first, then

@@ -23,6 +23,21 @@ pub struct Marker {
 }
 
 impl Marker {
+    /// A marker written by this process (host name, pid) for `backup_id` of `disk`, whose
+    /// segments have the high 64 bits `prefix`.
+    pub fn here(backup_id: &str, disk: &str, prefix: u64, started_unix_ms: u64) -> Marker {
+        Marker {
+            backup_id: backup_id.to_string(),
+            disk: disk.to_string(),
+            segment_prefix: format!("{prefix:016x}"),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            pid: std::process::id(),
+            started_unix_ms,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).expect("a marker serializes")
     }

@@ -227,6 +227,17 @@ enum Command {
         /// for cbt-hostd's limits.gc_grace_secs).
         #[arg(long, default_value_t = 24 * 3600)]
         grace_secs: u64,
+        /// Then compact: copy the live frames of sparse segments into new ones, give the
+        /// backups that read them a new generation, delete the old segments (the only data
+        /// rewrite). Run it when no prune or max_chain backup of the sink's instances runs.
+        #[arg(long)]
+        compact: bool,
+        /// Live fraction of a segment under which it is rewritten.
+        #[arg(long, default_value_t = 0.5, requires = "compact")]
+        threshold: f64,
+        /// Live bytes copied at most, over all disks, in MiB.
+        #[arg(long, default_value_t = 4096, requires = "compact")]
+        max_copy_mib: u64,
     },
     /// Send one QMP command and print its result (for operators).
     Qmp {
@@ -717,7 +728,13 @@ async fn main() -> Result<()> {
                 }
             }
         }
-        Command::Gc { sink, grace_secs } => {
+        Command::Gc {
+            sink,
+            grace_secs,
+            compact,
+            threshold,
+            max_copy_mib,
+        } => {
             let min = 6 * engine::MARKER_REFRESH.as_secs();
             if grace_secs < min {
                 bail!("--grace-secs must be at least {min} (six in-progress marker renewals)");
@@ -726,8 +743,30 @@ async fn main() -> Result<()> {
             let r =
                 catalog::collect_sink_garbage(&sink, std::time::Duration::from_secs(grace_secs))
                     .await?;
+            let mut compacted = Vec::new();
+            if compact {
+                let mut left = max_copy_mib.saturating_mul(1 << 20);
+                for d in catalog::list_disks(&sink).await? {
+                    let opts = engine::CompactOptions {
+                        threshold,
+                        max_bytes: left,
+                        ..Default::default()
+                    };
+                    let c = engine::compact(&sink, &d, &opts).await?;
+                    left = left.saturating_sub(c.bytes_copied);
+                    compacted.push((d, c));
+                }
+            }
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                let mut v = serde_json::to_value(&r)?;
+                if compact {
+                    v["compaction"] = compacted
+                        .iter()
+                        .map(|(d, c)| Ok((d.clone(), serde_json::to_value(c)?)))
+                        .collect::<Result<serde_json::Map<_, _>>>()?
+                        .into();
+                }
+                println!("{v}");
             } else {
                 println!(
                     "removed {} unfinished uploads and {} unreferenced objects ({} bytes)",
@@ -735,6 +774,17 @@ async fn main() -> Result<()> {
                     r.objects.len(),
                     r.bytes
                 );
+                for (d, c) in &compacted {
+                    println!(
+                        "compacted {d}: {} sparse segments into {} ({} bytes copied, {} reclaimed, {} backups rewritten, {} left)",
+                        c.segments_rewritten,
+                        c.segments_written,
+                        c.bytes_copied,
+                        c.bytes_reclaimed,
+                        c.backups_rewritten,
+                        c.segments_left
+                    );
+                }
             }
         }
         Command::Qmp {
