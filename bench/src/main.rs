@@ -677,8 +677,18 @@ async fn with_live_export<T>(
     q.run("block-export-add", serde_json::json!({"type": "nbd", "id": "live", "node-name": "d0", "name": "live", "writable": writable})).await?;
     let r = f(nbd::NbdUri::unix(&sock, "live").to_string()).await;
     let mut sub = q.events();
-    q.run("block-export-del", serde_json::json!({"id": "live"}))
-        .await?;
+    // QEMU may not have seen the client's disconnect yet: "still in use" for a moment.
+    let mut tries = 0;
+    while let Err(e) = q
+        .run("block-export-del", serde_json::json!({"id": "live"}))
+        .await
+    {
+        tries += 1;
+        if tries > 50 || !e.to_string().contains("still in use") {
+            return Err(e.into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     libcbt::qmp::wait_event(
         &mut sub,
         "BLOCK_EXPORT_DELETED",

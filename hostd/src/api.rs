@@ -736,7 +736,8 @@ struct GcReq {
 
 /// `POST /v1/gc` (admin): the sink's garbage now, as the hourly housekeeping collects it:
 /// unfinished uploads and unreferenced objects older than the grace period and not covered by
-/// a live in-progress marker. Safe with backups and prunes running anywhere.
+/// a live in-progress marker; safe with backups and prunes running anywhere. With `compact`,
+/// then the sparse segments of every idle instance's disks (see [`compact_sink`]).
 async fn collect_garbage(
     State(st): State<Arc<AppState>>,
     h: HeaderMap,

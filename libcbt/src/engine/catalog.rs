@@ -64,7 +64,7 @@ fn check_manifest(
 
 /// The generations of backup `backup` of `disk` on the sink: of its manifests, and of any of
 /// its objects (an index a fold wrote before it died counts too: a new generation goes above).
-async fn generations<S: Sink>(
+pub(crate) async fn generations<S: Sink>(
     sink: &S,
     disk: &str,
     backup: &str,

@@ -20,10 +20,12 @@
 //! marker ages out), the backups not yet rewritten still read the old segments, and the next
 //! run compacts what is still sparse. After a crash in 3, the old segments are orphans.
 //!
-//! Run it where nothing else folds or compacts the same disk (cbt-hostd claims the instance,
-//! as for a prune): a fold that read an old generation could otherwise commit after the old
-//! segments went. Backups of the disk may run: they write segments of their own and never
-//! read old ones.
+//! Writers of new generations (folds, compactions) refuse to commit over a generation newer
+//! than the one they read, and the old segments go only when no manifest lists them after
+//! the rewrite; still, run it where nothing else folds the same disk (cbt-hostd claims the
+//! instance, as for a prune): a fold that read the old generation and commits between this
+//! run's last listing and its deletions would name segments that go. Backups of the disk
+//! without `max_chain` may run: they write segments of their own and never read old ones.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -46,6 +48,9 @@ pub struct CompactOptions {
     pub max_bytes: u64,
     /// Size of the new segments.
     pub segment_size: u64,
+    /// How often the run's in-progress marker is renewed (keep it well under the collectors'
+    /// grace period, as for a backup).
+    pub marker_refresh: std::time::Duration,
 }
 
 impl Default for CompactOptions {
@@ -54,6 +59,7 @@ impl Default for CompactOptions {
             threshold: 0.5,
             max_bytes: 4 << 30,
             segment_size: 64 << 20,
+            marker_refresh: super::MARKER_REFRESH,
         }
     }
 }
@@ -162,10 +168,24 @@ pub async fn compact<S: Sink>(
     let marker_name = layout::marker_name(disk, &run_id);
     let marker = Marker::here(&run_id, disk, prefix, now_ms());
     sink.put_new(&marker_name, marker.encode()).await?;
-    let r = compact_marked(
+    let work = compact_marked(
         sink, disk, opts, prefix, &ms, &indexes, &live, &chosen, &sizes, report,
-    )
-    .await;
+    );
+    tokio::pin!(work);
+    let every = opts.marker_refresh.max(std::time::Duration::from_millis(1));
+    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let r = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = refresh.tick() => {
+                // Renewed, as a backup renews its own: collectors take a live writer's.
+                if let Err(e) = sink.put(&marker_name, marker.encode()).await {
+                    tracing::warn!(disk, error = %e, "renewing the compaction marker failed");
+                }
+            }
+        }
+    };
     if let Err(e) = sink.delete(&marker_name).await {
         tracing::warn!(disk, error = %e, "compaction marker left behind");
     }
@@ -225,6 +245,18 @@ async fn compact_marked<S: Sink>(
         written_bytes += w.len();
         w.finish().await?;
     }
+    // The copies are all there (a collector that took the marker for a dead writer's would
+    // have taken them too): only then may backups name them.
+    let there = sink
+        .list(&layout::segment_prefix_name(disk, prefix))
+        .await?
+        .len();
+    if there as u64 != n {
+        return Err(EngineError::Invalid(format!(
+            "{disk}: {there} of the {n} segments this compaction wrote are left; nothing \
+             rewritten (is a collector's grace period shorter than the marker renewal?)"
+        )));
+    }
 
     // 2. New generations of the backups that read the old segments.
     let chosen_names: BTreeSet<String> = chosen
@@ -256,8 +288,17 @@ async fn compact_marked<S: Sink>(
         tracing::info!(disk, backup = %m.backup_id, "rewritten by compaction");
     }
 
-    // 3. The old segments: no manifest lists them any more.
-    let old: Vec<String> = chosen_names.into_iter().collect();
+    // 3. The old segments, but any a manifest still lists (a backup that changed since the
+    // listing above, whose rewrite was refused) stays.
+    let listed: BTreeSet<String> = catalog::list_backups(sink, disk)
+        .await?
+        .into_iter()
+        .flat_map(|m| m.segments)
+        .collect();
+    let old: Vec<String> = chosen_names
+        .into_iter()
+        .filter(|n| !listed.contains(n))
+        .collect();
     let old_bytes: u64 = old.iter().filter_map(|n| sizes.get(n)).sum();
     sink.delete_many(&old).await?;
     report.segments_rewritten = old.len();

@@ -87,7 +87,9 @@ pub struct PruneReport {
     /// Index bytes read and written by the folds (no segment byte is).
     pub index_bytes_read: u64,
     pub index_bytes_written: u64,
-    /// Bytes of the objects deleted (segments, indexes, manifests), as listed before.
+    /// Bytes of the objects of the backups deleted (segments, indexes, manifests) and of
+    /// generations a crashed fold left, as listed before; not the generations a fold replaced
+    /// (their successors take about as much) nor the domain XML and job records.
     pub bytes_reclaimed: u64,
 }
 
@@ -408,7 +410,20 @@ pub(super) async fn commit_generation<S: Sink>(
     index: &Index,
 ) -> Result<(Manifest, u64), EngineError> {
     let backup = base.backup_id.clone();
-    let generation = catalog::next_generation(sink, disk, &backup).await?;
+    // Built from generation `base.generation`: if another writer committed a newer one since
+    // (a fold, a compaction), this one would undo it (and may name segments it let go).
+    let (current, any) = catalog::generations(sink, disk, &backup).await?;
+    if current != Some(base.generation) {
+        return Err(EngineError::Invalid(format!(
+            "backup {backup} of {disk} changed meanwhile (generation {} read, {current:?} now): \
+             run again",
+            base.generation
+        )));
+    }
+    // Above every object of it (an index a fold wrote before it died counts too).
+    let generation = any.unwrap_or(0).checked_add(1).ok_or_else(|| {
+        EngineError::Invalid(format!("backup {backup} of {disk}: generations exhausted"))
+    })?;
     let bytes = index.encode();
     let index_ref = ObjectRef {
         name: layout::index_name_gen(disk, &backup, generation),
