@@ -1304,3 +1304,125 @@ async fn compaction_rewrites_sparse_segments_and_a_kill_at_any_step_loses_nothin
     }
     assert_sink_holds_only(&sink, &ms.iter().collect::<Vec<_>>()).await;
 }
+
+/// One retention step of a random sequence.
+#[derive(Debug, Clone)]
+enum RetentionOp {
+    Prune(u32),
+    Delete(String),
+    Compact(f64),
+    Bound(usize),
+}
+
+async fn retention_op<S: Sink>(
+    sink: &S,
+    disks: &[String],
+    op: &RetentionOp,
+    newest: &str,
+) -> Result<(), libcbt::engine::EngineError> {
+    use libcbt::engine::{bound_chain, compact, plan_delete, plan_prune, prune, CompactOptions};
+    match op {
+        RetentionOp::Prune(k) => {
+            let policy = libcbt::retention::KeepPolicy {
+                keep_last: *k,
+                ..Default::default()
+            };
+            prune(sink, &plan_prune(sink, disks, &policy).await?, None).await?;
+        }
+        RetentionOp::Delete(id) => {
+            if let Some(plan) = plan_delete(sink, disks, id).await? {
+                prune(sink, &plan, None).await?;
+            }
+        }
+        RetentionOp::Compact(t) => {
+            let opts = CompactOptions {
+                threshold: *t,
+                max_bytes: u64::MAX,
+                segment_size: 1 << 20,
+                ..CompactOptions::default()
+            };
+            for d in disks {
+                compact(sink, d, &opts).await?;
+            }
+        }
+        RetentionOp::Bound(n) => {
+            for d in disks {
+                bound_chain(sink, d, newest, *n).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Random sequences: backups at random levels with random writes, each followed by a random
+/// retention step (a prune with a random keep-last, the deletion of a random backup, a
+/// compaction at a random threshold, bounding the newest chain) and a collection; on the
+/// directory, the step first dies at a random change and the sequence checks and finishes it.
+/// After every step every backup left restores exactly (`qemu-img compare`), verifies clean,
+/// and the sink holds exactly their objects.
+async fn retention_sequence<S: Sink>(lab: &Lab, sink: &S, dying: Option<&LocalSink>, name: &str) {
+    use rand::Rng;
+    let mut rng = rng(seed(name));
+    let disks: Vec<String> = specs(lab).into_iter().map(|s| s.disk).collect();
+    let mut refs = Refs::new();
+    let mut ops = Vec::new();
+    for round in 0..10 {
+        for l in &lab.live {
+            guest_writes(l, &mut rng, 10).await;
+        }
+        let id = format!("r{round:02}");
+        let req = if rng.gen_bool(0.2) {
+            Requested::Full
+        } else {
+            Requested::Auto
+        };
+        refs.insert(
+            id.clone(),
+            job_round(lab, sink, &id, req).await.expect("job"),
+        );
+        let ms = catalog::list_backups(sink, &disks[0]).await.expect("list");
+        let op = match rng.gen_range(0..4) {
+            // The newest too: the next backup then starts from the one before, or a full.
+            0 => RetentionOp::Delete(ms[rng.gen_range(0..ms.len())].backup_id.clone()),
+            1 => RetentionOp::Prune(rng.gen_range(1..5)),
+            2 => RetentionOp::Compact(rng.gen_range(0.3..1.0)),
+            _ => RetentionOp::Bound(rng.gen_range(1..4)),
+        };
+        if let Some(local) = dying {
+            if rng.gen_bool(0.5) {
+                let n = rng.gen_range(0..12);
+                let _ = retention_op(&Dying::new(local.clone(), n), &disks, &op, &id).await;
+                catalog::collect_sink_garbage(sink, std::time::Duration::ZERO)
+                    .await
+                    .expect("gc");
+                all_restore(sink, &disks, &refs).await;
+            }
+        }
+        retention_op(sink, &disks, &op, &id)
+            .await
+            .unwrap_or_else(|e| panic!("{op:?} after {ops:?}: {}", chain(&e)));
+        catalog::collect_sink_garbage(sink, std::time::Duration::ZERO)
+            .await
+            .expect("gc");
+        ops.push(op);
+        all_restore(sink, &disks, &refs).await;
+    }
+    eprintln!("{name}: {ops:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_retention_sequences_with_kills_on_a_directory() {
+    let lab = Lab::new(&[("d0", "qcow2"), ("d1", "raw")], SIZE).await;
+    let sink = LocalSink::open(lab.path("sink")).expect("sink");
+    retention_sequence(&lab, &sink, Some(&sink), "retention_seq_dir").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_retention_sequences_on_seaweedfs() {
+    let lab = Lab::new(&[("d0", "qcow2"), ("d1", "raw")], SIZE).await;
+    let sink = s3::seaweed()
+        .await
+        .sink(&format!("retention-{}", std::process::id()))
+        .await;
+    retention_sequence(&lab, &sink, None, "retention_seq_s3").await;
+}
