@@ -325,6 +325,30 @@ fn check_backup_id(id: &str) -> ApiResult<BackupId> {
     BackupId::parse(id).map_err(|e| ApiError::bad(format!("backup_id: {e}")))
 }
 
+/// Takes `instance` for a rewrite of its backups on `sink` (a deletion, a prune, a
+/// compaction): its claim (no backup starts), its rewriting mark (no restore or verification
+/// is admitted; marked before the running jobs are checked, so one admitted after the check
+/// sees it), and no job of it may be running on the sink. Held until the guards drop.
+fn take_for_rewrite(
+    st: &AppState,
+    instance: &str,
+    sink: &str,
+) -> ApiResult<(registry::InstanceClaim, registry::InstanceClaim)> {
+    let claim = st.jobs.claim(instance).map_err(submit_error)?;
+    let rewriting = st.jobs.mark_rewriting(instance);
+    if st.jobs.all().iter().any(|j| {
+        let j = j.snapshot();
+        !j.terminal() && j.instance == instance && j.sink == sink
+    }) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            "a job of this instance runs on this sink",
+        ));
+    }
+    Ok((claim, rewriting))
+}
+
 fn submit_error(e: registry::SubmitError) -> ApiError {
     match e {
         registry::SubmitError::InstanceBusy(_) => {
@@ -678,18 +702,9 @@ async fn delete_backup(
     let Query(q) = q?;
     let b = find_backup(&st, &c, &sink, &id, &q.instance).await?;
     let uuid = b.instance.clone();
-    // No backup of this instance may start while its backups are being deleted.
-    let _claim = st.jobs.claim(&uuid).map_err(submit_error)?;
-    if st.jobs.all().iter().any(|j| {
-        let s = j.snapshot();
-        !s.terminal() && s.instance == uuid && s.sink == sink
-    }) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "busy",
-            "a job of this instance runs on this sink",
-        ));
-    }
+    // No backup, restore or verification of this instance may start while its backups are
+    // being deleted.
+    let _taken = take_for_rewrite(&st, &uuid, &sink)?;
     let s = open_sink(&st, &sink).await?;
     let disks: Vec<String> = b.disks.into_iter().map(|d| d.disk).collect();
     // Backups that depend on it take its index in (a fold: metadata only), so any backup
@@ -800,17 +815,10 @@ async fn compact_sink(
         .map_err(|e| ApiError::internal(chain(&e)))?
     {
         let instance = d.split_once('.').map_or(d.as_str(), |(u, _)| u).to_string();
-        let Ok(_claim) = st.jobs.claim(&instance) else {
+        let Ok(_taken) = take_for_rewrite(st, &instance, name) else {
             busy.push(d);
             continue;
         };
-        if st.jobs.all().iter().any(|j| {
-            let j = j.snapshot();
-            !j.terminal() && j.instance == instance && j.sink == name
-        }) {
-            busy.push(d);
-            continue;
-        }
         let opts = engine::CompactOptions {
             threshold,
             max_bytes: left,
@@ -880,21 +888,10 @@ async fn prune_backups(
     let disks = catalog::instance_disks(&s, &uuid)
         .await
         .map_err(|e| ApiError::internal(chain(&e)))?;
-    let _claim = if r.dry_run {
+    let _taken = if r.dry_run {
         None
     } else {
-        let claim = st.jobs.claim(&uuid).map_err(submit_error)?;
-        if st.jobs.all().iter().any(|j| {
-            let s = j.snapshot();
-            !s.terminal() && s.instance == uuid && s.sink == r.sink
-        }) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "busy",
-                "a job of this instance runs on this sink",
-            ));
-        }
-        Some(claim)
+        Some(take_for_rewrite(&st, &uuid, &r.sink)?)
     };
     let plan = engine::plan_prune(&s, &disks, &r.policy)
         .await
@@ -989,6 +986,13 @@ async fn backup_targets(
     instance: &str,
 ) -> ApiResult<(String, Option<String>, Vec<String>)> {
     let b = find_backup(st, c, sink, id, instance).await?;
+    if st.jobs.rewriting(&b.instance) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            "a deletion, prune or compaction of this instance's backups runs: try again",
+        ));
+    }
     let targets = b.targets();
     Ok((b.instance, b.tenant, targets))
 }

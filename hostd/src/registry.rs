@@ -190,6 +190,7 @@ pub enum SubmitError {
 /// | `live` (std mutex, never across an await) | registry calls | the job map |
 /// | `claims` (std mutex, never across an await) | [`Jobs::claim`] | which instances are taken |
 /// | an [`InstanceClaim`] | a backup job from admission to its end, a deletion while it runs | one backup/delete per instance |
+/// | `rewriting` (std mutex, never across an await) | [`Jobs::mark_rewriting`] | instances whose backups a deletion, prune or compaction rewrites: no restore or verification starts meanwhile |
 pub struct Jobs {
     live: Mutex<HashMap<String, Arc<Job>>>,
     /// Finished job ids, oldest first: dropped from `live` beyond `keep_finished`.
@@ -201,6 +202,7 @@ pub struct Jobs {
     queued: std::sync::atomic::AtomicUsize,
     max_queued: usize,
     claims: Arc<Mutex<std::collections::HashSet<String>>>,
+    rewriting: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 /// An instance taken for a backup or a deletion; released when dropped.
@@ -230,7 +232,30 @@ impl Jobs {
             queued: Default::default(),
             max_queued: limits.max_queued_jobs,
             claims: Arc::default(),
+            rewriting: Arc::default(),
         }
+    }
+
+    /// Marks `instance` as having its backups deleted, folded or compacted (the caller holds
+    /// its claim) until the guard drops: a restore or verification that loaded a generation
+    /// about to go would fail half way, so none is admitted meanwhile.
+    pub fn mark_rewriting(&self, instance: &str) -> InstanceClaim {
+        self.rewriting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(instance.to_string());
+        InstanceClaim {
+            claims: self.rewriting.clone(),
+            instance: instance.to_string(),
+        }
+    }
+
+    /// Whether [`Jobs::mark_rewriting`] holds `instance` now.
+    pub fn rewriting(&self, instance: &str) -> bool {
+        self.rewriting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(instance)
     }
 
     /// Takes `instance` for a backup or a deletion, or says it is taken.
@@ -349,6 +374,18 @@ pub fn valid_job_id(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rewriting_marks_last_as_long_as_their_guard() {
+        let jobs = Jobs::new(&crate::config::Limits::default());
+        assert!(!jobs.rewriting("i1"));
+        let g = jobs.mark_rewriting("i1");
+        assert!(jobs.rewriting("i1") && !jobs.rewriting("i2"));
+        // A mark is not a claim: the instance's claim is taken separately.
+        assert!(jobs.claim("i1").is_ok());
+        drop(g);
+        assert!(!jobs.rewriting("i1"));
+    }
 
     #[test]
     fn ids() {

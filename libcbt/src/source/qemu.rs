@@ -449,6 +449,14 @@ impl QemuSource {
     ) -> Result<crate::extent::ExtentMap, SourceError> {
         let i = disk.index;
         let tmp = format!("{}-w", disk.new_bitmap);
+        // One a previous call of this backup could not remove (its export lingered) goes now.
+        let _ = self
+            .qmp
+            .run(
+                "block-dirty-bitmap-remove",
+                json!({"node": disk.node, "name": tmp}),
+            )
+            .await;
         self.qmp
             .transaction(&[
                 ("block-dirty-bitmap-add", json!({"node": disk.node, "name": tmp, "persistent": false, "disabled": true, "granularity": GRANULARITY})),
@@ -487,14 +495,30 @@ impl QemuSource {
         result
     }
 
+    /// Deletes export `id` and waits for QEMU to confirm. Our clients have disconnected by
+    /// now, but QEMU may not have seen it yet ("still in use"): ask again for a moment, then
+    /// close what it still counts as connected (`mode: hard`).
     async fn remove_export(&self, id: &str) {
         let mut sub = self.qmp.events();
-        if self
-            .qmp
-            .run("block-export-del", json!({"id": id}))
-            .await
-            .is_ok()
-        {
+        let mut deleted = false;
+        for attempt in 0..=20 {
+            let args = if attempt < 20 {
+                json!({"id": id})
+            } else {
+                json!({"id": id, "mode": "hard"})
+            };
+            match self.qmp.run("block-export-del", args).await {
+                Ok(_) => {
+                    deleted = true;
+                    break;
+                }
+                Err(e) if e.to_string().contains("still in use") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(_) => break,
+            }
+        }
+        if deleted {
             if let Err(e) = qmp::wait_event(&mut sub, "BLOCK_EXPORT_DELETED", EVENT_TIMEOUT, |v| {
                 v["id"] == id
             })
