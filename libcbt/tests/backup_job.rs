@@ -806,10 +806,16 @@ async fn segment_names<S: Sink>(sink: &S) -> std::collections::BTreeSet<String> 
 /// A sink that dies at its `n`-th change: every change after that fails, as after a
 /// `kill -9` of the process at that step. A change is a put, or the deletion of one object
 /// (a batch deletion may stop part way, as an object store's can).
+///
+/// With [`Dying::meddling`] it never dies; instead another writer commits a new generation of
+/// a backup (the same backup, one generation higher) just before the first segment is
+/// created: the race of a fold with a compaction.
 #[derive(Clone)]
 struct Dying {
     inner: LocalSink,
     left: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    meddle: Option<(&'static str, &'static str)>,
+    meddled: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Dying {
@@ -817,6 +823,15 @@ impl Dying {
         Dying {
             inner,
             left: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(n)),
+            meddle: None,
+            meddled: Default::default(),
+        }
+    }
+
+    fn meddling(inner: LocalSink, disk: &'static str, backup: &'static str) -> Dying {
+        Dying {
+            meddle: Some((disk, backup)),
+            ..Dying::new(inner, i64::MAX)
         }
     }
 
@@ -838,6 +853,19 @@ impl Sink for Dying {
 
     async fn create(&self, name: &str) -> Result<Self::Writer, SinkError> {
         self.step(name)?;
+        if let Some((disk, backup)) = self.meddle {
+            if name.ends_with(".seg")
+                && !self.meddled.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                let mut m = catalog::read_manifest(&self.inner, disk, backup)
+                    .await
+                    .expect("read")
+                    .expect("the backup");
+                m.generation += 1;
+                let name = libcbt::format::layout::manifest_name_gen(disk, backup, m.generation);
+                self.inner.put_new(&name, m.encode()).await?;
+            }
+        }
         self.inner.create(name).await
     }
     async fn put(&self, name: &str, data: Vec<u8>) -> Result<(), SinkError> {
@@ -872,62 +900,6 @@ impl Sink for Dying {
             self.delete(n).await?;
         }
         Ok(())
-    }
-    async fn remove_stale_partials(&self, grace: std::time::Duration) -> Result<u64, SinkError> {
-        self.inner.remove_stale_partials(grace).await
-    }
-}
-
-/// A sink on which another writer commits a new generation of backup `backup` (the same
-/// backup, generation one higher) just before the first segment is created: the race of a
-/// fold with a compaction.
-#[derive(Clone)]
-struct Meddler {
-    inner: LocalSink,
-    disk: &'static str,
-    backup: &'static str,
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Sink for Meddler {
-    type Writer = libcbt::sink::local::LocalWriter;
-
-    async fn create(&self, name: &str) -> Result<Self::Writer, SinkError> {
-        if name.ends_with(".seg") && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            let mut m = catalog::read_manifest(&self.inner, self.disk, self.backup)
-                .await
-                .expect("read")
-                .expect("the backup");
-            m.generation += 1;
-            let name =
-                libcbt::format::layout::manifest_name_gen(self.disk, self.backup, m.generation);
-            self.inner.put_new(&name, m.encode()).await?;
-        }
-        self.inner.create(name).await
-    }
-    async fn put(&self, name: &str, data: Vec<u8>) -> Result<(), SinkError> {
-        self.inner.put(name, data).await
-    }
-    async fn put_new(&self, name: &str, data: Vec<u8>) -> Result<(), SinkError> {
-        self.inner.put_new(name, data).await
-    }
-    async fn get_range_into(
-        &self,
-        name: &str,
-        offset: u64,
-        len: u64,
-        buf: Vec<u8>,
-    ) -> Result<Vec<u8>, SinkError> {
-        self.inner.get_range_into(name, offset, len, buf).await
-    }
-    async fn get(&self, name: &str, max: u64) -> Result<Vec<u8>, SinkError> {
-        self.inner.get(name, max).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<libcbt::sink::ObjectInfo>, SinkError> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, name: &str) -> Result<(), SinkError> {
-        self.inner.delete(name).await
     }
     async fn remove_stale_partials(&self, grace: std::time::Duration) -> Result<u64, SinkError> {
         self.inner.remove_stale_partials(grace).await
@@ -1280,13 +1252,7 @@ async fn compaction_rewrites_sparse_segments_and_a_kill_at_any_step_loses_nothin
     let _ = std::fs::remove_dir_all(&dir);
     run(Command::new("cp").arg("-al").arg(&pristine).arg(&dir));
     let sink = LocalSink::open(&dir).expect("sink");
-    let meddler = Meddler {
-        inner: sink.clone(),
-        disk,
-        backup: "k1",
-        done: Default::default(),
-    };
-    let e = compact(&meddler, disk, &copts)
+    let e = compact(&Dying::meddling(sink.clone(), disk, "k1"), disk, &copts)
         .await
         .expect_err("a stale rewrite");
     assert!(chain(&e).contains("changed meanwhile"), "{}", chain(&e));

@@ -238,25 +238,37 @@ pub async fn backup_disk<S: Sink, R: Revalidate>(
         Err(e) => return Err(e.into()),
     }
     let work = backup_disk_marked(sink, job, scan, revalidate, opts, progress, seg_prefix);
+    under_marker(sink, &marker_name, &marker, opts.marker_refresh, work).await
+}
+
+/// Runs `work` while renewing the in-progress marker `marker` (written already) every
+/// `every`: rewriting it renews its age, so collectors take its writer for a live one (a
+/// failed renewal only shortens its life). Then deletes it: committed or rolled back, it has
+/// done its work (a marker left behind only delays collection until it is older than the
+/// grace period).
+pub(super) async fn under_marker<S: Sink, T>(
+    sink: &S,
+    marker_name: &str,
+    marker: &Marker,
+    every: std::time::Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
     tokio::pin!(work);
-    let every = opts.marker_refresh.max(std::time::Duration::from_millis(1));
+    let every = every.max(std::time::Duration::from_millis(1));
     let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let r = loop {
         tokio::select! {
             r = &mut work => break r,
             _ = refresh.tick() => {
-                // Rewriting the marker renews its age; a failure only shortens its life.
-                if let Err(e) = sink.put(&marker_name, marker.encode()).await {
-                    tracing::warn!(disk = %job.disk, backup = %job.backup_id, error = %e, "refreshing the in-progress marker failed");
+                if let Err(e) = sink.put(marker_name, marker.encode()).await {
+                    tracing::warn!(marker = marker_name, error = %e, "refreshing the in-progress marker failed");
                 }
             }
         }
     };
-    // Committed or rolled back: the marker has done its work. If this delete fails, the
-    // marker only delays garbage collection until it is older than the grace period.
-    if let Err(e) = sink.delete(&marker_name).await {
-        tracing::warn!(disk = %job.disk, backup = %job.backup_id, error = %e, "in-progress marker left behind");
+    if let Err(e) = sink.delete(marker_name).await {
+        tracing::warn!(marker = marker_name, error = %e, "in-progress marker left behind");
     }
     r
 }

@@ -86,20 +86,6 @@ pub(crate) async fn generations<S: Sink>(
     Ok((manifest, any))
 }
 
-/// The next generation a fold into `backup` of `disk` writes: above every object of it.
-pub async fn next_generation<S: Sink>(
-    sink: &S,
-    disk: &str,
-    backup: &str,
-) -> Result<u32, EngineError> {
-    let (_, any) = generations(sink, disk, backup).await?;
-    any.map_or(Ok(1), |g| {
-        g.checked_add(1).ok_or_else(|| {
-            EngineError::Invalid(format!("backup {backup} of {disk}: generations exhausted"))
-        })
-    })
-}
-
 /// Disks that have objects on the sink: one delimiter listing (a request per 1,000 disks on
 /// an object store), never a listing of their backups or segments.
 pub async fn list_disks<S: Sink>(sink: &S) -> Result<Vec<String>, EngineError> {

@@ -81,8 +81,8 @@ pub struct CompactReport {
     pub segments_left: usize,
 }
 
-/// A frame by segment and position: its length.
-type Frames = BTreeMap<(SegmentId, u64), u32>;
+/// The live frames of one segment: length by position.
+type Frames = BTreeMap<u64, u32>;
 
 fn frame_of(loc: &Location) -> Option<(SegmentId, u64, u32)> {
     match *loc {
@@ -122,7 +122,7 @@ pub async fn compact<S: Sink>(
     let mut live: HashMap<SegmentId, Frames> = HashMap::new();
     for idx in &indexes {
         for (segment, pos, len) in idx.entries.iter().filter_map(|e| frame_of(&e.loc)) {
-            live.entry(segment).or_default().insert((segment, pos), len);
+            live.entry(segment).or_default().insert(pos, len);
         }
     }
     let sizes: HashMap<String, u64> = sink
@@ -171,25 +171,7 @@ pub async fn compact<S: Sink>(
     let work = compact_marked(
         sink, disk, opts, prefix, &ms, &indexes, &live, &chosen, &sizes, report,
     );
-    tokio::pin!(work);
-    let every = opts.marker_refresh.max(std::time::Duration::from_millis(1));
-    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let r = loop {
-        tokio::select! {
-            r = &mut work => break r,
-            _ = refresh.tick() => {
-                // Renewed, as a backup renews its own: collectors take a live writer's.
-                if let Err(e) = sink.put(&marker_name, marker.encode()).await {
-                    tracing::warn!(disk, error = %e, "renewing the compaction marker failed");
-                }
-            }
-        }
-    };
-    if let Err(e) = sink.delete(&marker_name).await {
-        tracing::warn!(disk, error = %e, "compaction marker left behind");
-    }
-    r
+    super::backup::under_marker(sink, &marker_name, &marker, opts.marker_refresh, work).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -214,7 +196,7 @@ async fn compact_marked<S: Sink>(
         let Some(frames) = live.get(old) else {
             continue;
         };
-        for (&(_, pos), &len) in frames {
+        for (&pos, &len) in frames {
             let frame = sink.get_range(&old_name, pos, u64::from(len)).await?;
             check_frame(&frame, &old_name, pos)?;
             if writer

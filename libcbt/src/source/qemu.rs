@@ -450,13 +450,7 @@ impl QemuSource {
         let i = disk.index;
         let tmp = format!("{}-w", disk.new_bitmap);
         // One a previous call of this backup could not remove (its export lingered) goes now.
-        let _ = self
-            .qmp
-            .run(
-                "block-dirty-bitmap-remove",
-                json!({"node": disk.node, "name": tmp}),
-            )
-            .await;
+        self.drop_temporary_bitmap(&disk.node, &tmp).await;
         self.qmp
             .transaction(&[
                 ("block-dirty-bitmap-add", json!({"node": disk.node, "name": tmp, "persistent": false, "disabled": true, "granularity": GRANULARITY})),
@@ -485,14 +479,19 @@ impl QemuSource {
         }
         .await;
         self.remove_export(&export).await;
+        self.drop_temporary_bitmap(&disk.node, &tmp).await;
+        result
+    }
+
+    /// Removes a temporary bitmap if it is there (a missing one is fine).
+    async fn drop_temporary_bitmap(&self, node: &str, name: &str) {
         let _ = self
             .qmp
             .run(
                 "block-dirty-bitmap-remove",
-                json!({"node": disk.node, "name": tmp}),
+                json!({"node": node, "name": name}),
             )
             .await;
-        result
     }
 
     /// Deletes export `id` and waits for QEMU to confirm. Our clients have disconnected by
