@@ -713,6 +713,22 @@ async fn delete_backup(
         .await
         .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::not_found("backup"))?;
+    if let Some(engine::Hold::Locked(t)) = plan
+        .iter()
+        .find(|e| e.id == id)
+        .and_then(|e| e.hold.clone())
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "locked",
+            format!(
+                "backup {id} is locked on its sink (S3 Object Lock) until {}",
+                chrono::DateTime::from_timestamp_millis(t as i64)
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default()
+            ),
+        ));
+    }
     let report = engine::prune(&s, &plan, Some(&uuid))
         .await
         .map_err(ApiError::internal)?;

@@ -40,6 +40,8 @@
 //! ca_file = "/etc/cbt/rgw-ca.pem"          # optional: a private CA
 //! part_size_mib = 8                        # optional: multipart part size (5..5120)
 //! parts_in_flight = 4                      # optional: parts uploading at once per object
+//! object_lock_mode = "compliance"          # optional, with object_lock_days: immutable
+//! object_lock_days = 30                    # backups (S3 Object Lock; the bucket has it on)
 //!
 //! [[sink]]
 //! name = "swift"
@@ -270,6 +272,11 @@ pub struct SinkCfg {
     /// included) becomes a synthetic full right after it commits (a fold, metadata only), so
     /// no restore merges more than `max_chain` indexes. Unset: chains grow until a full.
     pub max_chain: Option<usize>,
+    /// `s3`: immutable backups on S3 Object Lock, `governance` or `compliance`, for
+    /// `object_lock_days` (both or neither). The bucket must have Object Lock enabled and the
+    /// server must enforce it (checked when the sink opens; Swift's s3api is refused).
+    pub object_lock_mode: Option<String>,
+    pub object_lock_days: Option<u32>,
 }
 
 /// The backend of a sink.
@@ -354,6 +361,15 @@ impl SinkCfg {
                 .part_size_mib
                 .map_or(d.part_size, |m| m.saturating_mul(1 << 20)),
             parts_in_flight: self.parts_in_flight.unwrap_or(d.parts_in_flight),
+            object_lock: match (&self.object_lock_mode, self.object_lock_days) {
+                (Some(m), Some(days)) => {
+                    libcbt::sink::s3::LockMode::parse(m).map(|mode| libcbt::sink::s3::ObjectLock {
+                        mode,
+                        period: std::time::Duration::from_secs(u64::from(days) * 86_400),
+                    })
+                }
+                _ => None,
+            },
             ..d
         }
     }
@@ -362,7 +378,7 @@ impl SinkCfg {
         use SinkKind::{Local, Swift, S3};
         let key = |k: &str| format!("sink[{i}].{k}");
         // Each key, whether it is set, and the types it belongs to.
-        let keys: [(&str, bool, &[SinkKind]); 19] = [
+        let keys: [(&str, bool, &[SinkKind]); 21] = [
             ("path", self.path.is_some(), &[Local]),
             ("endpoint", self.endpoint.is_some(), &[S3]),
             ("bucket", self.bucket.is_some(), &[S3]),
@@ -376,6 +392,8 @@ impl SinkCfg {
             ("ca_file", self.ca_file.is_some(), &[S3, Swift]),
             ("part_size_mib", self.part_size_mib.is_some(), &[S3]),
             ("parts_in_flight", self.parts_in_flight.is_some(), &[S3]),
+            ("object_lock_mode", self.object_lock_mode.is_some(), &[S3]),
+            ("object_lock_days", self.object_lock_days.is_some(), &[S3]),
             ("container", self.container.is_some(), &[Swift]),
             ("auth_url", self.auth_url.is_some(), &[Swift]),
             ("user", self.user.is_some(), &[Swift]),
@@ -411,6 +429,32 @@ impl SinkCfg {
                     .map(|k| format!("\"{}\"", format!("{k:?}").to_lowercase()))
                     .collect();
                 return Err((key(k), format!("only for type = {}", names.join(" or "))));
+            }
+        }
+        match (&self.object_lock_mode, self.object_lock_days) {
+            (None, None) => {}
+            (Some(m), Some(d)) => {
+                if libcbt::sink::s3::LockMode::parse(m).is_none() {
+                    return Err((
+                        key("object_lock_mode"),
+                        "\"governance\" or \"compliance\"".into(),
+                    ));
+                }
+                if !(1..=36_500).contains(&d) {
+                    return Err((key("object_lock_days"), "1 to 36500".into()));
+                }
+            }
+            (Some(_), None) => {
+                return Err((
+                    key("object_lock_days"),
+                    "needed with object_lock_mode".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err((
+                    key("object_lock_mode"),
+                    "needed with object_lock_days".into(),
+                ))
             }
         }
         for (k, f) in [
@@ -768,6 +812,35 @@ mod tests {
         assert!(e.to_string().contains("sink[0].path"), "{e}");
         let e = parse(&format!("{s3}bucket = \"b\"\npart_size_mib = 1\n")).expect_err("part");
         assert!(e.to_string().contains("sink[0].part_size_mib"), "{e}");
+        for (extra, key) in [
+            (
+                "object_lock_mode = \"strict\"\nobject_lock_days = 3\n",
+                "object_lock_mode",
+            ),
+            ("object_lock_mode = \"compliance\"\n", "object_lock_days"),
+            ("object_lock_days = 3\n", "object_lock_mode"),
+            (
+                "object_lock_mode = \"governance\"\nobject_lock_days = 0\n",
+                "object_lock_days",
+            ),
+        ] {
+            let e = parse(&format!("{s3}bucket = \"b\"\n{extra}")).expect_err(extra);
+            assert!(e.to_string().contains(&format!("sink[0].{key}")), "{e}");
+        }
+        let e = parse("[[sink]]\nname = \"a\"\npath = \"/x\"\nobject_lock_days = 3\n")
+            .expect_err("a lock on a directory");
+        assert!(e.to_string().contains("sink[0].object_lock_days"), "{e}");
+        let c = parse(&format!(
+            "{s3}bucket = \"b\"\nobject_lock_mode = \"Compliance\"\nobject_lock_days = 30\n"
+        ))
+        .expect("an immutable sink");
+        assert_eq!(
+            c.sinks[0].s3_tuning().object_lock,
+            Some(libcbt::sink::s3::ObjectLock {
+                mode: libcbt::sink::s3::LockMode::Compliance,
+                period: std::time::Duration::from_secs(30 * 86_400),
+            })
+        );
         let e = parse("[[sink]]\nname = \"c\"\ntype = \"nfs\"\n").expect_err("type");
         assert!(e.to_string().contains("swift"), "{e}");
         let c = parse(&format!("{s3}bucket = \"b\"\nprefix = \"p/q\"\n")).expect("s3 sink");

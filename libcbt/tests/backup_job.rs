@@ -1392,3 +1392,191 @@ async fn random_retention_sequences_on_seaweedfs() {
         .await;
     retention_sequence(&lab, &sink, None, "retention_seq_s3").await;
 }
+
+/// The server's own answer to deleting the current version of `key` of `cfg`'s bucket: an
+/// oracle apart from the sink (object_store's HEAD for the version id, then a presigned
+/// DELETE of that version).
+async fn delete_version_status(cfg: &libcbt::sink::s3::S3Config, key: &str) -> u16 {
+    use object_store::aws::AmazonS3Builder;
+    use object_store::signer::{SignedUrlOptions, Signer};
+    use object_store::ObjectStoreExt;
+    let store = AmazonS3Builder::new()
+        .with_endpoint(&cfg.endpoint)
+        .with_bucket_name(&cfg.bucket)
+        .with_region(&cfg.region)
+        .with_access_key_id(&cfg.access_key)
+        .with_secret_access_key(&cfg.secret_key.0)
+        .with_allow_http(true)
+        .build()
+        .expect("client");
+    let p = object_store::path::Path::parse(format!("{}/{key}", cfg.prefix)).expect("path");
+    let v = store
+        .head(&p)
+        .await
+        .expect("head")
+        .version
+        .expect("a version id");
+    let url = store
+        .signed_url_opts(
+            http::Method::DELETE,
+            &p,
+            std::time::Duration::from_secs(60),
+            &SignedUrlOptions::new().with_query([("versionId", v)]),
+        )
+        .await
+        .expect("sign");
+    reqwest::Client::new()
+        .delete(url.as_str())
+        .send()
+        .await
+        .expect("DELETE")
+        .status()
+        .as_u16()
+}
+
+/// Immutable mode on SeaweedFS (S3 Object Lock, governance, a period of 12 s): the server
+/// refuses to delete what a backup wrote (403, asked apart from the sink); a prune holds a
+/// locked backup whatever the policy says; an incremental that comes later than a quarter
+/// period after its parent extends the locks of the chain it reads, so that the full stays
+/// locked past its own period; once every lock has ended the prune folds the full away and
+/// what stays restores exactly. A bucket without Object Lock is refused at open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immutable_backups_stay_whole_while_locked_on_seaweedfs() {
+    use libcbt::engine::{plan_delete, plan_prune, prune, Hold};
+    use libcbt::retention::KeepPolicy;
+    use libcbt::sink::s3::{LockMode, ObjectLock, S3Sink};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let server = s3::seaweed().await;
+    let period = Duration::from_secs(12);
+    let lock = ObjectLock {
+        mode: LockMode::Governance,
+        period,
+    };
+    let mut cfg = server.config("imm");
+    cfg.bucket = format!("locked-{}", std::process::id());
+    cfg.object_lock = Some(lock);
+
+    // The test bucket was made without Object Lock: immutable mode is refused there.
+    let mut unlocked = cfg.clone();
+    unlocked.bucket = server.bucket.clone();
+    let e = S3Sink::open(&unlocked).await.expect_err("no Object Lock");
+    let text = chain(&e);
+    assert!(
+        matches!(e, SinkError::Unsupported(_)) && text.contains("does not have it enabled"),
+        "{text}"
+    );
+
+    S3Sink::create_bucket(&cfg)
+        .await
+        .expect("bucket with Object Lock");
+    let sink = S3Sink::open(&cfg).await.expect("open an immutable sink");
+    assert_eq!(sink.lock_period(), Some(period));
+    let lab = Lab::new(&[("d0", "qcow2")], SIZE).await;
+    let disks: Vec<String> = specs(&lab).into_iter().map(|s| s.disk).collect();
+    let disk = disks[0].as_str();
+    let mut rng = rng(seed("immutable"));
+    let mut refs = Refs::new();
+    guest_writes(&lab.live[0], &mut rng, 15).await;
+    refs.insert(
+        "l0".into(),
+        job_round(&lab, &sink, "l0", Requested::Full)
+            .await
+            .expect("l0"),
+    );
+    let l0 = catalog::read_manifest(&sink, disk, "l0")
+        .await
+        .expect("read")
+        .expect("l0");
+    let span = (period + period / 4).as_millis() as u64;
+    assert_eq!(l0.locked_until_unix_ms, Some(l0.started_unix_ms + span));
+    let seg0 = l0.segments[0].clone();
+    // The server's refusal, and the sink's reading of it.
+    assert_eq!(delete_version_status(&cfg, &seg0).await, 403);
+    assert_eq!(delete_version_status(&cfg, &l0.index.name).await, 403);
+    match sink.delete(&seg0).await {
+        Err(SinkError::Locked { names }) => assert_eq!(names, std::slice::from_ref(&seg0)),
+        r => panic!("deleting a locked segment: {r:?}"),
+    }
+
+    // More than a quarter period later: l1 must extend the chain's locks.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    guest_writes(&lab.live[0], &mut rng, 15).await;
+    refs.insert(
+        "l1".into(),
+        job_round(&lab, &sink, "l1", Requested::Auto)
+            .await
+            .expect("l1"),
+    );
+    let l1 = catalog::read_manifest(&sink, disk, "l1")
+        .await
+        .expect("read")
+        .expect("l1");
+    assert_eq!(l1.level, Level::Incremental);
+    assert_eq!(l1.locked_until_unix_ms, Some(l1.started_unix_ms + span));
+
+    // Everything locked: keep-last 1 keeps l0 all the same, and it cannot be deleted alone.
+    let policy = KeepPolicy {
+        keep_last: 1,
+        ..KeepPolicy::default()
+    };
+    let now_ms = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64
+    };
+    let plan = plan_prune(&sink, &disks, &policy).await.expect("plan");
+    match plan
+        .iter()
+        .find(|e| e.id == "l0")
+        .and_then(|e| e.hold.clone())
+    {
+        Some(Hold::Locked(t)) => assert!(t > now_ms() && t >= l1.started_unix_ms + span - 1_000),
+        h => panic!("l0 held by {h:?}"),
+    }
+    assert!(prune(&sink, &plan, None)
+        .await
+        .expect("prune")
+        .deleted
+        .is_empty());
+    let plan = plan_delete(&sink, &disks, "l0")
+        .await
+        .expect("plan")
+        .expect("l0");
+    assert!(matches!(
+        plan.iter()
+            .find(|e| e.id == "l0")
+            .and_then(|e| e.hold.clone()),
+        Some(Hold::Locked(_))
+    ));
+    assert_eq!(all_restore(&sink, &disks, &refs).await, ["l0", "l1"]);
+
+    // Past l0's own lock, within l1's: l0's objects were extended, the server still refuses.
+    let own_end = l0.locked_until_unix_ms.expect("l0 locked");
+    let wait = (own_end + 1_000).saturating_sub(now_ms());
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    assert!(now_ms() < l1.locked_until_unix_ms.expect("l1 locked"));
+    assert_eq!(delete_version_status(&cfg, &seg0).await, 403);
+    let l0_manifest = libcbt::format::layout::manifest_name(disk, "l0");
+    assert_eq!(delete_version_status(&cfg, &l0_manifest).await, 403);
+
+    // Every lock over: l0 folds into l1 and goes; l1 restores exactly, as a full now.
+    let wait = (l1.locked_until_unix_ms.expect("l1") + 1_000).saturating_sub(now_ms());
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let plan = plan_prune(&sink, &disks, &policy).await.expect("plan");
+    let r = prune(&sink, &plan, None).await.expect("prune");
+    assert_eq!((r.deleted.clone(), r.folds), (vec!["l0".to_string()], 1));
+    catalog::collect_garbage(&sink, disk, Duration::ZERO)
+        .await
+        .expect("gc");
+    assert_eq!(all_restore(&sink, &disks, &refs).await, ["l1"]);
+    // The fold's new generation is locked anew.
+    assert_eq!(
+        delete_version_status(
+            &cfg,
+            &libcbt::format::layout::manifest_name_gen(disk, "l1", 1)
+        )
+        .await,
+        403
+    );
+}

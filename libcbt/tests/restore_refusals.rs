@@ -99,6 +99,7 @@ async fn commit(sink: &LocalSink, id: &str, parent: Option<&str>, size: u64, idx
         segments: Vec::new(),
         generation: 0,
         folded: Vec::new(),
+        locked_until_unix_ms: None,
     };
     sink.put(&name, ib).await.expect("index");
     sink.put(&format::manifest_name(DISK, id), m.encode())

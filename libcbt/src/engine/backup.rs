@@ -383,6 +383,7 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
     let mut recent_written = false;
     let mut manifest_sent = None;
     let commit = async {
+        let locked_until_unix_ms = lock_chain(sink, job, started).await?;
         let manifest = Manifest {
             format_version: u32::from(segment::FORMAT_VERSION),
             backup_id: job.backup_id.clone(),
@@ -406,6 +407,7 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
                 .collect(),
             generation: 0,
             folded: Vec::new(),
+            locked_until_unix_ms,
         };
         let encoded = manifest.encode();
         // What readers refuse must not be committed: the data goes again (roll-back below).
@@ -472,6 +474,54 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
             Err(e)
         }
     }
+}
+
+/// On an immutable sink ([`Sink::lock_period`]): the time until which every object the
+/// backup of `job` started at `started_ms` needs is locked (its manifest records it). Its own
+/// objects were locked when written; the older ones it reads (its ancestors' manifests,
+/// indexes and segments) are extended when the parent's record ends less than a period from
+/// now, to [`lock_span`](crate::sink::lock_span) after the start, so that extensions happen
+/// about once a quarter period, not at every backup. `None` on other sinks.
+async fn lock_chain<S: Sink>(
+    sink: &S,
+    job: &DiskBackup,
+    started_ms: u64,
+) -> Result<Option<u64>, EngineError> {
+    let Some(period) = sink.lock_period() else {
+        return Ok(None);
+    };
+    let ms_of = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let own = started_ms.saturating_add(ms_of(crate::sink::lock_span(period)));
+    let parent = match (&job.parent, job.level) {
+        (Some(p), Level::Incremental) => p,
+        _ => return Ok(Some(own)),
+    };
+    if let Some(p) = parent.locked_until_unix_ms {
+        if p >= started_ms.saturating_add(ms_of(period)) {
+            return Ok(Some(p.min(own)));
+        }
+    }
+    let ms = super::catalog::list_backups(sink, &job.disk).await?;
+    let mut chain = super::prune::ancestors(&ms, &parent.backup_id)?;
+    chain.push(parent.backup_id.clone());
+    let mut names = std::collections::BTreeSet::new();
+    for m in ms.iter().filter(|m| chain.contains(&m.backup_id)) {
+        names.insert(layout::manifest_name_gen(
+            &job.disk,
+            &m.backup_id,
+            m.generation,
+        ));
+        names.insert(m.index.name.clone());
+        names.extend(m.segments.iter().cloned());
+    }
+    let names: Vec<String> = names.into_iter().collect();
+    tracing::info!(disk = %job.disk, backup = %job.backup_id, objects = names.len(), "extending the locks of the chain");
+    sink.extend_lock(
+        &names,
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(own),
+    )
+    .await?;
+    Ok(Some(own))
 }
 
 fn chunk_len(e: &Extent) -> u32 {

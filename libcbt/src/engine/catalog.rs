@@ -250,9 +250,26 @@ pub(crate) async fn forget_among<S: Sink>(
         sink.delete(&name).await?;
         gone.push(name);
     }
-    sink.delete_many(&rest).await?;
-    gone.extend(rest);
+    // The backup is gone with its manifest: what is locked still stays for a collection.
+    let locked = delete_unlocked(sink, &rest).await?;
+    gone.extend(rest.into_iter().filter(|n| !locked.contains(n)));
     Ok(gone)
+}
+
+/// Deletes `names` but those the sink keeps locked (S3 Object Lock), which are returned:
+/// they stay, unreferenced, for a later collection once their lock ends.
+pub(crate) async fn delete_unlocked<S: Sink>(
+    sink: &S,
+    names: &[String],
+) -> Result<Vec<String>, EngineError> {
+    match sink.delete_many(names).await {
+        Ok(()) => Ok(Vec::new()),
+        Err(crate::sink::SinkError::Locked { names }) => {
+            tracing::info!(objects = names.len(), first = ?names.first(), "locked objects left until their retention ends");
+            Ok(names)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// True when `backup` is a backup id `disk` has used or is using: a committed manifest, an
@@ -377,8 +394,8 @@ pub async fn collect_garbage_listed<S: Sink>(
         .filter(|o| o.older_than(grace, now) && !covered(&o.name))
         .collect();
     let names: Vec<String> = doomed.iter().map(|o| o.name.clone()).collect();
-    sink.delete_many(&names).await?;
-    gone.extend(doomed);
+    let locked = delete_unlocked(sink, &names).await?;
+    gone.extend(doomed.into_iter().filter(|o| !locked.contains(&o.name)));
     if !gone.is_empty() {
         tracing::info!(disk, objects = gone.len(), "garbage collected");
     }

@@ -79,6 +79,14 @@ pub struct CompactReport {
     pub backups_rewritten: usize,
     /// Sparse segments left for another run (over `max_bytes`).
     pub segments_left: usize,
+    /// Sparse segments left because they are locked (S3 Object Lock): they could not be
+    /// deleted, so copying them would only cost space.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub segments_locked: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The live frames of one segment: length by position.
@@ -150,7 +158,17 @@ pub async fn compact<S: Sink>(
     sparse.sort_by(|a, b| (b.0, a.1).cmp(&(a.0, b.1)));
     let mut chosen: BTreeSet<SegmentId> = BTreeSet::new();
     let mut budget = opts.max_bytes;
+    let now = std::time::SystemTime::now();
     for (_, id, bytes) in &sparse {
+        if sink.lock_period().is_some()
+            && sink
+                .locked_until(&layout::segment_name(disk, *id))
+                .await?
+                .is_some_and(|t| t > now)
+        {
+            report.segments_locked += 1;
+            continue;
+        }
         if *bytes <= budget {
             budget -= bytes;
             chosen.insert(*id);
@@ -281,8 +299,10 @@ async fn compact_marked<S: Sink>(
         .into_iter()
         .filter(|n| !listed.contains(n))
         .collect();
+    // One locked since it was chosen stays, unreferenced: a collection takes it once free.
+    let locked = catalog::delete_unlocked(sink, &old).await?;
+    let old: Vec<String> = old.into_iter().filter(|n| !locked.contains(n)).collect();
     let old_bytes: u64 = old.iter().filter_map(|n| sizes.get(n)).sum();
-    sink.delete_many(&old).await?;
     report.segments_rewritten = old.len();
     report.bytes_reclaimed = old_bytes.saturating_sub(written_bytes);
     tracing::info!(

@@ -56,6 +56,9 @@ pub enum Hold {
     Newest,
     /// Not asked to go (a single backup was deleted).
     Spared,
+    /// Locked on the sink (S3 Object Lock) until then (Unix ms): it stays, whole, until its
+    /// retention ends, whatever the policy says.
+    Locked(u64),
 }
 
 /// One backup of the instance in a prune plan.
@@ -164,8 +167,40 @@ pub async fn plan_prune<S: Sink>(
 ) -> Result<Vec<PruneEntry>, EngineError> {
     let by_disk = list_disks(sink, disks).await?;
     let mut plan = plan_from(&by_disk, policy)?;
+    hold_locked(sink, &mut plan, &by_disk).await?;
     annotate_folds(&mut plan, &by_disk)?;
     Ok(plan)
+}
+
+/// On an immutable sink, holds the backups the plan lets go whose manifest (on any disk)
+/// the server still keeps locked: one retention read per manifest.
+async fn hold_locked<S: Sink>(
+    sink: &S,
+    plan: &mut [PruneEntry],
+    by_disk: &BTreeMap<&str, Vec<Manifest>>,
+) -> Result<(), EngineError> {
+    if sink.lock_period().is_none() {
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now();
+    for e in plan.iter_mut().filter(|e| e.hold.is_none()) {
+        let mut until = None;
+        for (disk, ms) in by_disk {
+            for m in ms.iter().filter(|m| m.backup_id == e.id) {
+                let name = layout::manifest_name_gen(disk, &m.backup_id, m.generation);
+                if let Some(t) = sink.locked_until(&name).await?.filter(|t| *t > now) {
+                    let ms = t
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                    until = until.max(Some(ms));
+                }
+            }
+        }
+        if let Some(t) = until {
+            e.hold = Some(Hold::Locked(t));
+        }
+    }
+    Ok(())
 }
 
 /// The plan that deletes backup `id` of the instance whose disks are `disks` and nothing
@@ -183,6 +218,7 @@ pub async fn plan_delete<S: Sink>(
     for e in &mut plan {
         e.hold = (e.id != id).then_some(Hold::Spared);
     }
+    hold_locked(sink, &mut plan, &by_disk).await?;
     annotate_folds(&mut plan, &by_disk)?;
     Ok(Some(plan))
 }
@@ -464,7 +500,8 @@ pub(super) async fn commit_generation<S: Sink>(
         })
         .map(|o| o.name)
         .collect();
-    sink.delete_many(&stale).await?;
+    // Locked older generations stay, hidden, for a collection once free.
+    catalog::delete_unlocked(sink, &stale).await?;
     Ok((manifest, written))
 }
 
@@ -528,8 +565,12 @@ pub async fn prune<S: Sink>(
             })
             .map(|o| o.name)
             .collect();
-        sink.delete_many(&stale).await?;
-        report.bytes_reclaimed += stale.iter().filter_map(|n| sizes.get(n)).sum::<u64>();
+        let locked = catalog::delete_unlocked(sink, &stale).await?;
+        report.bytes_reclaimed += stale
+            .iter()
+            .filter(|n| !locked.contains(n))
+            .filter_map(|n| sizes.get(n))
+            .sum::<u64>();
         current.insert(d, ms);
     }
     for e in children_first(&doomed) {
@@ -551,7 +592,7 @@ pub async fn prune<S: Sink>(
                 layout::domain_xml_name(uuid, &e.id),
                 layout::job_record_name(uuid, &e.id),
             ];
-            sink.delete_many(&extra).await?;
+            catalog::delete_unlocked(sink, &extra).await?;
         }
         tracing::info!(backup = %e.id, disks = e.disks.len(), "pruned");
         report.deleted.push(e.id.clone());

@@ -124,6 +124,10 @@ pub struct Manifest {
     /// Backups folded into this one (deleted by retention), oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub folded: Vec<String>,
+    /// Immutable sinks (S3 Object Lock): every object this backup needs (its own, and the
+    /// manifests, indexes and segments of its ancestors) is locked at least until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until_unix_ms: Option<u64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -211,6 +215,7 @@ pub(crate) mod tests {
             segments: vec!["a.seg".into()],
             generation: 0,
             folded: vec![],
+            locked_until_unix_ms: None,
         }
     }
 

@@ -353,6 +353,19 @@ impl Sink for AnySink {
     async fn remove_stale_partials(&self, grace: Duration) -> Result<u64, SinkError> {
         each!(self, s => s.remove_stale_partials(grace).await)
     }
+    fn lock_period(&self) -> Option<Duration> {
+        each!(self, s => s.lock_period())
+    }
+    async fn locked_until(&self, name: &str) -> Result<Option<std::time::SystemTime>, SinkError> {
+        each!(self, s => s.locked_until(name).await)
+    }
+    async fn extend_lock(
+        &self,
+        names: &[String],
+        until: std::time::SystemTime,
+    ) -> Result<(), SinkError> {
+        each!(self, s => s.extend_lock(names, until).await)
+    }
 }
 
 impl ObjectWriter for AnyWriter {

@@ -131,6 +131,10 @@ pub enum SinkError {
     Config(String),
     #[error("the sink's server does not support {0}; refusing to use it")]
     Unsupported(String),
+    /// The server refused to delete objects under S3 Object Lock (403): they stay until
+    /// their retention ends. `names`: every object refused, in the order asked.
+    #[error("{} object(s) under Object Lock, their retention not over (the server refused the deletion): {}", names.len(), names.first().map(String::as_str).unwrap_or(""))]
+    Locked { names: Vec<String> },
     #[error("short read of {name} at {offset:#x}: {got} of {want} bytes")]
     ShortRead {
         name: String,
@@ -216,6 +220,13 @@ impl ReadHint {
         max_gap: 1 << 20,
         parallel: 6,
     };
+}
+
+/// How long a sink with locks locks what it writes, and a backup extends its older objects'
+/// locks to, for a guaranteed `period`: a quarter more, so that the objects a chain shares
+/// need extending at most once a quarter period, not at every backup.
+pub fn lock_span(period: Duration) -> Duration {
+    period + period / 4
 }
 
 /// A storage backend. See the [module documentation](self).
@@ -316,6 +327,31 @@ pub trait Sink: Clone + Send + Sync + 'static {
             }
             Ok(())
         }
+    }
+    /// How long this sink locks what cbt writes for good (S3 Object Lock: segments, indexes,
+    /// manifests): `None` for sinks without immutable mode. A backup is immutable for at
+    /// least this long after it starts; see [`extend_lock`](Sink::extend_lock).
+    fn lock_period(&self) -> Option<Duration> {
+        None
+    }
+    /// Until when the server keeps object `name` locked (its retention date), or `None`
+    /// when it is not locked (or the sink has no locks).
+    fn locked_until(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<SystemTime>, SinkError>> + Send {
+        let _ = name;
+        async { Ok(None) }
+    }
+    /// Makes the server keep each of `names` locked until at least `until` (never shortens
+    /// a lock). A no-op on sinks without locks.
+    fn extend_lock(
+        &self,
+        names: &[String],
+        until: SystemTime,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = (names, until);
+        async { Ok(()) }
     }
     /// Removes what writers that died left behind (temporary files, unfinished uploads)
     /// older than `grace`; returns how many. Never touches a complete object, nor a partial

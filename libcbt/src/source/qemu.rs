@@ -675,6 +675,7 @@ mod tests {
             segments: vec![],
             generation: 0,
             folded: vec![],
+            locked_until_unix_ms: None,
         }
     }
 

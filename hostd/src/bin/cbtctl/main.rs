@@ -706,6 +706,12 @@ async fn main() -> Result<()> {
                         ),
                         Some(engine::Hold::Newest) => "kept: newest of a disk".to_string(),
                         Some(engine::Hold::Spared) => "kept".to_string(),
+                        Some(engine::Hold::Locked(t)) => format!(
+                            "kept: locked until {}",
+                            chrono::DateTime::from_timestamp_millis(*t as i64)
+                                .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                                .unwrap_or_default()
+                        ),
                     };
                     println!(
                         "{:<18} {} {:>2} disk(s)  {why}",
