@@ -24,6 +24,15 @@
 //! writes a probe object create-only twice and refuses the sink unless the second write is
 //! refused by the server.
 //!
+//! **Immutable mode** ([`S3Config::object_lock`]): every segment, index and manifest written
+//! gets its own retention date (`PutObjectRetention` on the version just written: one more
+//! request per object); [`delete`](Sink::delete) lists the object's versions
+//! (`ListObjectVersions`) and deletes each by version id, a 403 being [`SinkError::Locked`];
+//! [`delete_many`](Sink::delete_many) does so 8 objects at a time; `locked_until` is one
+//! `GetObjectRetention`, `extend_lock` one `PutObjectRetention` per object (and a read-back
+//! when the server refuses to shorten). [`S3Sink::open`] reads the bucket's Object Lock
+//! configuration and checks that the server refuses to delete a version it has just locked.
+//!
 //! Credentials come from [`S3Config`]; they never appear in `Debug` output or error texts.
 
 use std::sync::Arc;
