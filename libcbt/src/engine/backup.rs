@@ -452,6 +452,20 @@ async fn backup_disk_marked<S: Sink, R: Revalidate>(
                     match super::catalog::read_manifest(sink, &job.disk, &job.backup_id).await {
                         Ok(Some(m)) if m == sent => {
                             tracing::warn!(disk = %job.disk, backup = %job.backup_id, error = %e, "the manifest write failed but the manifest is there: committed");
+                            // Immutable sinks: the manifest promises a lock; make sure the
+                            // server keeps it (the write's own lock may be what failed).
+                            if let Some(until) = m.locked_until_unix_ms {
+                                let names = [
+                                    format::manifest_name(&job.disk, &job.backup_id),
+                                    m.index.name.clone(),
+                                ];
+                                if let Err(e2) =
+                                    sink.extend_lock(&names, super::prune::unix_ms(until)).await
+                                {
+                                    tracing::error!(disk = %job.disk, backup = %job.backup_id, error = %e2, "the committed manifest could not be locked: nothing rolled back");
+                                    return Err(e);
+                                }
+                            }
                             return Ok(m);
                         }
                         Ok(_) => {}

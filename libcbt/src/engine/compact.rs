@@ -205,6 +205,19 @@ async fn compact_marked<S: Sink>(
     sizes: &HashMap<String, u64>,
     mut report: CompactReport,
 ) -> Result<CompactReport, EngineError> {
+    // Immutable sinks: the copies are locked as long as the longest lock recorded by a
+    // backup that reads the old segments (those are unlocked, so normally not at all).
+    let chosen_names: BTreeSet<String> = chosen
+        .iter()
+        .map(|id| layout::segment_name(disk, *id))
+        .collect();
+    let until = ms
+        .iter()
+        .filter(|m| m.segments.iter().any(|s| chosen_names.contains(s)))
+        .filter_map(|m| m.locked_until_unix_ms)
+        .max()
+        .map(super::prune::unix_ms);
+    let seg_sink = sink.locking_until(until);
     let mut moved: HashMap<(SegmentId, u64), (SegmentId, u64)> = HashMap::new();
     let mut n: u64 = 0;
     let mut writer: Option<(SegmentId, S::Writer)> = None;
@@ -229,7 +242,7 @@ async fn compact_marked<S: Sink>(
             if writer.is_none() {
                 let id = (u128::from(prefix) << 64) | u128::from(n);
                 n += 1;
-                let mut w = sink.create(&layout::segment_name(disk, id)).await?;
+                let mut w = seg_sink.create(&layout::segment_name(disk, id)).await?;
                 w.append(segment::segment_header().to_vec()).await?;
                 writer = Some((id, w));
                 report.segments_written += 1;

@@ -31,8 +31,8 @@ pub use backup::{
 };
 pub use compact::{compact, CompactOptions, CompactReport};
 pub use prune::{
-    ancestors, bound_chain, plan_delete, plan_folds, plan_prune, prune, Bounded, Fold, Hold,
-    PruneEntry, PruneReport, MAX_FOLDED,
+    ancestors, bound_chain, plan_delete, plan_folds, plan_prune, prune, prune_with, Bounded, Fold,
+    Hold, PruneEntry, PruneReport, Steps, MAX_FOLDED,
 };
 pub use restore::{load_chain, restore, restore_with, RestoreOptions, RestoreStats, RestoreTarget};
 pub use verify::{verify_chain, verify_chain_with, Problem, VerifyOptions, VerifyReport};

@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::Serialize;
 
 use super::restore::load_index;
-use super::{catalog, EngineError};
+use super::{catalog, EngineError, Progress, ProgressFn};
 use crate::format::{
     fold_indexes, layout, referenced_segments, FullReason, Index, Level, Manifest, ObjectRef,
 };
@@ -333,6 +333,11 @@ fn plan_from(
         .collect())
 }
 
+/// The time `ms` milliseconds after the Unix epoch.
+pub(super) fn unix_ms(ms: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+}
+
 /// What one fold read and wrote.
 struct Folded {
     manifest: Manifest,
@@ -456,6 +461,9 @@ pub(super) async fn commit_generation<S: Sink>(
             base.generation
         )));
     }
+    // Immutable sinks: the new objects are locked as long as the backup's record says its
+    // objects are, no longer (a fold must not keep a backup past its retention).
+    let sink = &sink.locking_until(base.locked_until_unix_ms.map(unix_ms));
     // Above every object of it (an index a fold wrote before it died counts too).
     let generation = any.unwrap_or(0).checked_add(1).ok_or_else(|| {
         EngineError::Invalid(format!("backup {backup} of {disk}: generations exhausted"))
@@ -505,6 +513,31 @@ pub(super) async fn commit_generation<S: Sink>(
     Ok((manifest, written))
 }
 
+/// How a caller watches and stops a prune: `progress` after each step (a fold, or the
+/// deletion of a backup) with the steps done and in all; `cancel`, checked before each step.
+/// Every step is complete on its own, so a cancelled prune leaves every backup whole, and
+/// the same plan run again finishes the work.
+#[derive(Default, Clone, Copy)]
+pub struct Steps<'a> {
+    pub progress: Option<&'a ProgressFn<'a>>,
+    pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
+impl Steps<'_> {
+    fn next(&self, done: u64, total: u64) -> Result<(), EngineError> {
+        if let Some(p) = self.progress {
+            p(Progress { done, total });
+        }
+        if self
+            .cancel
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            return Err(EngineError::Cancelled);
+        }
+        Ok(())
+    }
+}
+
 /// Deletes what `plan` (from [`plan_prune`] or [`plan_delete`]) lets go: folds first, then
 /// the doomed backups, children before parents. With `instance` (a libvirt domain's uuid),
 /// the domain XML and job record of each backup go too. The disks are listed afresh: a
@@ -513,6 +546,16 @@ pub async fn prune<S: Sink>(
     sink: &S,
     plan: &[PruneEntry],
     instance: Option<&str>,
+) -> Result<PruneReport, EngineError> {
+    prune_with(sink, plan, instance, Steps::default()).await
+}
+
+/// [`prune`], watched and stoppable between steps (see [`Steps`]).
+pub async fn prune_with<S: Sink>(
+    sink: &S,
+    plan: &[PruneEntry],
+    instance: Option<&str>,
+    steps: Steps<'_>,
 ) -> Result<PruneReport, EngineError> {
     let doomed: Vec<&PruneEntry> = plan.iter().filter(|e| e.hold.is_none()).collect();
     let doomed_ids: HashSet<&str> = doomed.iter().map(|e| e.id.as_str()).collect();
@@ -523,19 +566,28 @@ pub async fn prune<S: Sink>(
         .collect();
     disks.sort_unstable();
     disks.dedup();
+    // Every disk's backups and folds first: the steps in all.
+    let mut listed = Vec::with_capacity(disks.len());
+    for d in disks {
+        let ms = catalog::list_backups(sink, d).await?;
+        let folds = plan_folds(&ms, &|id| doomed_ids.contains(id))?;
+        listed.push((d, ms, folds));
+    }
+    let total = (listed.iter().map(|(_, _, f)| f.len()).sum::<usize>() + doomed.len()) as u64;
+    let mut done = 0u64;
     // Each disk's backups after its folds.
     let mut current: BTreeMap<&str, Vec<Manifest>> = BTreeMap::new();
     // Sizes of the disks' objects as listed before any deletion (for the bytes reclaimed).
     let mut sizes: HashMap<String, u64> = HashMap::new();
-    for d in disks {
-        let mut ms = catalog::list_backups(sink, d).await?;
-        let folds = plan_folds(&ms, &|id| doomed_ids.contains(id))?;
+    for (d, mut ms, folds) in listed {
         let mut made = Vec::with_capacity(folds.len());
         {
             let by_id: HashMap<&str, &Manifest> =
                 ms.iter().map(|m| (m.backup_id.as_str(), m)).collect();
             for f in &folds {
+                steps.next(done, total)?;
                 let r = fold(sink, d, f, &by_id).await?;
+                done += 1;
                 report.folds += 1;
                 report.index_bytes_read += r.read;
                 report.index_bytes_written += r.written;
@@ -574,6 +626,7 @@ pub async fn prune<S: Sink>(
         current.insert(d, ms);
     }
     for e in children_first(&doomed) {
+        steps.next(done, total)?;
         for d in &e.disks {
             let Some(ms) = current.get_mut(d.as_str()) else {
                 continue;
@@ -583,7 +636,16 @@ pub async fn prune<S: Sink>(
             };
             let m = ms.remove(at);
             let others: Vec<&Manifest> = ms.iter().collect();
-            let gone = catalog::forget_among(sink, &m, &others).await?;
+            let gone = match catalog::forget_among(sink, &m, &others).await {
+                // Locked since the plan was made (a backup extended its chain's locks):
+                // it stays, whole, with its manifest.
+                Err(EngineError::Sink(crate::sink::SinkError::Locked { .. })) => {
+                    tracing::info!(backup = %e.id, disk = %d, "locked meanwhile: kept");
+                    ms.insert(at, m);
+                    continue;
+                }
+                r => r?,
+            };
             report.objects += gone.len();
             report.bytes_reclaimed += gone.iter().filter_map(|n| sizes.get(n)).sum::<u64>();
         }
@@ -596,7 +658,13 @@ pub async fn prune<S: Sink>(
         }
         tracing::info!(backup = %e.id, disks = e.disks.len(), "pruned");
         report.deleted.push(e.id.clone());
+        done += 1;
     }
+    steps.next(done, total).or_else(|e| match e {
+        // Finished: a cancel that comes now is too late to matter.
+        EngineError::Cancelled => Ok(()),
+        e => Err(e),
+    })?;
     Ok(report)
 }
 

@@ -356,6 +356,12 @@ impl Sink for AnySink {
     fn lock_period(&self) -> Option<Duration> {
         each!(self, s => s.lock_period())
     }
+    fn locking_until(&self, until: Option<std::time::SystemTime>) -> Self {
+        match self {
+            AnySink::S3(s) => AnySink::S3(s.locking_until(until)),
+            other => other.clone(),
+        }
+    }
     async fn locked_until(&self, name: &str) -> Result<Option<std::time::SystemTime>, SinkError> {
         each!(self, s => s.locked_until(name).await)
     }

@@ -334,6 +334,14 @@ pub trait Sink: Clone + Send + Sync + 'static {
     fn lock_period(&self) -> Option<Duration> {
         None
     }
+    /// A handle on the same sink whose writes of lockable objects are locked until `until`
+    /// (`None`: not locked) rather than for the lock span from the write: for rewrites (a
+    /// fold's new generation, compacted segments), which must not lock a backup longer than
+    /// its own lock already runs. Other sinks: the same handle.
+    fn locking_until(&self, until: Option<SystemTime>) -> Self {
+        let _ = until;
+        self.clone()
+    }
     /// Until when the server keeps object `name` locked (its retention date), or `None`
     /// when it is not locked (or the sink has no locks).
     fn locked_until(

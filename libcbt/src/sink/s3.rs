@@ -220,6 +220,9 @@ impl Default for S3Config {
 #[derive(Clone)]
 pub struct S3Sink {
     inner: Arc<Inner>,
+    /// Immutable mode: the retention date of what this handle writes, when it is not the
+    /// lock span from the write (`Some(None)`: not locked). See [`Sink::locking_until`].
+    until: Option<Option<SystemTime>>,
 }
 
 struct Inner {
@@ -335,6 +338,7 @@ impl S3Sink {
         let prefix = cfg.prefix.trim_matches('/');
         let (store, http) = clients(cfg)?;
         let sink = S3Sink {
+            until: None,
             inner: Arc::new(Inner {
                 store,
                 bucket: cfg.bucket.clone(),
@@ -525,16 +529,25 @@ impl S3Sink {
         let second = store
             .put_opts(&path, PutPayload::from_static(b"2"), create())
             .await;
-        match self.inner.lock {
+        let cleaned = match self.inner.lock {
             // Versioned: a plain DELETE would leave the probe's versions behind.
-            Some(_) => {
-                let _ = self.delete_versions_at(&name, &path).await;
-            }
+            Some(_) => self.delete_versions_at(&name, &path).await,
             None => {
                 let _ = store.delete(&path).await;
+                Ok(())
             }
-        }
+        };
         match second {
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) if cleaned.is_err() => {
+                Err(SinkError::Unsupported(format!(
+                "Object Lock (immutable mode): deleting the versions of an unlocked probe object \
+                 failed (the key needs s3:DeleteObjectVersion and s3:ListBucketVersions): {}",
+                cleaned.as_ref().err().map(|e| error_chain(e)).unwrap_or_default()
+            )))
+            }
             Err(
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
@@ -678,15 +691,38 @@ impl S3Sink {
             // The URL is presigned: it must not reach a log.
             source: Box::new(e.without_url()),
         };
-        let mut req = self.inner.http.request(method, url.as_str());
-        for (k, v) in hv {
-            req = req.header(k, v);
-        }
-        if let Some(b) = body {
-            req = req.body(b);
-        }
-        let resp = req.send().await.map_err(remote)?;
+        // These calls are idempotent: a 5xx, a 429 or a lost connection is tried again.
+        let mut attempt = 0u32;
+        let resp = loop {
+            let mut req = self.inner.http.request(method.clone(), url.as_str());
+            for (k, v) in &hv {
+                req = req.header(k.clone(), v.clone());
+            }
+            if let Some(b) = &body {
+                req = req.body(b.clone());
+            }
+            let r = req.send().await;
+            let again = match &r {
+                Ok(resp) => {
+                    resp.status().is_server_error()
+                        || resp.status() == http::StatusCode::TOO_MANY_REQUESTS
+                }
+                Err(_) => true,
+            };
+            if !again || attempt >= 4 {
+                break r.map_err(remote)?;
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        };
         let status = resp.status();
+        if resp.content_length().is_some_and(|l| l > 16 << 20) {
+            return Err(SinkError::TooLarge {
+                name: format!("answer to {op} {name}"),
+                len: resp.content_length().unwrap_or_default(),
+                max: 16 << 20,
+            });
+        }
         let body = resp.bytes().await.map_err(remote)?;
         if body.len() > 16 << 20 {
             return Err(SinkError::TooLarge {
@@ -838,19 +874,24 @@ impl S3Sink {
                 }
             }
             if child(root, "IsTruncated").as_deref() != Some("true") {
-                break;
+                return Ok(out);
             }
             match (
                 child(root, "NextKeyMarker"),
                 child(root, "NextVersionIdMarker"),
             ) {
                 // Past our key: the rest share its prefix only.
-                (Some(k), _) if k.as_str() > key => break,
+                (Some(k), _) if k.as_str() > key => return Ok(out),
                 (Some(k), Some(v)) => marker = Some((k, v)),
                 _ => break,
             }
         }
-        Ok(out)
+        // Part of the versions only: deleting the newest would bring an older one back.
+        Err(SinkError::Remote {
+            op: "listing versions of",
+            name: name.into(),
+            source: "the listing was cut short (no next marker, or over 100 pages)".into(),
+        })
     }
 
     /// Deletes every version of `name` (immutable mode: a plain DELETE in a versioned
@@ -876,9 +917,15 @@ impl S3Sink {
             match a.status {
                 s if s.is_success() || s == http::StatusCode::NOT_FOUND => {}
                 http::StatusCode::FORBIDDEN => {
-                    return Err(SinkError::Locked {
-                        names: vec![name.into()],
-                    })
+                    // Locked, or refused for another reason (no s3:DeleteObjectVersion, a
+                    // bad signature): only a retention date to come is a lock.
+                    let until = self.retention(name, path, Some(&v)).await?;
+                    if until.is_some_and(|t| t > SystemTime::now()) {
+                        return Err(SinkError::Locked {
+                            names: vec![name.into()],
+                        });
+                    }
+                    return Err(Self::refused("deleting", name, &a));
                 }
                 _ => return Err(Self::refused("deleting", name, &a)),
             }
@@ -989,9 +1036,32 @@ impl S3Sink {
         if !lockable(name) {
             return Ok(());
         }
+        let now = SystemTime::now();
+        let until = match self.until {
+            Some(u) => u,
+            None => Some(now + super::lock_span(lock.period)),
+        };
+        let Some(until) = until.filter(|u| *u > now) else {
+            return Ok(());
+        };
         let path = self.key(name)?;
-        let until = SystemTime::now() + super::lock_span(lock.period);
-        self.lock_object(name, &path, version, until).await
+        let r = self.lock_object(name, &path, version, until).await;
+        if let (Err(_), Some(v)) = (&r, version) {
+            // Lock or undo: an object that should be locked and is not must not stay (a
+            // committed manifest would promise a lock the server does not keep). Unlocked,
+            // the version just written can still go.
+            let _ = self
+                .call(
+                    ("deleting", name),
+                    http::Method::DELETE,
+                    &path,
+                    &[("versionId", v)],
+                    &[],
+                    None,
+                )
+                .await;
+        }
+        r
     }
 }
 
@@ -1230,6 +1300,13 @@ impl Sink for S3Sink {
 
     fn lock_period(&self) -> Option<Duration> {
         self.inner.lock.map(|l| l.period)
+    }
+
+    fn locking_until(&self, until: Option<SystemTime>) -> Self {
+        S3Sink {
+            inner: self.inner.clone(),
+            until: Some(until),
+        }
     }
 
     async fn locked_until(&self, name: &str) -> Result<Option<SystemTime>, SinkError> {
