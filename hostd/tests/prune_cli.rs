@@ -15,6 +15,31 @@ use libcbt::source::qemu::Requested;
 use support::common::lab::{guest_writes, Lab};
 use support::common::{rng, seed};
 
+type Refs = std::collections::BTreeMap<(String, String), std::path::PathBuf>;
+
+/// Every backup on the sink restores exactly (its reference in `refs`, by disk and id) and
+/// verifies clean (`what` names the moment in failures); returns their manifests.
+async fn all_restore(sink: &LocalSink, refs: &Refs, what: &str) -> Vec<libcbt::format::Manifest> {
+    let mut all = Vec::new();
+    for d in catalog::list_disks(sink).await.expect("disks") {
+        for m in catalog::list_backups(sink, &d).await.expect("list") {
+            support::common::lab::restore_matches(
+                sink,
+                &d,
+                &m.backup_id,
+                &refs[&(d.clone(), m.backup_id.clone())],
+            )
+            .await;
+            let v = libcbt::engine::verify_chain(sink, &d, &m.backup_id)
+                .await
+                .expect("verify");
+            assert!(v.ok(), "after {what}: {v:?}");
+            all.push(m);
+        }
+    }
+    all
+}
+
 /// Runs cbtctl with `args`; returns its stdout, failing the test on a non-zero exit.
 fn cbtctl(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_cbtctl"))
@@ -266,8 +291,7 @@ async fn prune_and_gc_in_other_processes_never_break_backups_of_other_instances(
         marker_refresh: Duration::from_millis(100),
         ..Default::default()
     };
-    let mut refs: std::collections::BTreeMap<(String, String), std::path::PathBuf> =
-        Default::default();
+    let mut refs = Refs::new();
     let mut round = async |lab: &Lab,
                            prefix: &str,
                            id: &str,
@@ -373,23 +397,7 @@ async fn prune_and_gc_in_other_processes_never_break_backups_of_other_instances(
     assert!(deleted.is_empty(), "collected: {deleted:?}");
     let prunes = std::fs::read_to_string(format!("{s}.prunes")).expect("prune output");
     assert_eq!(prunes.lines().count(), 5, "{prunes}");
-    let mut all = Vec::new();
-    for d in catalog::list_disks(&sink).await.expect("disks") {
-        for m in catalog::list_backups(&sink, &d).await.expect("list") {
-            support::common::lab::restore_matches(
-                &sink,
-                &d,
-                &m.backup_id,
-                &refs[&(d.clone(), m.backup_id.clone())],
-            )
-            .await;
-            let v = libcbt::engine::verify_chain(&sink, &d, &m.backup_id)
-                .await
-                .expect("verify");
-            assert!(v.ok(), "{v:?}");
-            all.push(m);
-        }
-    }
+    let all = all_restore(&sink, &refs, "the prunes").await;
     let ids = |prefix: &str| -> Vec<String> {
         let mut v: Vec<String> = all
             .iter()
@@ -426,8 +434,7 @@ async fn prune_and_compaction_killed_at_random_moments_lose_nothing() {
         segment_size: 1 << 20,
         ..Default::default()
     };
-    let mut refs: std::collections::BTreeMap<(String, String), std::path::PathBuf> =
-        Default::default();
+    let mut refs = Refs::new();
     // k0 ← k1 ← k2, k3 (full) ← k4 ← k5 ← k6.
     for i in 0..7 {
         for l in &lab.live {
@@ -456,26 +463,6 @@ async fn prune_and_compaction_killed_at_random_moments_lose_nothing() {
         .expect("backup");
     }
     let s = dir.display().to_string();
-    let check = async |what: &str| -> Vec<libcbt::format::Manifest> {
-        let mut all = Vec::new();
-        for d in catalog::list_disks(&sink).await.expect("disks") {
-            for m in catalog::list_backups(&sink, &d).await.expect("list") {
-                support::common::lab::restore_matches(
-                    &sink,
-                    &d,
-                    &m.backup_id,
-                    &refs[&(d.clone(), m.backup_id.clone())],
-                )
-                .await;
-                let v = libcbt::engine::verify_chain(&sink, &d, &m.backup_id)
-                    .await
-                    .expect("verify");
-                assert!(v.ok(), "after {what}: {v:?}");
-                all.push(m);
-            }
-        }
-        all
-    };
     let listing = || -> Vec<String> {
         let mut v: Vec<String> = walk(&dir);
         v.sort();
@@ -525,7 +512,7 @@ async fn prune_and_compaction_killed_at_random_moments_lose_nothing() {
             };
             if status.signal() == Some(9) {
                 kills += 1;
-                check(&format!("{args:?} killed")).await;
+                all_restore(&sink, &refs, &format!("{args:?} killed")).await;
             } else {
                 assert!(status.success(), "cbtctl {args:?}: {status}");
                 break;
@@ -540,7 +527,7 @@ async fn prune_and_compaction_killed_at_random_moments_lose_nothing() {
     catalog::collect_sink_garbage(&sink, Duration::ZERO)
         .await
         .expect("gc");
-    let all = check("the last runs").await;
+    let all = all_restore(&sink, &refs, "the last runs").await;
     let mut ids: Vec<String> = all.iter().map(|m| m.backup_id.clone()).collect();
     ids.sort();
     ids.dedup();

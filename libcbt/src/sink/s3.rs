@@ -894,6 +894,24 @@ impl S3Sink {
         })
     }
 
+    /// One DeleteObject of version `v` of `path`.
+    async fn delete_version(
+        &self,
+        what: (&'static str, &str),
+        path: &ObjPath,
+        v: &str,
+    ) -> Result<Answer, SinkError> {
+        self.call(
+            what,
+            http::Method::DELETE,
+            path,
+            &[("versionId", v)],
+            &[],
+            None,
+        )
+        .await
+    }
+
     /// Deletes every version of `name` (immutable mode: a plain DELETE in a versioned
     /// bucket only hides an object behind a delete marker and frees nothing). A version
     /// still locked stops it: [`SinkError::Locked`], and the object stays as it was for
@@ -904,16 +922,7 @@ impl S3Sink {
 
     async fn delete_versions_at(&self, name: &str, path: &ObjPath) -> Result<(), SinkError> {
         for v in self.versions(name, path.as_ref()).await? {
-            let a = self
-                .call(
-                    ("deleting", name),
-                    http::Method::DELETE,
-                    path,
-                    &[("versionId", v.as_str())],
-                    &[],
-                    None,
-                )
-                .await?;
+            let a = self.delete_version(("deleting", name), path, &v).await?;
             match a.status {
                 s if s.is_success() || s == http::StatusCode::NOT_FOUND => {}
                 http::StatusCode::FORBIDDEN => {
@@ -992,14 +1001,7 @@ impl S3Sink {
                 ))
             })?;
         let a = self
-            .call(
-                ("probing with", name),
-                http::Method::DELETE,
-                &path,
-                &[("versionId", version.as_str())],
-                &[],
-                None,
-            )
+            .delete_version(("probing with", name), &path, &version)
             .await?;
         if a.status != http::StatusCode::FORBIDDEN {
             return Err(SinkError::Unsupported(format!(
@@ -1013,16 +1015,7 @@ impl S3Sink {
         // Earlier probes, unlocked a minute after their open: best effort.
         for v in self.versions(name, &key).await.unwrap_or_default() {
             if v != version {
-                let _ = self
-                    .call(
-                        ("deleting", name),
-                        http::Method::DELETE,
-                        &path,
-                        &[("versionId", v.as_str())],
-                        &[],
-                        None,
-                    )
-                    .await;
+                let _ = self.delete_version(("deleting", name), &path, &v).await;
             }
         }
         Ok(())
@@ -1050,16 +1043,7 @@ impl S3Sink {
             // Lock or undo: an object that should be locked and is not must not stay (a
             // committed manifest would promise a lock the server does not keep). Unlocked,
             // the version just written can still go.
-            let _ = self
-                .call(
-                    ("deleting", name),
-                    http::Method::DELETE,
-                    &path,
-                    &[("versionId", v)],
-                    &[],
-                    None,
-                )
-                .await;
+            let _ = self.delete_version(("deleting", name), &path, v).await;
         }
         r
     }
