@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 
 use crate::config::{token_hash, valid_name};
 use crate::inventory::{self, Instance};
-use crate::journal::JobKind;
+use crate::journal::JobState;
 use crate::registry::{self, JobStatus, RestoreTo, Work};
 use crate::run::{self, blocking_io};
 use crate::safe_fs;
@@ -325,33 +325,18 @@ fn check_backup_id(id: &str) -> ApiResult<BackupId> {
     BackupId::parse(id).map_err(|e| ApiError::bad(format!("backup_id: {e}")))
 }
 
-/// Takes `instance` for a rewrite of its backups on `sink` (a deletion, a prune, a
-/// compaction): its claim (no backup starts), its rewriting mark (no restore or verification
-/// is admitted; marked before the running jobs are checked, so one admitted after the check
-/// sees it), and no job of it may be running on the sink. Held until the guards drop.
+/// [`run::take_for_rewrite`], refused as a 409.
 fn take_for_rewrite(
     st: &AppState,
     instance: &str,
     sink: &str,
-) -> ApiResult<(registry::InstanceClaim, registry::InstanceClaim)> {
-    let claim = st.jobs.claim(instance).map_err(submit_error)?;
-    let rewriting = st.jobs.mark_rewriting(instance);
-    if st.jobs.all().iter().any(|j| {
-        let j = j.snapshot();
-        !j.terminal() && j.instance == instance && j.sink == sink
-    }) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "busy",
-            "a job of this instance runs on this sink",
-        ));
-    }
-    Ok((claim, rewriting))
+) -> ApiResult<Vec<registry::InstanceClaim>> {
+    run::take_for_rewrite(st, instance, sink).map_err(submit_error)
 }
 
 fn submit_error(e: registry::SubmitError) -> ApiError {
     match e {
-        registry::SubmitError::InstanceBusy(_) => {
+        registry::SubmitError::InstanceBusy(_) | registry::SubmitError::Running(_) => {
             ApiError::new(StatusCode::CONFLICT, "busy", e.to_string())
         }
         registry::SubmitError::QueueFull(_) => {
@@ -442,11 +427,10 @@ async fn start_backup(
     });
     let job = run::submit(
         &st,
-        JobKind::Backup,
         i.tenant.clone(),
         &r.sink,
-        &backup_id,
         Work::Backup {
+            backup_id,
             domain_uuid: i.uuid.clone(),
             disks: r.disks,
             requested,
@@ -454,6 +438,7 @@ async fn start_backup(
             labels: r.labels,
         },
         request,
+        Vec::new(),
     )
     .await
     .map_err(submit_error)?;
@@ -763,17 +748,21 @@ struct GcReq {
     /// Live bytes copied at most, over all disks, in MiB (default 4096).
     #[serde(default)]
     max_copy_mib: Option<u64>,
+    /// Answer 202 with the job at once instead of its result at its end.
+    #[serde(default)]
+    background: bool,
 }
 
-/// `POST /v1/gc` (admin): the sink's garbage now, as the hourly housekeeping collects it:
-/// unfinished uploads and unreferenced objects older than the grace period and not covered by
-/// a live in-progress marker; safe with backups and prunes running anywhere. With `compact`,
-/// then the sparse segments of every idle instance's disks (see [`compact_sink`]).
+/// `POST /v1/gc` (admin): a job that collects the sink's garbage now, as the hourly
+/// housekeeping does: unfinished uploads and unreferenced objects older than the grace period
+/// and not covered by a live in-progress marker; safe with backups and prunes running
+/// anywhere. With `compact`, then the sparse segments of every idle instance's disks (see
+/// `run::compact_sink`).
 async fn collect_garbage(
     State(st): State<Arc<AppState>>,
     h: HeaderMap,
     body: Result<Json<GcReq>, JsonRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let c = auth(&st, &h)?;
     accepting(&st)?;
     if c.tenant.is_some() {
@@ -795,79 +784,63 @@ async fn collect_garbage(
     if !(threshold > 0.0 && threshold <= 1.0) {
         return Err(ApiError::bad("threshold: a fraction in (0, 1]"));
     }
-    let s = open_sink(&st, &r.sink).await?;
-    let report = catalog::collect_sink_garbage(&s, Duration::from_secs(grace))
-        .await
-        .map_err(|e| ApiError::internal(chain(&e)))?;
-    st.metrics
-        .reclaimed("gc", 0, report.objects.len(), report.bytes);
-    tracing::info!(sink = %r.sink, objects = report.objects.len(), bytes = report.bytes,
-                   partials = report.partials, "garbage collected");
-    let mut out = json!({
-        "sink": r.sink, "grace_secs": grace, "partials": report.partials,
-        "objects": report.objects.len(), "bytes": report.bytes,
+    // The sink exists and opens before a job is made of it.
+    open_sink(&st, &r.sink).await?;
+    let compact = r.compact.then(|| registry::Compaction {
+        threshold,
+        max_bytes: r.max_copy_mib.unwrap_or(4096).saturating_mul(1 << 20),
     });
-    if r.compact {
-        out["compaction"] = compact_sink(&st, &s, &r.sink, threshold, r.max_copy_mib).await?;
+    let request = json!({"sink": r.sink, "grace_secs": grace, "compact": r.compact,
+                         "threshold": threshold, "max_copy_mib": r.max_copy_mib, "caller": c.token});
+    let job = run::submit(
+        &st,
+        None,
+        &r.sink,
+        Work::Gc {
+            grace: Duration::from_secs(grace),
+            compact,
+        },
+        request,
+        Vec::new(),
+    )
+    .await
+    .map_err(submit_error)?;
+    if r.background {
+        return Ok(accepted(&job));
     }
-    Ok(Json(out))
+    ended(&job).await
 }
 
-/// Compacts every disk of sink `name` whose instance (`<uuid>.<target>`: the part before the
-/// first dot) is idle, claiming the instance meanwhile as a prune does: no fold of its disks
-/// can run beside the rewrite. Busy disks are listed and left for another run.
-async fn compact_sink(
-    st: &AppState,
-    s: &AnySink,
-    name: &str,
-    threshold: f64,
-    max_copy_mib: Option<u64>,
-) -> ApiResult<Value> {
-    let mut left = max_copy_mib.unwrap_or(4096).saturating_mul(1 << 20);
-    let mut total = engine::CompactReport::default();
-    let mut busy = Vec::new();
-    for d in catalog::list_disks(s)
-        .await
-        .map_err(|e| ApiError::internal(chain(&e)))?
-    {
-        let instance = d.split_once('.').map_or(d.as_str(), |(u, _)| u).to_string();
-        let Ok(_taken) = take_for_rewrite(st, &instance, name) else {
-            busy.push(d);
-            continue;
-        };
-        let opts = engine::CompactOptions {
-            threshold,
-            max_bytes: left,
-            ..Default::default()
-        };
-        let r = engine::compact(s, &d, &opts)
-            .await
-            .map_err(|e| ApiError::internal(chain(&e)))?;
-        left = left.saturating_sub(r.bytes_copied);
-        total.segments_rewritten += r.segments_rewritten;
-        total.segments_written += r.segments_written;
-        total.segments_left += r.segments_left;
-        total.bytes_copied += r.bytes_copied;
-        total.bytes_reclaimed += r.bytes_reclaimed;
-        total.backups_rewritten += r.backups_rewritten;
+/// Waits for `job` to end: its result and id (200), or why it did not succeed (409 when
+/// cancelled, 500 when it failed). A client that leaves meanwhile leaves the job running.
+async fn ended(job: &registry::Job) -> ApiResult<Response> {
+    let mut rx = job.status.subscribe();
+    let s = match rx.wait_for(|s| s.terminal()).await {
+        Ok(s) => s.clone(),
+        Err(_) => job.snapshot(),
+    };
+    match s.state {
+        JobState::Succeeded => {
+            let mut v = s.result.clone().unwrap_or_else(|| json!({}));
+            v["job"] = json!(s.id);
+            Ok(Json(v).into_response())
+        }
+        JobState::Cancelled => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "cancelled",
+            format!(
+                "job {} was cancelled: {}",
+                s.id,
+                s.error.unwrap_or_default()
+            ),
+        )),
+        _ => Err(ApiError::internal(format!(
+            "job {} {}: {}",
+            s.id,
+            s.state,
+            s.error.unwrap_or_default()
+        ))),
     }
-    st.metrics.reclaimed(
-        "compact",
-        0,
-        total.segments_rewritten,
-        total.bytes_reclaimed,
-    );
-    tracing::info!(
-        sink = name,
-        segments = total.segments_rewritten,
-        copied = total.bytes_copied,
-        reclaimed = total.bytes_reclaimed,
-        busy = busy.len(),
-        "compacted"
-    );
-    let mut v = serde_json::to_value(&total).unwrap_or_default();
-    v["busy_disks"] = json!(busy);
-    Ok(v)
 }
 
 #[derive(Debug, Deserialize)]
@@ -880,17 +853,21 @@ struct PruneReq {
     policy: libcbt::retention::KeepPolicy,
     #[serde(default)]
     dry_run: bool,
+    /// Answer 202 with the job at once instead of its result at its end.
+    #[serde(default)]
+    background: bool,
 }
 
-/// Prunes an instance's backups on a sink by a keep policy (see `libcbt::engine::prune`):
-/// answers the plan (what keeps each backup) and what was deleted. Metadata deletes only, so
-/// it answers at once, like a single deletion; no backup of the instance may start meanwhile,
-/// and none may be running.
+/// Prunes an instance's backups on a sink by a keep policy (see `libcbt::engine::prune`).
+/// A dry run answers the plan (what keeps each backup) at once. Otherwise the plan is run
+/// by a job (progress by steps, cancel between steps) that holds the instance: no backup of
+/// it may start meanwhile, and none may be running; the answer is the job's result (the plan
+/// and what was deleted) at its end, or with `background` the job at once (202).
 async fn prune_backups(
     State(st): State<Arc<AppState>>,
     h: HeaderMap,
     body: Result<Json<PruneReq>, JsonRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let c = auth(&st, &h)?;
     accepting(&st)?;
     let Json(r) = body?;
@@ -898,16 +875,17 @@ async fn prune_backups(
     let uuid = resolve_uuid(&st, &c, &r.instance).await?;
     let s = open_sink(&st, &r.sink).await?;
     // The caller must see the instance's tenant, as in the backup listing.
-    if !c.sees(tenant_of_uuid(&st, &s, &uuid).await.as_deref()) {
+    let tenant = tenant_of_uuid(&st, &s, &uuid).await;
+    if !c.sees(tenant.as_deref()) {
         return Err(ApiError::not_found("backup"));
     }
     let disks = catalog::instance_disks(&s, &uuid)
         .await
         .map_err(|e| ApiError::internal(chain(&e)))?;
-    let _taken = if r.dry_run {
-        None
+    let held = if r.dry_run {
+        Vec::new()
     } else {
-        Some(take_for_rewrite(&st, &uuid, &r.sink)?)
+        take_for_rewrite(&st, &uuid, &r.sink)?
     };
     let plan = engine::plan_prune(&s, &disks, &r.policy)
         .await
@@ -918,35 +896,36 @@ async fn prune_backups(
     if plan.is_empty() {
         return Err(ApiError::not_found("backup"));
     }
-    // The disks that hold backups (a disk with only leftovers holds none).
-    let mut disks: Vec<&String> = plan.iter().flat_map(|e| &e.disks).collect();
-    disks.sort();
-    disks.dedup();
-    let report = if r.dry_run {
-        engine::PruneReport::default()
-    } else {
-        engine::prune(&s, &plan, Some(&uuid))
-            .await
-            .map_err(|e| ApiError::internal(chain(&e)))?
-    };
-    if !r.dry_run {
-        tracing::info!(instance = %uuid, sink = %r.sink, deleted = report.deleted.len(),
-                       objects = report.objects, "pruned");
-        st.metrics.reclaimed(
-            "prune",
-            report.deleted.len(),
-            report.objects,
-            report.bytes_reclaimed,
-        );
-        st.metrics.folded("prune", report.folds);
+    if r.dry_run {
+        // The disks that hold backups (a disk with only leftovers holds none).
+        let mut disks: Vec<&String> = plan.iter().flat_map(|e| &e.disks).collect();
+        disks.sort();
+        disks.dedup();
+        return Ok(Json(json!({
+            "instance": uuid, "sink": r.sink, "dry_run": true, "disks": disks,
+            "plan": plan, "deleted": [], "objects": 0, "folds": 0, "bytes_reclaimed": 0,
+            "index_bytes_read": 0, "index_bytes_written": 0,
+        }))
+        .into_response());
     }
-    Ok(Json(json!({
-        "instance": uuid, "sink": r.sink, "dry_run": r.dry_run, "disks": disks,
-        "plan": plan, "deleted": report.deleted, "objects": report.objects,
-        "folds": report.folds, "bytes_reclaimed": report.bytes_reclaimed,
-        "index_bytes_read": report.index_bytes_read,
-        "index_bytes_written": report.index_bytes_written,
-    })))
+    let request = json!({"instance": uuid, "sink": r.sink, "policy": r.policy, "caller": c.token});
+    let job = run::submit(
+        &st,
+        tenant.or(c.tenant.clone()),
+        &r.sink,
+        Work::Prune {
+            domain_uuid: uuid,
+            plan,
+        },
+        request,
+        held,
+    )
+    .await
+    .map_err(submit_error)?;
+    if r.background {
+        return Ok(accepted(&job));
+    }
+    ended(&job).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -1124,16 +1103,16 @@ async fn start_restore(
     let request = json!({"instance": uuid, "sink": r.sink, "backup_id": r.backup_id, "disks": disks, "caller": c.token});
     let job = run::submit(
         &st,
-        JobKind::Restore,
         tenant,
         &r.sink,
-        &backup_id,
         Work::Restore {
+            backup_id,
             domain_uuid: uuid,
             disks,
             target,
         },
         request,
+        Vec::new(),
     )
     .await
     .map_err(submit_error)?;
@@ -1162,15 +1141,15 @@ async fn start_verify(
         json!({"instance": uuid, "sink": r.sink, "backup_id": r.backup_id, "caller": c.token});
     let job = run::submit(
         &st,
-        JobKind::Verify,
         tenant,
         &r.sink,
-        &backup_id,
         Work::Verify {
+            backup_id,
             domain_uuid: uuid,
             disks,
         },
         request,
+        Vec::new(),
     )
     .await
     .map_err(submit_error)?;

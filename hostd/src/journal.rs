@@ -65,6 +65,10 @@ pub enum JobKind {
     Backup,
     Restore,
     Verify,
+    /// A prune or a single deletion of an instance's backups.
+    Prune,
+    /// A sink's garbage collection, and compaction when asked.
+    Gc,
 }
 
 /// Where a job is. `Recovering`: a previous life's job whose recovery could not finish yet
@@ -121,7 +125,7 @@ macro_rules! named_enum {
     };
 }
 
-named_enum!(JobKind { Backup => "backup", Restore => "restore", Verify => "verify" });
+named_enum!(JobKind { Backup => "backup", Restore => "restore", Verify => "verify", Prune => "prune", Gc => "gc" });
 named_enum!(JobState {
     Queued => "queued",
     Running => "running",

@@ -29,6 +29,15 @@ fn op(summary: &str, tag: &str, ok: &str, body: Option<&str>, params: Value) -> 
     o
 }
 
+/// An operation run as a job: 200 with its result at its end, or 202 with the job at once
+/// (`background`); 409 when it was cancelled or the instance is busy.
+fn job_op(mut o: Value) -> Value {
+    o["responses"]["202"] = json!({"description": "the job, started (background)",
+        "content": {"application/json": {"schema": {"type": "object"}}}});
+    o["responses"]["409"] = json!({"$ref": "#/components/responses/Error"});
+    o
+}
+
 fn path_param(name: &str, desc: &str) -> Value {
     json!({"name": name, "in": "path", "required": true, "description": desc, "schema": {"type": "string", "maxLength": 128}})
 }
@@ -75,8 +84,8 @@ pub fn document() -> Value {
             },
             "/v1/restores": {"post": op("Start restore", "restores", "202", Some("RestoreRequest"), json!([]))},
             "/v1/verifications": {"post": op("Start verification", "verifications", "202", Some("VerifyRequest"), json!([]))},
-            "/v1/prune": {"post": op("Prune backups", "backups", "200", Some("PruneRequest"), json!([]))},
-            "/v1/gc": {"post": op("Collect a sink's garbage (admin)", "backups", "200", Some("GcRequest"), json!([]))},
+            "/v1/prune": {"post": job_op(op("Prune backups", "backups", "200", Some("PruneRequest"), json!([])))},
+            "/v1/gc": {"post": job_op(op("Collect a sink's garbage (admin)", "backups", "200", Some("GcRequest"), json!([])))},
             "/v1/jobs": {"get": op("List jobs", "jobs", "200", None, json!([]))},
             "/v1/jobs/{id}": {"get": op("Show job", "jobs", "200", None, json!([job_id.clone()]))},
             "/v1/jobs/{id}/cancel": {"post": op("Cancel job", "jobs", "202", None, json!([job_id.clone()]))},
@@ -113,7 +122,8 @@ pub fn document() -> Value {
                                 "keep_monthly": {"type": "integer", "minimum": 0},
                                 "keep_yearly": {"type": "integer", "minimum": 0},
                                 "utc_offset_secs": {"type": "integer", "minimum": -86399, "maximum": 86399}}},
-                        "dry_run": {"type": "boolean"}}},
+                        "dry_run": {"type": "boolean", "description": "answer the plan at once; delete nothing"},
+                        "background": {"type": "boolean", "description": "answer 202 with the job at once"}}},
                 "GcRequest": {"type": "object", "additionalProperties": false,
                     "required": ["sink"],
                     "properties": {
@@ -124,7 +134,8 @@ pub fn document() -> Value {
                         "threshold": {"type": "number", "minimum": 0, "exclusiveMinimum": true, "maximum": 1,
                             "description": "live fraction under which a segment is rewritten (0.5)"},
                         "max_copy_mib": {"type": "integer", "minimum": 0,
-                            "description": "live bytes copied at most, in MiB (4096)"}}},
+                            "description": "live bytes copied at most, in MiB (4096)"},
+                        "background": {"type": "boolean", "description": "answer 202 with the job at once"}}},
                 "BackupRequest": {"type": "object", "additionalProperties": false,
                     "required": ["instance", "sink"],
                     "properties": {

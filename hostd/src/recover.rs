@@ -148,6 +148,15 @@ async fn reconcile_once(st: &Arc<AppState>, row: &JobRow) -> Option<JobState> {
         JobKind::Verify => Ok(Recovered::RolledBack(
             "a verification writes nothing".into(),
         )),
+        // Every step of a prune (a fold, a deletion) and of a collection or compaction is
+        // complete on its own and leaves every backup whole; what a step that died left is
+        // swept by the next prune or collection.
+        JobKind::Prune => Ok(Recovered::RolledBack(
+            "every backup is whole; the same prune run again finishes it".into(),
+        )),
+        JobKind::Gc => Ok(Recovered::RolledBack(
+            "every backup is whole; the next collection finishes it".into(),
+        )),
     };
     tracing::info!(job = %row.id, outcome = ?outcome, "reconciliation");
     let (state, error) = match outcome {

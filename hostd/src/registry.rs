@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use libcbt::engine::PruneEntry;
+use libcbt::format::BackupId;
 use libcbt::source::qemu::Requested;
 use serde::Serialize;
 use serde_json::Value;
@@ -33,6 +35,11 @@ pub struct JobStatus {
     pub consistency: Option<String>,
     pub freeze_ms: Option<u64>,
     pub warnings: Vec<String>,
+    /// A prune's or a collection's steps (folds, deletions, disks compacted): done, in all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps_done: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps_total: Option<u64>,
     pub created_ms: i64,
     pub finished_ms: Option<i64>,
     pub error: Option<String>,
@@ -137,6 +144,7 @@ impl Job {
 #[derive(Debug, Clone)]
 pub enum Work {
     Backup {
+        backup_id: BackupId,
         domain_uuid: String,
         disks: Option<Vec<String>>,
         requested: Requested,
@@ -144,14 +152,66 @@ pub enum Work {
         labels: BTreeMap<String, String>,
     },
     Restore {
+        backup_id: BackupId,
         domain_uuid: String,
         disks: Vec<String>,
         target: RestoreTo,
     },
     Verify {
+        backup_id: BackupId,
         domain_uuid: String,
         disks: Vec<String>,
     },
+    /// What a prune plan (or a single deletion's) lets go of an instance's backups.
+    Prune {
+        domain_uuid: String,
+        plan: Vec<PruneEntry>,
+    },
+    /// A sink's garbage older than `grace`, then (with `compact`) its sparse segments.
+    Gc {
+        grace: Duration,
+        compact: Option<Compaction>,
+    },
+}
+
+/// How a collection compacts: a segment whose live fraction is under `threshold` is
+/// rewritten, `max_bytes` live bytes copied at most over all disks.
+#[derive(Debug, Clone, Copy)]
+pub struct Compaction {
+    pub threshold: f64,
+    pub max_bytes: u64,
+}
+
+impl Work {
+    pub fn kind(&self) -> JobKind {
+        match self {
+            Work::Backup { .. } => JobKind::Backup,
+            Work::Restore { .. } => JobKind::Restore,
+            Work::Verify { .. } => JobKind::Verify,
+            Work::Prune { .. } => JobKind::Prune,
+            Work::Gc { .. } => JobKind::Gc,
+        }
+    }
+
+    /// The instance (a domain uuid) the job works on; none for a whole sink's collection.
+    pub fn instance(&self) -> &str {
+        match self {
+            Work::Backup { domain_uuid, .. }
+            | Work::Restore { domain_uuid, .. }
+            | Work::Verify { domain_uuid, .. }
+            | Work::Prune { domain_uuid, .. } => domain_uuid,
+            Work::Gc { .. } => "",
+        }
+    }
+
+    pub fn backup_id(&self) -> Option<&BackupId> {
+        match self {
+            Work::Backup { backup_id, .. }
+            | Work::Restore { backup_id, .. }
+            | Work::Verify { backup_id, .. } => Some(backup_id),
+            Work::Prune { .. } | Work::Gc { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +237,8 @@ pub enum RestoreTo {
 pub enum SubmitError {
     #[error("a backup or deletion of instance {0} is in progress")]
     InstanceBusy(String),
+    #[error("a job of instance {0} runs on this sink")]
+    Running(String),
     #[error("{0} jobs are queued already; try again later")]
     QueueFull(usize),
     #[error("journaling the job")]

@@ -21,47 +21,46 @@ use libcbt::format::{BackupId, Level};
 
 use crate::journal::{JobKind, JobRow, JobState, Journal};
 use crate::recover::BackupPlan;
-use crate::registry::{new_job_id, Job, JobStatus, RestoreTo, SubmitError, Work};
+use crate::registry::{
+    new_job_id, Compaction, InstanceClaim, Job, JobStatus, RestoreTo, SubmitError, Work,
+};
 use crate::safe_fs::{self, FileId};
 use crate::state::AppState;
 
-/// Journals and starts a job; returns at once.
+/// Journals and starts a job; returns at once. `held` (an instance's claim and rewriting
+/// mark, say) is released when the job ends.
 pub async fn submit(
     st: &Arc<AppState>,
-    kind: JobKind,
     tenant: Option<String>,
     sink: &str,
-    backup_id: &BackupId,
     work: Work,
     request: Value,
+    held: Vec<InstanceClaim>,
 ) -> Result<Arc<Job>, SubmitError> {
     let id = new_job_id();
-    let instance = match &work {
-        Work::Backup { domain_uuid, .. }
-        | Work::Restore { domain_uuid, .. }
-        | Work::Verify { domain_uuid, .. } => domain_uuid.clone(),
-    };
+    let kind = work.kind();
+    let instance = work.instance().to_string();
     // Admission: a place in the queue, and the instance for a backup.
     let jobs = &st.jobs;
     jobs.enqueue()?;
     let unqueue = || jobs.dequeue();
-    let claim = match &work {
-        Work::Backup { .. } => match jobs.claim(&instance) {
-            Ok(c) => Some(c),
+    let mut held = held;
+    if let Work::Backup { .. } = &work {
+        match jobs.claim(&instance) {
+            Ok(c) => held.push(c),
             Err(e) => {
                 unqueue();
                 return Err(e);
             }
-        },
-        _ => None,
-    };
+        }
+    }
     let row = JobRow {
         id: id.clone(),
         kind,
         tenant: tenant.clone(),
         instance: instance.clone(),
         sink: sink.into(),
-        backup_id: backup_id.to_string(),
+        backup_id: work.backup_id().map(|b| b.to_string()).unwrap_or_default(),
         request,
         state: JobState::Queued,
         plan: None,
@@ -85,12 +84,12 @@ pub async fn submit(
     let job = Arc::new(Job::new(status));
     st.jobs.insert(job.clone());
     st.metrics.jobs_queued.inc();
-    let (st2, job2, sink2, bid) = (st.clone(), job.clone(), sink.to_string(), backup_id.clone());
+    let (st2, job2, sink2) = (st.clone(), job.clone(), sink.to_string());
     let span = tracing::info_span!("job", job = %id, kind = %kind, instance = %instance);
     tokio::spawn(tracing::Instrument::instrument(
         async move {
-            let _claim = claim;
-            run(st2.clone(), job2.clone(), sink2, bid, work).await;
+            let _held = held;
+            run(st2.clone(), job2.clone(), sink2, work).await;
             st2.jobs.retire(&job2.id);
         },
         span,
@@ -129,7 +128,7 @@ async fn finish(
     });
 }
 
-async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: BackupId, work: Work) {
+async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, work: Work) {
     // Queue: one host slot and one slot of the tenant.
     let tenant = job.tenant.clone().unwrap_or_else(|| "-".into());
     let permits = st.jobs.run_slots(&tenant, &job).await;
@@ -173,6 +172,7 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: BackupId
         Ok(None) => Err((format!("no sink {sink}"), "sink")),
         Ok(Some(s)) => match work {
             Work::Backup {
+                backup_id,
                 domain_uuid,
                 disks,
                 requested,
@@ -200,6 +200,7 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: BackupId
                 .await
             }
             Work::Restore {
+                backup_id,
                 domain_uuid,
                 disks,
                 target,
@@ -207,9 +208,15 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, backup_id: BackupId
                 let id = backup_id.as_str();
                 run_restore(&st, &job, &s, id, &domain_uuid, &disks, target).await
             }
-            Work::Verify { domain_uuid, disks } => {
-                run_verify(&job, &s, backup_id.as_str(), &domain_uuid, &disks).await
+            Work::Verify {
+                backup_id,
+                domain_uuid,
+                disks,
+            } => run_verify(&job, &s, backup_id.as_str(), &domain_uuid, &disks).await,
+            Work::Prune { domain_uuid, plan } => {
+                run_prune(&st, &job, &s, &sink, &domain_uuid, &plan).await
             }
+            Work::Gc { grace, compact } => run_gc(&st, &job, &s, &sink, grace, compact).await,
         },
         Err(e) => Err((format!("sink {sink}: {}", chain(&e)), "sink")),
     };
@@ -456,6 +463,184 @@ async fn run_backup(
 }
 
 /// Object name of a backup's summary record (labels, consistency) on the sink.
+/// Takes `instance` for a rewrite of its backups on `sink` (a deletion, a prune, a
+/// compaction): its claim (no backup starts), its rewriting mark (no restore or verification
+/// is admitted; marked before the running jobs are checked, so one admitted after the check
+/// sees it), and no job of it may be running on the sink. Held until the claims drop.
+pub(crate) fn take_for_rewrite(
+    st: &AppState,
+    instance: &str,
+    sink: &str,
+) -> Result<Vec<InstanceClaim>, SubmitError> {
+    let claim = st.jobs.claim(instance)?;
+    let rewriting = st.jobs.mark_rewriting(instance);
+    if st.jobs.all().iter().any(|j| {
+        let j = j.snapshot();
+        !j.terminal() && j.instance == instance && j.sink == sink
+    }) {
+        return Err(SubmitError::Running(instance.to_string()));
+    }
+    Ok(vec![claim, rewriting])
+}
+
+fn engine_err(e: &EngineError) -> (String, &'static str) {
+    let kind = match e {
+        EngineError::Cancelled => "cancelled",
+        EngineError::Sink(_) => "sink",
+        _ => "engine",
+    };
+    (chain(e), kind)
+}
+
+/// Shows a prune's or a collection's steps on the job.
+fn steps(job: &Job, done: u64, total: u64) {
+    update(job, |s| {
+        s.steps_done = Some(done);
+        s.steps_total = Some(total);
+    });
+}
+
+/// Runs a prune plan (see `libcbt::engine::prune_with`): folds, then the deletions, one step
+/// at a time, each complete on its own; a cancel is honoured between two steps, so a
+/// cancelled prune leaves every backup whole and the same prune run again finishes it.
+async fn run_prune(
+    st: &AppState,
+    job: &Job,
+    sink: &AnySink,
+    name: &str,
+    uuid: &str,
+    plan: &[engine::PruneEntry],
+) -> JobResult {
+    update(job, |s| s.phase = "pruning".into());
+    let progress = |p: engine::Progress| steps(job, p.done, p.total);
+    let with = engine::Steps {
+        progress: Some(&progress),
+        cancel: Some(&job.cancel),
+    };
+    let report = engine::prune_with(sink, plan, Some(uuid), with)
+        .await
+        .map_err(|e| engine_err(&e))?;
+    let total = job.snapshot().steps_total.unwrap_or(0);
+    steps(job, total, total);
+    tracing::info!(instance = %uuid, deleted = report.deleted.len(), objects = report.objects,
+                   folds = report.folds, "pruned");
+    st.metrics.reclaimed(
+        "prune",
+        report.deleted.len(),
+        report.objects,
+        report.bytes_reclaimed,
+    );
+    st.metrics.folded("prune", report.folds);
+    let mut disks: Vec<&String> = plan.iter().flat_map(|e| &e.disks).collect();
+    disks.sort();
+    disks.dedup();
+    Ok(json!({
+        "instance": uuid, "sink": name, "dry_run": false, "disks": disks,
+        "plan": plan, "deleted": report.deleted, "objects": report.objects,
+        "folds": report.folds, "bytes_reclaimed": report.bytes_reclaimed,
+        "index_bytes_read": report.index_bytes_read,
+        "index_bytes_written": report.index_bytes_written,
+    }))
+}
+
+/// A sink's garbage now, as the hourly housekeeping collects it (unfinished uploads and
+/// unreferenced objects older than `grace`, none covered by a live in-progress marker), then
+/// with `compact` the sparse segments of every idle instance's disks, one disk a step.
+async fn run_gc(
+    st: &AppState,
+    job: &Job,
+    sink: &AnySink,
+    name: &str,
+    grace: Duration,
+    compact: Option<Compaction>,
+) -> JobResult {
+    update(job, |s| s.phase = "collecting".into());
+    let report = engine::catalog::collect_sink_garbage(sink, grace)
+        .await
+        .map_err(|e| (chain(&e), "sink"))?;
+    st.metrics
+        .reclaimed("gc", 0, report.objects.len(), report.bytes);
+    tracing::info!(sink = %name, objects = report.objects.len(), bytes = report.bytes,
+                   partials = report.partials, "garbage collected");
+    let mut out = json!({
+        "sink": name, "grace_secs": grace.as_secs(), "partials": report.partials,
+        "objects": report.objects.len(), "bytes": report.bytes,
+    });
+    if let Some(c) = compact {
+        out["compaction"] = compact_sink(st, job, sink, name, c).await?;
+    }
+    Ok(out)
+}
+
+/// Compacts every disk of sink `name` whose instance (`<uuid>.<target>`: the part before the
+/// first dot) is idle, taking the instance meanwhile as a prune does: no fold of its disks
+/// can run beside the rewrite. Busy disks are listed and left for another run. A cancel is
+/// honoured between two disks.
+async fn compact_sink(
+    st: &AppState,
+    job: &Job,
+    s: &AnySink,
+    name: &str,
+    c: Compaction,
+) -> JobResult {
+    update(job, |s| s.phase = "compacting".into());
+    let disks = engine::catalog::list_disks(s)
+        .await
+        .map_err(|e| (chain(&e), "sink"))?;
+    let mut left = c.max_bytes;
+    let mut total = engine::CompactReport::default();
+    let mut busy = Vec::new();
+    let n = disks.len() as u64;
+    for (i, d) in disks.into_iter().enumerate() {
+        steps(job, i as u64, n);
+        if job.cancel.load(Ordering::SeqCst) {
+            return Err((
+                "cancelled between two disks' compactions".into(),
+                "cancelled",
+            ));
+        }
+        let instance = d.split_once('.').map_or(d.as_str(), |(u, _)| u).to_string();
+        let Ok(_taken) = take_for_rewrite(st, &instance, name) else {
+            busy.push(d);
+            continue;
+        };
+        let opts = engine::CompactOptions {
+            threshold: c.threshold,
+            max_bytes: left,
+            ..Default::default()
+        };
+        let r = engine::compact(s, &d, &opts)
+            .await
+            .map_err(|e| engine_err(&e))?;
+        left = left.saturating_sub(r.bytes_copied);
+        total.segments_rewritten += r.segments_rewritten;
+        total.segments_written += r.segments_written;
+        total.segments_left += r.segments_left;
+        total.segments_locked += r.segments_locked;
+        total.bytes_copied += r.bytes_copied;
+        total.bytes_reclaimed += r.bytes_reclaimed;
+        total.backups_rewritten += r.backups_rewritten;
+    }
+    steps(job, n, n);
+    st.metrics.reclaimed(
+        "compact",
+        0,
+        total.segments_rewritten,
+        total.bytes_reclaimed,
+    );
+    tracing::info!(
+        sink = name,
+        segments = total.segments_rewritten,
+        copied = total.bytes_copied,
+        reclaimed = total.bytes_reclaimed,
+        busy = busy.len(),
+        "compacted"
+    );
+    let mut v = serde_json::to_value(&total).unwrap_or_default();
+    v["busy_disks"] = json!(busy);
+    Ok(v)
+}
+
 pub fn record_name(uuid: &str, backup_id: &str) -> String {
     libcbt::format::layout::job_record_name(uuid, backup_id)
 }

@@ -47,6 +47,10 @@ name = "local"
 path = "{{dir}}/sink"
 
 [[sink]]
+name = "prunes"
+path = "{{dir}}/sink-prunes"
+
+[[sink]]
 name = "only-b"
 path = "{{dir}}/sink-b"
 tenants = ["p-b"]
@@ -157,6 +161,16 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         }],
         "p-b",
     );
+    // Tenant a's second instance, for prunes as jobs.
+    let pc = Dom::owned(
+        "api-c",
+        &[Disk {
+            target: "vda",
+            format: "qcow2",
+            size: 64 * MIB,
+        }],
+        "p-a",
+    );
     // TLS on TCP with a certificate for localhost, signed by itself (the client's CA).
     let certdir = shared_dir();
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
@@ -202,7 +216,10 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
             .collect()
     };
     assert!(names(&admin).contains(&a.name) && names(&admin).contains(&b.name));
-    assert_eq!(names(&ta), BTreeSet::from([a.name.clone()]));
+    assert_eq!(
+        names(&ta),
+        BTreeSet::from([a.name.clone(), pc.name.clone()])
+    );
     assert_eq!(names(&tb), BTreeSet::from([b.name.clone()]));
     assert_eq!(
         call(&rt, &ta, "GET", &format!("/v1/instances/{}", b.name), None).0,
@@ -537,7 +554,41 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
     );
     assert_eq!(last["state"], "succeeded", "{last}");
 
-    // --- cancel: one job queued behind the tenant's limit, one running ---
+    // Two backups of tenant a's second instance, on the sink "prunes".
+    let mut pc_refs = Vec::new();
+    let mut pc_ids = Vec::new();
+    for i in 0..2 {
+        pc.scatter("vda", 64 * MIB, 5, &mut r);
+        pc_refs.push(pc.reference("vda", &format!("pc{i}")));
+        let last = run_job(
+            &rt,
+            &ta,
+            "/v1/backups",
+            Some(json!({"instance": pc.name, "sink": "prunes"})),
+        );
+        assert_eq!(last["state"], "succeeded", "{last}");
+        pc_ids.push(last["backup_id"].as_str().expect("id").to_string());
+    }
+    let pc_backups = || -> Vec<String> {
+        let (_, v) = call(
+            &rt,
+            &ta,
+            "GET",
+            &format!("/v1/backups?sink=prunes&instance={}", pc.name),
+            None,
+        );
+        let mut ids: Vec<String> = v["backups"]
+            .as_array()
+            .expect("backups")
+            .iter()
+            .map(|b| b["backup_id"].as_str().expect("id").to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(pc_backups(), pc_ids);
+
+    // --- cancel: jobs queued behind the tenant's limit (a verification, a prune), one running ---
     let running = start_backup(&rt, &ta, inst, "local", json!({"level": "full"}));
     let (s, v) = call(
         &rt,
@@ -554,6 +605,44 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
     );
     assert_eq!(
         call(&rt, &ta, "POST", &format!("/v1/jobs/{queued}/cancel"), None).0,
+        202
+    );
+    // A prune is a job like any other: it queues behind the tenant's limit, holding its
+    // instance meanwhile (no backup of it starts), and a cancel ends it having deleted nothing.
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "POST",
+        "/v1/prune",
+        Some(
+            json!({"instance": pc.name, "sink": "prunes", "policy": {"keep_last": 1},
+                    "background": true}),
+        ),
+    );
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["job"]["kind"], "prune", "{v}");
+    let queued_prune = v["job"]["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        call(&rt, &ta, "GET", &format!("/v1/jobs/{queued_prune}"), None).1["job"]["state"],
+        "queued"
+    );
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "POST",
+        "/v1/backups",
+        Some(json!({"instance": pc.name, "sink": "prunes"})),
+    );
+    assert_eq!(s, 409, "a backup of an instance whose prune is queued: {v}");
+    assert_eq!(
+        call(
+            &rt,
+            &ta,
+            "POST",
+            &format!("/v1/jobs/{queued_prune}/cancel"),
+            None
+        )
+        .0,
         202
     );
     // Cancel the running full as soon as it copies.
@@ -583,6 +672,9 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
     assert_eq!(last["state"], "cancelled", "{last}");
     let last = follow(&rt, &ta, &queued).pop().expect("final");
     assert_eq!(last["state"], "cancelled", "{last}");
+    let last = follow(&rt, &ta, &queued_prune).pop().expect("final");
+    assert_eq!(last["state"], "cancelled", "{last}");
+    assert_eq!(pc_backups(), pc_ids, "a cancelled prune deletes nothing");
     // Nothing of the cancelled backup is left: checkpoint, scratch, objects.
     let sink_dir = h.dir.path().join("sink");
     let all = only_committed(&rt, &sink_dir);
@@ -597,7 +689,7 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         .expect("metrics");
     let text = String::from_utf8_lossy(&m.body);
     assert!(
-        text.contains("cbt_jobs_total{kind=\"backup\",state=\"succeeded\"} 2"),
+        text.contains("cbt_jobs_total{kind=\"backup\",state=\"succeeded\"} 4"),
         "{text}"
     );
     assert!(
@@ -605,7 +697,7 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         "{text}"
     );
     assert!(
-        text.contains("cbt_backup_fulls_total{reason=\"first_backup\"} 1"),
+        text.contains("cbt_backup_fulls_total{reason=\"first_backup\"} 2"),
         "{text}"
     );
     assert!(
@@ -613,6 +705,106 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         "{text}"
     );
     assert!(text.contains("cbt_folds_total{why=\"prune\"} 1"), "{text}");
+
+    // --- prunes and collections as jobs, through cbtctl ---
+    let cbtctl = |token: &str, args: &[&str]| -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_cbtctl"))
+            .env("CBT_TOKEN", token)
+            .arg("--hostd")
+            .arg(h.socket())
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("cbtctl");
+        assert!(
+            out.status.success(),
+            "cbtctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    // It waits for the prune's job and prints its result: the older backup folded into the
+    // newer and deleted, in two steps.
+    let v = cbtctl(
+        TA,
+        &[
+            "prune-backups",
+            "--sink",
+            "prunes",
+            "--instance",
+            &pc.name,
+            "--keep-last",
+            "1",
+        ],
+    );
+    assert_eq!(v["deleted"], json!([pc_ids[0]]), "{v}");
+    assert_eq!(v["folds"], 1, "{v}");
+    let pruned = v["job"].as_str().expect("job id").to_string();
+    let (_, v) = call(&rt, &ta, "GET", &format!("/v1/jobs/{pruned}"), None);
+    let j = &v["job"];
+    assert_eq!(
+        (&j["kind"], &j["state"], &j["steps_done"], &j["steps_total"]),
+        (&json!("prune"), &json!("succeeded"), &json!(2), &json!(2)),
+        "{v}"
+    );
+    assert_eq!(pc_backups(), [pc_ids[1].clone()]);
+    let restore_pc = |tag: &str| {
+        let out = restores.join(format!("pc-{tag}.raw"));
+        let last = run_job(
+            &rt,
+            &ta,
+            "/v1/restores",
+            Some(json!({"instance": pc.name, "sink": "prunes",
+            "backup_id": pc_ids[1], "target": {"type": "file", "path": out}})),
+        );
+        assert_eq!(last["state"], "succeeded", "{last}");
+        compare(&out, &pc_refs[1]);
+    };
+    restore_pc("pruned");
+    // A collection in the background: 202 with the job, followed to its end; compaction
+    // (threshold 1 rewrites every segment) counts the sink's disks as its steps.
+    let (s, v) = call(
+        &rt,
+        &admin,
+        "POST",
+        "/v1/gc",
+        Some(json!({"sink": "prunes", "compact": true, "threshold": 1.0, "background": true})),
+    );
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["job"]["kind"], "gc", "{v}");
+    let gc_id = v["job"]["id"].as_str().expect("id").to_string();
+    let seen = follow(&rt, &admin, &gc_id);
+    let last = seen.last().expect("final");
+    assert_eq!(last["state"], "succeeded", "{last}");
+    assert_eq!(
+        (&last["steps_done"], &last["steps_total"]),
+        (&json!(1), &json!(1)),
+        "{last}"
+    );
+    assert!(
+        last["result"]["compaction"]["segments_rewritten"].as_u64() > Some(0),
+        "{last}"
+    );
+    assert_eq!(
+        call(&rt, &ta, "GET", &format!("/v1/jobs/{gc_id}"), None).0,
+        404,
+        "a tenant does not see the sink's collection"
+    );
+    restore_pc("compacted");
+    let v = cbtctl(ADMIN, &["collect-garbage", "--sink", "prunes"]);
+    assert!(v["objects"].is_u64() && v["job"].is_string(), "{v}");
+    let m = rt
+        .block_on(unix(&h, None).call("GET", "/metrics", None))
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&m.body);
+    for line in [
+        "cbt_jobs_total{kind=\"prune\",state=\"cancelled\"} 1",
+        "cbt_jobs_total{kind=\"prune\",state=\"succeeded\"} 1",
+        "cbt_jobs_total{kind=\"gc\",state=\"succeeded\"} 2",
+        "cbt_folds_total{why=\"prune\"} 2",
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
 
     // --- bounded chains: the sink "bounded" has max_chain = 2 ---
     let binst = b.name.as_str();

@@ -1052,6 +1052,86 @@ async fn a_prune_killed_at_any_step_loses_nothing_and_finishes_when_run_again() 
     eprintln!("prune killed at each of its {steps} steps");
     let sink = LocalSink::open(&dir).expect("sink");
     assert_eq!(all_restore(&sink, &disks, &refs).await, ["p4", "p5"]);
+
+    // Cancelled before each of its steps in turn (as cbt-hostd's prune jobs are): it stops
+    // there having reported the steps done, every backup reads what it read, and the same
+    // prune run again finishes.
+    use libcbt::engine::{prune_with, EngineError, Progress, Steps};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut k = 0u64;
+    loop {
+        let _ = std::fs::remove_dir_all(&dir);
+        run(Command::new("cp").arg("-al").arg(&pristine).arg(&dir));
+        let sink = LocalSink::open(&dir).expect("sink");
+        let cancel = AtomicBool::new(false);
+        let seen = std::sync::Mutex::new(Vec::new());
+        let progress = |p: Progress| {
+            seen.lock().expect("lock").push((p.done, p.total));
+            if p.done == k {
+                cancel.store(true, Ordering::SeqCst);
+            }
+        };
+        let plan = plan_prune(&sink, &disks, &policy).await.expect("plan");
+        let with = Steps {
+            progress: Some(&progress),
+            cancel: Some(&cancel),
+        };
+        let r = prune_with(&sink, &plan, None, with).await;
+        let seen = seen.into_inner().expect("lock");
+        let total = seen.first().map_or(0, |s| s.1);
+        assert!(
+            seen.iter()
+                .enumerate()
+                .all(|(i, s)| *s == (i as u64, total)),
+            "{seen:?}"
+        );
+        match r {
+            Err(EngineError::Cancelled) => assert_eq!(seen.len() as u64, k + 1),
+            Ok(_) => {
+                assert_eq!(k, total, "a prune runs to its end only when not cancelled");
+                break;
+            }
+            Err(e) => panic!("cancelled before step {k}: {}", chain(&e)),
+        }
+        for d in &disks {
+            let ms = catalog::list_backups(&sink, d).await.expect("list");
+            for m in &ms {
+                assert_eq!(
+                    image_map(&sink, d, &m.backup_id).await,
+                    before[&(d.clone(), m.backup_id.clone())],
+                    "{d} {} after a cancel before step {k}",
+                    m.backup_id
+                );
+            }
+            assert!(
+                ["p4", "p5"]
+                    .iter()
+                    .all(|id| ms.iter().any(|m| m.backup_id == *id)),
+                "{d} after a cancel before step {k}"
+            );
+        }
+        let plan = plan_prune(&sink, &disks, &policy).await.expect("plan");
+        prune(&sink, &plan, None)
+            .await
+            .expect("the prune run again");
+        catalog::collect_sink_garbage(&sink, std::time::Duration::ZERO)
+            .await
+            .expect("gc");
+        let mut kept = Vec::new();
+        for d in &disks {
+            kept.extend(catalog::list_backups(&sink, d).await.expect("list"));
+        }
+        let ids: Vec<&str> = kept.iter().map(|m| m.backup_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["p4", "p5", "p4", "p5"],
+            "after a cancel before step {k}"
+        );
+        assert_sink_holds_only(&sink, &kept.iter().collect::<Vec<_>>()).await;
+        k += 1;
+    }
+    assert!(k >= 5, "folds and deletions of this history: {k} steps");
+    eprintln!("prune cancelled before each of its {k} steps");
 }
 
 /// What restoring backup `id` of `disk` reads, by disk range: the frame's checksum, disk

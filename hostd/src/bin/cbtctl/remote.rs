@@ -108,6 +108,29 @@ pub enum Remote {
         /// Answer the plan; delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print the prune's job and return; follow it with `watch`, stop it with `cancel`.
+        #[arg(long, conflicts_with = "dry_run")]
+        background: bool,
+    },
+    /// Collect a sink's garbage through the daemon (admin; as `cbtctl gc`), then with
+    /// --compact rewrite the sparse segments of idle instances' disks.
+    CollectGarbage {
+        #[arg(long)]
+        sink: String,
+        /// Leave anything younger (default: the daemon's limits.gc_grace_secs).
+        #[arg(long)]
+        grace_secs: Option<u64>,
+        #[arg(long)]
+        compact: bool,
+        /// Live fraction of a segment under which it is rewritten (0.5).
+        #[arg(long, requires = "compact")]
+        threshold: Option<f64>,
+        /// Live bytes copied at most, over all disks, in MiB (4096).
+        #[arg(long, requires = "compact")]
+        max_copy_mib: Option<u64>,
+        /// Print the job and return.
+        #[arg(long)]
+        background: bool,
     },
     /// Restore to a file, an NBD export, or a new (staging) domain.
     StartRestore {
@@ -265,12 +288,28 @@ async fn watch(cl: &Client, id: &str, json: bool) -> Result<Value> {
     });
     let mut last = Value::Null;
     let mut last_phase = String::new();
+    let mut stepped = false;
     let status = cl
         .events(&format!("/v1/jobs/{}/events", enc(id)), |s| {
             let phase = s["phase"].as_str().unwrap_or("").to_string();
             if let Some(b) = &bar {
-                b.set_length(s["bytes_total"].as_u64().unwrap_or(0));
-                b.set_position(s["bytes_done"].as_u64().unwrap_or(0));
+                // A prune or a collection counts steps, not bytes.
+                if let Some(n) = s["steps_total"].as_u64() {
+                    if !stepped {
+                        stepped = true;
+                        b.set_style(
+                            indicatif::ProgressStyle::with_template(
+                                "{spinner} {msg:30} [{bar:30}] {pos}/{len} steps",
+                            )
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                        );
+                    }
+                    b.set_length(n);
+                    b.set_position(s["steps_done"].as_u64().unwrap_or(0));
+                } else {
+                    b.set_length(s["bytes_total"].as_u64().unwrap_or(0));
+                    b.set_position(s["bytes_done"].as_u64().unwrap_or(0));
+                }
                 b.set_message(phase.clone());
             } else if !json && phase != last_phase {
                 eprintln!("{}: {phase}", s["id"].as_str().unwrap_or(""));
@@ -309,6 +348,38 @@ async fn started(cl: &Client, c: &Conn, v: Value, wait: bool) -> Result<()> {
         bail!("job {id} {}", s["state"].as_str().unwrap_or("ended"));
     }
     Ok(())
+}
+
+/// A job the daemon started (its 202 answer `v`): with `background`, prints it and answers
+/// `None`; else follows it to its end and answers its result, or fails as it did.
+async fn ran(cl: &Client, c: &Conn, v: Value, background: bool) -> Result<Option<Value>> {
+    let id = v["job"]["id"].as_str().unwrap_or("").to_string();
+    if background {
+        if c.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("job {id} started");
+        }
+        return Ok(None);
+    }
+    let s = watch(cl, &id, c.json).await?;
+    if s["state"] != "succeeded" {
+        bail!(
+            "job {id} {}: {}",
+            s["state"].as_str().unwrap_or("ended"),
+            s["error"].as_str().unwrap_or("")
+        );
+    }
+    let mut r = s["result"].clone();
+    r["job"] = json!(id);
+    Ok(Some(r))
+}
+
+/// A time in ms since the epoch, as RFC 3339.
+fn chrono_ms(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default()
 }
 
 pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
@@ -479,17 +550,19 @@ pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
             instance,
             keep,
             dry_run,
+            background,
         } => {
-            let v = call(
-                &cl,
-                "POST",
-                "/v1/prune",
-                Some(
-                    json!({"instance": instance, "sink": sink, "policy": keep.policy(),
-                            "dry_run": dry_run}),
-                ),
-            )
-            .await?;
+            let body = json!({"instance": instance, "sink": sink, "policy": keep.policy(),
+                              "dry_run": dry_run, "background": !dry_run});
+            let v = call(&cl, "POST", "/v1/prune", Some(body)).await?;
+            let v = if dry_run {
+                v
+            } else {
+                match ran(&cl, c, v, background).await? {
+                    Some(r) => r,
+                    None => return Ok(()),
+                }
+            };
             if c.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -497,6 +570,10 @@ pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
                     let why = match &e["hold"] {
                         Value::Null if dry_run => "would go".to_string(),
                         Value::Null => "deleted".to_string(),
+                        h if h["why"] == "locked" => format!(
+                            "kept: locked until {}",
+                            chrono_ms(h["by"].as_u64().unwrap_or(0))
+                        ),
                         h => format!(
                             "kept: {} {}",
                             h["why"].as_str().unwrap_or_default(),
@@ -507,11 +584,54 @@ pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
                 }
                 if !dry_run {
                     println!(
-                        "pruned {} backups ({} objects)",
+                        "pruned {} backups ({} objects, {} bytes reclaimed, {} folds)",
                         v["deleted"].as_array().map_or(0, Vec::len),
-                        v["objects"]
+                        v["objects"],
+                        v["bytes_reclaimed"],
+                        v["folds"]
                     );
                 }
+            }
+        }
+        Remote::CollectGarbage {
+            sink,
+            grace_secs,
+            compact,
+            threshold,
+            max_copy_mib,
+            background,
+        } => {
+            let mut body = json!({"sink": sink, "compact": compact, "background": true});
+            for (k, v) in [
+                ("grace_secs", grace_secs.map(|g| json!(g))),
+                ("threshold", threshold.map(|t| json!(t))),
+                ("max_copy_mib", max_copy_mib.map(|m| json!(m))),
+            ] {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            }
+            let v = call(&cl, "POST", "/v1/gc", Some(body)).await?;
+            let Some(v) = ran(&cl, c, v, background).await? else {
+                return Ok(());
+            };
+            if c.json {
+                return show(&v);
+            }
+            println!(
+                "collected {} objects ({} bytes), {} unfinished uploads",
+                v["objects"], v["bytes"], v["partials"]
+            );
+            let k = &v["compaction"];
+            if k.is_object() {
+                println!(
+                    "compacted {} segments into {} ({} bytes copied, {} reclaimed, {} backups rewritten, {} left, {} locked); busy disks: {}",
+                    k["segments_rewritten"], k["segments_written"], k["bytes_copied"],
+                    k["bytes_reclaimed"], k["backups_rewritten"],
+                    k["segments_left"].as_u64().unwrap_or(0),
+                    k["segments_locked"].as_u64().unwrap_or(0),
+                    k["busy_disks"]
+                );
             }
         }
         Remote::StartRestore {
