@@ -26,7 +26,7 @@ pip_deps() {
   fi
 }
 
-tools=(qemu-img qemu-nbd qemu-io qemu-storage-daemon qemu-system-x86_64 nbdinfo nbdcopy nbdkit)
+tools=(qemu-img qemu-nbd qemu-io qemu-storage-daemon qemu-system-x86_64 nbdinfo nbdcopy nbdsh nbdkit)
 missing=()
 for t in "${tools[@]}"; do
   command -v "$t" >/dev/null 2>&1 || missing+=("$t")
@@ -89,7 +89,7 @@ if [ -z "$ver" ]; then
 fi
 $SUDO apt-get install -y -qq --allow-downgrades \
   qemu-system-x86 "qemu-utils=$ver" "qemu-block-extra=$ver" \
-  libnbd-bin nbdkit time bc python3 \
+  libnbd-bin python3-libnbd nbdkit time bc python3 \
   libvirt-daemon-system libvirt-dev pkg-config virtnbdbackup \
   busybox-static qemu-guest-agent cpio linux-image-amd64 \
   systemd vagrant vagrant-libvirt curl rclone >/dev/null

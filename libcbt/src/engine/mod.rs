@@ -21,6 +21,7 @@
 mod backup;
 pub mod catalog;
 mod compact;
+pub mod export;
 mod prune;
 mod restore;
 mod verify;

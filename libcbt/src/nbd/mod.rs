@@ -1,5 +1,5 @@
-//! Network Block Device: the wire format ([`proto`], pure), URIs ([`uri`]) and an async,
-//! pipelined, multi-connection client ([`client`]).
+//! Network Block Device: the wire format ([`proto`], pure), URIs ([`uri`]), an async,
+//! pipelined, multi-connection client ([`client`]) and a read-only server ([`server`]).
 //!
 //! The `nbd` crate speaks only simple replies, one request at a time, without meta contexts,
 //! so it cannot read dirty bitmaps; this client does. It is the only way `libcbt` reads disks.
@@ -19,6 +19,7 @@
 
 pub mod client;
 pub mod proto;
+pub mod server;
 pub mod uri;
 
 pub use client::{

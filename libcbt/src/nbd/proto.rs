@@ -590,6 +590,155 @@ pub fn option_name(option: u32) -> &'static str {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Handshake, the server's side
+
+/// Length of a client's option request header.
+pub const OPTION_HEADER_LEN: usize = 16;
+/// Longest option data a server reads (a GO with an export name and many info requests, or a
+/// meta-context request with a few queries, are far shorter).
+pub const MAX_OPTION_DATA: u32 = 64 << 10;
+/// Length of the `EXPORT_NAME` reply's zero padding (left out with `NO_ZEROES`).
+pub const EXPORT_NAME_PADDING: usize = 124;
+
+/// Decodes a client's option request header: the option and the length of its data (not yet
+/// bounded: a server reads and drops what it will not take).
+pub fn decode_option_header(buf: &[u8]) -> Result<(u32, u32), ProtoError> {
+    let mut r = Reader::new(buf, "option header");
+    let magic = r.u64()?;
+    if magic != IHAVEOPT {
+        return Err(ProtoError::BadMagic {
+            what: "option",
+            magic,
+        });
+    }
+    let option = r.u32()?;
+    let len = r.u32()?;
+    r.end()?;
+    Ok((option, len))
+}
+
+/// Decodes the data of `NBD_OPT_GO` / `NBD_OPT_INFO`: the export name and the info items asked
+/// for.
+pub fn decode_go_data(data: &[u8]) -> Result<(String, Vec<u16>), ProtoError> {
+    let mut r = Reader::new(data, "go data");
+    let n = r.u32()?;
+    let name = utf8(r.take(n as usize)?, "export name")?;
+    let count = r.u16()?;
+    let mut infos = Vec::with_capacity(usize::from(count).min(r.buf.len() / 2));
+    for _ in 0..count {
+        infos.push(r.u16()?);
+    }
+    r.end()?;
+    Ok((name, infos))
+}
+
+/// Decodes the data of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`: the export
+/// name and the queries.
+pub fn decode_meta_context_data(data: &[u8]) -> Result<(String, Vec<String>), ProtoError> {
+    let mut r = Reader::new(data, "meta context data");
+    let n = r.u32()?;
+    let name = utf8(r.take(n as usize)?, "export name")?;
+    let count = r.u32()?;
+    // Each query takes at least its 4-byte length.
+    if u64::from(count) * 4 > r.buf.len() as u64 {
+        return Err(ProtoError::BadLength {
+            what: "meta context queries",
+            have: r.buf.len(),
+            need: (u64::from(count) * 4).min(usize::MAX as u64) as usize,
+        });
+    }
+    let mut queries = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let n = r.u32()?;
+        queries.push(utf8(r.take(n as usize)?, "meta context query")?);
+    }
+    r.end()?;
+    Ok((name, queries))
+}
+
+/// An option reply: its header and data.
+pub fn encode_opt_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
+    let h = OptReplyHeader {
+        option,
+        reply,
+        // Server data is ours and short (strings are bounded by MAX_STRING).
+        len: data.len().min(u32::MAX as usize) as u32,
+    };
+    let mut out = Vec::with_capacity(OPT_REPLY_HEADER_LEN + data.len());
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Data of an `NBD_REP_INFO` reply of `NBD_INFO_EXPORT`: size and transmission flags.
+pub fn encode_info_export(size: u64, flags: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12);
+    out.extend_from_slice(&info::EXPORT.to_be_bytes());
+    out.extend_from_slice(&size.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out
+}
+
+/// Data of an `NBD_REP_INFO` reply of `NBD_INFO_BLOCK_SIZE`.
+pub fn encode_info_block_size(b: BlockSize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(14);
+    out.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
+    out.extend_from_slice(&b.minimum.to_be_bytes());
+    out.extend_from_slice(&b.preferred.to_be_bytes());
+    out.extend_from_slice(&b.maximum.to_be_bytes());
+    out
+}
+
+/// Data of an `NBD_REP_INFO` reply of `NBD_INFO_NAME` or `NBD_INFO_DESCRIPTION` (`item`).
+pub fn encode_info_string(item: u16, s: &str) -> Result<Vec<u8>, ProtoError> {
+    if s.len() > MAX_STRING {
+        return Err(ProtoError::TooLarge {
+            what: "info string",
+            len: s.len() as u64,
+            max: MAX_STRING as u64,
+        });
+    }
+    let mut out = Vec::with_capacity(2 + s.len());
+    out.extend_from_slice(&item.to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+    Ok(out)
+}
+
+/// Data of an `NBD_REP_SERVER` reply (one export of `NBD_OPT_LIST`).
+pub fn encode_server_name(name: &str) -> Result<Vec<u8>, ProtoError> {
+    let mut out = Vec::with_capacity(4 + name.len());
+    put_string(&mut out, name, "export name")?;
+    Ok(out)
+}
+
+/// Data of an `NBD_REP_META_CONTEXT` reply: the context's id and name.
+pub fn encode_meta_context(id: u32, name: &str) -> Result<Vec<u8>, ProtoError> {
+    if name.len() > MAX_STRING {
+        return Err(ProtoError::TooLarge {
+            what: "meta context name",
+            len: name.len() as u64,
+            max: MAX_STRING as u64,
+        });
+    }
+    let mut out = Vec::with_capacity(4 + name.len());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(name.as_bytes());
+    Ok(out)
+}
+
+/// The reply to `NBD_OPT_EXPORT_NAME`: size, transmission flags, and the zero padding
+/// unless `no_zeroes`.
+pub fn encode_export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(EXPORT_NAME_REPLY_LEN + EXPORT_NAME_PADDING);
+    out.extend_from_slice(&size.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    if !no_zeroes {
+        out.resize(EXPORT_NAME_REPLY_LEN + EXPORT_NAME_PADDING, 0);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
 // Transmission
 
 /// One request header.
@@ -867,6 +1016,92 @@ pub fn decode_offset_data_prefix(buf: &[u8]) -> Result<u64, ProtoError> {
     let off = r.u64()?;
     r.end()?;
     Ok(off)
+}
+
+/// The header of a structured reply chunk and the start of its payload for an `OFFSET_DATA`
+/// chunk of `len` data bytes at `offset` (the data follows on the wire).
+pub fn encode_data_chunk_head(flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut out = ReplyHeader::Structured {
+        flags,
+        kind: chunk::OFFSET_DATA,
+        cookie,
+        len: len.saturating_add(8),
+    }
+    .encode();
+    out.extend_from_slice(&offset.to_be_bytes());
+    out
+}
+
+/// A whole `OFFSET_HOLE` chunk.
+pub fn encode_hole_chunk(flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut out = ReplyHeader::Structured {
+        flags,
+        kind: chunk::OFFSET_HOLE,
+        cookie,
+        len: 12,
+    }
+    .encode();
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// A whole `NBD_REPLY_TYPE_NONE` chunk (the end of a reply).
+pub fn encode_none_chunk(cookie: u64) -> Vec<u8> {
+    ReplyHeader::Structured {
+        flags: chunk::FLAG_DONE,
+        kind: chunk::NONE,
+        cookie,
+        len: 0,
+    }
+    .encode()
+}
+
+/// A whole `ERROR` chunk, with a message (cut to 4096 bytes on a character boundary).
+pub fn encode_error_chunk(flags: u16, cookie: u64, errno: u32, message: &str) -> Vec<u8> {
+    let mut end = message.len().min(MAX_STRING);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let msg = &message.as_bytes()[..end];
+    let mut out = ReplyHeader::Structured {
+        flags,
+        kind: chunk::ERROR,
+        cookie,
+        // At most 6 + 4096.
+        len: 6 + msg.len() as u32,
+    }
+    .encode();
+    out.extend_from_slice(&errno.to_be_bytes());
+    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg);
+    out
+}
+
+/// A whole `BLOCK_STATUS` chunk of context `id`: (length, flags) descriptors. At most
+/// [`MAX_BLOCK_STATUS_EXTENTS`] are sent; the caller gives no more.
+pub fn encode_block_status_chunk(
+    flags: u16,
+    cookie: u64,
+    id: u32,
+    extents: &[(u32, u32)],
+) -> Vec<u8> {
+    let n = extents.len().min(MAX_BLOCK_STATUS_EXTENTS as usize);
+    let mut out = ReplyHeader::Structured {
+        flags,
+        kind: chunk::BLOCK_STATUS,
+        cookie,
+        // Bounded by MAX_STRUCTURED_PAYLOAD.
+        len: 4 + 8 * n as u32,
+    }
+    .encode();
+    out.reserve(4 + 8 * n);
+    out.extend_from_slice(&id.to_be_bytes());
+    for (len, f) in &extents[..n] {
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&f.to_be_bytes());
+    }
+    out
 }
 
 /// Human name of a wire errno.

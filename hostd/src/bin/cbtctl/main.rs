@@ -180,6 +180,27 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Serve a backup of a disk, read-only, as an NBD export on a Unix socket until stopped
+    /// (SIGINT or SIGTERM): `qemu-img`, `nbdcopy`, `nbdinfo --map`, `guestmount` or a qcow2
+    /// overlay's backing file read it straight from the sink, without a restore.
+    Export {
+        #[command(flatten)]
+        sink: SinkArgs,
+        #[arg(long)]
+        disk: String,
+        /// Backup id (default: the newest).
+        #[arg(long)]
+        backup: Option<String>,
+        /// The Unix socket to create (refused if it exists); removed on exit.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The export's name (clients may also ask for the default, "").
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Decoded frames kept in memory, in MiB.
+        #[arg(long, default_value_t = 64)]
+        cache_mib: usize,
+    },
     /// Check every manifest, index and frame of a backup's chain.
     Verify {
         #[command(flatten)]
@@ -590,6 +611,52 @@ async fn main() -> Result<()> {
                 st.frames_read,
                 t.elapsed().as_secs_f64()
             );
+        }
+        Command::Export {
+            sink,
+            disk,
+            backup,
+            socket,
+            name,
+            cache_mib,
+        } => {
+            let sink = sink.open().await?;
+            let backup = newest(&sink, &disk, backup).await?;
+            let export = engine::export::BackupExport::open(
+                sink,
+                &disk,
+                &backup,
+                cache_mib.saturating_mul(1 << 20),
+            )
+            .await?;
+            let listener = tokio::net::UnixListener::bind(&socket)
+                .with_context(|| format!("binding {}", socket.display()))?;
+            let size = export.size();
+            let chain = export.chain_len();
+            let export = Arc::new(export);
+            let opts = Arc::new(nbd::server::ServerOptions {
+                name: name.clone(),
+                description: format!("cbt backup {backup} of {disk}"),
+                ..Default::default()
+            });
+            eprintln!(
+                "serving {disk} {backup} (chain of {chain}, {size} bytes) read-only at nbd+unix:///{name}?socket={}",
+                socket.display()
+            );
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let served = tokio::select! {
+                r = nbd::server::serve_unix(listener, export.clone(), opts) => r.map_err(anyhow::Error::from),
+                _ = tokio::signal::ctrl_c() => Ok(()),
+                _ = term.recv() => Ok(()),
+            };
+            let _ = std::fs::remove_file(&socket);
+            let st = export.stats();
+            eprintln!(
+                "stopped: {} frames read in {} sink reads, {} from the cache",
+                st.frames_read, st.sink_reads, st.cache_hits
+            );
+            served?;
         }
         Command::Verify { sink, disk, backup } => {
             let sink = sink.open().await?;

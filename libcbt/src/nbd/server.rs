@@ -1,0 +1,629 @@
+//! A read-only NBD server for one export: fixed newstyle handshake (`NBD_OPT_GO`, `INFO`,
+//! `EXPORT_NAME`, `LIST`, structured replies, the `base:allocation` meta context), then
+//! pipelined transmission (reads answered with `OFFSET_DATA` and `OFFSET_HOLE` chunks, block
+//! status, flush and cache as no-ops; writes, trims and zeroes refused with `EPERM`). Any
+//! number of connections (`CAN_MULTI_CONN`: the export never changes).
+//!
+//! The wire format is [`super::proto`], shared with the client; what is served is an
+//! [`Export`] (a backup: [`crate::engine::export::BackupExport`]). A failed read is an `EIO`
+//! answer to that request, never a dropped connection; a client that breaks the protocol is
+//! disconnected.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Mutex, Semaphore};
+
+use super::proto::{self, chunk, cmd, cmd_flag, errno, handshake, info, opt, rep, tflag};
+use super::BASE_ALLOCATION;
+use crate::engine::export::Span;
+
+/// What a server serves.
+pub trait Export: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// `offset..offset + len` (inside the export) as data and holes, in order, covering it;
+    /// an error becomes an `EIO` answer with the message.
+    fn read(&self, offset: u64, len: u64)
+        -> impl Future<Output = Result<Vec<Span>, String>> + Send;
+    /// Allocation from `offset`: `(length, hole)` runs covering at most `len` bytes, at most
+    /// `max` of them, at least one.
+    fn allocation(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)>;
+}
+
+impl<S: crate::sink::Sink> Export for crate::engine::export::BackupExport<S> {
+    fn size(&self) -> u64 {
+        crate::engine::export::BackupExport::size(self)
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Vec<Span>, String> {
+        crate::engine::export::BackupExport::read(self, offset, len)
+            .await
+            .map_err(|e| {
+                let mut s = e.to_string();
+                let mut cur = std::error::Error::source(&e);
+                while let Some(c) = cur {
+                    s += &format!(": {c}");
+                    cur = c.source();
+                }
+                s
+            })
+    }
+
+    fn allocation(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+        crate::engine::export::BackupExport::allocation(self, offset, len, max)
+    }
+}
+
+/// How a server behaves.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The export's name; a client may also ask for the default export (`""`).
+    pub name: String,
+    /// Shown to clients that ask (`NBD_INFO_DESCRIPTION`).
+    pub description: String,
+    /// Requests of one connection answered at once.
+    pub in_flight: usize,
+    /// A client must finish its handshake within this.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            name: String::new(),
+            description: "cbt backup (read-only)".into(),
+            in_flight: 16,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a connection ended other than by the client's `NBD_CMD_DISC` or `NBD_OPT_ABORT`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Proto(#[from] proto::ProtoError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("handshake took longer than {0:?}")]
+    Timeout(Duration),
+}
+
+/// Most block-status descriptors in one answer.
+const MAX_DESCRIPTORS: usize = 1 << 16;
+/// Id of `base:allocation` on a connection.
+const BASE_ALLOCATION_ID: u32 = 1;
+/// Largest request; also the advertised maximum block size.
+const MAX_REQUEST: u32 = proto::MAX_IO_REQUEST;
+
+/// What the handshake settled.
+struct Session {
+    structured: bool,
+    base_allocation: bool,
+}
+
+fn transmission_flags(structured: bool) -> u16 {
+    let mut f = tflag::HAS_FLAGS
+        | tflag::READ_ONLY
+        | tflag::SEND_FLUSH
+        | tflag::SEND_CACHE
+        | tflag::CAN_MULTI_CONN;
+    if structured {
+        f |= tflag::SEND_DF;
+    }
+    f
+}
+
+/// Serves `export` on every connection `listener` accepts, until the future is dropped,
+/// which ends every connection too.
+pub async fn serve_unix<E: Export>(
+    listener: tokio::net::UnixListener,
+    export: Arc<E>,
+    opts: Arc<ServerOptions>,
+) -> std::io::Result<()> {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c?.0,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let (e, o) = (export.clone(), opts.clone());
+        conns.spawn(async move {
+            if let Err(err) = serve_connection(conn, e, o).await {
+                tracing::debug!(error = %err, "NBD connection ended");
+            }
+        });
+    }
+}
+
+/// Serves one connection: handshake, then transmission until the client disconnects.
+pub async fn serve_connection<E: Export, IO>(
+    io: IO,
+    export: Arc<E>,
+    opts: Arc<ServerOptions>,
+) -> Result<(), ServerError>
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let session = match tokio::time::timeout(
+        opts.handshake_timeout,
+        handshake(&mut rd, &mut wr, export.as_ref(), &opts),
+    )
+    .await
+    {
+        Err(_) => return Err(ServerError::Timeout(opts.handshake_timeout)),
+        Ok(r) => r?,
+    };
+    let Some(session) = session else {
+        return Ok(());
+    };
+    transmission(rd, wr, export, session, opts.in_flight.max(1)).await
+}
+
+async fn read_exact<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut [u8]) -> Result<(), ServerError> {
+    rd.read_exact(buf).await?;
+    Ok(())
+}
+
+/// Reads and drops `n` bytes.
+async fn discard<R: AsyncRead + Unpin>(rd: &mut R, n: u64) -> Result<(), ServerError> {
+    let got = tokio::io::copy(&mut (&mut *rd).take(n), &mut tokio::io::sink()).await?;
+    if got != n {
+        return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(())
+}
+
+/// The handshake; `None` when the client aborted it.
+async fn handshake<R, W, E>(
+    rd: &mut R,
+    wr: &mut W,
+    export: &E,
+    opts: &ServerOptions,
+) -> Result<Option<Session>, ServerError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    E: Export,
+{
+    let greeting = proto::Greeting {
+        flags: handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES,
+    };
+    wr.write_all(&greeting.encode()).await?;
+    wr.flush().await?;
+    let mut b = [0u8; 4];
+    read_exact(rd, &mut b).await?;
+    let cflags = u32::from_be_bytes(b);
+    if cflags & !(handshake::C_FIXED_NEWSTYLE | handshake::C_NO_ZEROES) != 0 {
+        return Err(ServerError::Refused(format!(
+            "unknown client flags {cflags:#x}"
+        )));
+    }
+    let no_zeroes = cflags & handshake::C_NO_ZEROES != 0;
+    let mut s = Session {
+        structured: false,
+        base_allocation: false,
+    };
+    let ours = |name: &str| name.is_empty() || name == opts.name;
+    loop {
+        let mut h = [0u8; proto::OPTION_HEADER_LEN];
+        read_exact(rd, &mut h).await?;
+        let (option, len) = proto::decode_option_header(&h)?;
+        if len > proto::MAX_OPTION_DATA {
+            if option == opt::EXPORT_NAME {
+                return Err(ServerError::Refused("export name too long".into()));
+            }
+            discard(rd, len.into()).await?;
+            reply(wr, option, rep::ERR_TOO_BIG, b"option data too long").await?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        read_exact(rd, &mut data).await?;
+        match option {
+            opt::EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data);
+                if !ours(&name) {
+                    return Err(ServerError::Refused(format!("no export {name:?}")));
+                }
+                let flags = transmission_flags(s.structured);
+                wr.write_all(&proto::encode_export_name_reply(
+                    export.size(),
+                    flags,
+                    no_zeroes,
+                ))
+                .await?;
+                wr.flush().await?;
+                return Ok(Some(s));
+            }
+            opt::ABORT => {
+                // The client may close first; its ack is best effort.
+                let _ = reply(wr, option, rep::ACK, &[]).await;
+                return Ok(None);
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    reply(wr, option, rep::ERR_INVALID, b"LIST takes no data").await?;
+                    continue;
+                }
+                reply(
+                    wr,
+                    option,
+                    rep::SERVER,
+                    &proto::encode_server_name(&opts.name)?,
+                )
+                .await?;
+                reply(wr, option, rep::ACK, &[]).await?;
+            }
+            opt::INFO | opt::GO => {
+                let (name, infos) = match proto::decode_go_data(&data) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        reply(wr, option, rep::ERR_INVALID, e.to_string().as_bytes()).await?;
+                        continue;
+                    }
+                };
+                if !ours(&name) {
+                    reply(wr, option, rep::ERR_UNKNOWN, b"no such export").await?;
+                    continue;
+                }
+                let flags = transmission_flags(s.structured);
+                reply(
+                    wr,
+                    option,
+                    rep::INFO,
+                    &proto::encode_info_export(export.size(), flags),
+                )
+                .await?;
+                if infos.contains(&info::NAME) {
+                    let d = proto::encode_info_string(info::NAME, &opts.name)?;
+                    reply(wr, option, rep::INFO, &d).await?;
+                }
+                if infos.contains(&info::DESCRIPTION) {
+                    let d = proto::encode_info_string(info::DESCRIPTION, &opts.description)?;
+                    reply(wr, option, rep::INFO, &d).await?;
+                }
+                let bs = proto::BlockSize {
+                    minimum: 1,
+                    preferred: 4096,
+                    maximum: MAX_REQUEST,
+                };
+                reply(wr, option, rep::INFO, &proto::encode_info_block_size(bs)).await?;
+                reply(wr, option, rep::ACK, &[]).await?;
+                if option == opt::GO {
+                    return Ok(Some(s));
+                }
+            }
+            opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply(wr, option, rep::ERR_INVALID, b"takes no data").await?;
+                    continue;
+                }
+                s.structured = true;
+                reply(wr, option, rep::ACK, &[]).await?;
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let set = option == opt::SET_META_CONTEXT;
+                if set && !s.structured {
+                    reply(wr, option, rep::ERR_INVALID, b"structured replies first").await?;
+                    continue;
+                }
+                let (name, queries) = match proto::decode_meta_context_data(&data) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        reply(wr, option, rep::ERR_INVALID, e.to_string().as_bytes()).await?;
+                        continue;
+                    }
+                };
+                if !ours(&name) {
+                    reply(wr, option, rep::ERR_UNKNOWN, b"no such export").await?;
+                    continue;
+                }
+                let matches =
+                    |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
+                let wanted = if !set && queries.is_empty() {
+                    true
+                } else {
+                    queries.iter().any(|q| matches(q))
+                };
+                if set {
+                    s.base_allocation = wanted;
+                }
+                if wanted {
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    let d = proto::encode_meta_context(id, BASE_ALLOCATION)?;
+                    reply(wr, option, rep::META_CONTEXT, &d).await?;
+                }
+                reply(wr, option, rep::ACK, &[]).await?;
+            }
+            opt::STARTTLS => {
+                reply(
+                    wr,
+                    option,
+                    rep::ERR_POLICY,
+                    b"TLS is not offered on this socket",
+                )
+                .await?
+            }
+            _ => reply(wr, option, rep::ERR_UNSUP, b"unsupported option").await?,
+        }
+    }
+}
+
+async fn reply<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    option: u32,
+    kind: u32,
+    data: &[u8],
+) -> Result<(), ServerError> {
+    wr.write_all(&proto::encode_opt_reply(option, kind, data))
+        .await?;
+    wr.flush().await?;
+    Ok(())
+}
+
+type Writer<W> = Arc<Mutex<W>>;
+
+/// Writes one whole reply: its parts in order, with the writer held throughout.
+async fn send<W: AsyncWrite + Unpin>(wr: &Writer<W>, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut w = wr.lock().await;
+    for p in parts {
+        w.write_all(p).await?;
+    }
+    w.flush().await
+}
+
+/// Answers `cookie` with `error` (0: success, no payload).
+async fn send_status<W: AsyncWrite + Unpin>(
+    wr: &Writer<W>,
+    structured: bool,
+    cookie: u64,
+    error: u32,
+    message: &str,
+) -> std::io::Result<()> {
+    if !structured {
+        let h = proto::ReplyHeader::Simple { error, cookie }.encode();
+        return send(wr, &[&h]).await;
+    }
+    let c = if error == 0 {
+        proto::encode_none_chunk(cookie)
+    } else {
+        proto::encode_error_chunk(chunk::FLAG_DONE, cookie, error, message)
+    };
+    send(wr, &[&c]).await
+}
+
+async fn transmission<R, W, E>(
+    mut rd: R,
+    wr: W,
+    export: Arc<E>,
+    s: Session,
+    in_flight: usize,
+) -> Result<(), ServerError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+    E: Export,
+{
+    let wr: Writer<W> = Arc::new(Mutex::new(wr));
+    let slots = Arc::new(Semaphore::new(in_flight));
+    let mut tasks: tokio::task::JoinSet<std::io::Result<()>> = tokio::task::JoinSet::new();
+    let size = export.size();
+    let structured = s.structured;
+    let result = loop {
+        // Finished replies are collected as we go; a write error there ends the connection.
+        while let Some(r) = tasks.try_join_next() {
+            if let Ok(Err(e)) = r {
+                return Err(e.into());
+            }
+        }
+        let mut h = [0u8; proto::REQUEST_LEN];
+        match rd.read_exact(&mut h).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e.into()),
+        }
+        let req = match proto::Request::decode(&h) {
+            Ok(r) => r,
+            Err(e) => break Err(e.into()),
+        };
+        let known = cmd_flag::FUA
+            | cmd_flag::NO_HOLE
+            | cmd_flag::DF
+            | cmd_flag::REQ_ONE
+            | cmd_flag::FAST_ZERO;
+        if req.kind == cmd::WRITE {
+            // The payload follows: read past it (bounded), then refuse.
+            if req.len > MAX_REQUEST {
+                break Err(ServerError::Refused(format!(
+                    "write of {} bytes past the maximum",
+                    req.len
+                )));
+            }
+            discard(&mut rd, req.len.into()).await?;
+            send_status(
+                &wr,
+                structured,
+                req.cookie,
+                errno::EPERM,
+                "read-only export",
+            )
+            .await?;
+            continue;
+        }
+        if req.kind == cmd::DISC {
+            break Ok(());
+        }
+        let in_range = req
+            .offset
+            .checked_add(req.len.into())
+            .is_some_and(|e| e <= size);
+        let bad = |m: &str| (errno::EINVAL, m.to_string());
+        let refused = if req.flags & !known != 0 {
+            Some(bad("unknown command flags"))
+        } else if !in_range && matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS | cmd::CACHE) {
+            Some(bad("past the export's end"))
+        } else if req.kind == cmd::READ && req.len > MAX_REQUEST {
+            Some(bad("read longer than the maximum block size"))
+        } else if req.flags & cmd_flag::DF != 0 && !structured {
+            Some(bad("DF without structured replies"))
+        } else {
+            None
+        };
+        if let Some((e, m)) = refused {
+            send_status(&wr, structured, req.cookie, e, &m).await?;
+            continue;
+        }
+        match req.kind {
+            cmd::READ => {
+                let permit = slots.clone().acquire_owned().await;
+                let (wr, export) = (wr.clone(), export.clone());
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    answer_read(&wr, export.as_ref(), structured, req).await
+                });
+            }
+            cmd::BLOCK_STATUS => {
+                if !s.base_allocation {
+                    send_status(
+                        &wr,
+                        structured,
+                        req.cookie,
+                        errno::EINVAL,
+                        "no meta context",
+                    )
+                    .await?;
+                    continue;
+                }
+                let max = if req.flags & cmd_flag::REQ_ONE != 0 {
+                    1
+                } else {
+                    MAX_DESCRIPTORS
+                };
+                let runs: Vec<(u32, u32)> = export
+                    .allocation(req.offset, req.len.into(), max)
+                    .into_iter()
+                    // Each run is inside the request, so within u32.
+                    .map(|(n, hole)| {
+                        let f = if hole {
+                            proto::state::HOLE | proto::state::ZERO
+                        } else {
+                            0
+                        };
+                        (n.min(u64::from(u32::MAX)) as u32, f)
+                    })
+                    .collect();
+                let c = proto::encode_block_status_chunk(
+                    chunk::FLAG_DONE,
+                    req.cookie,
+                    BASE_ALLOCATION_ID,
+                    &runs,
+                );
+                send(&wr, &[&c]).await?;
+            }
+            cmd::FLUSH | cmd::CACHE => send_status(&wr, structured, req.cookie, 0, "").await?,
+            cmd::TRIM | cmd::WRITE_ZEROES => {
+                send_status(
+                    &wr,
+                    structured,
+                    req.cookie,
+                    errno::EPERM,
+                    "read-only export",
+                )
+                .await?
+            }
+            _ => {
+                send_status(
+                    &wr,
+                    structured,
+                    req.cookie,
+                    errno::EINVAL,
+                    "unknown command",
+                )
+                .await?
+            }
+        }
+    };
+    // Requests in flight are answered before the connection closes.
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            return Err(e.into());
+        }
+    }
+    result
+}
+
+/// Answers a read: data and hole chunks (one data chunk, holes as zeroes, with `DF`), or a
+/// simple reply with the bytes; a failed read is an `EIO` answer.
+async fn answer_read<W: AsyncWrite + Unpin, E: Export>(
+    wr: &Writer<W>,
+    export: &E,
+    structured: bool,
+    req: proto::Request,
+) -> std::io::Result<()> {
+    let spans = match export.read(req.offset, req.len.into()).await {
+        Ok(s) => s,
+        Err(m) => {
+            tracing::warn!(offset = req.offset, len = req.len, error = %m, "NBD read failed");
+            return send_status(wr, structured, req.cookie, errno::EIO, &m).await;
+        }
+    };
+    let whole = !structured || req.flags & cmd_flag::DF != 0;
+    if whole {
+        let mut buf = vec![0u8; req.len as usize];
+        for sp in &spans {
+            if let Span::Data {
+                offset,
+                buf: b,
+                range,
+            } = sp
+            {
+                let at = offset.saturating_sub(req.offset) as usize;
+                // Inside the request by the export's contract; a span that is not is dropped
+                // rather than a panic.
+                if let (Some(dst), Some(src)) =
+                    (buf.get_mut(at..at + range.len()), b.get(range.clone()))
+                {
+                    dst.copy_from_slice(src);
+                }
+            }
+        }
+        if !structured {
+            let h = proto::ReplyHeader::Simple {
+                error: 0,
+                cookie: req.cookie,
+            }
+            .encode();
+            return send(wr, &[&h, &buf]).await;
+        }
+        let h = proto::encode_data_chunk_head(chunk::FLAG_DONE, req.cookie, req.offset, req.len);
+        return send(wr, &[&h, &buf]).await;
+    }
+    if spans.is_empty() {
+        return send(wr, &[&proto::encode_none_chunk(req.cookie)]).await;
+    }
+    let mut w = wr.lock().await;
+    let last = spans.len() - 1;
+    for (i, sp) in spans.iter().enumerate() {
+        let flags = if i == last { chunk::FLAG_DONE } else { 0 };
+        match sp {
+            Span::Data { offset, buf, range } => {
+                // A span is part of the request, so within u32.
+                let h =
+                    proto::encode_data_chunk_head(flags, req.cookie, *offset, range.len() as u32);
+                w.write_all(&h).await?;
+                w.write_all(&buf[range.clone()]).await?;
+            }
+            Span::Hole { offset, len } => {
+                let c = proto::encode_hole_chunk(flags, req.cookie, *offset, *len as u32);
+                w.write_all(&c).await?;
+            }
+        }
+    }
+    w.flush().await
+}
