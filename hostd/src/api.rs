@@ -178,6 +178,8 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/verifications", post(start_verify))
         .route("/v1/prune", post(prune_backups))
         .route("/v1/gc", post(collect_garbage))
+        .route("/v1/mounts", post(create_mount).get(list_mounts))
+        .route("/v1/mounts/{id}", get(show_mount).delete(delete_mount))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(show_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
@@ -336,6 +338,9 @@ fn take_for_rewrite(
 
 fn submit_error(e: registry::SubmitError) -> ApiError {
     match e {
+        registry::SubmitError::Mounted(_) => {
+            ApiError::new(StatusCode::CONFLICT, "mounted", e.to_string())
+        }
         registry::SubmitError::InstanceBusy(_) | registry::SubmitError::Running(_) => {
             ApiError::new(StatusCode::CONFLICT, "busy", e.to_string())
         }
@@ -808,16 +813,20 @@ async fn collect_garbage(
     if r.background {
         return Ok(accepted(&job));
     }
-    ended(&job).await
+    ended(&st, &job).await
 }
 
 /// Waits for `job` to end: its result and id (200), or why it did not succeed (409 when
-/// cancelled, 500 when it failed). A client that leaves meanwhile leaves the job running.
-async fn ended(job: &registry::Job) -> ApiResult<Response> {
+/// cancelled, 500 when it failed). A job that outlasts half the TLS idle timeout is answered
+/// 202 with the job (a silent connection would be closed); a client that leaves meanwhile
+/// leaves the job running.
+async fn ended(st: &AppState, job: &registry::Job) -> ApiResult<Response> {
+    let wait = Duration::from_secs((st.cfg.server.idle_timeout_secs / 2).max(1));
     let mut rx = job.status.subscribe();
-    let s = match rx.wait_for(|s| s.terminal()).await {
-        Ok(s) => s.clone(),
-        Err(_) => job.snapshot(),
+    let s = match tokio::time::timeout(wait, rx.wait_for(|s| s.terminal())).await {
+        Err(_) => return Ok(accepted(job)),
+        Ok(Ok(s)) => s.clone(),
+        Ok(Err(_)) => job.snapshot(),
     };
     match s.state {
         JobState::Succeeded => {
@@ -925,7 +934,7 @@ async fn prune_backups(
     if r.background {
         return Ok(accepted(&job));
     }
-    ended(&job).await
+    ended(&st, &job).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -1154,6 +1163,129 @@ async fn start_verify(
     .await
     .map_err(submit_error)?;
     Ok(accepted(&job))
+}
+
+fn admin_only(c: &Caller, why: &str) -> ApiResult<()> {
+    if c.tenant.is_some() {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", why));
+    }
+    Ok(())
+}
+
+const MOUNTS_ADMIN: &str = "mounts are for admin tokens only: their sockets are the host's";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MountReq {
+    instance: String,
+    sink: String,
+    backup_id: String,
+    /// Disk targets (default: every disk of the backup).
+    #[serde(default)]
+    disks: Option<Vec<String>>,
+}
+
+/// `POST /v1/mounts` (admin): serves each disk of a backup read-only over NBD on a Unix
+/// socket, straight from the sink (see [`crate::mounts`]). 201 with the mount: each disk's
+/// socket, `nbd+unix://` URI and size.
+async fn create_mount(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    body: Result<Json<MountReq>, JsonRejection>,
+) -> ApiResult<Response> {
+    let c = auth(&st, &h)?;
+    accepting(&st)?;
+    admin_only(&c, MOUNTS_ADMIN)?;
+    let Json(r) = body?;
+    let b = find_backup(&st, &c, &r.sink, &r.backup_id, &r.instance).await?;
+    let all = b.targets();
+    let targets = match r.disks {
+        None => all,
+        Some(d) => {
+            if d.is_empty() || d.len() > 64 {
+                return Err(ApiError::bad("disks: between 1 and 64 targets"));
+            }
+            if let Some(t) = d.iter().find(|t| !all.contains(t)) {
+                return Err(ApiError::bad(format!(
+                    "disks: the backup has no disk {t:?}"
+                )));
+            }
+            d
+        }
+    };
+    let id = registry::new_job_id();
+    // Marked before the rewrites are checked (they mark before they check mounts).
+    let reading = st.mounts.mark(&id, &b.instance, &r.sink).map_err(|e| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_mounts",
+            e.to_string(),
+        )
+    })?;
+    if st.jobs.rewriting(&b.instance) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            "a deletion, prune or compaction of this instance's backups runs: try again",
+        ));
+    }
+    let s = open_sink(&st, &r.sink).await?;
+    let view = st
+        .mounts
+        .mount(
+            &st.cfg.server.state_dir,
+            &id,
+            reading,
+            &s,
+            &r.sink,
+            &b.instance,
+            &r.backup_id,
+            &targets,
+        )
+        .await
+        .map_err(|e| ApiError::internal(chain(&e)))?;
+    tracing::info!(mount = %id, instance = %b.instance, backup = %r.backup_id, "mounted");
+    Ok((
+        StatusCode::CREATED,
+        [("location", format!("/v1/mounts/{id}"))],
+        Json(json!({ "mount": view })),
+    )
+        .into_response())
+}
+
+async fn list_mounts(State(st): State<Arc<AppState>>, h: HeaderMap) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    admin_only(&c, MOUNTS_ADMIN)?;
+    Ok(Json(json!({ "mounts": st.mounts.all() })))
+}
+
+async fn show_mount(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    admin_only(&c, MOUNTS_ADMIN)?;
+    let m = st
+        .mounts
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found("mount"))?;
+    Ok(Json(json!({ "mount": m })))
+}
+
+/// Stops a mount's exports (open connections end) and removes its sockets.
+async fn delete_mount(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    admin_only(&c, MOUNTS_ADMIN)?;
+    if !st.mounts.unmount(&id) {
+        return Err(ApiError::not_found("mount"));
+    }
+    tracing::info!(mount = %id, "unmounted");
+    Ok(Json(json!({ "unmounted": id })))
 }
 
 fn visible_job(st: &AppState, c: &Caller, id: &str) -> ApiResult<JobStatus> {

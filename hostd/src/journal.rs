@@ -65,7 +65,7 @@ pub enum JobKind {
     Backup,
     Restore,
     Verify,
-    /// A prune or a single deletion of an instance's backups.
+    /// A prune of an instance's backups.
     Prune,
     /// A sink's garbage collection, and compaction when asked.
     Gc,

@@ -19,6 +19,7 @@ pub mod config;
 pub mod inventory;
 pub mod journal;
 pub mod metrics;
+pub mod mounts;
 pub mod openapi;
 pub mod recover;
 pub mod registry;

@@ -30,11 +30,13 @@ fn op(summary: &str, tag: &str, ok: &str, body: Option<&str>, params: Value) -> 
 }
 
 /// An operation run as a job: 200 with its result at its end, or 202 with the job at once
-/// (`background`); 409 when it was cancelled or the instance is busy.
+/// (`background`, or when it outlasts half the TLS idle timeout); 409 when it was cancelled
+/// or the instance is busy; 429 when the queue is full.
 fn job_op(mut o: Value) -> Value {
     o["responses"]["202"] = json!({"description": "the job, started (background)",
         "content": {"application/json": {"schema": {"type": "object"}}}});
     o["responses"]["409"] = json!({"$ref": "#/components/responses/Error"});
+    o["responses"]["429"] = json!({"$ref": "#/components/responses/Error"});
     o
 }
 
@@ -86,6 +88,14 @@ pub fn document() -> Value {
             "/v1/verifications": {"post": op("Start verification", "verifications", "202", Some("VerifyRequest"), json!([]))},
             "/v1/prune": {"post": job_op(op("Prune backups", "backups", "200", Some("PruneRequest"), json!([])))},
             "/v1/gc": {"post": job_op(op("Collect a sink's garbage (admin)", "backups", "200", Some("GcRequest"), json!([])))},
+            "/v1/mounts": {
+                "post": op("Mount backup", "mounts", "201", Some("MountRequest"), json!([])),
+                "get": op("List mounts", "mounts", "200", None, json!([])),
+            },
+            "/v1/mounts/{id}": {
+                "get": op("Show mount", "mounts", "200", None, json!([path_param("id", "mount id")])),
+                "delete": op("Unmount", "mounts", "200", None, json!([path_param("id", "mount id")])),
+            },
             "/v1/jobs": {"get": op("List jobs", "jobs", "200", None, json!([]))},
             "/v1/jobs/{id}": {"get": op("Show job", "jobs", "200", None, json!([job_id.clone()]))},
             "/v1/jobs/{id}/cancel": {"post": op("Cancel job", "jobs", "202", None, json!([job_id.clone()]))},
@@ -164,6 +174,12 @@ pub fn document() -> Value {
                                             "start": {"type": "boolean"}}}
                         ]}
                     }},
+                "MountRequest": {"type": "object", "additionalProperties": false,
+                    "required": ["instance", "sink", "backup_id"],
+                    "properties": {
+                        "instance": {"type": "string"}, "sink": {"type": "string"},
+                        "backup_id": {"type": "string"},
+                        "disks": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 64}}},
                 "VerifyRequest": {"type": "object", "additionalProperties": false,
                     "required": ["instance", "sink", "backup_id"],
                     "properties": {"instance": {"type": "string"}, "sink": {"type": "string"}, "backup_id": {"type": "string"}}}

@@ -162,7 +162,7 @@ pub enum Work {
         domain_uuid: String,
         disks: Vec<String>,
     },
-    /// What a prune plan (or a single deletion's) lets go of an instance's backups.
+    /// What a prune plan lets go of an instance's backups.
     Prune {
         domain_uuid: String,
         plan: Vec<PruneEntry>,
@@ -239,6 +239,8 @@ pub enum SubmitError {
     InstanceBusy(String),
     #[error("a job of instance {0} runs on this sink")]
     Running(String),
+    #[error("a backup of instance {0} on this sink is mounted; unmount it first")]
+    Mounted(String),
     #[error("{0} jobs are queued already; try again later")]
     QueueFull(usize),
     #[error("journaling the job")]

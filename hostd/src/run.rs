@@ -88,8 +88,7 @@ pub async fn submit(
     let span = tracing::info_span!("job", job = %id, kind = %kind, instance = %instance);
     tokio::spawn(tracing::Instrument::instrument(
         async move {
-            let _held = held;
-            run(st2.clone(), job2.clone(), sink2, work).await;
+            run(st2.clone(), job2.clone(), sink2, work, held).await;
             st2.jobs.retire(&job2.id);
         },
         span,
@@ -128,7 +127,7 @@ async fn finish(
     });
 }
 
-async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, work: Work) {
+async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, work: Work, held: Vec<InstanceClaim>) {
     // Queue: one host slot and one slot of the tenant.
     let tenant = job.tenant.clone().unwrap_or_else(|| "-".into());
     let permits = st.jobs.run_slots(&tenant, &job).await;
@@ -221,6 +220,9 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, work: Work) {
         Err(e) => Err((format!("sink {sink}: {}", chain(&e)), "sink")),
     };
     st.metrics.jobs_running.dec();
+    // The instance is free before the job says it ended: a client that reacts to the end at
+    // once is not refused as busy.
+    drop(held);
     match r {
         Ok(result) => {
             if job.snapshot().kind == JobKind::Backup {
@@ -462,11 +464,11 @@ async fn run_backup(
     Ok(record)
 }
 
-/// Object name of a backup's summary record (labels, consistency) on the sink.
 /// Takes `instance` for a rewrite of its backups on `sink` (a deletion, a prune, a
 /// compaction): its claim (no backup starts), its rewriting mark (no restore or verification
 /// is admitted; marked before the running jobs are checked, so one admitted after the check
-/// sees it), and no job of it may be running on the sink. Held until the claims drop.
+/// sees it), no job of it may be running on the sink and none of its backups there may be
+/// mounted. Held until the claims drop.
 pub(crate) fn take_for_rewrite(
     st: &AppState,
     instance: &str,
@@ -480,7 +482,13 @@ pub(crate) fn take_for_rewrite(
     }) {
         return Err(SubmitError::Running(instance.to_string()));
     }
-    Ok(vec![claim, rewriting])
+    // A mount reads the backups' frames: none may go from under it.
+    if st.mounts.reads(instance, sink) {
+        return Err(SubmitError::Mounted(instance.to_string()));
+    }
+    // Dropped in order: the mark before the claim, so no other rewrite takes the instance
+    // while the mark it would set is still about to be removed.
+    Ok(vec![rewriting, claim])
 }
 
 fn engine_err(e: &EngineError) -> (String, &'static str) {
@@ -562,6 +570,16 @@ async fn run_gc(
         .reclaimed("gc", 0, report.objects.len(), report.bytes);
     tracing::info!(sink = %name, objects = report.objects.len(), bytes = report.bytes,
                    partials = report.partials, "garbage collected");
+    // A collection runs to its end once started; a cancel meanwhile stops what follows.
+    if compact.is_some() && job.cancel.load(Ordering::SeqCst) {
+        return Err((
+            format!(
+                "cancelled after the collection ({} objects deleted), before compaction",
+                report.objects.len()
+            ),
+            "cancelled",
+        ));
+    }
     let mut out = json!({
         "sink": name, "grace_secs": grace.as_secs(), "partials": report.partials,
         "objects": report.objects.len(), "bytes": report.bytes,
@@ -641,6 +659,7 @@ async fn compact_sink(
     Ok(v)
 }
 
+/// Object name of a backup's summary record (labels, consistency) on the sink.
 pub fn record_name(uuid: &str, backup_id: &str) -> String {
     libcbt::format::layout::job_record_name(uuid, backup_id)
 }

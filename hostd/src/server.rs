@@ -313,6 +313,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     for p in cfg.sinks.iter().filter_map(|k| k.local_path()) {
         std::fs::create_dir_all(p).with_context(|| format!("sink {}", p.display()))?;
     }
+    // Mounts of a previous life are gone with it: their sockets too.
+    crate::mounts::Mounts::prepare(&s.state_dir)
+        .with_context(|| format!("{}/mounts", s.state_dir.display()))?;
     let journal = Journal::open(&s.journal()).context("opening the job journal")?;
     let st = AppState::new(cfg.clone(), journal);
     // Each sink opened once (an object store is probed here); one that is down is retried

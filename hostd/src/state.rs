@@ -17,6 +17,7 @@ pub struct AppState {
     pub journal: Arc<Journal>,
     pub metrics: Metrics,
     pub jobs: Jobs,
+    pub mounts: crate::mounts::Mounts,
     pub shutting_down: AtomicBool,
     libvirt: Mutex<Option<LibvirtSource>>,
     connecting: tokio::sync::Mutex<()>,
@@ -31,6 +32,7 @@ impl AppState {
     pub fn new(cfg: Config, journal: Arc<Journal>) -> Arc<AppState> {
         Arc::new(AppState {
             jobs: Jobs::new(&cfg.limits),
+            mounts: Default::default(),
             journal,
             metrics: Metrics::new(),
             shutting_down: AtomicBool::new(false),

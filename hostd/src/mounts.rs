@@ -1,0 +1,263 @@
+//! Backups served read-only over NBD (`POST /v1/mounts`, `cbtctl mount`): each disk of a
+//! backup on a Unix socket `state_dir/mounts/<id>/<target>.sock`, read straight from the sink
+//! (`libcbt::nbd::server` on `libcbt::engine::export`), for file-level recovery with
+//! `qemu-nbd`, `guestmount` or `nbdfuse`, and for a qcow2 overlay whose backing file is the
+//! export.
+//!
+//! The mount directory is root's alone (0700): the sockets are for the host's operator, and
+//! the API is admin-only. Mounts live as long as the daemon (or until unmounted); at start
+//! the directory a previous life left is emptied (it holds only what the daemon made). While
+//! a backup of an instance is mounted, no prune, deletion or compaction of the instance's
+//! backups on that sink runs (they would take frames from under the export): each side marks
+//! itself before it checks the other, so one of two that start together always sees the other.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use libcbt::engine::export::{BackupExport, DEFAULT_CACHE_BYTES};
+use libcbt::job;
+use libcbt::nbd::server::{serve_unix, ServerOptions};
+use libcbt::sink::any::AnySink;
+use serde::Serialize;
+
+/// Mounts at once on a host.
+pub const MAX_MOUNTS: usize = 32;
+
+/// One disk of a mount.
+#[derive(Debug, Clone, Serialize)]
+pub struct MountDisk {
+    pub socket: PathBuf,
+    /// `nbd+unix:///<name>?socket=…`.
+    pub uri: String,
+    pub size: u64,
+    /// Backups merged (1: a full).
+    pub chain_len: usize,
+}
+
+/// What a client sees of a mount.
+#[derive(Debug, Clone, Serialize)]
+pub struct MountView {
+    pub id: String,
+    pub instance: String,
+    pub sink: String,
+    pub backup_id: String,
+    pub disks: BTreeMap<String, MountDisk>,
+    pub created_ms: i64,
+}
+
+/// A mount: its exports run until it is dropped, which removes its sockets.
+pub struct Mount {
+    pub view: MountView,
+    dir: PathBuf,
+    servers: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        for s in &self.servers {
+            s.abort();
+        }
+        // Only what this mount made: its sockets and its directory.
+        for d in self.view.disks.values() {
+            let _ = std::fs::remove_file(&d.socket);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The mounts of this daemon's life.
+#[derive(Default)]
+pub struct Mounts {
+    live: Mutex<HashMap<String, Arc<Mount>>>,
+    /// (instance, sink) of mounts being set up or live: what a rewrite must wait for.
+    reading: Mutex<Vec<(String, String, String)>>,
+}
+
+/// Why a mount was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{0} mounts are live already; unmount one first")]
+    Full(usize),
+    #[error("{0}")]
+    Engine(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Marks (instance, sink) as read by mount `id` until dropped.
+pub struct Reading<'a> {
+    mounts: &'a Mounts,
+    id: String,
+    armed: bool,
+}
+
+impl Reading<'_> {
+    /// Leaves the mark in place (for the mount's life: [`Mounts::unmount`] removes it).
+    fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.mounts
+            .reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(id, ..)| *id != self.id);
+    }
+}
+
+impl Mounts {
+    /// The directory of all mounts: created 0700, emptied of what a previous life left.
+    pub fn prepare(root: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = root.join("mounts");
+        match std::fs::symlink_metadata(&dir) {
+            // remove_dir_all removes a symlink itself, never what it points to.
+            Ok(_) => std::fs::remove_dir_all(&dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)
+    }
+
+    /// Whether a backup of `instance` on `sink` is mounted or being mounted.
+    pub fn reads(&self, instance: &str, sink: &str) -> bool {
+        self.reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(_, i, s)| i == instance && s == sink)
+    }
+
+    /// Marks a mount `id` of (instance, sink) as reading, first: see the module's doc.
+    pub fn mark(&self, id: &str, instance: &str, sink: &str) -> Result<Reading<'_>, MountError> {
+        let n = self.live.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let mut r = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        if n.max(r.len()) >= MAX_MOUNTS {
+            return Err(MountError::Full(MAX_MOUNTS));
+        }
+        r.push((id.into(), instance.into(), sink.into()));
+        Ok(Reading {
+            mounts: self,
+            id: id.into(),
+            armed: true,
+        })
+    }
+
+    /// Serves `targets` of backup `backup_id` of `instance` (a domain uuid) under
+    /// `root/mounts/<id>/`. `reading` (from [`Mounts::mark`]) is kept for the mount's life.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn mount(
+        &self,
+        root: &Path,
+        id: &str,
+        reading: Reading<'_>,
+        sink: &AnySink,
+        sink_name: &str,
+        instance: &str,
+        backup_id: &str,
+        targets: &[String],
+    ) -> Result<MountView, MountError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = root.join("mounts").join(id);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| MountError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        let mut m = Mount {
+            view: MountView {
+                id: id.into(),
+                instance: instance.into(),
+                sink: sink_name.into(),
+                backup_id: backup_id.into(),
+                disks: BTreeMap::new(),
+                created_ms: crate::journal::Journal::now_ms(),
+            },
+            dir: dir.clone(),
+            servers: Vec::new(),
+        };
+        // A failure below drops `m`: what it started stops and its sockets go.
+        for t in targets {
+            let disk = job::libvirt_disk_id(instance, t);
+            let export = BackupExport::open(sink.clone(), &disk, backup_id, DEFAULT_CACHE_BYTES)
+                .await
+                .map_err(|e| MountError::Engine(crate::run::chain(&e)))?;
+            let socket = dir.join(format!("{t}.sock"));
+            let listener =
+                tokio::net::UnixListener::bind(&socket).map_err(|source| MountError::Io {
+                    path: socket.clone(),
+                    source,
+                })?;
+            let (size, chain_len) = (export.size(), export.chain_len());
+            let opts = ServerOptions {
+                name: t.clone(),
+                description: format!("backup {backup_id} of {instance} {t}"),
+                ..Default::default()
+            };
+            let served = tokio::spawn(serve_unix(listener, Arc::new(export), Arc::new(opts)));
+            m.servers.push(served.abort_handle());
+            m.view.disks.insert(
+                t.clone(),
+                MountDisk {
+                    uri: format!("nbd+unix:///{t}?socket={}", socket.display()),
+                    socket,
+                    size,
+                    chain_len,
+                },
+            );
+        }
+        let view = m.view.clone();
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.into(), Arc::new(m));
+        reading.keep();
+        Ok(view)
+    }
+
+    pub fn get(&self, id: &str) -> Option<MountView> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .map(|m| m.view.clone())
+    }
+
+    pub fn all(&self) -> Vec<MountView> {
+        let mut v: Vec<MountView> = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|m| m.view.clone())
+            .collect();
+        v.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// Stops mount `id` and removes its sockets; whether there was one.
+    pub fn unmount(&self, id: &str) -> bool {
+        let m = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        self.reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, ..)| i != id);
+        m.is_some()
+    }
+}
