@@ -55,7 +55,7 @@ bench-quick: deps
 # Short fuzzing runs of every target (installs cargo-fuzz when missing).
 fuzz:
 	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install --locked cargo-fuzz
-	cd fuzz && for t in nbd_reply nbd_handshake qmp_line format_objects; do \
+	cd fuzz && for t in nbd_reply nbd_handshake nbd_server qmp_line format_objects; do \
 	  mkdir -p target/corpus/$$t && \
 	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t target/corpus/$$t corpus/$$t -- -max_total_time=$${FUZZ_SECONDS:-30} || exit 1; \
 	done

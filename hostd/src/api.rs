@@ -1210,6 +1210,9 @@ async fn create_mount(
                     "disks: the backup has no disk {t:?}"
                 )));
             }
+            let mut d = d;
+            d.sort();
+            d.dedup();
             d
         }
     };

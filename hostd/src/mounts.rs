@@ -116,17 +116,54 @@ impl Drop for Reading<'_> {
 }
 
 impl Mounts {
-    /// The directory of all mounts: created 0700, emptied of what a previous life left.
+    /// The directory of all mounts, `root/mounts`: created 0700; of what a previous life
+    /// left there, only what a mount makes goes (directories named by a mount id holding
+    /// sockets `*.sock`), checked without following links and on the directory's own
+    /// filesystem (a FUSE mount an operator made below stays); anything else stays, with a
+    /// warning. A `mounts` that is not a directory of ours is refused.
     pub fn prepare(root: &Path) -> std::io::Result<()> {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
         let dir = root.join("mounts");
-        match std::fs::symlink_metadata(&dir) {
-            // remove_dir_all removes a symlink itself, never what it points to.
-            Ok(_) => std::fs::remove_dir_all(&dir)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        let md = match std::fs::symlink_metadata(&dir) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return std::fs::DirBuilder::new().mode(0o700).create(&dir);
+            }
             Err(e) => return Err(e),
+        };
+        if !md.is_dir() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a directory (a link?); refusing to use it",
+                dir.display()
+            )));
         }
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            let path = e.path();
+            let ours = e
+                .file_name()
+                .to_str()
+                .is_some_and(crate::registry::valid_job_id)
+                && std::fs::symlink_metadata(&path)
+                    .is_ok_and(|m| m.is_dir() && m.dev() == md.dev());
+            if !ours {
+                tracing::warn!(path = %path.display(), "left in the mounts directory: not a mount's");
+                continue;
+            }
+            for f in std::fs::read_dir(&path)? {
+                let f = f?;
+                let sock = f.file_type().is_ok_and(|t| t.is_socket())
+                    && f.file_name().to_string_lossy().ends_with(".sock");
+                if sock {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+            if let Err(err) = std::fs::remove_dir(&path) {
+                tracing::warn!(path = %path.display(), error = %err, "a previous mount's directory stays");
+            }
+        }
+        Ok(())
     }
 
     /// Whether a backup of `instance` on `sink` is mounted or being mounted.
@@ -254,10 +291,13 @@ impl Mounts {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        let found = m.is_some();
+        // Its exports stop and its sockets go before rewrites may take its frames.
+        drop(m);
         self.reading
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(i, ..)| i != id);
-        m.is_some()
+        found
     }
 }

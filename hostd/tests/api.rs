@@ -796,10 +796,9 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         (409, Some("mounted")),
         "{v}"
     );
-    let (_, v) = call(&rt, &admin, "GET", "/v1/mounts", None);
+    let v = cbtctl(ADMIN, &["mounts"]);
     assert_eq!(v["mounts"][0]["id"], json!(mid), "{v}");
-    let (s, v) = call(&rt, &admin, "DELETE", &format!("/v1/mounts/{mid}"), None);
-    assert_eq!(s, 200, "{v}");
+    cbtctl(ADMIN, &["umount", &mid]);
     assert!(!socket.exists(), "the socket goes with the mount");
     assert_eq!(
         call(&rt, &admin, "GET", &format!("/v1/mounts/{mid}"), None).0,

@@ -78,3 +78,93 @@ pub fn format_objects(data: &[u8]) {
     }
     let _ = crate::format::Manifest::decode(data);
 }
+
+/// What the `nbd_server` target serves: 1 MiB whose first half is data and second a hole,
+/// with a read error at 768 KiB.
+struct FuzzExport;
+
+impl crate::nbd::server::Export for FuzzExport {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+
+    async fn read(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<crate::engine::export::Span>, String> {
+        use crate::engine::export::Span;
+        let half = 1u64 << 19;
+        if offset <= 768 << 10 && offset + len > 768 << 10 {
+            return Err("a broken frame".into());
+        }
+        let mut out = Vec::new();
+        let end = offset + len;
+        if offset < half {
+            let e = end.min(half);
+            out.push(Span::Data {
+                offset,
+                buf: std::sync::Arc::new(vec![0xa5; (e - offset) as usize]),
+                range: 0..(e - offset) as usize,
+            });
+        }
+        if end > half {
+            let s = offset.max(half);
+            out.push(Span::Hole {
+                offset: s,
+                len: end - s,
+            });
+        }
+        Ok(out)
+    }
+
+    fn allocation(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+        let half = 1u64 << 19;
+        let end = offset.saturating_add(len).min(1 << 20);
+        let mut out = Vec::new();
+        if offset < half {
+            out.push((end.min(half) - offset, false));
+        }
+        if end > half && out.len() < max {
+            out.push((end - offset.max(half), true));
+        }
+        out
+    }
+}
+
+/// Feeds `data` to a server connection as everything a client sends (flags, options,
+/// requests), reading whatever the server answers: the handshake's and transmission's state
+/// machines and every parser on the way must neither panic nor hang.
+pub fn nbd_server(data: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return;
+    };
+    let input = data.to_vec();
+    rt.block_on(async move {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let opts = crate::nbd::server::ServerOptions {
+            name: "fuzz".into(),
+            ..Default::default()
+        };
+        let served = tokio::spawn(crate::nbd::server::serve_connection(
+            server,
+            std::sync::Arc::new(FuzzExport),
+            std::sync::Arc::new(opts),
+        ));
+        let (mut r, mut w) = tokio::io::split(client);
+        let write = async move {
+            let _ = w.write_all(&input).await;
+            let _ = w.shutdown().await;
+        };
+        let read = async move {
+            let mut out = Vec::new();
+            let _ = r.read_to_end(&mut out).await;
+        };
+        tokio::join!(write, read);
+        let _ = served.await;
+    });
+}

@@ -1640,8 +1640,22 @@ async fn immutable_backups_stay_whole_while_locked_on_seaweedfs() {
     let l0_manifest = libcbt::format::layout::manifest_name(disk, "l0");
     assert_eq!(delete_version_status(&cfg, &l0_manifest).await, 403);
 
-    // Every lock over: l0 folds into l1 and goes; l1 restores exactly, as a full now.
-    let wait = (l1.locked_until_unix_ms.expect("l1") + 1_000).saturating_sub(now_ms());
+    // Every lock over: l0 folds into l1 and goes; l1 restores exactly, as a full now. l1's
+    // own manifest and index were locked when written, a little after its start (seconds on
+    // a loaded machine), so their retention runs past its record: wait for the later of all.
+    let mut end = l1.locked_until_unix_ms.expect("l1");
+    for name in [
+        libcbt::format::layout::manifest_name(disk, "l1"),
+        l1.index.name.clone(),
+    ] {
+        if let Some(t) = sink.locked_until(&name).await.expect("retention") {
+            let ms = t
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            end = end.max(ms);
+        }
+    }
+    let wait = (end + 1_000).saturating_sub(now_ms());
     tokio::time::sleep(Duration::from_millis(wait)).await;
     let plan = plan_prune(&sink, &disks, &policy).await.expect("plan");
     let r = prune(&sink, &plan, None).await.expect("prune");

@@ -35,3 +35,8 @@ fn qmp_line_corpus_parses_without_panic() {
 fn format_corpus_decodes_without_panic() {
     replay("format_objects", libcbt::fuzzing::format_objects);
 }
+
+#[test]
+fn nbd_server_corpus_is_served_without_panic() {
+    replay("nbd_server", libcbt::fuzzing::nbd_server);
+}

@@ -1,4 +1,5 @@
-//! Backups served over NBD (libcbt::nbd::server on engine::export), judged by other tools:
+//! Backups served over NBD (libcbt::nbd::server on engine::export), from a directory and from
+//! SeaweedFS, judged by other tools:
 //! `qemu-img compare` and `nbdcopy` against references taken at the backups' points in time,
 //! `nbdinfo --map` against the merged index, and libnbd's `nbdsh` for the server's refusals
 //! and its answer to a frame the sink lost.
@@ -17,12 +18,13 @@ use libcbt::format::plan_restore;
 use libcbt::job;
 use libcbt::nbd::server::{serve_unix, ServerOptions};
 use libcbt::sink::local::LocalSink;
+use libcbt::sink::Sink;
 use libcbt::source::qemu::Requested;
 
 const SIZE: u64 = 64 << 20;
 
 /// Serves `backup` of `disk` at `socket` in this process; the task ends with the runtime.
-async fn serve(sink: &LocalSink, disk: &str, backup: &str, socket: &Path, cache: usize) -> String {
+async fn serve<S: Sink>(sink: &S, disk: &str, backup: &str, socket: &Path, cache: usize) -> String {
     let export = BackupExport::open(sink.clone(), disk, backup, cache)
         .await
         .expect("export");
@@ -91,7 +93,7 @@ fn push_run(out: &mut Vec<(u64, u64, bool)>, off: u64, len: u64, hole: bool) {
 }
 
 /// The runs the merged index of the chain says: data where a frame piece is, hole elsewhere.
-async fn index_map(sink: &LocalSink, disk: &str, backup: &str) -> Vec<(u64, u64, bool)> {
+async fn index_map<S: Sink>(sink: &S, disk: &str, backup: &str) -> Vec<(u64, u64, bool)> {
     let chain = load_chain(sink, disk, backup).await.expect("chain");
     let idx: Vec<_> = chain.iter().map(|(_, i)| i).collect();
     let plan = plan_restore(&idx).expect("plan");
@@ -112,21 +114,15 @@ async fn index_map(sink: &LocalSink, disk: &str, backup: &str) -> Vec<(u64, u64,
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backups_served_over_nbd_read_as_their_point_in_time() {
-    for t in ["qemu-img", "nbdcopy", "nbdinfo", "nbdsh"] {
-        require(t);
-    }
-    let lab = Lab::new(&[("d0", "qcow2")], SIZE).await;
-    let sink = LocalSink::open(lab.path("sink")).expect("sink");
-    let disk = "vm-d0";
+/// A full and two incrementals of the lab's disk, random guest writes between; the reference
+/// of each (its point in time).
+async fn three_backups<S: Sink>(lab: &Lab, sink: &S) -> Vec<(String, std::path::PathBuf)> {
     let mut rng = rng(seed("nbd-export"));
     let opts = BackupOptions {
         chunk_size: 256 << 10,
         segment_size: 4 << 20,
         ..Default::default()
     };
-    // A full and two incrementals, random guest writes between, a reference of each.
     let mut refs = Vec::new();
     for (i, req) in [Requested::Full, Requested::Auto, Requested::Auto]
         .into_iter()
@@ -138,7 +134,7 @@ async fn backups_served_over_nbd_read_as_their_point_in_time() {
         lab.reference(0, &r);
         job::backup_qemu(
             &lab.source,
-            &sink,
+            sink,
             &id.parse().expect("id"),
             &lab.specs("vm-"),
             req,
@@ -148,11 +144,16 @@ async fn backups_served_over_nbd_read_as_their_point_in_time() {
         .expect("backup");
         refs.push((id, r));
     }
+    refs
+}
 
-    for (id, reference) in &refs {
+/// Each backup served: `qemu-img compare` and an `nbdcopy` over four connections equal its
+/// reference, and `nbdinfo --map` is its merged index.
+async fn judge<S: Sink>(lab: &Lab, sink: &S, disk: &str, refs: &[(String, std::path::PathBuf)]) {
+    for (id, reference) in refs {
         let socket = lab.path(&format!("{id}.sock"));
         // A small cache: frames are evicted and read again within one copy.
-        let uri = serve(&sink, disk, id, &socket, 1 << 20).await;
+        let uri = serve(sink, disk, id, &socket, 1 << 20).await;
         // qemu-img compare reads it through QEMU's NBD client (structured replies, block
         // status to skip zeroes).
         let mut c = Command::new("qemu-img");
@@ -170,12 +171,38 @@ async fn backups_served_over_nbd_read_as_their_point_in_time() {
         compare(&out, reference);
         // Its allocation is the merged index's.
         let map = nbdinfo_map(&uri).await;
-        assert_eq!(map, index_map(&sink, disk, id).await, "{id}");
+        assert_eq!(map, index_map(sink, disk, id).await, "{id}");
         assert!(
             map.iter().any(|r| r.2) && map.iter().any(|r| !r.2),
             "{id}: data and holes expected: {map:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_on_seaweedfs_served_over_nbd_read_as_their_point_in_time() {
+    for t in ["qemu-img", "nbdcopy", "nbdinfo"] {
+        require(t);
+    }
+    let lab = Lab::new(&[("d0", "qcow2")], SIZE).await;
+    let sink = s3::seaweed()
+        .await
+        .sink(&format!("nbd-export-{}", std::process::id()))
+        .await;
+    let refs = three_backups(&lab, &sink).await;
+    judge(&lab, &sink, "vm-d0", &refs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_served_over_nbd_read_as_their_point_in_time() {
+    for t in ["qemu-img", "nbdcopy", "nbdinfo", "nbdsh"] {
+        require(t);
+    }
+    let lab = Lab::new(&[("d0", "qcow2")], SIZE).await;
+    let sink = LocalSink::open(lab.path("sink")).expect("sink");
+    let disk = "vm-d0";
+    let refs = three_backups(&lab, &sink).await;
+    judge(&lab, &sink, disk, &refs).await;
 
     // The server's refusals, asked with libnbd's strict mode off (so the requests reach it):
     // writes, trims and zeroes are EPERM, a read past the end EINVAL; the connection stays.

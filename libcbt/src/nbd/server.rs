@@ -68,6 +68,13 @@ pub struct ServerOptions {
     pub in_flight: usize,
     /// A client must finish its handshake within this.
     pub handshake_timeout: Duration,
+    /// Connections of one export at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Bytes of reads in flight over all connections of one export, in KiB (each read holds
+    /// its length until its answer is written): what bounds the memory of reads.
+    pub read_budget_kib: usize,
+    /// A reply the client does not take within this ends its connection.
+    pub write_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -77,6 +84,9 @@ impl Default for ServerOptions {
             description: "cbt backup (read-only)".into(),
             in_flight: 16,
             handshake_timeout: Duration::from_secs(30),
+            max_connections: 64,
+            read_budget_kib: 256 << 10,
+            write_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -127,14 +137,35 @@ pub async fn serve_unix<E: Export>(
     opts: Arc<ServerOptions>,
 ) -> std::io::Result<()> {
     let mut conns = tokio::task::JoinSet::new();
+    let budget = Arc::new(Semaphore::new(
+        opts.read_budget_kib.max(MAX_REQUEST as usize >> 10),
+    ));
     loop {
-        let conn = tokio::select! {
-            c = listener.accept() => c?.0,
+        let accepted = tokio::select! {
+            c = listener.accept() => c,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
-        let (e, o) = (export.clone(), opts.clone());
+        let conn = match accepted {
+            Ok((c, _)) => c,
+            // Out of descriptors, a connection aborted before it was taken: the export goes
+            // on, a little later.
+            Err(e) => {
+                tracing::warn!(error = %e, "NBD accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if conns.len() >= opts.max_connections {
+            tracing::warn!(
+                max = opts.max_connections,
+                "NBD connection refused: too many"
+            );
+            drop(conn);
+            continue;
+        }
+        let (e, o, b) = (export.clone(), opts.clone(), budget.clone());
         conns.spawn(async move {
-            if let Err(err) = serve_connection(conn, e, o).await {
+            if let Err(err) = serve_with(conn, e, o, b).await {
                 tracing::debug!(error = %err, "NBD connection ended");
             }
         });
@@ -146,6 +177,22 @@ pub async fn serve_connection<E: Export, IO>(
     io: IO,
     export: Arc<E>,
     opts: Arc<ServerOptions>,
+) -> Result<(), ServerError>
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let budget = Arc::new(Semaphore::new(
+        opts.read_budget_kib.max(MAX_REQUEST as usize >> 10),
+    ));
+    serve_with(io, export, opts, budget).await
+}
+
+/// [`serve_connection`] with the export's budget of read bytes in flight (KiB permits).
+async fn serve_with<E: Export, IO>(
+    io: IO,
+    export: Arc<E>,
+    opts: Arc<ServerOptions>,
+    budget: Arc<Semaphore>,
 ) -> Result<(), ServerError>
 where
     IO: AsyncRead + AsyncWrite + Send + 'static,
@@ -163,7 +210,8 @@ where
     let Some(session) = session else {
         return Ok(());
     };
-    transmission(rd, wr, export, session, opts.in_flight.max(1)).await
+    let (n, t) = (opts.in_flight.max(1), opts.write_timeout);
+    transmission(rd, wr, export, session, n, budget, t).await
 }
 
 async fn read_exact<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut [u8]) -> Result<(), ServerError> {
@@ -309,6 +357,10 @@ where
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 let set = option == opt::SET_META_CONTEXT;
+                // A SET replaces the selection, also when it fails.
+                if set {
+                    s.base_allocation = false;
+                }
                 if set && !s.structured {
                     reply(wr, option, rep::ERR_INVALID, b"structured replies first").await?;
                     continue;
@@ -367,15 +419,35 @@ async fn reply<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-type Writer<W> = Arc<Mutex<W>>;
+/// A connection's writing half, shared by its requests' answers, and how long one answer
+/// may take to write.
+struct Out<W> {
+    w: Mutex<W>,
+    timeout: Duration,
+}
+
+type Writer<W> = Arc<Out<W>>;
+
+/// `f` within the connection's write timeout.
+async fn timed<W, F>(wr: &Writer<W>, f: F) -> std::io::Result<()>
+where
+    F: Future<Output = std::io::Result<()>>,
+{
+    tokio::time::timeout(wr.timeout, f)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
 
 /// Writes one whole reply: its parts in order, with the writer held throughout.
 async fn send<W: AsyncWrite + Unpin>(wr: &Writer<W>, parts: &[&[u8]]) -> std::io::Result<()> {
-    let mut w = wr.lock().await;
-    for p in parts {
-        w.write_all(p).await?;
-    }
-    w.flush().await
+    timed(wr, async {
+        let mut w = wr.w.lock().await;
+        for p in parts {
+            w.write_all(p).await?;
+        }
+        w.flush().await
+    })
+    .await
 }
 
 /// Answers `cookie` with `error` (0: success, no payload).
@@ -404,13 +476,18 @@ async fn transmission<R, W, E>(
     export: Arc<E>,
     s: Session,
     in_flight: usize,
+    budget: Arc<Semaphore>,
+    write_timeout: Duration,
 ) -> Result<(), ServerError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
     E: Export,
 {
-    let wr: Writer<W> = Arc::new(Mutex::new(wr));
+    let wr: Writer<W> = Arc::new(Out {
+        w: Mutex::new(wr),
+        timeout: write_timeout,
+    });
     let slots = Arc::new(Semaphore::new(in_flight));
     let mut tasks: tokio::task::JoinSet<std::io::Result<()>> = tokio::task::JoinSet::new();
     let size = export.size();
@@ -418,8 +495,11 @@ where
     let result = loop {
         // Finished replies are collected as we go; a write error there ends the connection.
         while let Some(r) = tasks.try_join_next() {
-            if let Ok(Err(e)) = r {
-                return Err(e.into());
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                // A request left unanswered: the client would wait for ever.
+                Err(e) => return Err(ServerError::Refused(format!("a read failed: {e}"))),
             }
         }
         let mut h = [0u8; proto::REQUEST_LEN];
@@ -464,10 +544,20 @@ where
             .checked_add(req.len.into())
             .is_some_and(|e| e <= size);
         let bad = |m: &str| (errno::EINVAL, m.to_string());
+        // Flags a command does not take (FUA, NO_HOLE and FAST_ZERO are for writes, which
+        // are refused below anyway).
+        let misplaced = (req.flags & cmd_flag::DF != 0 && req.kind != cmd::READ)
+            || (req.flags & cmd_flag::REQ_ONE != 0 && req.kind != cmd::BLOCK_STATUS)
+            || (req.flags & (cmd_flag::FUA | cmd_flag::NO_HOLE | cmd_flag::FAST_ZERO) != 0
+                && matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS | cmd::CACHE));
         let refused = if req.flags & !known != 0 {
             Some(bad("unknown command flags"))
+        } else if misplaced {
+            Some(bad("a flag this command does not take"))
         } else if !in_range && matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS | cmd::CACHE) {
             Some(bad("past the export's end"))
+        } else if req.len == 0 && matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS) {
+            Some(bad("zero length"))
         } else if req.kind == cmd::READ && req.len > MAX_REQUEST {
             Some(bad("read longer than the maximum block size"))
         } else if req.flags & cmd_flag::DF != 0 && !structured {
@@ -482,9 +572,12 @@ where
         match req.kind {
             cmd::READ => {
                 let permit = slots.clone().acquire_owned().await;
+                // The read's bytes from the export's budget (at most 32 Ki permits of 1 KiB).
+                let kib = req.len.div_ceil(1024).max(1);
+                let bytes = budget.clone().acquire_many_owned(kib).await;
                 let (wr, export) = (wr.clone(), export.clone());
                 tasks.spawn(async move {
-                    let _permit = permit;
+                    let _permit = (permit, bytes);
                     answer_read(&wr, export.as_ref(), structured, req).await
                 });
             }
@@ -551,8 +644,10 @@ where
     };
     // Requests in flight are answered before the connection closes.
     while let Some(r) = tasks.join_next().await {
-        if let Ok(Err(e)) = r {
-            return Err(e.into());
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => return Err(ServerError::Refused(format!("a read failed: {e}"))),
         }
     }
     result
@@ -607,20 +702,31 @@ async fn answer_read<W: AsyncWrite + Unpin, E: Export>(
     if spans.is_empty() {
         return send(wr, &[&proto::encode_none_chunk(req.cookie)]).await;
     }
-    let mut w = wr.lock().await;
+    timed(wr, stream_spans(wr, &spans, req.cookie)).await
+}
+
+/// The chunks of a read's `spans`, DONE on the last, with the writer held throughout.
+async fn stream_spans<W: AsyncWrite + Unpin>(
+    wr: &Writer<W>,
+    spans: &[Span],
+    cookie: u64,
+) -> std::io::Result<()> {
+    let mut w = wr.w.lock().await;
     let last = spans.len() - 1;
     for (i, sp) in spans.iter().enumerate() {
         let flags = if i == last { chunk::FLAG_DONE } else { 0 };
         match sp {
             Span::Data { offset, buf, range } => {
                 // A span is part of the request, so within u32.
-                let h =
-                    proto::encode_data_chunk_head(flags, req.cookie, *offset, range.len() as u32);
+                let h = proto::encode_data_chunk_head(flags, cookie, *offset, range.len() as u32);
+                let data = buf
+                    .get(range.clone())
+                    .ok_or_else(|| std::io::Error::other("a span outside its buffer"))?;
                 w.write_all(&h).await?;
-                w.write_all(&buf[range.clone()]).await?;
+                w.write_all(data).await?;
             }
             Span::Hole { offset, len } => {
-                let c = proto::encode_hole_chunk(flags, req.cookie, *offset, *len as u32);
+                let c = proto::encode_hole_chunk(flags, cookie, *offset, *len as u32);
                 w.write_all(&c).await?;
             }
         }

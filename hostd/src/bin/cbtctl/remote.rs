@@ -169,6 +169,23 @@ pub enum Remote {
         #[arg(long)]
         wait: bool,
     },
+    /// Serve a backup's disks read-only over NBD through the daemon (admin); prints each
+    /// disk's nbd+unix URI.
+    Mount {
+        #[arg(long)]
+        sink: String,
+        #[arg(long)]
+        instance: String,
+        #[arg(long)]
+        backup_id: String,
+        /// Disk targets (default: all).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+    },
+    /// Live mounts.
+    Mounts,
+    /// Stop a mount: its sockets go, open connections end.
+    Umount { id: String },
 }
 
 impl Conn {
@@ -661,6 +678,52 @@ pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
             }
             let v = call(&cl, "POST", "/v1/restores", Some(body)).await?;
             started(&cl, c, v, wait).await?;
+        }
+        Remote::Mount {
+            sink,
+            instance,
+            backup_id,
+            disks,
+        } => {
+            let mut body = json!({"instance": instance, "sink": sink, "backup_id": backup_id});
+            if !disks.is_empty() {
+                body["disks"] = json!(disks);
+            }
+            let v = call(&cl, "POST", "/v1/mounts", Some(body)).await?;
+            if c.json {
+                return show(&v);
+            }
+            println!("mount {}", v["mount"]["id"].as_str().unwrap_or(""));
+            for (t, d) in v["mount"]["disks"].as_object().into_iter().flatten() {
+                println!(
+                    "  {t}: {} ({} bytes)",
+                    d["uri"].as_str().unwrap_or(""),
+                    d["size"]
+                );
+            }
+        }
+        Remote::Mounts => {
+            let v = call(&cl, "GET", "/v1/mounts", None).await?;
+            if c.json {
+                return show(&v);
+            }
+            for m in v["mounts"].as_array().into_iter().flatten() {
+                println!(
+                    "{} {} {} {} disks={}",
+                    m["id"].as_str().unwrap_or(""),
+                    m["instance"].as_str().unwrap_or(""),
+                    m["sink"].as_str().unwrap_or(""),
+                    m["backup_id"].as_str().unwrap_or(""),
+                    m["disks"].as_object().map_or(0, |d| d.len())
+                );
+            }
+        }
+        Remote::Umount { id } => {
+            let v = call(&cl, "DELETE", &format!("/v1/mounts/{}", enc(&id)), None).await?;
+            if c.json {
+                return show(&v);
+            }
+            println!("unmounted {id}");
         }
         Remote::StartVerify {
             sink,
