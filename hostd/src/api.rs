@@ -952,6 +952,9 @@ enum TargetReq {
         name: String,
         #[serde(default)]
         start: bool,
+        /// Boot from the backup at once (overlays on an NBD export) instead of copying it.
+        #[serde(default)]
+        instant: bool,
     },
 }
 
@@ -1063,7 +1066,11 @@ async fn start_restore(
             }
             (one_disk()?, RestoreTo::Nbd { uri: uri.clone() })
         }
-        TargetReq::Domain { name, start } => {
+        TargetReq::Domain {
+            name,
+            start,
+            instant,
+        } => {
             if !valid_name(name) {
                 return Err(ApiError::bad(
                     "target.name: letters, digits, '-', '_', '.' only",
@@ -1104,6 +1111,7 @@ async fn start_restore(
                     name: name.clone(),
                     root,
                     start: *start,
+                    instant: *instant,
                 },
             )
         }
@@ -1172,7 +1180,8 @@ fn admin_only(c: &Caller, why: &str) -> ApiResult<()> {
     Ok(())
 }
 
-const MOUNTS_ADMIN: &str = "mounts are for admin tokens only: their sockets are the host's";
+const MOUNTS_ADMIN: &str =
+    "mounting is for admin tokens only: the sockets are the host's (tenants boot instant copies)";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1239,11 +1248,15 @@ async fn create_mount(
             &st.cfg.server.state_dir,
             &id,
             reading,
-            &s,
-            &r.sink,
-            &b.instance,
-            &r.backup_id,
+            &crate::mounts::Of {
+                sink: &s,
+                sink_name: &r.sink,
+                instance: &b.instance,
+                backup_id: &r.backup_id,
+                tenant: b.tenant.as_deref(),
+            },
             &targets,
+            None,
         )
         .await
         .map_err(|e| ApiError::internal(chain(&e)))?;
@@ -1256,10 +1269,23 @@ async fn create_mount(
         .into_response())
 }
 
+/// Mounts the caller sees: all for an admin, a tenant's own (its instant copies') for it.
 async fn list_mounts(State(st): State<Arc<AppState>>, h: HeaderMap) -> ApiResult<Json<Value>> {
     let c = auth(&st, &h)?;
-    admin_only(&c, MOUNTS_ADMIN)?;
-    Ok(Json(json!({ "mounts": st.mounts.all() })))
+    let v: Vec<_> = st
+        .mounts
+        .all()
+        .into_iter()
+        .filter(|m| c.sees(m.tenant.as_deref()))
+        .collect();
+    Ok(Json(json!({ "mounts": v })))
+}
+
+fn visible_mount(st: &AppState, c: &Caller, id: &str) -> ApiResult<crate::mounts::MountView> {
+    st.mounts
+        .get(id)
+        .filter(|m| c.sees(m.tenant.as_deref()))
+        .ok_or_else(|| ApiError::not_found("mount"))
 }
 
 async fn show_mount(
@@ -1268,22 +1294,18 @@ async fn show_mount(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let c = auth(&st, &h)?;
-    admin_only(&c, MOUNTS_ADMIN)?;
-    let m = st
-        .mounts
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found("mount"))?;
-    Ok(Json(json!({ "mount": m })))
+    Ok(Json(json!({ "mount": visible_mount(&st, &c, &id)? })))
 }
 
-/// Stops a mount's exports (open connections end) and removes its sockets.
+/// Stops a mount's exports (open connections end) and removes its sockets; a tenant may
+/// unmount its own instant copies' mounts (the copy then loses its disks' backing).
 async fn delete_mount(
     State(st): State<Arc<AppState>>,
     h: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let c = auth(&st, &h)?;
-    admin_only(&c, MOUNTS_ADMIN)?;
+    visible_mount(&st, &c, &id)?;
     if !st.mounts.unmount(&id) {
         return Err(ApiError::not_found("mount"));
     }

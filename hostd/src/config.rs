@@ -17,6 +17,7 @@
 //! [libvirt]
 //! uri = "qemu:///system"
 //! default_tenant = "ops"                   # domains without Nova metadata or an override
+//! qemu_user = "libvirt-qemu"              # qemu.conf's user: owns instant copies' NBD sockets
 //!
 //! [limits]
 //! max_jobs = 2
@@ -195,6 +196,9 @@ pub struct Libvirt {
     pub enabled: bool,
     pub uri: String,
     pub default_tenant: Option<String>,
+    /// The user QEMU runs as (qemu.conf's `user`): an instant staging copy's NBD sockets are
+    /// given to it, and to nobody else.
+    pub qemu_user: String,
 }
 
 impl Default for Libvirt {
@@ -203,6 +207,7 @@ impl Default for Libvirt {
             enabled: true,
             uri: libcbt::source::libvirt::DEFAULT_URI.into(),
             default_tenant: None,
+            qemu_user: "libvirt-qemu".into(),
         }
     }
 }

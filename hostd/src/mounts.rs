@@ -4,8 +4,9 @@
 //! `qemu-nbd`, `guestmount` or `nbdfuse`, and for a qcow2 overlay whose backing file is the
 //! export.
 //!
-//! The mount directory is root's alone (0700): the sockets are for the host's operator, and
-//! the API is admin-only. Mounts live as long as the daemon (or until unmounted); at start
+//! A mount's directory is root's alone (0700): its sockets are for the host's operator, and
+//! the API is admin-only. An instant staging copy's mount (a restore to a domain with
+//! `instant`) gives its sockets to QEMU's user (0600) in a directory it may traverse. Mounts live as long as the daemon (or until unmounted); at start
 //! the directory a previous life left is emptied (it holds only what the daemon made). While
 //! a backup of an instance is mounted, no prune, deletion or compaction of the instance's
 //! backups on that sink runs (they would take frames from under the export): each side marks
@@ -39,6 +40,7 @@ pub struct MountDisk {
 #[derive(Debug, Clone, Serialize)]
 pub struct MountView {
     pub id: String,
+    pub tenant: Option<String>,
     pub instance: String,
     pub sink: String,
     pub backup_id: String,
@@ -88,6 +90,18 @@ pub enum MountError {
     },
 }
 
+/// The backup a mount serves, and whose it is.
+#[derive(Clone, Copy)]
+pub struct Of<'a> {
+    pub sink: &'a AnySink,
+    pub sink_name: &'a str,
+    /// A domain uuid.
+    pub instance: &'a str,
+    pub backup_id: &'a str,
+    /// The instance's tenant: it sees and unmounts the mount (an instant copy's).
+    pub tenant: Option<&'a str>,
+}
+
 /// Marks (instance, sink) as read by mount `id` until dropped.
 pub struct Reading<'a> {
     mounts: &'a Mounts,
@@ -116,7 +130,8 @@ impl Drop for Reading<'_> {
 }
 
 impl Mounts {
-    /// The directory of all mounts, `root/mounts`: created 0700; of what a previous life
+    /// The directory of all mounts, `root/mounts`: 0711 (traversed by QEMU to an instant
+    /// copy's sockets, listed by nobody); of what a previous life
     /// left there, only what a mount makes goes (directories named by a mount id holding
     /// sockets `*.sock`), checked without following links and on the directory's own
     /// filesystem (a FUSE mount an operator made below stays); anything else stays, with a
@@ -127,7 +142,9 @@ impl Mounts {
         let md = match std::fs::symlink_metadata(&dir) {
             Ok(md) => md,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return std::fs::DirBuilder::new().mode(0o700).create(&dir);
+                std::fs::DirBuilder::new().mode(0o711).create(&dir)?;
+                // The mode asked of mkdir is masked by the umask (0077 for the daemon).
+                return std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711));
             }
             Err(e) => return Err(e),
         };
@@ -137,7 +154,7 @@ impl Mounts {
                 dir.display()
             )));
         }
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
         for e in std::fs::read_dir(&dir)? {
             let e = e?;
             let path = e.path();
@@ -190,32 +207,49 @@ impl Mounts {
         })
     }
 
-    /// Serves `targets` of backup `backup_id` of `instance` (a domain uuid) under
-    /// `root/mounts/<id>/`. `reading` (from [`Mounts::mark`]) is kept for the mount's life.
-    #[allow(clippy::too_many_arguments)]
+    /// Serves `targets` of the backup `of` under `root/mounts/<id>/`. `reading` (from
+    /// [`Mounts::mark`]) is kept for the mount's life. With `owner` (QEMU's uid and gid), the
+    /// sockets are that user's (0600) and their directory may be traversed, so that a QEMU
+    /// can open them as a backing file.
     pub async fn mount(
         &self,
         root: &Path,
         id: &str,
         reading: Reading<'_>,
-        sink: &AnySink,
-        sink_name: &str,
-        instance: &str,
-        backup_id: &str,
+        of: &Of<'_>,
         targets: &[String],
+        owner: Option<(u32, u32)>,
     ) -> Result<MountView, MountError> {
+        let Of {
+            sink,
+            sink_name,
+            instance,
+            backup_id,
+            tenant,
+        } = *of;
         use std::os::unix::fs::DirBuilderExt;
         let dir = root.join("mounts").join(id);
+        let mode = if owner.is_some() { 0o711 } else { 0o700 };
+        let dir_err = |source| MountError::Io {
+            path: dir.clone(),
+            source,
+        };
         std::fs::DirBuilder::new()
-            .mode(0o700)
+            .mode(mode)
             .create(&dir)
-            .map_err(|source| MountError::Io {
-                path: dir.clone(),
-                source,
-            })?;
+            .map_err(dir_err)?;
+        // Masked by the umask at mkdir: set as asked.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Err(e) = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)) {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(dir_err(e));
+            }
+        }
         let mut m = Mount {
             view: MountView {
                 id: id.into(),
+                tenant: tenant.map(str::to_string),
                 instance: instance.into(),
                 sink: sink_name.into(),
                 backup_id: backup_id.into(),
@@ -237,6 +271,16 @@ impl Mounts {
                     path: socket.clone(),
                     source,
                 })?;
+            if let Some((uid, gid)) = owner {
+                use std::os::unix::fs::PermissionsExt;
+                let io = |source| MountError::Io {
+                    path: socket.clone(),
+                    source,
+                };
+                std::os::unix::fs::chown(&socket, Some(uid), Some(gid)).map_err(io)?;
+                std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io)?;
+            }
             let (size, chain_len) = (export.size(), export.chain_len());
             let opts = ServerOptions {
                 name: t.clone(),

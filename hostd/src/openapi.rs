@@ -171,7 +171,7 @@ pub fn document() -> Value {
                              "properties": {"type": {"type": "string", "enum": ["nbd"]}, "uri": {"type": "string"}}},
                             {"type": "object", "additionalProperties": false, "required": ["type", "name"],
                              "properties": {"type": {"type": "string", "enum": ["domain"]}, "name": {"type": "string"},
-                                            "start": {"type": "boolean"}}}
+                                            "start": {"type": "boolean"}, "instant": {"type": "boolean"}}}
                         ]}
                     }},
                 "MountRequest": {"type": "object", "additionalProperties": false,

@@ -229,6 +229,9 @@ pub enum RestoreTo {
         name: String,
         root: PathBuf,
         start: bool,
+        /// Copy nothing: each disk a qcow2 overlay on an NBD export of the backup (a mount
+        /// the copy keeps until it is unmounted); the guest's writes go to the overlays.
+        instant: bool,
     },
 }
 

@@ -873,7 +873,12 @@ async fn run_restore(
                 json!({"disk": disk, "uri": uri, "bytes_written": s.bytes_written, "chain_len": s.chain_len}),
             )
         }
-        RestoreTo::Domain { name, root, start } => {
+        RestoreTo::Domain {
+            name,
+            root,
+            start,
+            instant,
+        } => {
             let src = st
                 .libvirt()
                 .await
@@ -909,6 +914,25 @@ async fn run_restore(
             journal_plan(&ledger).await.inspect_err(|_| {
                 undo_restore(&ledger);
             })?;
+            // An instant copy reads the backup through a mount of it, for the copy's life.
+            let mount = if instant {
+                update(job, |s| s.phase = "mounting".into());
+                match mount_for_qemu(st, job, sink, uuid, backup_id, disks).await {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        undo_restore(&ledger);
+                        return Err(e);
+                    }
+                }
+            } else {
+                None
+            };
+            let undo = |ledger: &RestoreLedger| {
+                if let Some(m) = &mount {
+                    st.mounts.unmount(&m.id);
+                }
+                undo_restore(ledger)
+            };
             let mut files = Vec::new();
             for t in disks {
                 update(job, |s| s.phase = format!("restoring {t}"));
@@ -921,7 +945,7 @@ async fn run_restore(
                 {
                     Ok(c) => c,
                     Err(e) => {
-                        undo_restore(&ledger);
+                        undo(&ledger);
                         return Err((format!("{}: {e}", root.join(&rel).display()), "io"));
                     }
                 };
@@ -930,7 +954,7 @@ async fn run_restore(
                     id: created.id,
                 });
                 journal_plan(&ledger).await.inspect_err(|_| {
-                    undo_restore(&ledger);
+                    undo(&ledger);
                 })?;
                 files.push(root.join(&rel));
                 let disk = job::libvirt_disk_id(uuid, t);
@@ -939,10 +963,22 @@ async fn run_restore(
                     file: Arc::new(created.file),
                     work_dir: work_dir.clone(),
                 };
-                if let Err(e) =
+                if let Some(m) = &mount {
+                    let Some(d) = m.disks.get(t) else {
+                        undo(&ledger);
+                        return Err((format!("the mount has no disk {t}"), "engine"));
+                    };
+                    let RestoreTarget::Qcow2Opened { file, .. } = &target else {
+                        unreachable!("made above")
+                    };
+                    if let Err(e) = overlay(file, &d.uri, d.size).await {
+                        undo(&ledger);
+                        return Err((e, "io"));
+                    }
+                } else if let Err(e) =
                     engine::restore_with(sink, &disk, backup_id, &target, Some(&p), &ropts).await
                 {
-                    undo_restore(&ledger);
+                    undo(&ledger);
                     return Err((chain(&e), "engine"));
                 }
             }
@@ -965,7 +1001,7 @@ async fn run_restore(
                 None => crate::inventory::staging_xml(&xml, &name, &restored),
             };
             let new_xml = built.map(|x| with_uuid(&x, &new_uuid)).map_err(|e| {
-                undo_restore(&ledger);
+                undo(&ledger);
                 (e, "xml")
             })?;
             let (n2, u2) = (name.clone(), new_uuid.clone());
@@ -987,15 +1023,105 @@ async fn run_restore(
             .await;
             match r {
                 Ok(new_uuid) => {
-                    Ok(json!({"domain": name, "uuid": new_uuid, "files": files, "started": start}))
+                    let mut out =
+                        json!({"domain": name, "uuid": new_uuid, "files": files, "started": start});
+                    if let Some(m) = &mount {
+                        out["mount"] = json!(m.id);
+                    }
+                    Ok(out)
                 }
                 Err(e) => {
-                    undo_restore(&ledger);
+                    undo(&ledger);
                     Err((chain(&e), "libvirt"))
                 }
             }
         }
     }
+}
+
+/// A mount of `disks` of the backup whose sockets QEMU's user may open (see
+/// [`crate::mounts`]); taken like a restore's read: refused while a rewrite of the instance
+/// runs, and no rewrite runs while it lasts.
+async fn mount_for_qemu(
+    st: &AppState,
+    job: &Job,
+    sink: &AnySink,
+    uuid: &str,
+    backup_id: &str,
+    disks: &[String],
+) -> Result<crate::mounts::MountView, (String, &'static str)> {
+    let user = &st.cfg.libvirt.qemu_user;
+    let owner = user_ids(user).ok_or_else(|| {
+        (
+            format!("libvirt.qemu_user {user:?} is not in /etc/passwd"),
+            "config",
+        )
+    })?;
+    let sink_name = job.snapshot().sink;
+    let id = new_job_id();
+    let reading = st
+        .mounts
+        .mark(&id, uuid, &sink_name)
+        .map_err(|e| (e.to_string(), "refused"))?;
+    if st.jobs.rewriting(uuid) {
+        return Err((
+            "a deletion, prune or compaction of this instance's backups runs".into(),
+            "refused",
+        ));
+    }
+    let of = crate::mounts::Of {
+        sink,
+        sink_name: &sink_name,
+        instance: uuid,
+        backup_id,
+        tenant: job.tenant.as_deref(),
+    };
+    st.mounts
+        .mount(
+            &st.cfg.server.state_dir,
+            &id,
+            reading,
+            &of,
+            disks,
+            Some(owner),
+        )
+        .await
+        .map_err(|e| (chain(&e), "engine"))
+}
+
+/// uid and primary gid of local user `name`, from /etc/passwd.
+fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        match f.as_slice() {
+            [n, _, uid, gid, ..] if *n == name => Some((uid.parse().ok()?, gid.parse().ok()?)),
+            _ => None,
+        }
+    })
+}
+
+/// Makes `file` (new, empty, ours) a qcow2 overlay of `size` bytes whose backing file is the
+/// raw NBD export `uri`; the backing file is not opened here (QEMU opens it when the copy
+/// starts).
+async fn overlay(file: &Arc<std::fs::File>, uri: &str, size: u64) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
+    let out = tokio::process::Command::new("qemu-img")
+        .args([
+            "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", uri, &path,
+        ])
+        .arg(size.to_string())
+        .output()
+        .await
+        .map_err(|e| format!("qemu-img: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img create of the overlay: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
 }
 
 /// `xml` (a domain without `<uuid>`) with `<uuid>` set right after `<name>`.
