@@ -204,6 +204,35 @@ async fn backups_served_over_nbd_read_as_their_point_in_time() {
     let refs = three_backups(&lab, &sink).await;
     judge(&lab, &sink, disk, &refs).await;
 
+    // Four requests for parts of one frame at once (as nbdcopy's connections make them)
+    // read it from the sink once: the others wait for that read.
+    {
+        let export = BackupExport::open(sink.clone(), disk, "b2", 8 << 20)
+            .await
+            .expect("export");
+        let chain = load_chain(&sink, disk, "b2").await.expect("chain");
+        let idx: Vec<_> = chain.iter().map(|(_, i)| i).collect();
+        let plan = plan_restore(&idx).expect("plan");
+        let p = plan
+            .frames
+            .iter()
+            .flat_map(|f| f.pieces.iter())
+            .find(|p| p.end - p.start >= 4 << 10)
+            .expect("a piece")
+            .clone();
+        let q = (p.end - p.start) / 4;
+        let part = |k: u64| export.read(p.start + k * q, q);
+        let (a, b, c, d) = tokio::join!(part(0), part(1), part(2), part(3));
+        for r in [a, b, c, d] {
+            assert!(r
+                .expect("read")
+                .iter()
+                .all(|s| matches!(s, libcbt::engine::export::Span::Data { .. })));
+        }
+        let st = export.stats();
+        assert_eq!((st.frames_read, st.shared), (1, 3), "{st:?}");
+    }
+
     // The server's refusals, asked with libnbd's strict mode off (so the requests reach it):
     // writes, trims and zeroes are EPERM, a read past the end EINVAL; the connection stays.
     let socket = lab.path("refusals.sock");

@@ -101,6 +101,8 @@ pub struct ExportStats {
     pub sink_reads: u64,
     /// Frames served from the cache.
     pub cache_hits: u64,
+    /// Frames taken from another request's read of them, in flight.
+    pub shared: u64,
 }
 
 /// Backup `backup` of `disk` on a sink, readable by offset.
@@ -114,7 +116,44 @@ pub struct BackupExport<S: Sink> {
     map: Vec<Piece>,
     frames: Vec<FrameRead>,
     cache: Mutex<FrameCache>,
+    /// Frames being read, by whom reads them: a request that needs one waits for that read
+    /// instead of reading it again (several connections read one frame's parts at once).
+    inflight: Mutex<HashMap<usize, Pending>>,
     stats: Mutex<ExportStats>,
+}
+
+/// The outcome of a frame's read, once known.
+type Outcome = Option<Result<Arc<Vec<u8>>, String>>;
+type Pending = tokio::sync::watch::Receiver<Outcome>;
+
+/// The frames a request reads itself: each one's outcome is sent to the requests waiting for
+/// it; any not sent when this is dropped (the request failed or was dropped) is withdrawn, and
+/// its waiters read it themselves.
+struct Reading<'a> {
+    inflight: &'a Mutex<HashMap<usize, Pending>>,
+    senders: HashMap<usize, tokio::sync::watch::Sender<Outcome>>,
+}
+
+impl Reading<'_> {
+    fn done(&mut self, i: usize, r: Result<Arc<Vec<u8>>, String>) {
+        if let Some(tx) = self.senders.remove(&i) {
+            self.inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&i);
+            let _ = tx.send(Some(r));
+        }
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        for i in self.senders.keys() {
+            m.remove(i);
+        }
+        // The senders drop here: waiters see the channel closed.
+    }
 }
 
 impl<S: Sink> BackupExport<S> {
@@ -171,6 +210,7 @@ impl<S: Sink> BackupExport<S> {
                 limit: cache_bytes,
                 ..Default::default()
             }),
+            inflight: Mutex::default(),
             stats: Mutex::default(),
         })
     }
@@ -260,51 +300,118 @@ impl<S: Sink> BackupExport<S> {
         Ok(out)
     }
 
-    /// The decoded frames `pieces` take, from the cache or read (neighbours in one read).
+    /// The decoded frames `pieces` take: from the cache, from another request's read of them,
+    /// or read here (neighbours in one read).
     async fn frames_of(
         &self,
         pieces: &[Piece],
     ) -> Result<HashMap<usize, Arc<Vec<u8>>>, EngineError> {
         let mut have = HashMap::new();
+        let mut waits: Vec<(usize, Pending)> = Vec::new();
+        let mut mine = Reading {
+            inflight: &self.inflight,
+            senders: HashMap::new(),
+        };
         let mut missing: Vec<usize> = Vec::new();
         {
+            // Cache, then in-flight reads: a frame leaves `inflight` only after it entered the
+            // cache, so one of the two has it, or nobody reads it.
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             for p in pieces {
-                if have.contains_key(&p.frame) || missing.contains(&p.frame) {
+                let i = p.frame;
+                if have.contains_key(&i) || missing.contains(&i) || waits.iter().any(|w| w.0 == i) {
                     continue;
                 }
-                match cache.get(p.frame) {
-                    Some(b) => {
-                        have.insert(p.frame, b);
-                    }
-                    None => missing.push(p.frame),
+                if let Some(b) = cache.get(i) {
+                    have.insert(i, b);
+                } else if let Some(rx) = inflight.get(&i) {
+                    waits.push((i, rx.clone()));
+                } else {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    inflight.insert(i, rx);
+                    mine.senders.insert(i, tx);
+                    missing.push(i);
                 }
             }
         }
         let hits = have.len() as u64;
-        // Frame numbers are in storage order: sorted, they group into ranged reads.
-        missing.sort_unstable();
-        let wanted: Vec<FrameRead> = missing.iter().map(|&i| self.frames[i].clone()).collect();
-        let pool = Pool::default();
-        let mut reads = 0u64;
-        let mut at = 0;
-        for group in coalesce(&wanted, &self.sink.read_hint()) {
-            let decoded = read_frames(&self.sink, &self.disk, group, &pool).await?;
-            reads += 1;
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            for buf in decoded {
-                let i = missing[at];
-                at += 1;
-                let buf = Arc::new(buf);
-                cache.put(i, buf.clone());
-                have.insert(i, buf);
+        let shared = waits.len() as u64;
+        let read = self.fetch(&mut missing, &mut mine, &mut have).await;
+        drop(mine);
+        let (mut reads, mut frames) = read?;
+        // Frames another request was reading: its outcome, or (it gave up) read here.
+        let mut again = Vec::new();
+        for (i, mut rx) in waits {
+            let outcome = rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|v| v.clone());
+            match outcome {
+                Some(Ok(b)) => {
+                    have.insert(i, b);
+                }
+                Some(Err(m)) => return Err(EngineError::Invalid(m)),
+                None => again.push(i),
             }
+        }
+        if !again.is_empty() {
+            let mut solo = Reading {
+                inflight: &self.inflight,
+                senders: HashMap::new(),
+            };
+            let (r, f) = self.fetch(&mut again, &mut solo, &mut have).await?;
+            reads += r;
+            frames += f;
         }
         let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         st.cache_hits += hits;
-        st.frames_read += missing.len() as u64;
+        st.shared += shared;
+        st.frames_read += frames;
         st.sink_reads += reads;
         Ok(have)
+    }
+
+    /// Reads frames `wanted` (sorted here: frame numbers are in storage order, so they group
+    /// into ranged reads), caches them, tells their waiters (through `mine`) and adds them to
+    /// `have`. Answers the reads and frames read.
+    async fn fetch(
+        &self,
+        wanted: &mut [usize],
+        mine: &mut Reading<'_>,
+        have: &mut HashMap<usize, Arc<Vec<u8>>>,
+    ) -> Result<(u64, u64), EngineError> {
+        wanted.sort_unstable();
+        let list: Vec<FrameRead> = wanted.iter().map(|&i| self.frames[i].clone()).collect();
+        let pool = Pool::default();
+        let mut reads = 0u64;
+        let mut at = 0;
+        for group in coalesce(&list, &self.sink.read_hint()) {
+            let decoded = match read_frames(&self.sink, &self.disk, group, &pool).await {
+                Ok(d) => d,
+                Err(e) => {
+                    let m = e.to_string();
+                    for &i in &wanted[at..] {
+                        mine.done(i, Err(m.clone()));
+                    }
+                    return Err(e);
+                }
+            };
+            reads += 1;
+            for buf in decoded {
+                let i = wanted[at];
+                at += 1;
+                let buf = Arc::new(buf);
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .put(i, buf.clone());
+                mine.done(i, Ok(buf.clone()));
+                have.insert(i, buf);
+            }
+        }
+        Ok((reads, wanted.len() as u64))
     }
 
     /// Allocation of `offset..offset + len` (clipped to the disk) from the merged index:

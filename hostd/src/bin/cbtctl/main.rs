@@ -653,8 +653,8 @@ async fn main() -> Result<()> {
             let _ = std::fs::remove_file(&socket);
             let st = export.stats();
             eprintln!(
-                "stopped: {} frames read in {} sink reads, {} from the cache",
-                st.frames_read, st.sink_reads, st.cache_hits
+                "stopped: {} frames read in {} sink reads, {} from the cache, {} from another request's read",
+                st.frames_read, st.sink_reads, st.cache_hits, st.shared
             );
             served?;
         }
