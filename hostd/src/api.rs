@@ -724,13 +724,7 @@ async fn delete_backup(
         .map_err(ApiError::internal)?;
     tracing::info!(backup = %id, instance = %uuid, objects = report.objects,
                    folds = report.folds, "backup deleted");
-    st.metrics.reclaimed(
-        "delete",
-        report.deleted.len(),
-        report.objects,
-        report.bytes_reclaimed,
-    );
-    st.metrics.folded("prune", report.folds);
+    st.metrics.pruned("delete", &report);
     Ok(Json(json!({
         "deleted": id, "objects": report.objects, "folds": report.folds,
         "bytes_reclaimed": report.bytes_reclaimed,

@@ -147,6 +147,12 @@ impl Metrics {
         self.retention_bytes.get_or_create(&k).inc_by(bytes);
     }
 
+    /// What a prune or a deletion (`by`) removed and folded.
+    pub fn pruned(&self, by: &str, r: &libcbt::engine::PruneReport) {
+        self.reclaimed(by, r.deleted.len(), r.objects, r.bytes_reclaimed);
+        self.folded("prune", r.folds);
+    }
+
     pub fn folded(&self, why: &str, n: usize) {
         self.folds
             .get_or_create(&l(&[("why", why)]))

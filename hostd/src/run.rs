@@ -532,13 +532,7 @@ async fn run_prune(
     steps(job, total, total);
     tracing::info!(instance = %uuid, deleted = report.deleted.len(), objects = report.objects,
                    folds = report.folds, "pruned");
-    st.metrics.reclaimed(
-        "prune",
-        report.deleted.len(),
-        report.objects,
-        report.bytes_reclaimed,
-    );
-    st.metrics.folded("prune", report.folds);
+    st.metrics.pruned("prune", &report);
     let mut disks: Vec<&String> = plan.iter().flat_map(|e| &e.disks).collect();
     disks.sort();
     disks.dedup();

@@ -9,9 +9,9 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use super::restore::{coalesce, load_chain, read_frames};
+use super::restore::{chain_plan, coalesce, read_frames};
 use super::{EngineError, Pool};
-use crate::format::{plan_restore, FrameRead};
+use crate::format::FrameRead;
 use crate::sink::Sink;
 
 /// Default bound of the decoded-frame cache of one export.
@@ -164,15 +164,7 @@ impl<S: Sink> BackupExport<S> {
         backup: &str,
         cache_bytes: usize,
     ) -> Result<Self, EngineError> {
-        let chain = load_chain(&sink, disk, backup).await?;
-        let indexes: Vec<_> = chain.iter().map(|(_, i)| i).collect();
-        let plan = plan_restore(&indexes).map_err(|source| EngineError::Plan {
-            object: chain
-                .get(source.index())
-                .map_or_else(String::new, |(m, _)| m.index.name.clone()),
-            offset: source.offset(),
-            source: Box::new(source),
-        })?;
+        let (chain, plan) = chain_plan(&sink, disk, backup).await?;
         let mut map: Vec<Piece> = plan
             .frames
             .iter()

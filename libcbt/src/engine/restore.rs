@@ -145,6 +145,25 @@ pub async fn load_chain<S: Sink>(
     Ok(chain)
 }
 
+/// The chain of `backup` ([`load_chain`]) and what restoring it takes: its indexes merged,
+/// newest wins.
+pub(crate) async fn chain_plan<S: Sink>(
+    sink: &S,
+    disk: &str,
+    backup: &str,
+) -> Result<(Vec<(Manifest, Index)>, RestorePlan), EngineError> {
+    let chain = load_chain(sink, disk, backup).await?;
+    let indexes: Vec<&Index> = chain.iter().map(|(_, i)| i).collect();
+    let plan = plan_restore(&indexes).map_err(|source| EngineError::Plan {
+        object: chain
+            .get(source.index())
+            .map_or_else(String::new, |(m, _)| m.index.name.clone()),
+        offset: source.offset(),
+        source: Box::new(source),
+    })?;
+    Ok((chain, plan))
+}
+
 /// Reads and checks frames `group` (adjacent in one segment) with one ranged read; returns
 /// each frame's raw bytes.
 pub(crate) async fn read_frames<S: Sink>(
@@ -528,15 +547,7 @@ async fn restore_direct<S: Sink>(
     progress: Option<&ProgressFn<'_>>,
     opts: &RestoreOptions,
 ) -> Result<RestoreStats, EngineError> {
-    let chain = load_chain(sink, disk, backup).await?;
-    let indexes: Vec<&Index> = chain.iter().map(|(_, i)| i).collect();
-    let plan: RestorePlan = plan_restore(&indexes).map_err(|source| EngineError::Plan {
-        object: chain
-            .get(source.index())
-            .map_or_else(String::new, |(m, _)| m.index.name.clone()),
-        offset: source.offset(),
-        source: Box::new(source),
-    })?;
+    let (chain, plan) = chain_plan(sink, disk, backup).await?;
     let mut stats = RestoreStats {
         disk_size: plan.disk_size,
         chain_len: chain.len(),
