@@ -194,9 +194,9 @@ impl Mounts {
 
     /// Marks a mount `id` of (instance, sink) as reading, first: see the module's doc.
     pub fn mark(&self, id: &str, instance: &str, sink: &str) -> Result<Reading<'_>, MountError> {
-        let n = self.live.lock().unwrap_or_else(|e| e.into_inner()).len();
+        // Every live mount keeps its mark: the marks count them all.
         let mut r = self.reading.lock().unwrap_or_else(|e| e.into_inner());
-        if n.max(r.len()) >= MAX_MOUNTS {
+        if r.len() >= MAX_MOUNTS {
             return Err(MountError::Full(MAX_MOUNTS));
         }
         r.push((id.into(), instance.into(), sink.into()));
@@ -261,6 +261,13 @@ impl Mounts {
         };
         // A failure below drops `m`: what it started stops and its sockets go.
         for t in targets {
+            // Targets come from the sink's listing and go into a socket path and an NBD URI
+            // (a qcow2 header's backing file): plain names only.
+            if !crate::config::valid_name(t) {
+                return Err(MountError::Engine(format!(
+                    "disk target {t:?} is not a plain name"
+                )));
+            }
             let disk = job::libvirt_disk_id(instance, t);
             let export = BackupExport::open(sink.clone(), &disk, backup_id, DEFAULT_CACHE_BYTES)
                 .await

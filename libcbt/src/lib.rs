@@ -29,6 +29,18 @@ pub mod source;
 #[doc(hidden)]
 pub mod fuzzing;
 
+/// An error and its sources, one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out += ": ";
+        out += &s.to_string();
+        cur = s.source();
+    }
+    out
+}
+
 // Offsets and lengths on 64 TiB disks are converted to `usize` for buffers in many places.
 #[cfg(not(target_pointer_width = "64"))]
 compile_error!("libcbt supports 64-bit targets only");

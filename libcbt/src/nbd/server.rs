@@ -41,15 +41,7 @@ impl<S: crate::sink::Sink> Export for crate::engine::export::BackupExport<S> {
     async fn read(&self, offset: u64, len: u64) -> Result<Vec<Span>, String> {
         crate::engine::export::BackupExport::read(self, offset, len)
             .await
-            .map_err(|e| {
-                let mut s = e.to_string();
-                let mut cur = std::error::Error::source(&e);
-                while let Some(c) = cur {
-                    s += &format!(": {c}");
-                    cur = c.source();
-                }
-                s
-            })
+            .map_err(|e| crate::error_chain(&e))
     }
 
     fn allocation(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {

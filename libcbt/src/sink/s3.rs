@@ -49,6 +49,7 @@ use object_store::{
 };
 
 use super::{check_name, ObjectInfo, ObjectWriter, Sink, SinkError};
+use crate::error_chain;
 use crate::format::layout;
 
 /// Smallest part S3 accepts (but for the last).
@@ -269,18 +270,6 @@ fn os_err(op: &'static str, name: &str, e: object_store::Error) -> SinkError {
             source: Box::new(e),
         },
     }
-}
-
-/// An error and its sources, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out += ": ";
-        out += &s.to_string();
-        cur = s.source();
-    }
-    out
 }
 
 /// The S3 client of `cfg` and a plain HTTP client with the same trust, for presigned
