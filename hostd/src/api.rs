@@ -949,6 +949,12 @@ enum TargetReq {
         /// Boot from the backup at once (overlays on an NBD export) instead of copying it.
         #[serde(default)]
         instant: bool,
+        /// Boot from the backup at once and copy it underneath (see `RestoreTo::Domain`).
+        #[serde(default)]
+        live: bool,
+        /// The live copy's speed limit in MiB/s (0 or absent: none).
+        #[serde(default)]
+        bandwidth_mib: u64,
     },
 }
 
@@ -1064,7 +1070,17 @@ async fn start_restore(
             name,
             start,
             instant,
+            live,
+            bandwidth_mib,
         } => {
+            if *bandwidth_mib != 0 && !*live {
+                return Err(ApiError::bad(
+                    "target.bandwidth_mib: for a live restore only",
+                ));
+            }
+            if *bandwidth_mib > 1 << 20 {
+                return Err(ApiError::bad("target.bandwidth_mib: at most 1048576"));
+            }
             if !valid_name(name) {
                 return Err(ApiError::bad(
                     "target.name: letters, digits, '-', '_', '.' only",
@@ -1104,8 +1120,10 @@ async fn start_restore(
                 RestoreTo::Domain {
                     name: name.clone(),
                     root,
-                    start: *start,
-                    instant: *instant,
+                    // A live restore boots the copy on the backup and copies underneath.
+                    start: *start || *live,
+                    instant: *instant || *live,
+                    live: live.then_some(*bandwidth_mib),
                 },
             )
         }
@@ -1300,6 +1318,13 @@ async fn delete_mount(
 ) -> ApiResult<Json<Value>> {
     let c = auth(&st, &h)?;
     visible_mount(&st, &c, &id)?;
+    if st.mounts.is_copying(&id) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "copying",
+            "a live restore copies from this mount: cancel its job first (the copy then keeps the mount)",
+        ));
+    }
     if !st.mounts.unmount(&id) {
         return Err(ApiError::not_found("mount"));
     }

@@ -74,6 +74,8 @@ pub struct Mounts {
     live: Mutex<HashMap<String, Arc<Mount>>>,
     /// (instance, sink) of mounts being set up or live: what a rewrite must wait for.
     reading: Mutex<Vec<(String, String, String)>>,
+    /// Mounts a live restore copies from: not unmounted by hand meanwhile.
+    copying: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Why a mount was not made.
@@ -313,6 +315,24 @@ impl Mounts {
             .insert(id.into(), Arc::new(m));
         reading.keep();
         Ok(view)
+    }
+
+    /// Marks mount `id` as read by a live restore's copy (or no longer).
+    pub fn set_copying(&self, id: &str, on: bool) {
+        let mut c = self.copying.lock().unwrap_or_else(|e| e.into_inner());
+        if on {
+            c.insert(id.to_string());
+        } else {
+            c.remove(id);
+        }
+    }
+
+    /// Whether a live restore copies from mount `id`.
+    pub fn is_copying(&self, id: &str) -> bool {
+        self.copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
     }
 
     pub fn get(&self, id: &str) -> Option<MountView> {

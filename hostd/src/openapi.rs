@@ -171,7 +171,8 @@ pub fn document() -> Value {
                              "properties": {"type": {"type": "string", "enum": ["nbd"]}, "uri": {"type": "string"}}},
                             {"type": "object", "additionalProperties": false, "required": ["type", "name"],
                              "properties": {"type": {"type": "string", "enum": ["domain"]}, "name": {"type": "string"},
-                                            "start": {"type": "boolean"}, "instant": {"type": "boolean"}}}
+                                            "start": {"type": "boolean"}, "instant": {"type": "boolean"},
+                                            "live": {"type": "boolean"}, "bandwidth_mib": {"type": "integer", "minimum": 0}}}
                         ]}
                     }},
                 "MountRequest": {"type": "object", "additionalProperties": false,

@@ -13,7 +13,7 @@ use libcbt::sink::any::AnySink;
 use libcbt::sink::Sink;
 use libcbt::source::libvirt::blocking;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::journal::{JobKind, JobRow, JobState, Journal};
 use crate::run::{chain, record_name, undo_restore, RestoreLedger};
@@ -123,6 +123,8 @@ pub(crate) enum BackupPlan {
 enum Recovered {
     Committed,
     RolledBack(String),
+    /// The job goes on in the background (a live restore's copy) and closes its row itself.
+    Resumed,
 }
 
 impl From<&str> for Recovered {
@@ -160,6 +162,7 @@ async fn reconcile_once(st: &Arc<AppState>, row: &JobRow) -> Option<JobState> {
     };
     tracing::info!(job = %row.id, outcome = ?outcome, "reconciliation");
     let (state, error) = match outcome {
+        Ok(Recovered::Resumed) => return Some(JobState::Running),
         Ok(Recovered::Committed) => (JobState::Succeeded, None),
         Ok(Recovered::RolledBack(s)) => (
             JobState::Interrupted,
@@ -367,6 +370,11 @@ async fn reconcile_restore(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered
     };
     let ledger: RestoreLedger =
         serde_json::from_value(plan.clone()).map_err(|e| format!("journaled restore plan: {e}"))?;
+    if let (Some(live), Some(d)) = (&ledger.live, &ledger.domain) {
+        if live.running {
+            return resume_live_copy(st, row, live, &d.uuid).await;
+        }
+    }
     if let Some(d) = &ledger.domain {
         // Only the domain with the UUID we chose: a name may have been taken since.
         let src = st
@@ -388,6 +396,84 @@ async fn reconcile_restore(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered
         .await
         .map_err(|e| e.to_string())?;
     Ok(format!("partial restore output removed ({} item(s))", gone.len()).into())
+}
+
+/// A live restore whose copy ran when the daemon stopped: its domain runs on, reading what
+/// is not copied yet from the mount's sockets (QEMU's NBD client connects again at its next
+/// read). The mount is served again under the same id (the same sockets), and the copy goes
+/// on in the background (a block pull copies only what the overlays lack); the job stays
+/// `running` until it ends. A copy whose domain no longer runs is not resumed.
+async fn resume_live_copy(
+    st: &Arc<AppState>,
+    row: &JobRow,
+    live: &crate::run::LiveCopy,
+    dom_uuid: &str,
+) -> Result<Recovered, String> {
+    let src = st
+        .libvirt()
+        .await
+        .ok_or("libvirt is unreachable; the live copy is still to be resumed")?;
+    let u = dom_uuid.to_string();
+    let running = blocking(move || match src.domain_by_uuid(&u) {
+        Ok(d) => d.is_active(),
+        Err(_) => Ok(false),
+    })
+    .await
+    .map_err(|e| chain(&e))?;
+    if !running {
+        return Ok(format!(
+            "the live copy's domain no longer runs; its disks need backup {} mounted again",
+            row.backup_id
+        )
+        .into());
+    }
+    let sink = st
+        .sink(&row.sink)
+        .await
+        .map_err(|e| format!("sink {}: {}", row.sink, chain(&e)))?
+        .ok_or_else(|| format!("sink {} is no longer configured", row.sink))?;
+    let of = crate::mounts::Of {
+        sink: &sink,
+        sink_name: &row.sink,
+        instance: &row.instance,
+        backup_id: &row.backup_id,
+        tenant: row.tenant.as_deref(),
+    };
+    crate::run::mount_for_qemu(st, &live.mount, &of, &live.targets)
+        .await
+        .map_err(|(e, _)| format!("serving mount {} again: {e}", live.mount))?;
+    tracing::info!(job = %row.id, mount = %live.mount, "live copy resumed");
+    let (st2, row2, live2, u) = (st.clone(), row.clone(), live.clone(), dom_uuid.to_string());
+    tokio::spawn(async move {
+        let r = crate::run::live_copy(
+            &st2,
+            &u,
+            &live2.mount,
+            &live2.targets,
+            live2.bandwidth_mib,
+            None,
+        )
+        .await;
+        let (state, error, result) = match r {
+            Ok(v) => (
+                JobState::Succeeded,
+                None,
+                Some(json!({"domain_uuid": u, "live": v, "resumed": true})),
+            ),
+            Err(e) => (
+                JobState::Failed,
+                Some(format!("live copy resumed after a restart: {e}")),
+                None,
+            ),
+        };
+        let (j, id) = (st2.journal.clone(), row2.id.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            j.set_state(&id, state, error.as_deref(), result.as_ref())
+        })
+        .await;
+        st2.metrics.job_ended(row2.kind.as_str(), state.as_str());
+    });
+    Ok(Recovered::Resumed)
 }
 
 /// Deletes object `name` if it was written at or after `since_ms` (by the job being

@@ -232,6 +232,10 @@ pub enum RestoreTo {
         /// Copy nothing: each disk a qcow2 overlay on an NBD export of the backup (a mount
         /// the copy keeps until it is unmounted); the guest's writes go to the overlays.
         instant: bool,
+        /// A live restore (implies `instant` and `start`): the running copy's disks are then
+        /// copied into their overlays (block pull, at most `bandwidth_mib` MiB/s, 0 for no
+        /// limit), after which the mount is released.
+        live: Option<u64>,
     },
 }
 

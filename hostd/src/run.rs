@@ -716,6 +716,22 @@ pub struct RestoreLedger {
     /// The staging domain: its UUID is chosen and journaled before it is defined.
     #[serde(default)]
     pub domain: Option<StagingDomain>,
+    /// A live restore's copy.
+    #[serde(default)]
+    pub live: Option<LiveCopy>,
+}
+
+/// A live restore's copy, journaled with its mount before the copy's domain starts.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct LiveCopy {
+    /// The mount id: the overlays' backing files are its sockets.
+    pub mount: String,
+    /// Disk targets of the copy.
+    pub targets: Vec<String>,
+    pub bandwidth_mib: u64,
+    /// The domain runs on the mount: a restart serves the mount again and resumes the copy
+    /// instead of removing the copy.
+    pub running: bool,
 }
 
 /// Something a job made beneath the restore directory.
@@ -872,6 +888,7 @@ async fn run_restore(
             root,
             start,
             instant,
+            live,
         } => {
             let src = st
                 .libvirt()
@@ -911,7 +928,15 @@ async fn run_restore(
             // An instant copy reads the backup through a mount of it, for the copy's life.
             let mount = if instant {
                 update(job, |s| s.phase = "mounting".into());
-                match mount_for_qemu(st, job, sink, uuid, backup_id, disks).await {
+                let sink_name = job.snapshot().sink;
+                let of = crate::mounts::Of {
+                    sink,
+                    sink_name: &sink_name,
+                    instance: uuid,
+                    backup_id,
+                    tenant: job.tenant.as_deref(),
+                };
+                match mount_for_qemu(st, &new_job_id(), &of, disks).await {
                     Ok(m) => Some(m),
                     Err(e) => {
                         undo_restore(&ledger);
@@ -921,6 +946,21 @@ async fn run_restore(
             } else {
                 None
             };
+            // A live copy's mount is journaled with it: a restart serves it again (the same
+            // sockets, which the overlays name) and resumes the copy.
+            if let (Some(bw), Some(m)) = (live, &mount) {
+                ledger.live = Some(LiveCopy {
+                    mount: m.id.clone(),
+                    targets: disks.to_vec(),
+                    bandwidth_mib: bw,
+                    running: false,
+                });
+                if let Err(e) = journal_plan(&ledger).await {
+                    st.mounts.unmount(&m.id);
+                    undo_restore(&ledger);
+                    return Err(e);
+                }
+            }
             let undo = |ledger: &RestoreLedger| {
                 if let Some(m) = &mount {
                     st.mounts.unmount(&m.id);
@@ -1022,6 +1062,21 @@ async fn run_restore(
                     if let Some(m) = &mount {
                         out["mount"] = json!(m.id);
                     }
+                    let (Some(live), Some(m)) = (&mut ledger.live, &mount) else {
+                        return Ok(out);
+                    };
+                    // From here on the copy runs: a restart resumes it instead of undoing it.
+                    live.running = true;
+                    let bw = live.bandwidth_mib;
+                    if let Err((e, _)) = journal_plan(&ledger).await {
+                        tracing::error!(job = %job.id, error = %e, "the live copy is not journaled; a restart would not resume it");
+                    }
+                    update(job, |s| s.phase = "copying".into());
+                    let copied = live_copy(st, &new_uuid, &m.id, disks, bw, Some(job))
+                        .await
+                        .map_err(|e| (e, "copy"))?;
+                    out["mount"] = Value::Null;
+                    out["live"] = copied;
                     Ok(out)
                 }
                 Err(e) => {
@@ -1036,12 +1091,10 @@ async fn run_restore(
 /// A mount of `disks` of the backup whose sockets QEMU's user may open (see
 /// [`crate::mounts`]); taken like a restore's read: refused while a rewrite of the instance
 /// runs, and no rewrite runs while it lasts.
-async fn mount_for_qemu(
+pub(crate) async fn mount_for_qemu(
     st: &AppState,
-    job: &Job,
-    sink: &AnySink,
-    uuid: &str,
-    backup_id: &str,
+    id: &str,
+    of: &crate::mounts::Of<'_>,
     disks: &[String],
 ) -> Result<crate::mounts::MountView, (String, &'static str)> {
     let user = &st.cfg.libvirt.qemu_user;
@@ -1051,36 +1104,159 @@ async fn mount_for_qemu(
             "config",
         )
     })?;
-    let sink_name = job.snapshot().sink;
-    let id = new_job_id();
     let reading = st
         .mounts
-        .mark(&id, uuid, &sink_name)
+        .mark(id, of.instance, of.sink_name)
         .map_err(|e| (e.to_string(), "refused"))?;
-    if st.jobs.rewriting(uuid) {
+    if st.jobs.rewriting(of.instance) {
         return Err((
             "a deletion, prune or compaction of this instance's backups runs".into(),
             "refused",
         ));
     }
-    let of = crate::mounts::Of {
-        sink,
-        sink_name: &sink_name,
-        instance: uuid,
-        backup_id,
-        tenant: job.tenant.as_deref(),
-    };
     st.mounts
         .mount(
             &st.cfg.server.state_dir,
-            &id,
+            id,
             reading,
-            &of,
+            of,
             disks,
             Some(owner),
         )
         .await
         .map_err(|e| (chain(&e), "engine"))
+}
+
+/// How often a live copy looks at its block jobs.
+const LIVE_POLL: Duration = Duration::from_millis(500);
+/// Block pulls that may end without their copy before a live copy gives up.
+const LIVE_RETRIES: u32 = 5;
+
+/// Copies each disk `targets` of the running staging domain `dom_uuid` from mount `mount`
+/// (its qcow2 overlays' backing files) into the overlays, by libvirt's block pull (QEMU
+/// `block-stream`, which copies only what the overlay does not hold yet: the guest's own
+/// writes stay), at most `bandwidth_mib` MiB/s per disk (0: no limit). A pull that ends
+/// without its copy (a read error of the export) is started again, up to [`LIVE_RETRIES`]
+/// times. Once every disk has dropped its backing file, the mount is released.
+///
+/// Cancelled through `job`, the pulls stop and the domain runs on, reading the rest from the
+/// mount, which stays. Progress goes to `job` (bytes of each disk's copy).
+pub(crate) async fn live_copy(
+    st: &AppState,
+    dom_uuid: &str,
+    mount: &str,
+    targets: &[String],
+    bandwidth_mib: u64,
+    job: Option<&Job>,
+) -> Result<Value, String> {
+    let t0 = Instant::now();
+    let src = st
+        .libvirt()
+        .await
+        .ok_or("libvirt is disabled or unreachable; the copy runs on its mount")?;
+    st.mounts.set_copying(mount, true);
+    let r = live_copy_loop(&src, dom_uuid, mount, targets, bandwidth_mib, job).await;
+    st.mounts.set_copying(mount, false);
+    let retries = r?;
+    // Every overlay holds its whole disk: the export is no longer read.
+    st.mounts.unmount(mount);
+    tracing::info!(domain = %dom_uuid, mount = %mount, secs = t0.elapsed().as_secs_f64(), "live copy done; mount released");
+    Ok(
+        json!({"copied": targets, "secs": t0.elapsed().as_secs_f64(), "pulls_restarted": retries, "mount_released": mount}),
+    )
+}
+
+async fn live_copy_loop(
+    src: &lvs::LibvirtSource,
+    dom_uuid: &str,
+    mount: &str,
+    targets: &[String],
+    bandwidth_mib: u64,
+    job: Option<&Job>,
+) -> Result<u32, String> {
+    let mut pending: Vec<String> = targets.to_vec();
+    let mut restarts = 0u32;
+    let mut started = std::collections::HashSet::<String>::new();
+    loop {
+        let (src2, u, m, ts) = (
+            src.clone(),
+            dom_uuid.to_string(),
+            mount.to_string(),
+            pending.clone(),
+        );
+        let cancel = job.is_some_and(|j| j.cancel.load(Ordering::SeqCst));
+        // One look at the domain: each pending disk's job, and whether it still reads the mount.
+        let seen = blocking(move || {
+            let d = src2.domain_by_uuid(&u)?;
+            if !d.is_active()? {
+                return Ok(None);
+            }
+            let mut out = Vec::new();
+            for t in &ts {
+                if cancel {
+                    let _ = d.block_job_abort(t);
+                }
+                out.push((t.clone(), d.block_job(t)?));
+            }
+            let xml = d.xml()?;
+            let backed: Vec<bool> = ts
+                .iter()
+                .map(|t| xml.contains(&format!("/mounts/{m}/{t}.sock")))
+                .collect();
+            Ok(Some((out, backed)))
+        })
+        .await
+        .map_err(|e| format!("watching the copy: {}", chain(&e)))?;
+        let Some((jobs, backed)) = seen else {
+            return Err(format!(
+                "the domain stopped before its copy ended; its disks still read from mount {mount}"
+            ));
+        };
+        if cancel {
+            return Err(format!(
+                "cancelled: the copy stopped; the domain runs on, reading the rest from mount {mount}"
+            ));
+        }
+        let mut next = Vec::new();
+        for ((t, info), backed) in jobs.into_iter().zip(backed) {
+            match info {
+                Some((cur, end)) => {
+                    if let Some(j) = job {
+                        update(j, |s| s.disk_progress(&t, cur, end));
+                    }
+                    next.push(t);
+                }
+                None if !backed => {
+                    tracing::info!(target = %t, "live copy of the disk done");
+                }
+                None => {
+                    if started.contains(&t) {
+                        restarts += 1;
+                        if restarts > LIVE_RETRIES {
+                            return Err(format!(
+                                "the copy of {t} ended {restarts} times without finishing; the domain runs on, reading from mount {mount}"
+                            ));
+                        }
+                        tracing::warn!(target = %t, "block pull ended before its copy; starting it again");
+                    }
+                    let (src2, u, t2) = (src.clone(), dom_uuid.to_string(), t.clone());
+                    blocking(move || {
+                        let d = src2.domain_by_uuid(&u)?;
+                        d.block_pull(&t2, bandwidth_mib)
+                    })
+                    .await
+                    .map_err(|e| format!("starting the copy of {t}: {}", chain(&e)))?;
+                    started.insert(t.clone());
+                    next.push(t);
+                }
+            }
+        }
+        if next.is_empty() {
+            return Ok(restarts);
+        }
+        pending = next;
+        tokio::time::sleep(LIVE_POLL).await;
+    }
 }
 
 /// uid and primary gid of local user `name`, from /etc/passwd.

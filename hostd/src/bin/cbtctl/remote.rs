@@ -155,6 +155,17 @@ pub enum Remote {
         /// Start the new domain.
         #[arg(long)]
         start: bool,
+        /// Boot the new domain from the backup at once, copying nothing: its disks are qcow2
+        /// overlays on a mount of the backup (released with `umount`).
+        #[arg(long, requires = "to_domain", conflicts_with = "live")]
+        instant: bool,
+        /// Boot the new domain from the backup at once and copy its disks underneath (live
+        /// restore); the job ends, and the mount goes, when the copy is done.
+        #[arg(long, requires = "to_domain")]
+        live: bool,
+        /// The live copy's speed limit, MiB/s per disk.
+        #[arg(long, requires = "live")]
+        bandwidth_mib: Option<u64>,
         #[arg(long)]
         wait: bool,
     },
@@ -661,6 +672,9 @@ pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
             to_nbd,
             to_domain,
             start,
+            instant,
+            live,
+            bandwidth_mib,
             wait,
         } => {
             let target = if let Some(p) = to_file {
@@ -668,7 +682,8 @@ pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
             } else if let Some(u) = to_nbd {
                 json!({"type": "nbd", "uri": u})
             } else if let Some(n) = to_domain {
-                json!({"type": "domain", "name": n, "start": start})
+                json!({"type": "domain", "name": n, "start": start, "instant": instant,
+                       "live": live, "bandwidth_mib": bandwidth_mib.unwrap_or(0)})
             } else {
                 bail!("one of --to-file, --to-nbd, --to-domain");
             };

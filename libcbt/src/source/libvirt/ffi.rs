@@ -162,3 +162,31 @@ pub fn job_type(dom: &Domain) -> Result<c_int, Error> {
     check(unsafe { sys::virDomainGetJobInfo(dom.as_ptr(), &mut info) })?;
     Ok(info.type_)
 }
+
+/// `virDomainBlockPull` of disk `disk` (a target such as `vda`) at most `mib_per_sec` MiB/s
+/// (0: no limit): QEMU's `block-stream` copies the disk's backing chain into its top image,
+/// then drops the chain.
+pub fn block_pull(dom: &Domain, disk: &str, mib_per_sec: u64) -> Result<(), Error> {
+    let d = cstring(disk)?;
+    let bw = mib_per_sec as std::ffi::c_ulong;
+    // SAFETY: `d` outlives the call.
+    check(unsafe { sys::virDomainBlockPull(dom.as_ptr(), d.as_ptr(), bw, 0) }).map(|_| ())
+}
+
+/// `virDomainGetBlockJobInfo` of disk `disk`: `(cur, end)` of its block job, `None` when it
+/// has none.
+pub fn block_job_info(dom: &Domain, disk: &str) -> Result<Option<(u64, u64)>, Error> {
+    let d = cstring(disk)?;
+    // SAFETY: a plain struct of numbers, zeroed, filled by libvirt; `d` outlives the call.
+    let mut info: sys::virDomainBlockJobInfo = unsafe { std::mem::zeroed() };
+    let rc =
+        check(unsafe { sys::virDomainGetBlockJobInfo(dom.as_ptr(), d.as_ptr(), &mut info, 0) })?;
+    Ok((rc == 1).then_some((info.cur, info.end)))
+}
+
+/// `virDomainBlockJobAbort` of disk `disk`'s block job (asynchronous: the job ends soon).
+pub fn block_job_abort(dom: &Domain, disk: &str) -> Result<(), Error> {
+    let d = cstring(disk)?;
+    // SAFETY: `d` outlives the call.
+    check(unsafe { sys::virDomainBlockJobAbort(dom.as_ptr(), d.as_ptr(), 0) }).map(|_| ())
+}

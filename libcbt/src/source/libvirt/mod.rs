@@ -453,6 +453,26 @@ impl LibvirtDomain {
         Ok(())
     }
 
+    /// Starts copying disk `target`'s backing chain into its top image (QEMU `block-stream`
+    /// through libvirt's block pull); the chain is dropped from the disk when the copy ends.
+    /// At most `mib_per_sec` MiB/s (0: no limit).
+    pub fn block_pull(&self, target: &str, mib_per_sec: u64) -> Result<(), LibvirtError> {
+        ffi::block_pull(&self.dom, target, mib_per_sec)
+            .map_err(lv(format!("starting the block pull of {target}")))
+    }
+
+    /// `(cur, end)` of disk `target`'s block job, `None` when it has none.
+    pub fn block_job(&self, target: &str) -> Result<Option<(u64, u64)>, LibvirtError> {
+        ffi::block_job_info(&self.dom, target)
+            .map_err(lv(format!("reading the block job of {target}")))
+    }
+
+    /// Asks disk `target`'s block job to stop (it ends soon after).
+    pub fn block_job_abort(&self, target: &str) -> Result<(), LibvirtError> {
+        ffi::block_job_abort(&self.dom, target)
+            .map_err(lv(format!("aborting the block job of {target}")))
+    }
+
     /// Freezes the guest's filesystems through its agent, waiting at most `timeout`.
     pub fn freeze(&self, timeout: Duration) -> Result<u32, LibvirtError> {
         let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
