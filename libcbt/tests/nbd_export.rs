@@ -233,6 +233,42 @@ async fn backups_served_over_nbd_read_as_their_point_in_time() {
         assert_eq!((st.frames_read, st.shared), (1, 3), "{st:?}");
     }
 
+    // A reader that reads on where it stopped gets the frames ahead read in the background:
+    // most of its frames are then found read (cached, or in flight), not read by the request,
+    // and what it reads is still the backup's point in time.
+    {
+        let export = BackupExport::open(sink.clone(), disk, "b2", 32 << 20)
+            .await
+            .expect("export");
+        let reference = std::fs::read(&refs[2].1).expect("reference");
+        let step = 256u64 << 10;
+        let mut at = 0u64;
+        while at < SIZE {
+            let mut got = vec![0u8; step as usize];
+            for span in export.read(at, step).await.expect("read") {
+                if let libcbt::engine::export::Span::Data { offset, buf, range } = span {
+                    let o = (offset - at) as usize;
+                    got[o..o + range.len()].copy_from_slice(&buf[range]);
+                }
+            }
+            assert!(
+                got == reference[at as usize..(at + step) as usize],
+                "bytes at {at:#x} differ from the reference"
+            );
+            at += step;
+            // The client's round trip: the read-ahead runs meanwhile.
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let st = export.stats();
+        assert!(st.prefetched > 0, "{st:?}");
+        assert!(
+            st.prefetched * 2 > st.frames_read,
+            "most frames are read ahead: {st:?}"
+        );
+        assert!(st.cache_hits + st.shared > 0, "{st:?}");
+        eprintln!("sequential read of b2 in 256 KiB requests: {st:?}");
+    }
+
     // The server's refusals, asked with libnbd's strict mode off (so the requests reach it):
     // writes, trims and zeroes are EPERM, a read past the end EINVAL; the connection stays.
     let socket = lab.path("refusals.sock");

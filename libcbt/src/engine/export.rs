@@ -103,10 +103,36 @@ pub struct ExportStats {
     pub cache_hits: u64,
     /// Frames taken from another request's read of them, in flight.
     pub shared: u64,
+    /// Frames read ahead of a sequential reader (also in `frames_read`).
+    pub prefetched: u64,
 }
 
-/// Backup `backup` of `disk` on a sink, readable by offset.
+/// Backup `backup` of `disk` on a sink, readable by offset. A client that reads on where its
+/// last read ended (a copy, a block stream, a sequential scan) gets the frames ahead of it
+/// read in the background ([`PREFETCH_BYTES`]), so that its next request finds them in the
+/// cache or in flight.
 pub struct BackupExport<S: Sink> {
+    inner: Arc<Inner<S>>,
+}
+
+/// The most bytes of frames read ahead of a sequential reader (a quarter of the cache at
+/// most, so that what is read ahead is still there when it is asked for).
+pub const PREFETCH_BYTES: u64 = 8 << 20;
+/// Read-aheads running at once, per export.
+const PREFETCH_TASKS: usize = 2;
+/// Sequential readers followed at once, per export (nbdcopy's connections read one stream
+/// between them; each QEMU block job or guest scan is one more).
+const STREAMS: usize = 8;
+
+/// Where the readers followed will read next.
+#[derive(Default)]
+struct Streams {
+    /// (where the reader's last read ended, how far ahead frames are read for it).
+    ends: [(u64, u64); STREAMS],
+    next: usize,
+}
+
+struct Inner<S: Sink> {
     sink: S,
     disk: String,
     backup: String,
@@ -120,6 +146,8 @@ pub struct BackupExport<S: Sink> {
     /// instead of reading it again (several connections read one frame's parts at once).
     inflight: Mutex<HashMap<usize, Pending>>,
     stats: Mutex<ExportStats>,
+    streams: Mutex<Streams>,
+    prefetching: std::sync::atomic::AtomicUsize,
 }
 
 /// The outcome of a frame's read, once known.
@@ -164,6 +192,145 @@ impl<S: Sink> BackupExport<S> {
         backup: &str,
         cache_bytes: usize,
     ) -> Result<Self, EngineError> {
+        Ok(BackupExport {
+            inner: Arc::new(Inner::open(sink, disk, backup, cache_bytes).await?),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    pub fn disk(&self) -> &str {
+        &self.inner.disk
+    }
+
+    pub fn backup(&self) -> &str {
+        &self.inner.backup
+    }
+
+    /// Backups merged (1: a full).
+    pub fn chain_len(&self) -> usize {
+        self.inner.chain_len
+    }
+
+    pub fn stats(&self) -> ExportStats {
+        *self.inner.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `offset..offset + len` (inside the disk) as data and holes, in order, covering it.
+    /// A read that starts where an earlier one ended starts a read-ahead of the frames after
+    /// it first (it runs beside this read).
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<Span>, EngineError> {
+        let end = offset.saturating_add(len);
+        if let Some(ahead) = self.inner.sequential(offset, end) {
+            self.prefetch(ahead);
+        }
+        self.inner.read(offset, len).await
+    }
+
+    /// Allocation of `offset..offset + len` (clipped to the disk) from the merged index:
+    /// `(length, hole)` runs in order, covering it, at most `max` of them (the last may then
+    /// end short of the range: a client asks again from there).
+    pub fn allocation(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+        self.inner.allocation(offset, len, max)
+    }
+
+    /// Reads in the background the frames of `ahead` that are neither cached nor being read;
+    /// requests that need them meanwhile wait for this read. Nothing when [`PREFETCH_TASKS`]
+    /// run already.
+    fn prefetch(&self, ahead: Range<u64>) {
+        use std::sync::atomic::Ordering;
+        let inner = &self.inner;
+        let (from, end) = (ahead.start, ahead.end.min(inner.size));
+        if from >= end {
+            return;
+        }
+        if inner.prefetching.fetch_add(1, Ordering::SeqCst) >= PREFETCH_TASKS {
+            inner.prefetching.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        let mut frames: Vec<usize> = inner.map[inner.first_after(from)..]
+            .iter()
+            .take_while(|p| p.start < end)
+            .map(|p| p.frame)
+            .collect();
+        frames.sort_unstable();
+        frames.dedup();
+        let mut wanted = Vec::new();
+        let mut senders = HashMap::new();
+        {
+            let cache = inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inflight = inner.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            for i in frames {
+                if cache.frames.contains_key(&i) || inflight.contains_key(&i) {
+                    continue;
+                }
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                inflight.insert(i, rx);
+                senders.insert(i, tx);
+                wanted.push(i);
+            }
+        }
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let mut mine = Reading {
+                inflight: &inner.inflight,
+                senders,
+            };
+            let mut have = HashMap::new();
+            let r = inner.fetch(&mut wanted, &mut mine, &mut have).await;
+            drop(mine);
+            match r {
+                Ok((reads, frames)) => {
+                    let mut st = inner.stats.lock().unwrap_or_else(|e| e.into_inner());
+                    st.sink_reads += reads;
+                    st.frames_read += frames;
+                    st.prefetched += frames;
+                }
+                Err(e) => tracing::debug!(disk = %inner.disk, error = %e, "read-ahead failed"),
+            }
+            inner.prefetching.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+impl<S: Sink> Inner<S> {
+    /// Follows the reader of `offset..end`: one whose last read ended at `offset` goes on
+    /// (a new one is followed instead of the oldest). Answers what to read ahead for it: once
+    /// less than half the window is read ahead of `end`, the range from there to a full
+    /// window past `end` (so read-aheads come in half-window batches, not a frame per read).
+    fn sequential(&self, offset: u64, end: u64) -> Option<Range<u64>> {
+        let window = PREFETCH_BYTES
+            .min(self.cache.lock().unwrap_or_else(|e| e.into_inner()).limit as u64 / 4);
+        let mut s = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let found = if offset == 0 {
+            None
+        } else {
+            s.ends.iter().position(|e| e.0 == offset)
+        };
+        let Some(i) = found else {
+            let n = s.next;
+            s.ends[n] = (end, end);
+            s.next = (n + 1) % STREAMS;
+            return None;
+        };
+        let e = &mut s.ends[i];
+        e.0 = end;
+        let ahead = e.1.max(end);
+        if window == 0 || ahead >= end.saturating_add(window / 2) {
+            return None;
+        }
+        e.1 = end.saturating_add(window);
+        Some(ahead..e.1)
+    }
+
+    async fn open(
+        sink: S,
+        disk: &str,
+        backup: &str,
+        cache_bytes: usize,
+    ) -> Result<Self, EngineError> {
         let (chain, plan) = chain_plan(&sink, disk, backup).await?;
         let mut map: Vec<Piece> = plan
             .frames
@@ -190,7 +357,7 @@ impl<S: Sink> BackupExport<S> {
                 "backup {backup} of {disk}: data past the disk's end"
             )));
         }
-        Ok(BackupExport {
+        Ok(Inner {
             sink,
             disk: disk.into(),
             backup: backup.into(),
@@ -204,28 +371,9 @@ impl<S: Sink> BackupExport<S> {
             }),
             inflight: Mutex::default(),
             stats: Mutex::default(),
+            streams: Mutex::default(),
+            prefetching: Default::default(),
         })
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    pub fn disk(&self) -> &str {
-        &self.disk
-    }
-
-    pub fn backup(&self) -> &str {
-        &self.backup
-    }
-
-    /// Backups merged (1: a full).
-    pub fn chain_len(&self) -> usize {
-        self.chain_len
-    }
-
-    pub fn stats(&self) -> ExportStats {
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The first piece that ends after `offset`.
@@ -234,7 +382,7 @@ impl<S: Sink> BackupExport<S> {
     }
 
     /// `offset..offset + len` (inside the disk) as data and holes, in order, covering it.
-    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<Span>, EngineError> {
+    async fn read(&self, offset: u64, len: u64) -> Result<Vec<Span>, EngineError> {
         let end = offset
             .checked_add(len)
             .filter(|e| *e <= self.size)
@@ -409,7 +557,7 @@ impl<S: Sink> BackupExport<S> {
     /// Allocation of `offset..offset + len` (clipped to the disk) from the merged index:
     /// `(length, hole)` runs in order, covering it, at most `max` of them (the last may then
     /// end short of the range: a client asks again from there).
-    pub fn allocation(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+    fn allocation(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
         let end = offset.saturating_add(len).min(self.size);
         let mut out: Vec<(u64, bool)> = Vec::new();
         let push = |n: u64, hole: bool, out: &mut Vec<(u64, bool)>| {
