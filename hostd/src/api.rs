@@ -945,7 +945,7 @@ enum TargetReq {
     Domain {
         name: String,
         #[serde(default)]
-        start: bool,
+        start: Option<bool>,
         /// Boot from the backup at once (overlays on an NBD export) instead of copying it.
         #[serde(default)]
         instant: bool,
@@ -1073,6 +1073,11 @@ async fn start_restore(
             live,
             bandwidth_mib,
         } => {
+            if *live && *start == Some(false) {
+                return Err(ApiError::bad(
+                    "target.start: a live restore starts its domain",
+                ));
+            }
             if *bandwidth_mib != 0 && !*live {
                 return Err(ApiError::bad(
                     "target.bandwidth_mib: for a live restore only",
@@ -1121,7 +1126,7 @@ async fn start_restore(
                     name: name.clone(),
                     root,
                     // A live restore boots the copy on the backup and copies underneath.
-                    start: *start || *live,
+                    start: start.unwrap_or(false) || *live,
                     instant: *instant || *live,
                     live: live.then_some(*bandwidth_mib),
                 },
@@ -1318,14 +1323,11 @@ async fn delete_mount(
 ) -> ApiResult<Json<Value>> {
     let c = auth(&st, &h)?;
     visible_mount(&st, &c, &id)?;
-    if st.mounts.is_copying(&id) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "copying",
-            "a live restore copies from this mount: cancel its job first (the copy then keeps the mount)",
-        ));
-    }
-    if !st.mounts.unmount(&id) {
+    let found = st
+        .mounts
+        .unmount_unless_copying(&id)
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "copying", e.to_string()))?;
+    if !found {
         return Err(ApiError::not_found("mount"));
     }
     tracing::info!(mount = %id, "unmounted");

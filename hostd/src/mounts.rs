@@ -83,6 +83,8 @@ pub struct Mounts {
 pub enum MountError {
     #[error("{0} mounts are live already; unmount one first")]
     Full(usize),
+    #[error("a live restore copies from this mount: cancel its job first (its domain then runs on the mount)")]
+    Copying,
     #[error("{0}")]
     Engine(String),
     #[error("{path}: {source}")]
@@ -327,12 +329,13 @@ impl Mounts {
         }
     }
 
-    /// Whether a live restore copies from mount `id`.
-    pub fn is_copying(&self, id: &str) -> bool {
-        self.copying
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(id)
+    /// Unmounts `id` unless a live restore copies from it; whether there was one.
+    pub fn unmount_unless_copying(&self, id: &str) -> Result<bool, MountError> {
+        let copying = self.copying.lock().unwrap_or_else(|e| e.into_inner());
+        if copying.contains(id) {
+            return Err(MountError::Copying);
+        }
+        Ok(self.unmount(id))
     }
 
     pub fn get(&self, id: &str) -> Option<MountView> {

@@ -172,7 +172,7 @@ pub fn document() -> Value {
                             {"type": "object", "additionalProperties": false, "required": ["type", "name"],
                              "properties": {"type": {"type": "string", "enum": ["domain"]}, "name": {"type": "string"},
                                             "start": {"type": "boolean"}, "instant": {"type": "boolean"},
-                                            "live": {"type": "boolean"}, "bandwidth_mib": {"type": "integer", "minimum": 0}}}
+                                            "live": {"type": "boolean"}, "bandwidth_mib": {"type": "integer", "minimum": 0, "maximum": 1048576}}}
                         ]}
                     }},
                 "MountRequest": {"type": "object", "additionalProperties": false,

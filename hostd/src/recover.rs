@@ -442,36 +442,27 @@ async fn resume_live_copy(
     crate::run::mount_for_qemu(st, &live.mount, &of, &live.targets)
         .await
         .map_err(|(e, _)| format!("serving mount {} again: {e}", live.mount))?;
+    st.mounts.set_copying(&live.mount, true);
     tracing::info!(job = %row.id, mount = %live.mount, "live copy resumed");
-    let (st2, row2, live2, u) = (st.clone(), row.clone(), live.clone(), dom_uuid.to_string());
+    // The job lives again in this daemon: its progress shows, and it can be cancelled.
+    let (j, id) = (st.journal.clone(), row.id.clone());
+    let _ =
+        tokio::task::spawn_blocking(move || j.set_state(&id, JobState::Running, None, None)).await;
+    let mut status = crate::registry::JobStatus::from_row(row);
+    status.state = JobState::Running;
+    status.phase = "copying".into();
+    let job = Arc::new(crate::registry::Job::new(status));
+    st.jobs.insert(job.clone());
+    let copy = crate::run::LiveParams {
+        mount: live.mount.clone(),
+        domain_uuid: dom_uuid.to_string(),
+        targets: live.targets.clone(),
+        bandwidth_mib: live.bandwidth_mib,
+    };
+    let st2 = st.clone();
     tokio::spawn(async move {
-        let r = crate::run::live_copy(
-            &st2,
-            &u,
-            &live2.mount,
-            &live2.targets,
-            live2.bandwidth_mib,
-            None,
-        )
-        .await;
-        let (state, error, result) = match r {
-            Ok(v) => (
-                JobState::Succeeded,
-                None,
-                Some(json!({"domain_uuid": u, "live": v, "resumed": true})),
-            ),
-            Err(e) => (
-                JobState::Failed,
-                Some(format!("live copy resumed after a restart: {e}")),
-                None,
-            ),
-        };
-        let (j, id) = (st2.journal.clone(), row2.id.clone());
-        let _ = tokio::task::spawn_blocking(move || {
-            j.set_state(&id, state, error.as_deref(), result.as_ref())
-        })
-        .await;
-        st2.metrics.job_ended(row2.kind.as_str(), state.as_str());
+        let out = json!({"uuid": copy.domain_uuid, "mount": copy.mount, "resumed": true});
+        crate::run::live_phase(&st2, &job, &copy, out).await;
     });
     Ok(Recovered::Resumed)
 }

@@ -2,7 +2,7 @@
 //! limits ([`crate::registry`]), observable (status, Server-Sent Events) and cancellable.
 //! Their recovery after a crash is in [`crate::recover`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -133,7 +133,7 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, work: Work, held: V
     let permits = st.jobs.run_slots(&tenant, &job).await;
     st.jobs.dequeue();
     st.metrics.jobs_queued.dec();
-    let Some((_tenant_slot, _host_slot)) = permits else {
+    let Some(slots) = permits else {
         finish(
             &st,
             &job,
@@ -223,6 +223,23 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, work: Work, held: V
     // The instance is free before the job says it ended: a client that reacts to the end at
     // once is not refused as busy.
     drop(held);
+    // A live restore's copy may last hours: it gives back the job's slots first (the mount
+    // keeps the backups it reads from being rewritten).
+    let r = match r {
+        Ok(mut v) if v.get("copy").is_some() => {
+            drop(slots);
+            match serde_json::from_value::<LiveParams>(v["copy"].take()) {
+                Ok(copy) => {
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("copy");
+                    }
+                    return live_phase(&st, &job, &copy, v).await;
+                }
+                Err(e) => Err((format!("the live copy's parameters: {e}"), "internal")),
+            }
+        }
+        r => r,
+    };
     match r {
         Ok(result) => {
             if job.snapshot().kind == JobKind::Backup {
@@ -960,9 +977,12 @@ async fn run_restore(
                     undo_restore(&ledger);
                     return Err(e);
                 }
+                // Not to be unmounted by hand from now on (the copy will need it).
+                st.mounts.set_copying(&m.id, true);
             }
             let undo = |ledger: &RestoreLedger| {
                 if let Some(m) = &mount {
+                    st.mounts.set_copying(&m.id, false);
                     st.mounts.unmount(&m.id);
                 }
                 undo_restore(ledger)
@@ -1038,6 +1058,14 @@ async fn run_restore(
                 undo(&ledger);
                 (e, "xml")
             })?;
+            // A live copy runs from its start on: a restart from here resumes it (or, if the
+            // copy never started, leaves it as it is) instead of undoing it.
+            if let Some(live) = &mut ledger.live {
+                live.running = true;
+                journal_plan(&ledger).await.inspect_err(|_| {
+                    undo(&ledger);
+                })?;
+            }
             let (n2, u2) = (name.clone(), new_uuid.clone());
             let r = blocking(move || {
                 let d = src.define(&new_xml)?;
@@ -1062,21 +1090,15 @@ async fn run_restore(
                     if let Some(m) = &mount {
                         out["mount"] = json!(m.id);
                     }
-                    let (Some(live), Some(m)) = (&mut ledger.live, &mount) else {
-                        return Ok(out);
-                    };
-                    // From here on the copy runs: a restart resumes it instead of undoing it.
-                    live.running = true;
-                    let bw = live.bandwidth_mib;
-                    if let Err((e, _)) = journal_plan(&ledger).await {
-                        tracing::error!(job = %job.id, error = %e, "the live copy is not journaled; a restart would not resume it");
+                    // The copy itself runs after the job gave back its slots (see `run`).
+                    if let (Some(live), Some(m)) = (&ledger.live, &mount) {
+                        out["copy"] = json!(LiveParams {
+                            mount: m.id.clone(),
+                            domain_uuid: new_uuid,
+                            targets: disks.to_vec(),
+                            bandwidth_mib: live.bandwidth_mib,
+                        });
                     }
-                    update(job, |s| s.phase = "copying".into());
-                    let copied = live_copy(st, &new_uuid, &m.id, disks, bw, Some(job))
-                        .await
-                        .map_err(|e| (e, "copy"))?;
-                    out["mount"] = Value::Null;
-                    out["live"] = copied;
                     Ok(out)
                 }
                 Err(e) => {
@@ -1129,130 +1151,224 @@ pub(crate) async fn mount_for_qemu(
 
 /// How often a live copy looks at its block jobs.
 const LIVE_POLL: Duration = Duration::from_millis(500);
-/// Block pulls that may end without their copy before a live copy gives up.
+/// Block pulls of one disk that may end (or fail to start) without its copy before a live
+/// copy gives up; the pauses before each new pull double from one second.
 const LIVE_RETRIES: u32 = 5;
+/// Looks at libvirt in a row that may fail (libvirtd restarting) before a live copy gives up.
+const LIVE_WATCH_ERRORS: u32 = 60;
 
-/// Copies each disk `targets` of the running staging domain `dom_uuid` from mount `mount`
-/// (its qcow2 overlays' backing files) into the overlays, by libvirt's block pull (QEMU
-/// `block-stream`, which copies only what the overlay does not hold yet: the guest's own
-/// writes stay), at most `bandwidth_mib` MiB/s per disk (0: no limit). A pull that ends
-/// without its copy (a read error of the export) is started again, up to [`LIVE_RETRIES`]
-/// times. Once every disk has dropped its backing file, the mount is released.
+/// What a live restore's copy needs: journaled in the job's plan ([`LiveCopy`], with the
+/// domain), handed from the restore to its copy phase.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub(crate) struct LiveParams {
+    pub mount: String,
+    pub domain_uuid: String,
+    pub targets: Vec<String>,
+    pub bandwidth_mib: u64,
+}
+
+/// How a live copy stopped short.
+pub(crate) enum LiveStop {
+    Failed(String),
+    /// The daemon stops: the pulls go on inside QEMU, the job's row stays open, and the next
+    /// start serves the mount again and resumes the copy.
+    Shutdown,
+}
+
+/// The copy phase of a live restore (`job` runs, without slots): [`live_copy`], then the
+/// job's end. `out` is the restore's result so far.
+pub(crate) async fn live_phase(st: &AppState, job: &Job, copy: &LiveParams, mut out: Value) {
+    st.metrics.jobs_running.inc();
+    update(job, |s| {
+        s.state = JobState::Running;
+        s.phase = "copying".into();
+    });
+    let r = live_copy(st, copy, job).await;
+    st.metrics.jobs_running.dec();
+    match r {
+        Ok(v) => {
+            out["mount"] = Value::Null;
+            out["live"] = v;
+            finish(st, job, JobState::Succeeded, None, Some(out)).await
+        }
+        Err(LiveStop::Shutdown) => {
+            // In this life only: the journal keeps the job running for the next start.
+            update(job, |s| {
+                s.state = JobState::Interrupted;
+                s.phase = "copy resumed at the next start".into();
+            });
+        }
+        Err(LiveStop::Failed(e)) => {
+            let state = if job.cancel.load(Ordering::SeqCst) {
+                JobState::Cancelled
+            } else {
+                st.metrics.error("copy");
+                JobState::Failed
+            };
+            tracing::warn!(job = %job.id, error = %e, %state, "live copy ended");
+            finish(st, job, state, Some(e), None).await
+        }
+    }
+}
+
+/// Copies each disk of the running staging domain of `copy` from its mount (its qcow2
+/// overlays' backing files) into the overlays, by libvirt's block pull (QEMU `block-stream`,
+/// which copies only what the overlay does not hold yet: the guest's own writes stay), at most
+/// `bandwidth_mib` MiB/s per disk (0: no limit). A pull that ends without its copy (a read
+/// error of the export) is started again after a pause, up to [`LIVE_RETRIES`] times per disk.
+/// Once every disk has dropped its backing file, the mount is released.
 ///
 /// Cancelled through `job`, the pulls stop and the domain runs on, reading the rest from the
-/// mount, which stays. Progress goes to `job` (bytes of each disk's copy).
+/// mount, which stays (and may then be unmounted). Progress goes to `job`.
 pub(crate) async fn live_copy(
     st: &AppState,
-    dom_uuid: &str,
-    mount: &str,
-    targets: &[String],
-    bandwidth_mib: u64,
-    job: Option<&Job>,
-) -> Result<Value, String> {
+    copy: &LiveParams,
+    job: &Job,
+) -> Result<Value, LiveStop> {
     let t0 = Instant::now();
-    let src = st
-        .libvirt()
-        .await
-        .ok_or("libvirt is disabled or unreachable; the copy runs on its mount")?;
-    st.mounts.set_copying(mount, true);
-    let r = live_copy_loop(&src, dom_uuid, mount, targets, bandwidth_mib, job).await;
-    st.mounts.set_copying(mount, false);
-    let retries = r?;
+    st.mounts.set_copying(&copy.mount, true);
+    let r = live_copy_loop(st, copy, job).await;
+    if !matches!(r, Err(LiveStop::Shutdown)) {
+        st.mounts.set_copying(&copy.mount, false);
+    }
+    let restarts = r?;
     // Every overlay holds its whole disk: the export is no longer read.
-    st.mounts.unmount(mount);
-    tracing::info!(domain = %dom_uuid, mount = %mount, secs = t0.elapsed().as_secs_f64(), "live copy done; mount released");
+    st.mounts.unmount(&copy.mount);
+    tracing::info!(domain = %copy.domain_uuid, mount = %copy.mount, secs = t0.elapsed().as_secs_f64(), "live copy done; mount released");
     Ok(
-        json!({"copied": targets, "secs": t0.elapsed().as_secs_f64(), "pulls_restarted": retries, "mount_released": mount}),
+        json!({"copied": copy.targets, "secs": t0.elapsed().as_secs_f64(),
+              "pulls_restarted": restarts, "mount_released": copy.mount}),
     )
 }
 
-async fn live_copy_loop(
-    src: &lvs::LibvirtSource,
-    dom_uuid: &str,
-    mount: &str,
-    targets: &[String],
-    bandwidth_mib: u64,
-    job: Option<&Job>,
-) -> Result<u32, String> {
-    let mut pending: Vec<String> = targets.to_vec();
-    let mut restarts = 0u32;
-    let mut started = std::collections::HashSet::<String>::new();
+/// What one look at the domain saw: each pending disk's block job, and whether the disk
+/// still reads from the mount; `None` when the domain no longer runs.
+type Seen = Option<Vec<(String, Option<(u64, u64)>, bool)>>;
+
+async fn live_copy_loop(st: &AppState, copy: &LiveParams, job: &Job) -> Result<u32, LiveStop> {
+    let failed = |m: String| LiveStop::Failed(m);
+    let mount = &copy.mount;
+    let mut pending: Vec<String> = copy.targets.clone();
+    // Per disk: pulls started, and when the next may start.
+    let mut tries: HashMap<String, (u32, Instant)> = HashMap::new();
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut watch_errors = 0u32;
     loop {
-        let (src2, u, m, ts) = (
-            src.clone(),
-            dom_uuid.to_string(),
-            mount.to_string(),
-            pending.clone(),
-        );
-        let cancel = job.is_some_and(|j| j.cancel.load(Ordering::SeqCst));
-        // One look at the domain: each pending disk's job, and whether it still reads the mount.
-        let seen = blocking(move || {
-            let d = src2.domain_by_uuid(&u)?;
-            if !d.is_active()? {
-                return Ok(None);
+        if st.shutting_down.load(Ordering::SeqCst) {
+            return Err(LiveStop::Shutdown);
+        }
+        let cancel = job.cancel.load(Ordering::SeqCst);
+        let seen = match st.libvirt().await {
+            None => Err("libvirt is unreachable".to_string()),
+            Some(src) => {
+                let (u, m, ts) = (copy.domain_uuid.clone(), mount.clone(), pending.clone());
+                blocking(move || -> Result<Seen, lvs::LibvirtError> {
+                    let d = src.domain_by_uuid(&u)?;
+                    if !d.is_active()? {
+                        return Ok(None);
+                    }
+                    let mut jobs = Vec::new();
+                    for t in &ts {
+                        if cancel {
+                            let _ = d.block_job_abort(t);
+                        }
+                        jobs.push(d.block_job(t)?);
+                    }
+                    let xml = d.xml()?;
+                    // `xml` is the inactive definition if the domain stopped meanwhile.
+                    if !d.is_active()? {
+                        return Ok(None);
+                    }
+                    Ok(Some(
+                        ts.iter()
+                            .zip(jobs)
+                            .map(|(t, j)| {
+                                let backed = xml.contains(&format!("/mounts/{m}/{t}.sock"));
+                                (t.clone(), j, backed)
+                            })
+                            .collect(),
+                    ))
+                })
+                .await
+                .map_err(|e| chain(&e))
             }
-            let mut out = Vec::new();
-            for t in &ts {
-                if cancel {
-                    let _ = d.block_job_abort(t);
+        };
+        let seen = match seen {
+            Ok(s) => {
+                watch_errors = 0;
+                s
+            }
+            Err(e) => {
+                watch_errors += 1;
+                if watch_errors > LIVE_WATCH_ERRORS {
+                    return Err(failed(format!(
+                        "watching the copy: {e}; the domain runs on, reading from mount {mount}"
+                    )));
                 }
-                out.push((t.clone(), d.block_job(t)?));
+                tracing::warn!(error = %e, "watching the live copy; trying again");
+                tokio::time::sleep(LIVE_POLL).await;
+                continue;
             }
-            let xml = d.xml()?;
-            let backed: Vec<bool> = ts
-                .iter()
-                .map(|t| xml.contains(&format!("/mounts/{m}/{t}.sock")))
-                .collect();
-            Ok(Some((out, backed)))
-        })
-        .await
-        .map_err(|e| format!("watching the copy: {}", chain(&e)))?;
-        let Some((jobs, backed)) = seen else {
-            return Err(format!(
+        };
+        let Some(disks) = seen else {
+            return Err(failed(format!(
                 "the domain stopped before its copy ended; its disks still read from mount {mount}"
-            ));
+            )));
         };
         if cancel {
-            return Err(format!(
+            return Err(failed(format!(
                 "cancelled: the copy stopped; the domain runs on, reading the rest from mount {mount}"
-            ));
+            )));
         }
         let mut next = Vec::new();
-        for ((t, info), backed) in jobs.into_iter().zip(backed) {
+        for (t, info, backed) in disks {
             match info {
                 Some((cur, end)) => {
-                    if let Some(j) = job {
-                        update(j, |s| s.disk_progress(&t, cur, end));
-                    }
+                    last.insert(t.clone(), end);
+                    update(job, |s| s.disk_progress(&t, cur, end));
                     next.push(t);
                 }
                 None if !backed => {
+                    if let Some(&end) = last.get(&t) {
+                        update(job, |s| s.disk_progress(&t, end, end));
+                    }
                     tracing::info!(target = %t, "live copy of the disk done");
                 }
                 None => {
-                    if started.contains(&t) {
-                        restarts += 1;
-                        if restarts > LIVE_RETRIES {
-                            return Err(format!(
-                                "the copy of {t} ended {restarts} times without finishing; the domain runs on, reading from mount {mount}"
-                            ));
-                        }
+                    let (n, at) = tries.get(&t).copied().unwrap_or((0, Instant::now()));
+                    next.push(t.clone());
+                    if Instant::now() < at {
+                        continue;
+                    }
+                    if n > LIVE_RETRIES {
+                        return Err(failed(format!(
+                            "the copy of {t} ended {n} times without finishing; the domain runs on, reading from mount {mount}"
+                        )));
+                    }
+                    if n > 0 {
                         tracing::warn!(target = %t, "block pull ended before its copy; starting it again");
                     }
-                    let (src2, u, t2) = (src.clone(), dom_uuid.to_string(), t.clone());
-                    blocking(move || {
-                        let d = src2.domain_by_uuid(&u)?;
-                        d.block_pull(&t2, bandwidth_mib)
-                    })
-                    .await
-                    .map_err(|e| format!("starting the copy of {t}: {}", chain(&e)))?;
-                    started.insert(t.clone());
-                    next.push(t);
+                    let started = match st.libvirt().await {
+                        None => Err("libvirt is unreachable".to_string()),
+                        Some(src) => {
+                            let (u, t2, bw) =
+                                (copy.domain_uuid.clone(), t.clone(), copy.bandwidth_mib);
+                            blocking(move || src.domain_by_uuid(&u)?.block_pull(&t2, bw))
+                                .await
+                                .map_err(|e| chain(&e))
+                        }
+                    };
+                    if let Err(e) = started {
+                        tracing::warn!(target = %t, error = %e, "starting the block pull; trying again");
+                    }
+                    // The next pull (if this one ends early or did not start) waits 1, 2, 4 … s.
+                    let pause = Duration::from_secs(1 << n.min(6));
+                    tries.insert(t.clone(), (n + 1, Instant::now() + pause));
                 }
             }
         }
         if next.is_empty() {
-            return Ok(restarts);
+            return Ok(tries.values().map(|(n, _)| n.saturating_sub(1)).sum());
         }
         pending = next;
         tokio::time::sleep(LIVE_POLL).await;

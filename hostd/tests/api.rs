@@ -812,6 +812,37 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         }
     };
     let live = format!("{}-live", a.name);
+    let start_live = |name: &str, bandwidth: u64| -> String {
+        let (s, v) = call(
+            &rt,
+            &ta,
+            "POST",
+            "/v1/restores",
+            Some(
+                json!({"instance": inst, "sink": "local", "backup_id": backup2,
+                "target": {"type": "domain", "name": name, "live": true, "bandwidth_mib": bandwidth}}),
+            ),
+        );
+        assert_eq!(s, 202, "{v}");
+        v["job"]["id"].as_str().expect("job id").to_string()
+    };
+    let job_of = |id: &str| call(&rt, &ta, "GET", &format!("/v1/jobs/{id}"), None).1;
+    // Until the job copies (and has copied something): its status then.
+    let copying = |id: &str| -> Value {
+        let t = Instant::now();
+        loop {
+            let v = job_of(id);
+            if v["job"]["phase"] == "copying" && v["job"]["bytes_done"].as_u64() > Some(0) {
+                return v;
+            }
+            assert!(
+                v["job"]["state"] == "running" || v["job"]["state"] == "queued",
+                "{v}"
+            );
+            assert!(t.elapsed() < Duration::from_secs(60), "{v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
     let (s, v) = call(
         &rt,
         &ta,
@@ -819,24 +850,12 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         "/v1/restores",
         Some(
             json!({"instance": inst, "sink": "local", "backup_id": backup2,
-            "target": {"type": "domain", "name": live, "live": true, "bandwidth_mib": 96}}),
+            "target": {"type": "domain", "name": live, "live": true, "start": false}}),
         ),
     );
-    assert_eq!(s, 202, "{v}");
-    let live_job = v["job"]["id"].as_str().expect("job id").to_string();
-    let t = Instant::now();
-    let status = loop {
-        let (_, v) = call(&rt, &ta, "GET", &format!("/v1/jobs/{live_job}"), None);
-        if v["job"]["phase"] == "copying" && v["job"]["bytes_done"].as_u64() > Some(0) {
-            break v;
-        }
-        assert!(
-            v["job"]["state"] == "running" || v["job"]["state"] == "queued",
-            "{v}"
-        );
-        assert!(t.elapsed() < Duration::from_secs(60), "{v}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    assert_eq!(s, 400, "{v}");
+    let live_job = start_live(&live, 48);
+    let status = copying(&live_job);
     assert_eq!(status["job"]["bytes_total"], json!(1024 * MIB), "{status}");
     assert!(virsh(&["domstate", &live]).contains("running"));
     guest_write(&live, writes[0].0, writes[0].1);
@@ -855,14 +874,22 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         (409, Some("copying")),
         "{v}"
     );
-    // The daemon dies mid-copy: the guest runs on; the restarted daemon serves the mount again
-    // and resumes the copy, and the guest's writes on either side of the restart stay.
+    // The daemon stops (SIGTERM) mid-copy, then dies (SIGKILL) mid-copy: each time the guest
+    // runs on, and the next daemon serves the mount again and resumes the copy (the job shows
+    // it); the guest's writes on every side of the restarts stay.
+    assert_eq!(job_of(&live_job)["job"]["phase"], "copying");
+    let took = h.term();
+    assert!(took < Duration::from_secs(20), "SIGTERM took {took:?}");
+    h.spawn();
+    let resumed = copying(&live_job);
+    assert_eq!(resumed["job"]["state"], "running", "{resumed}");
+    guest_write(&live, writes[1].0, writes[1].1);
+    assert_eq!(job_of(&live_job)["job"]["phase"], "copying");
     h.kill9();
     h.spawn();
-    guest_write(&live, writes[1].0, writes[1].1);
     let t = Instant::now();
     let done = loop {
-        let (_, v) = call(&rt, &ta, "GET", &format!("/v1/jobs/{live_job}"), None);
+        let v = job_of(&live_job);
         if v["job"]["state"] != "running" {
             break v;
         }
@@ -871,6 +898,10 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
     };
     assert_eq!(done["job"]["state"], "succeeded", "{done}\n{}", h.log());
     assert_eq!(done["job"]["result"]["resumed"], true, "{done}");
+    assert_eq!(
+        done["job"]["bytes_done"], done["job"]["bytes_total"],
+        "{done}"
+    );
     eprintln!("live restore, copying: {status}\nended: {done}");
     let (_, v) = call(&rt, &ta, "GET", "/v1/mounts", None);
     assert_eq!(v["mounts"], json!([]), "the mount is released: {v}");
@@ -884,16 +915,56 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         info.get("backing-filename").is_none(),
         "still backed: {info}"
     );
-    let _ = Command::new("virsh")
-        .args(["-c", "qemu:///system", "destroy", &live])
-        .output();
-    let _ = Command::new("virsh")
-        .args(["-c", "qemu:///system", "undefine", &live])
-        .output();
+    for cmd in ["destroy", "undefine"] {
+        let _ = Command::new("virsh")
+            .args(["-c", "qemu:///system", cmd, &live])
+            .output();
+    }
     run(Command::new("qemu-img")
         .args(["compare", "-f", "qcow2", "-F", "raw"])
         .arg(&img)
         .arg(&expect));
+    // A live restore cancelled mid-copy: the guest runs on, reading the rest from the mount,
+    // which stays (and reads as the backup through the overlay); it may then be unmounted.
+    let live2 = format!("{}-live2", a.name);
+    let live2_job = start_live(&live2, 16);
+    copying(&live2_job);
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "POST",
+        &format!("/v1/jobs/{live2_job}/cancel"),
+        None,
+    );
+    assert!(s == 200 || s == 202, "{s} {v}");
+    let t = Instant::now();
+    let ended = loop {
+        let v = job_of(&live2_job);
+        if v["job"]["state"] != "running" {
+            break v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(ended["job"]["state"], "cancelled", "{ended}");
+    assert!(virsh(&["domstate", &live2]).contains("running"));
+    let (_, v) = call(&rt, &ta, "GET", "/v1/mounts", None);
+    let m2 = v["mounts"][0]["id"]
+        .as_str()
+        .expect("the mount stays")
+        .to_string();
+    let img2 = restores.join(&live2).join("vda.qcow2");
+    run(Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2", "-F", "raw"])
+        .arg(&img2)
+        .arg(&r2));
+    for cmd in ["destroy", "undefine"] {
+        let _ = Command::new("virsh")
+            .args(["-c", "qemu:///system", cmd, &live2])
+            .output();
+    }
+    let (s, v) = call(&rt, &ta, "DELETE", &format!("/v1/mounts/{m2}"), None);
+    assert_eq!(s, 200, "{v}");
 
     // --- prunes and collections as jobs, through cbtctl ---
     let cbtctl = |token: &str, args: &[&str]| -> Value {
