@@ -73,6 +73,9 @@ enum Cmd {
     /// and a 7-deep chain restored from each, with request counts (servers started here); then
     /// end to end against virtnbdbackup + rclone on libvirt domains.
     S3(BackupArgs),
+    /// Instant recovery: nbdcopy of a backup's NBD export against the restore of the same
+    /// backup, and the time from starting an export to its first byte.
+    Export(BackupArgs),
     /// Every scenario; a table on stdout and a JSON file.
     All {
         /// Smaller disks and fewer runs, for a smoke test.
@@ -786,6 +789,83 @@ fn restore_from(sink: &SinkArg, id: &str, out: &Path) -> Result<Vec<String>> {
         format!("raw:{}", out.display()),
     ]);
     Ok(v)
+}
+
+/// Instant recovery (issue 16) on the B1 full in a directory sink: `nbdcopy` (4 connections)
+/// of `cbtctl export` against `cbtctl restore` of the same backup, both to a raw file and
+/// synced, alternating; and the time from starting `cbtctl export` to the first 4 KiB read
+/// through it (process start, chain load and index merge, first frame read and decoded).
+async fn bench_export(a: &BackupArgs) -> Result<Scenario> {
+    require_tools(&["nbdcopy"])?;
+    let (dir, _qsd, qmp, work) = b1_run(a, "export-run").await?;
+    let sink = dir.join("sink");
+    measure(&backup_argv(&qmp, &sink, &work, "full0", "full")?)?;
+    let ctl = cbtctl()?;
+    let (sock, out) = (dir.join("export.sock"), dir.join("copy.raw"));
+    let export = format!(
+        "{ctl} export --sink {} --disk bench --backup full0 --socket {}",
+        sink.display(),
+        sock.display()
+    );
+    let copy = sh(format!(
+        "rm -f {s} {o}; {export} & pid=$!; while ! [ -S {s} ]; do sleep 0.01; done; \
+         nbdcopy --connections=4 'nbd+unix:///?socket={s}' {o} && sync -f {o}; rc=$?; \
+         kill $pid; wait $pid; exit $rc",
+        s = sock.display(),
+        o = out.display()
+    ));
+    let restore = sh(format!(
+        "rm -f {o}; {} >/dev/null && sync -f {o}",
+        restore_argv(&sink, "full0", &out)?.join(" "),
+        o = out.display()
+    ));
+    eprintln!(
+        "export: nbdcopy of the export vs the restore, {} alternating runs",
+        a.runs
+    );
+    let (ours, peer, _) = alternate(a.runs, &copy, &restore)?;
+    let _ = std::fs::remove_file(&out);
+    // Start to first byte.
+    let mut first = Vec::new();
+    for _ in 0..a.runs.max(3) {
+        let _ = std::fs::remove_file(&sock);
+        let t = Instant::now();
+        let mut child = Server(
+            Command::new(&ctl)
+                .args(["export", "--sink"])
+                .arg(&sink)
+                .args(["--disk", "bench", "--backup", "full0", "--socket"])
+                .arg(&sock)
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+        wait_socket(&sock, &mut child.0)?;
+        let c = Client::connect(&nbd::NbdUri::unix(&sock, "").to_string()).await?;
+        let b = c.read(0, vec![0u8; 4096]).await?;
+        first.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(b.len() == 4096, "short read");
+        c.disconnect().await;
+        drop(child);
+    }
+    let first_median = median(&mut first.clone());
+    eprintln!("export: start to first byte {first:.1?} ms");
+    let (o, p) = (
+        stats("nbdcopy of cbtctl export", ours),
+        stats("cbtctl restore (raw)", peer),
+    );
+    Ok(Scenario {
+        name: "export vs restore".into(),
+        workload: "the B1 full (8 GiB disk, 4.25 GB allocated) in a directory sink".into(),
+        ratio_ours_over_peer: o.wall_median_s / p.wall_median_s,
+        target: "restore/export ≥ 0.8 (export throughput ≥ 0.8 × restore)".into(),
+        extra: serde_json::json!({
+            "restore_over_export": p.wall_median_s / o.wall_median_s,
+            "start_to_first_byte_ms": first,
+            "start_to_first_byte_median_ms": first_median,
+        }),
+        ours: o,
+        peer: p,
+    })
 }
 
 /// A fresh run directory `name` under the work dir with a copy of the B1 image, served by
@@ -2299,6 +2379,11 @@ async fn main() -> Result<()> {
             print_table(&s);
             Ok(())
         }
+        Cmd::Export(a) => {
+            let s = bench_export(&a).await?;
+            print_table(std::slice::from_ref(&s));
+            Ok(())
+        }
         Cmd::S3(a) => {
             let mut s = bench_s3(&a).await?;
             s.extend(bench_s3_e2e(&a).await?);
@@ -2346,6 +2431,7 @@ async fn main() -> Result<()> {
                 ..bk.clone()
             };
             scenarios.extend(bench_virtnbd(&vn).await?);
+            scenarios.push(bench_export(&bk).await?);
             scenarios.extend(bench_s3(&bk).await?);
             scenarios.extend(bench_s3_e2e(&vn).await?);
             scenarios.push(if quick {
