@@ -67,6 +67,9 @@ pub struct ServerOptions {
     pub read_budget_kib: usize,
     /// A reply the client does not take within this ends its connection.
     pub write_timeout: Duration,
+    /// TLS, required of every client when set (`NBD_OPT_STARTTLS` first; anything else is
+    /// `NBD_REP_ERR_TLS_REQD`). See [`tls_config`].
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerOptions {
@@ -79,6 +82,7 @@ impl Default for ServerOptions {
             max_connections: 64,
             read_budget_kib: 256 << 10,
             write_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -121,10 +125,55 @@ fn transmission_flags(structured: bool) -> u16 {
     f
 }
 
+/// A listening socket the server accepts connections on.
+pub trait Listener: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept_io(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        self.accept().await.map(|(c, _)| c)
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        let (c, _) = self.accept().await?;
+        c.set_nodelay(true)?;
+        Ok(c)
+    }
+}
+
 /// Serves `export` on every connection `listener` accepts, until the future is dropped,
 /// which ends every connection too.
 pub async fn serve_unix<E: Export>(
     listener: tokio::net::UnixListener,
+    export: Arc<E>,
+    opts: Arc<ServerOptions>,
+) -> std::io::Result<()> {
+    serve(listener, export, opts).await
+}
+
+/// [`serve_unix`] on TCP: for another host (a remote site's recovery). Refused without TLS
+/// that checks client certificates (an export over TCP is the whole disk to whoever connects).
+pub async fn serve_tcp<E: Export>(
+    listener: tokio::net::TcpListener,
+    export: Arc<E>,
+    opts: Arc<ServerOptions>,
+) -> std::io::Result<()> {
+    if opts.tls.is_none() {
+        return Err(std::io::Error::other(
+            "an NBD export over TCP needs TLS with client certificates",
+        ));
+    }
+    serve(listener, export, opts).await
+}
+
+async fn serve<L: Listener, E: Export>(
+    listener: L,
     export: Arc<E>,
     opts: Arc<ServerOptions>,
 ) -> std::io::Result<()> {
@@ -134,11 +183,11 @@ pub async fn serve_unix<E: Export>(
     ));
     loop {
         let accepted = tokio::select! {
-            c = listener.accept() => c,
+            c = listener.accept_io() => c,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         let conn = match accepted {
-            Ok((c, _)) => c,
+            Ok(c) => c,
             // Out of descriptors, a connection aborted before it was taken: the export goes
             // on, a little later.
             Err(e) => {
@@ -171,7 +220,7 @@ pub async fn serve_connection<E: Export, IO>(
     opts: Arc<ServerOptions>,
 ) -> Result<(), ServerError>
 where
-    IO: AsyncRead + AsyncWrite + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let budget = Arc::new(Semaphore::new(
         opts.read_budget_kib.max(MAX_REQUEST as usize >> 10),
@@ -187,23 +236,102 @@ async fn serve_with<E: Export, IO>(
     budget: Arc<Semaphore>,
 ) -> Result<(), ServerError>
 where
-    IO: AsyncRead + AsyncWrite + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(io);
-    let session = match tokio::time::timeout(
-        opts.handshake_timeout,
-        handshake(&mut rd, &mut wr, export.as_ref(), &opts),
-    )
-    .await
-    {
-        Err(_) => return Err(ServerError::Timeout(opts.handshake_timeout)),
-        Ok(r) => r?,
-    };
-    let Some(session) = session else {
-        return Ok(());
-    };
+    // The whole handshake, TLS included, within one deadline.
+    let deadline = tokio::time::Instant::now() + opts.handshake_timeout;
+    let late = || ServerError::Timeout(opts.handshake_timeout);
     let (n, t) = (opts.in_flight.max(1), opts.write_timeout);
-    transmission(rd, wr, export, session, n, budget, t).await
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let first = tokio::time::timeout_at(deadline, async {
+        let no_zeroes = greet(&mut rd, &mut wr).await?;
+        let s = options(&mut rd, &mut wr, export.as_ref(), &opts, no_zeroes, false).await?;
+        Ok::<_, ServerError>((no_zeroes, s))
+    })
+    .await
+    .map_err(|_| late())??;
+    match first {
+        (_, Shake::Aborted) => Ok(()),
+        (_, Shake::Go(s)) => transmission(rd, wr, export, s, n, budget, t).await,
+        (no_zeroes, Shake::StartTls) => {
+            let Some(cfg) = opts.tls.clone() else {
+                return Err(ServerError::Refused("STARTTLS without TLS".into()));
+            };
+            let io = rd.unsplit(wr);
+            let tls =
+                tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(cfg).accept(io))
+                    .await
+                    .map_err(|_| late())??;
+            let (mut rd, mut wr) = tokio::io::split(tls);
+            let then = tokio::time::timeout_at(
+                deadline,
+                options(&mut rd, &mut wr, export.as_ref(), &opts, no_zeroes, true),
+            )
+            .await
+            .map_err(|_| late())??;
+            match then {
+                Shake::Go(s) => transmission(rd, wr, export, s, n, budget, t).await,
+                Shake::Aborted => Ok(()),
+                Shake::StartTls => Err(ServerError::Refused("STARTTLS twice".into())),
+            }
+        }
+    }
+}
+
+/// How the option haggling ended.
+enum Shake {
+    /// Transmission begins with what was settled.
+    Go(Session),
+    /// The client aborted.
+    Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: TLS starts on the connection, then options again.
+    StartTls,
+}
+
+/// TLS for an export: its certificate chain and key (PEM), and, with `client_ca`, client
+/// certificates required and checked against that CA (PEM).
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let open = |p: &std::path::Path| {
+        std::fs::File::open(p)
+            .map(std::io::BufReader::new)
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let certs: Vec<_> = rustls_pemfile::certs(&mut open(cert)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut open(key)?)
+        .map_err(|e| format!("{}: {e}", key.display()))?
+        .ok_or_else(|| format!("{}: no private key", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut open(ca)?) {
+                roots
+                    .add(c.map_err(|e| format!("{}: {e}", ca.display()))?)
+                    .map_err(|e| format!("{}: {e}", ca.display()))?;
+            }
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(v)
+        }
+    };
+    builder
+        .with_single_cert(certs, key)
+        .map(Arc::new)
+        .map_err(|e| format!("the TLS certificate and key: {e}"))
 }
 
 async fn read_exact<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut [u8]) -> Result<(), ServerError> {
@@ -220,17 +348,11 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, n: u64) -> Result<(), ServerE
     Ok(())
 }
 
-/// The handshake; `None` when the client aborted it.
-async fn handshake<R, W, E>(
-    rd: &mut R,
-    wr: &mut W,
-    export: &E,
-    opts: &ServerOptions,
-) -> Result<Option<Session>, ServerError>
+/// The greeting and the client's flags; whether the client asked for no zeroes.
+async fn greet<R, W>(rd: &mut R, wr: &mut W) -> Result<bool, ServerError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
-    E: Export,
 {
     let greeting = proto::Greeting {
         flags: handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES,
@@ -245,7 +367,25 @@ where
             "unknown client flags {cflags:#x}"
         )));
     }
-    let no_zeroes = cflags & handshake::C_NO_ZEROES != 0;
+    Ok(cflags & handshake::C_NO_ZEROES != 0)
+}
+
+/// The option haggling, before TLS (`tls_on` false) or inside it. With TLS configured and not
+/// on yet, only `STARTTLS` and `ABORT` are served.
+async fn options<R, W, E>(
+    rd: &mut R,
+    wr: &mut W,
+    export: &E,
+    opts: &ServerOptions,
+    no_zeroes: bool,
+    tls_on: bool,
+) -> Result<Shake, ServerError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    E: Export,
+{
+    let tls_first = opts.tls.is_some() && !tls_on;
     let mut s = Session {
         structured: false,
         base_allocation: false,
@@ -265,6 +405,19 @@ where
         }
         let mut data = vec![0u8; len as usize];
         read_exact(rd, &mut data).await?;
+        if tls_first && option != opt::STARTTLS && option != opt::ABORT {
+            if option == opt::EXPORT_NAME {
+                return Err(ServerError::Refused("TLS is required".into()));
+            }
+            reply(
+                wr,
+                option,
+                rep::ERR_TLS_REQD,
+                b"TLS is required: STARTTLS first",
+            )
+            .await?;
+            continue;
+        }
         match option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
@@ -279,12 +432,12 @@ where
                 ))
                 .await?;
                 wr.flush().await?;
-                return Ok(Some(s));
+                return Ok(Shake::Go(s));
             }
             opt::ABORT => {
                 // The client may close first; its ack is best effort.
                 let _ = reply(wr, option, rep::ACK, &[]).await;
-                return Ok(None);
+                return Ok(Shake::Aborted);
             }
             opt::LIST => {
                 if !data.is_empty() {
@@ -336,7 +489,7 @@ where
                 reply(wr, option, rep::INFO, &proto::encode_info_block_size(bs)).await?;
                 reply(wr, option, rep::ACK, &[]).await?;
                 if option == opt::GO {
-                    return Ok(Some(s));
+                    return Ok(Shake::Go(s));
                 }
             }
             opt::STRUCTURED_REPLY => {
@@ -384,6 +537,17 @@ where
                     reply(wr, option, rep::META_CONTEXT, &d).await?;
                 }
                 reply(wr, option, rep::ACK, &[]).await?;
+            }
+            opt::STARTTLS if tls_on => {
+                reply(wr, option, rep::ERR_INVALID, b"TLS is on already").await?
+            }
+            opt::STARTTLS if opts.tls.is_some() => {
+                if !data.is_empty() {
+                    reply(wr, option, rep::ERR_INVALID, b"STARTTLS takes no data").await?;
+                    continue;
+                }
+                reply(wr, option, rep::ACK, &[]).await?;
+                return Ok(Shake::StartTls);
             }
             opt::STARTTLS => {
                 reply(

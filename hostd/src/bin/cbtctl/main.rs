@@ -182,7 +182,8 @@ enum Command {
     },
     /// Serve a backup of a disk, read-only, as an NBD export on a Unix socket until stopped
     /// (SIGINT or SIGTERM): `qemu-img`, `nbdcopy`, `nbdinfo --map`, `guestmount` or a qcow2
-    /// overlay's backing file read it straight from the sink, without a restore.
+    /// overlay's backing file read it straight from the sink, without a restore. On TCP
+    /// (`--listen`, for another host) only with TLS and client certificates.
     Export {
         #[command(flatten)]
         sink: SinkArgs,
@@ -192,8 +193,19 @@ enum Command {
         #[arg(long)]
         backup: Option<String>,
         /// The Unix socket to create (refused if it exists); removed on exit.
-        #[arg(long)]
-        socket: PathBuf,
+        #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
+        socket: Option<PathBuf>,
+        /// A TCP address to listen on instead (needs --tls-cert, --tls-key, --tls-client-ca).
+        #[arg(long, requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+        listen: Option<std::net::SocketAddr>,
+        /// TLS certificate chain (PEM): every client must then start TLS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// CA (PEM) that client certificates must be signed by.
+        #[arg(long, requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
         /// The export's name (clients may also ask for the default, "").
         #[arg(long, default_value = "")]
         name: String,
@@ -617,9 +629,20 @@ async fn main() -> Result<()> {
             disk,
             backup,
             socket,
+            listen,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
             name,
             cache_mib,
         } => {
+            let tls = match (&tls_cert, &tls_key) {
+                (Some(c), Some(k)) => Some(
+                    nbd::server::tls_config(c, k, tls_client_ca.as_deref())
+                        .map_err(anyhow::Error::msg)?,
+                ),
+                _ => None,
+            };
             let sink = sink.open().await?;
             let backup = newest(&sink, &disk, backup).await?;
             let export = engine::export::BackupExport::open(
@@ -629,28 +652,59 @@ async fn main() -> Result<()> {
                 cache_mib.saturating_mul(1 << 20),
             )
             .await?;
-            let listener = tokio::net::UnixListener::bind(&socket)
-                .with_context(|| format!("binding {}", socket.display()))?;
             let size = export.size();
             let chain = export.chain_len();
             let export = Arc::new(export);
+            let scheme = if tls.is_some() { "nbds" } else { "nbd" };
             let opts = Arc::new(nbd::server::ServerOptions {
                 name: name.clone(),
                 description: format!("cbt backup {backup} of {disk}"),
+                tls,
                 ..Default::default()
             });
-            eprintln!(
-                "serving {disk} {backup} (chain of {chain}, {size} bytes) read-only at nbd+unix:///{name}?socket={}",
-                socket.display()
-            );
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            // Bound before anything can fail: only a socket made here is removed at the end.
+            enum Bound {
+                Unix(tokio::net::UnixListener, PathBuf),
+                Tcp(tokio::net::TcpListener),
+            }
+            let bound = match (&socket, listen) {
+                (Some(socket), _) => Bound::Unix(
+                    tokio::net::UnixListener::bind(socket)
+                        .with_context(|| format!("binding {}", socket.display()))?,
+                    socket.clone(),
+                ),
+                (None, Some(addr)) => Bound::Tcp(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding {addr}"))?,
+                ),
+                (None, None) => anyhow::bail!("--socket or --listen"),
+            };
+            let at = match &bound {
+                Bound::Unix(_, p) => format!("{scheme}+unix:///{name}?socket={}", p.display()),
+                Bound::Tcp(l) => format!("{scheme}://{}/{name}", l.local_addr()?),
+            };
+            eprintln!("serving {disk} {backup} (chain of {chain}, {size} bytes) read-only at {at}");
+            let made = match &bound {
+                Bound::Unix(_, p) => Some(p.clone()),
+                Bound::Tcp(_) => None,
+            };
+            let serving = async {
+                match bound {
+                    Bound::Unix(l, _) => nbd::server::serve_unix(l, export.clone(), opts).await,
+                    Bound::Tcp(l) => nbd::server::serve_tcp(l, export.clone(), opts).await,
+                }
+            };
             let served = tokio::select! {
-                r = nbd::server::serve_unix(listener, export.clone(), opts) => r.map_err(anyhow::Error::from),
+                r = serving => r.map_err(anyhow::Error::from),
                 _ = tokio::signal::ctrl_c() => Ok(()),
                 _ = term.recv() => Ok(()),
             };
-            let _ = std::fs::remove_file(&socket);
+            if let Some(p) = made {
+                let _ = std::fs::remove_file(p);
+            }
             let st = export.stats();
             eprintln!(
                 "stopped: {} frames read in {} sink reads, {} from the cache, {} from another request's read",
