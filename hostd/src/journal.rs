@@ -214,7 +214,9 @@ impl Journal {
                sink TEXT NOT NULL, backup_id TEXT NOT NULL, request TEXT NOT NULL,
                state TEXT NOT NULL, plan TEXT, error TEXT, result TEXT,
                created_ms INTEGER NOT NULL, finished_ms INTEGER);
-             CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);",
+             CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+             CREATE TABLE IF NOT EXISTS mounts (
+               id TEXT PRIMARY KEY, spec TEXT NOT NULL, created_ms INTEGER NOT NULL);",
         )?;
         Ok(Arc::new(Journal {
             conn: Mutex::new(conn),
@@ -227,6 +229,39 @@ impl Journal {
     ) -> Result<T, JournalError> {
         let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         Ok(f(&c)?)
+    }
+
+    /// Records mount `id` (what serves it again after a restart).
+    pub fn put_mount(&self, id: &str, spec: &Value) -> Result<(), JournalError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO mounts (id, spec, created_ms) VALUES (?1, ?2, ?3)",
+                params![id, spec.to_string(), now_ms()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn delete_mount(&self, id: &str) -> Result<(), JournalError> {
+        self.with(|c| {
+            c.execute("DELETE FROM mounts WHERE id = ?1", params![id])
+                .map(|_| ())
+        })
+    }
+
+    /// Every recorded mount: (id, spec), oldest first.
+    pub fn mounts(&self) -> Result<Vec<(String, Value)>, JournalError> {
+        self.with(|c| {
+            let mut s = c.prepare("SELECT id, spec FROM mounts ORDER BY created_ms, id")?;
+            let rows = s.query_map([], |r| {
+                let spec: String = r.get(1)?;
+                Ok((
+                    r.get(0)?,
+                    serde_json::from_str(&spec).unwrap_or(Value::Null),
+                ))
+            })?;
+            rows.collect()
+        })
     }
 
     pub fn insert(&self, j: &JobRow) -> Result<(), JournalError> {

@@ -6,7 +6,10 @@
 //!
 //! A mount's directory is root's alone (0700): its sockets are for the host's operator, and
 //! the API is admin-only. An instant staging copy's mount (a restore to a domain with
-//! `instant`) gives its sockets to QEMU's user (0600) in a directory it may traverse. Mounts live as long as the daemon (or until unmounted); at start
+//! `instant`) gives its sockets to QEMU's user (0600) in a directory it may traverse.
+//! Mounts are recorded in the journal until unmounted, and a restarted daemon serves them
+//! again under the same ids, at the same sockets ([`serve_recorded`]): an instant copy's
+//! overlays name those paths, so the copy's guest reads on after the restart. At start
 //! the directory a previous life left is emptied (it holds only what the daemon made). While
 //! a backup of an instance is mounted, no prune, deletion or compaction of the instance's
 //! backups on that sink runs (they would take frames from under the export): each side marks
@@ -76,6 +79,20 @@ pub struct Mounts {
     reading: Mutex<Vec<(String, String, String)>>,
     /// Mounts a live restore copies from: not unmounted by hand meanwhile.
     copying: Mutex<std::collections::HashSet<String>>,
+    /// Where mounts are recorded, to be served again after a restart ([`serve_recorded`]).
+    journal: std::sync::OnceLock<Arc<crate::journal::Journal>>,
+}
+
+/// What a mount serves, as recorded in the journal.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct MountSpec {
+    pub tenant: Option<String>,
+    pub instance: String,
+    pub sink: String,
+    pub backup_id: String,
+    pub targets: Vec<String>,
+    /// Sockets for QEMU's user (an instant copy's backing files).
+    pub qemu: bool,
 }
 
 /// Why a mount was not made.
@@ -134,6 +151,11 @@ impl Drop for Reading<'_> {
 }
 
 impl Mounts {
+    /// Records mounts in `journal` from now on.
+    pub fn record_in(&self, journal: Arc<crate::journal::Journal>) {
+        let _ = self.journal.set(journal);
+    }
+
     /// The directory of all mounts, `root/mounts`: 0711 (traversed by QEMU to an instant
     /// copy's sockets, listed by nobody); of what a previous life
     /// left there, only what a mount makes goes (directories named by a mount id holding
@@ -310,6 +332,21 @@ impl Mounts {
                 },
             );
         }
+        // Recorded before it counts as made: a restart serves it again (the instant copies
+        // whose backing files its sockets are would otherwise lose their disks).
+        if let Some(j) = self.journal.get() {
+            let spec = MountSpec {
+                tenant: tenant.map(str::to_string),
+                instance: instance.into(),
+                sink: sink_name.into(),
+                backup_id: backup_id.into(),
+                targets: m.view.disks.keys().cloned().collect(),
+                qemu: owner.is_some(),
+            };
+            let spec = serde_json::to_value(&spec).unwrap_or_default();
+            j.put_mount(id, &spec)
+                .map_err(|e| MountError::Engine(format!("recording the mount: {e}")))?;
+        }
         let view = m.view.clone();
         self.live
             .lock()
@@ -368,10 +405,128 @@ impl Mounts {
         let found = m.is_some();
         // Its exports stop and its sockets go before rewrites may take its frames.
         drop(m);
+        if let Some(j) = self.journal.get() {
+            if let Err(e) = j.delete_mount(id) {
+                tracing::warn!(mount = %id, error = %e, "unrecording the mount; it is served again after a restart");
+            }
+        }
         self.reading
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(i, ..)| i != id);
         found
     }
+}
+
+/// Why a recorded mount was not served again.
+enum Again {
+    /// Never will be (its sink is no longer configured, the record is unreadable): forgotten.
+    Never(String),
+    /// Not now (its sink unreachable, its chain unreadable): tried again later.
+    Later(String),
+}
+
+/// The longest pause between two tries of serving a recorded mount again.
+const AGAIN_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Serves again, under their ids (so at the same sockets: the paths instant copies' overlays
+/// name), the mounts a previous life recorded and did not unmount; those served already (a
+/// resumed live copy's) are skipped. Runs at start, before the API serves, so no prune of a
+/// mounted backup slips in. A mount that cannot be served now is tried again in the
+/// background with growing pauses; one that never can be is forgotten with a warning.
+pub async fn serve_recorded(st: &Arc<crate::state::AppState>) {
+    let rows = match st.journal.mounts() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "reading the recorded mounts; none is served again");
+            return;
+        }
+    };
+    for (id, spec) in rows {
+        if st.mounts.get(&id).is_some() {
+            continue;
+        }
+        match serve_again(st, &id, &spec).await {
+            Ok(()) => tracing::info!(mount = %id, "mount served again"),
+            Err(Again::Never(e)) => {
+                tracing::warn!(mount = %id, error = %e, "a recorded mount cannot be served again; forgotten");
+                let _ = st.journal.delete_mount(&id);
+            }
+            Err(Again::Later(e)) => {
+                tracing::warn!(mount = %id, error = %e, "a recorded mount is not served yet; trying again");
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let mut delay = std::time::Duration::from_secs(2);
+                    loop {
+                        tokio::time::sleep(delay).await;
+                        if st.shutting_down.load(std::sync::atomic::Ordering::SeqCst)
+                            || st.mounts.get(&id).is_some()
+                        {
+                            return;
+                        }
+                        match serve_again(&st, &id, &spec).await {
+                            Ok(()) => {
+                                tracing::info!(mount = %id, "mount served again");
+                                return;
+                            }
+                            Err(Again::Never(e)) => {
+                                tracing::warn!(mount = %id, error = %e, "a recorded mount cannot be served again; forgotten");
+                                let _ = st.journal.delete_mount(&id);
+                                return;
+                            }
+                            Err(Again::Later(e)) => {
+                                tracing::warn!(mount = %id, error = %e, "a recorded mount is still not served");
+                            }
+                        }
+                        delay = (delay * 2).min(AGAIN_BACKOFF_MAX);
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn serve_again(
+    st: &crate::state::AppState,
+    id: &str,
+    spec: &serde_json::Value,
+) -> Result<(), Again> {
+    let spec: MountSpec = serde_json::from_value(spec.clone())
+        .map_err(|e| Again::Never(format!("its record: {e}")))?;
+    let sink = st
+        .sink(&spec.sink)
+        .await
+        .map_err(|e| Again::Later(format!("sink {}: {}", spec.sink, crate::run::chain(&e))))?
+        .ok_or_else(|| Again::Never(format!("sink {} is no longer configured", spec.sink)))?;
+    let owner = if spec.qemu {
+        let user = &st.cfg.libvirt.qemu_user;
+        Some(crate::run::user_ids(user).ok_or_else(|| {
+            Again::Later(format!("libvirt.qemu_user {user:?} is not in /etc/passwd"))
+        })?)
+    } else {
+        None
+    };
+    let reading = st
+        .mounts
+        .mark(id, &spec.instance, &spec.sink)
+        .map_err(|e| Again::Later(e.to_string()))?;
+    let of = Of {
+        sink: &sink,
+        sink_name: &spec.sink,
+        instance: &spec.instance,
+        backup_id: &spec.backup_id,
+        tenant: spec.tenant.as_deref(),
+    };
+    st.mounts
+        .mount(
+            &st.cfg.server.state_dir,
+            id,
+            reading,
+            &of,
+            &spec.targets,
+            owner,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| Again::Later(crate::run::chain(&e)))
 }

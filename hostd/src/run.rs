@@ -1376,7 +1376,7 @@ async fn live_copy_loop(st: &AppState, copy: &LiveParams, job: &Job) -> Result<u
 }
 
 /// uid and primary gid of local user `name`, from /etc/passwd.
-fn user_ids(name: &str) -> Option<(u32, u32)> {
+pub(crate) fn user_ids(name: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();

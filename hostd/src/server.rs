@@ -318,6 +318,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("{}/mounts", s.state_dir.display()))?;
     let journal = Journal::open(&s.journal()).context("opening the job journal")?;
     let st = AppState::new(cfg.clone(), journal);
+    st.mounts.record_in(st.journal.clone());
     // Each sink opened once (an object store is probed here); one that is down is retried
     // at its first use rather than keeping the daemon from serving the others.
     st.open_sinks().await;
@@ -330,6 +331,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     if !unfinished.is_empty() {
         tracing::info!(jobs = unfinished.len(), "reconciled interrupted jobs");
     }
+    // Mounts a previous life left are served again at their sockets (instant copies boot
+    // and run from them), before any request could prune what they read.
+    crate::mounts::serve_recorded(&st).await;
     // After reconciliation: its roll-backs come before any garbage collection.
     crate::recover::start_housekeeping(&st);
 
