@@ -812,21 +812,37 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         }
     };
     let live = format!("{}-live", a.name);
-    let start_live = |name: &str, bandwidth: u64| -> String {
-        let (s, v) = call(
+    let restore_to = |target: Value| {
+        call(
             &rt,
             &ta,
             "POST",
             "/v1/restores",
             Some(
-                json!({"instance": inst, "sink": "local", "backup_id": backup2,
-                "target": {"type": "domain", "name": name, "live": true, "bandwidth_mib": bandwidth}}),
+                json!({"instance": inst, "sink": "local", "backup_id": backup2, "target": target}),
             ),
+        )
+    };
+    let start_live = |name: &str, bandwidth: u64| -> String {
+        let (s, v) = restore_to(
+            json!({"type": "domain", "name": name, "live": true, "bandwidth_mib": bandwidth}),
         );
         assert_eq!(s, 202, "{v}");
         v["job"]["id"].as_str().expect("job id").to_string()
     };
     let job_of = |id: &str| call(&rt, &ta, "GET", &format!("/v1/jobs/{id}"), None).1;
+    // Until the job no longer runs (within `secs`): its status then.
+    let ended = |id: &str, secs: u64| -> Value {
+        let t = Instant::now();
+        loop {
+            let v = job_of(id);
+            if v["job"]["state"] != "running" {
+                return v;
+            }
+            assert!(t.elapsed() < Duration::from_secs(secs), "{v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
     // Until the job copies (and has copied something): its status then.
     let copying = |id: &str| -> Value {
         let t = Instant::now();
@@ -843,16 +859,7 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    let (s, v) = call(
-        &rt,
-        &ta,
-        "POST",
-        "/v1/restores",
-        Some(
-            json!({"instance": inst, "sink": "local", "backup_id": backup2,
-            "target": {"type": "domain", "name": live, "live": true, "start": false}}),
-        ),
-    );
+    let (s, v) = restore_to(json!({"type": "domain", "name": live, "live": true, "start": false}));
     assert_eq!(s, 400, "{v}");
     let live_job = start_live(&live, 48);
     let status = copying(&live_job);
@@ -887,15 +894,7 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
     assert_eq!(job_of(&live_job)["job"]["phase"], "copying");
     h.kill9();
     h.spawn();
-    let t = Instant::now();
-    let done = loop {
-        let v = job_of(&live_job);
-        if v["job"]["state"] != "running" {
-            break v;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "{v}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let done = ended(&live_job, 120);
     assert_eq!(done["job"]["state"], "succeeded", "{done}\n{}", h.log());
     assert_eq!(done["job"]["result"]["resumed"], true, "{done}");
     assert_eq!(
@@ -937,16 +936,8 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         None,
     );
     assert!(s == 200 || s == 202, "{s} {v}");
-    let t = Instant::now();
-    let ended = loop {
-        let v = job_of(&live2_job);
-        if v["job"]["state"] != "running" {
-            break v;
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "{v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(ended["job"]["state"], "cancelled", "{ended}");
+    let stopped = ended(&live2_job, 30);
+    assert_eq!(stopped["job"]["state"], "cancelled", "{stopped}");
     assert!(virsh(&["domstate", &live2]).contains("running"));
     let (_, v) = call(&rt, &ta, "GET", "/v1/mounts", None);
     let m2 = v["mounts"][0]["id"]
