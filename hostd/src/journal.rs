@@ -235,7 +235,8 @@ impl Journal {
     pub fn put_mount(&self, id: &str, spec: &Value) -> Result<(), JournalError> {
         self.with(|c| {
             c.execute(
-                "INSERT OR REPLACE INTO mounts (id, spec, created_ms) VALUES (?1, ?2, ?3)",
+                "INSERT INTO mounts (id, spec, created_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET spec = excluded.spec",
                 params![id, spec.to_string(), now_ms()],
             )
             .map(|_| ())

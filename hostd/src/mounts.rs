@@ -102,6 +102,11 @@ pub enum MountError {
     Full(usize),
     #[error("a live restore copies from this mount: cancel its job first (its domain then runs on the mount)")]
     Copying,
+    #[error("mount {0} exists or is being made")]
+    Taken(String),
+    /// The backup (or its chain) is no longer on the sink.
+    #[error("{0}")]
+    Gone(String),
     #[error("{0}")]
     Engine(String),
     #[error("{path}: {source}")]
@@ -222,6 +227,11 @@ impl Mounts {
     pub fn mark(&self, id: &str, instance: &str, sink: &str) -> Result<Reading<'_>, MountError> {
         // Every live mount keeps its mark: the marks count them all.
         let mut r = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        // One mark per id: a second attempt under a live (or pending) mount's id must not
+        // take that mount's mark away when it fails.
+        if r.iter().any(|(i, ..)| i == id) {
+            return Err(MountError::Taken(id.into()));
+        }
         if r.len() >= MAX_MOUNTS {
             return Err(MountError::Full(MAX_MOUNTS));
         }
@@ -297,7 +307,12 @@ impl Mounts {
             let disk = job::libvirt_disk_id(instance, t);
             let export = BackupExport::open(sink.clone(), &disk, backup_id, DEFAULT_CACHE_BYTES)
                 .await
-                .map_err(|e| MountError::Engine(crate::run::chain(&e)))?;
+                .map_err(|e| match e {
+                    libcbt::engine::EngineError::Sink(libcbt::sink::SinkError::NotFound {
+                        ..
+                    }) => MountError::Gone(crate::run::chain(&e)),
+                    e => MountError::Engine(crate::run::chain(&e)),
+                })?;
             let socket = dir.join(format!("{t}.sock"));
             let listener =
                 tokio::net::UnixListener::bind(&socket).map_err(|source| MountError::Io {
@@ -344,7 +359,10 @@ impl Mounts {
                 qemu: owner.is_some(),
             };
             let spec = serde_json::to_value(&spec).unwrap_or_default();
-            j.put_mount(id, &spec)
+            let (j, id2) = (j.clone(), id.to_string());
+            tokio::task::spawn_blocking(move || j.put_mount(&id2, &spec))
+                .await
+                .map_err(|e| MountError::Engine(format!("recording the mount: {e}")))?
                 .map_err(|e| MountError::Engine(format!("recording the mount: {e}")))?;
         }
         let view = m.view.clone();
@@ -364,6 +382,33 @@ impl Mounts {
         } else {
             c.remove(id);
         }
+    }
+
+    /// Marks mount `id` as reading until [`Mounts::unmount`], without a guard: a recorded
+    /// mount waiting to be served again keeps its backup from rewrites between its tries.
+    fn hold(&self, id: &str, instance: &str, sink: &str) -> Result<(), MountError> {
+        self.mark(id, instance, sink).map(Reading::keep)
+    }
+
+    /// A guard for mark `id` held already ([`Mounts::hold`]): kept by a mount that succeeds,
+    /// left in place by one that fails.
+    fn held(&self, id: &str) -> Reading<'_> {
+        Reading {
+            mounts: self,
+            id: id.into(),
+            armed: false,
+        }
+    }
+
+    /// Whether `id` is a recorded mount not served (yet): marked, not live.
+    pub fn is_pending(&self, id: &str) -> bool {
+        self.get(id).is_none()
+            && self
+                .reading
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|(i, ..)| i == id)
     }
 
     /// Unmounts `id` unless a live restore copies from it; whether there was one.
@@ -402,7 +447,13 @@ impl Mounts {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        let found = m.is_some();
+        let found = m.is_some()
+            || self
+                .reading
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|(i, ..)| i == id);
         // Its exports stop and its sockets go before rewrites may take its frames.
         drop(m);
         if let Some(j) = self.journal.get() {
@@ -446,11 +497,25 @@ pub async fn serve_recorded(st: &Arc<crate::state::AppState>) {
         if st.mounts.get(&id).is_some() {
             continue;
         }
+        let parsed = serde_json::from_value::<MountSpec>(spec);
+        let spec = match parsed {
+            Ok(p) if crate::registry::valid_job_id(&id) => p,
+            _ => {
+                tracing::warn!(mount = %id, "a recorded mount's record is unreadable; forgotten");
+                let _ = st.journal.delete_mount(&id);
+                continue;
+            }
+        };
+        // Its backup is kept from rewrites from now on, served or not.
+        if let Err(e) = st.mounts.hold(&id, &spec.instance, &spec.sink) {
+            tracing::warn!(mount = %id, error = %e, "a recorded mount is not served again");
+            continue;
+        }
         match serve_again(st, &id, &spec).await {
             Ok(()) => tracing::info!(mount = %id, "mount served again"),
             Err(Again::Never(e)) => {
                 tracing::warn!(mount = %id, error = %e, "a recorded mount cannot be served again; forgotten");
-                let _ = st.journal.delete_mount(&id);
+                st.mounts.unmount(&id);
             }
             Err(Again::Later(e)) => {
                 tracing::warn!(mount = %id, error = %e, "a recorded mount is not served yet; trying again");
@@ -459,8 +524,9 @@ pub async fn serve_recorded(st: &Arc<crate::state::AppState>) {
                     let mut delay = std::time::Duration::from_secs(2);
                     loop {
                         tokio::time::sleep(delay).await;
+                        // Served meanwhile (a resumed live copy), or unmounted (DELETE).
                         if st.shutting_down.load(std::sync::atomic::Ordering::SeqCst)
-                            || st.mounts.get(&id).is_some()
+                            || !st.mounts.is_pending(&id)
                         {
                             return;
                         }
@@ -471,7 +537,7 @@ pub async fn serve_recorded(st: &Arc<crate::state::AppState>) {
                             }
                             Err(Again::Never(e)) => {
                                 tracing::warn!(mount = %id, error = %e, "a recorded mount cannot be served again; forgotten");
-                                let _ = st.journal.delete_mount(&id);
+                                st.mounts.unmount(&id);
                                 return;
                             }
                             Err(Again::Later(e)) => {
@@ -486,13 +552,7 @@ pub async fn serve_recorded(st: &Arc<crate::state::AppState>) {
     }
 }
 
-async fn serve_again(
-    st: &crate::state::AppState,
-    id: &str,
-    spec: &serde_json::Value,
-) -> Result<(), Again> {
-    let spec: MountSpec = serde_json::from_value(spec.clone())
-        .map_err(|e| Again::Never(format!("its record: {e}")))?;
+async fn serve_again(st: &crate::state::AppState, id: &str, spec: &MountSpec) -> Result<(), Again> {
     let sink = st
         .sink(&spec.sink)
         .await
@@ -506,10 +566,13 @@ async fn serve_again(
     } else {
         None
     };
-    let reading = st
-        .mounts
-        .mark(id, &spec.instance, &spec.sink)
-        .map_err(|e| Again::Later(e.to_string()))?;
+    // The mark is held already (`hold`); a rewrite that started before it is waited out.
+    if st.jobs.rewriting(&spec.instance) {
+        return Err(Again::Later(
+            "a deletion, prune or compaction of the instance's backups runs".into(),
+        ));
+    }
+    let reading = st.mounts.held(id);
     let of = Of {
         sink: &sink,
         sink_name: &spec.sink,
@@ -528,5 +591,33 @@ async fn serve_again(
         )
         .await
         .map(|_| ())
-        .map_err(|e| Again::Later(crate::run::chain(&e)))
+        .map_err(|e| match e {
+            MountError::Gone(m) => Again::Never(m),
+            e => Again::Later(crate::run::chain(&e)),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_mark_of_an_id_is_refused_and_takes_nothing_away() {
+        let m = Mounts::default();
+        let first = m.mark("0123456789abcdef", "vm", "local").expect("mark");
+        assert!(matches!(
+            m.mark("0123456789abcdef", "vm", "local"),
+            Err(MountError::Taken(_))
+        ));
+        // The refused attempt is gone; the first mark still keeps rewrites away.
+        assert!(m.reads("vm", "local"));
+        drop(first);
+        assert!(!m.reads("vm", "local"));
+        // A held mark (a recorded mount waiting to be served) stays until unmounted.
+        m.hold("fedcba9876543210", "vm", "local").expect("hold");
+        drop(m.held("fedcba9876543210"));
+        assert!(m.reads("vm", "local") && m.is_pending("fedcba9876543210"));
+        assert!(m.unmount("fedcba9876543210"));
+        assert!(!m.reads("vm", "local") && !m.is_pending("fedcba9876543210"));
+    }
 }

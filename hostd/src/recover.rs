@@ -392,6 +392,17 @@ async fn reconcile_restore(st: &Arc<AppState>, row: &JobRow) -> Result<Recovered
         .await
         .map_err(|e| chain(&e))?;
     }
+    // The copy's mount goes with it (it is not served again: nothing reads it).
+    for m in ledger
+        .mount
+        .iter()
+        .chain(ledger.live.as_ref().map(|l| &l.mount))
+    {
+        st.mounts.unmount(m);
+        st.journal
+            .delete_mount(m)
+            .map_err(|e| format!("forgetting mount {m}: {e}"))?;
+    }
     let gone = tokio::task::spawn_blocking(move || undo_restore(&ledger))
         .await
         .map_err(|e| e.to_string())?;
@@ -439,9 +450,16 @@ async fn resume_live_copy(
         backup_id: &row.backup_id,
         tenant: row.tenant.as_deref(),
     };
-    crate::run::mount_for_qemu(st, &live.mount, &of, &live.targets)
-        .await
-        .map_err(|(e, _)| format!("serving mount {} again: {e}", live.mount))?;
+    // Served again already (by `mounts::serve_recorded`, when this recovery is a retry), or
+    // being served again: reused, or waited for.
+    if st.mounts.get(&live.mount).is_none() {
+        if st.mounts.is_pending(&live.mount) {
+            return Err(format!("mount {} is not served again yet", live.mount));
+        }
+        crate::run::mount_for_qemu(st, &live.mount, &of, &live.targets)
+            .await
+            .map_err(|(e, _)| format!("serving mount {} again: {e}", live.mount))?;
+    }
     st.mounts.set_copying(&live.mount, true);
     tracing::info!(job = %row.id, mount = %live.mount, "live copy resumed");
     // The job lives again in this daemon: its progress shows, and it can be cancelled.

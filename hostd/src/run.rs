@@ -736,6 +736,10 @@ pub struct RestoreLedger {
     /// A live restore's copy.
     #[serde(default)]
     pub live: Option<LiveCopy>,
+    /// The mount an instant or live copy reads (recorded to be served again after a restart):
+    /// journaled before it is made, so that a roll-back forgets it too.
+    #[serde(default)]
+    pub mount: Option<String>,
 }
 
 /// A live restore's copy, journaled with its mount before the copy's domain starts.
@@ -953,7 +957,12 @@ async fn run_restore(
                     backup_id,
                     tenant: job.tenant.as_deref(),
                 };
-                match mount_for_qemu(st, &new_job_id(), &of, disks).await {
+                let mount_id = new_job_id();
+                ledger.mount = Some(mount_id.clone());
+                journal_plan(&ledger).await.inspect_err(|_| {
+                    undo_restore(&ledger);
+                })?;
+                match mount_for_qemu(st, &mount_id, &of, disks).await {
                     Ok(m) => Some(m),
                     Err(e) => {
                         undo_restore(&ledger);

@@ -456,14 +456,27 @@ async fn a_backup_served_over_tcp_with_tls_and_client_certificates() {
             .await
             .expect("export"),
     );
-    // No TCP export without TLS.
-    let plain = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let refused =
-        libcbt::nbd::server::serve_tcp(plain, export.clone(), Arc::new(ServerOptions::default()))
-            .await;
-    assert!(refused.is_err(), "a TCP export without TLS was served");
+    // No TCP export without TLS, nor with TLS that lets in clients without a certificate.
+    let no_client_auth = libcbt::nbd::server::tls_config(
+        &certs.join("server-cert.pem"),
+        &certs.join("server-key.pem"),
+        None,
+    )
+    .expect("TLS config");
+    for tls in [None, Some(no_client_auth)] {
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let opts = ServerOptions {
+            tls,
+            ..Default::default()
+        };
+        let refused = libcbt::nbd::server::serve_tcp(plain, export.clone(), Arc::new(opts)).await;
+        assert!(
+            refused.is_err(),
+            "a TCP export without client certificates was served"
+        );
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

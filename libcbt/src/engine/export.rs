@@ -148,6 +148,8 @@ struct Inner<S: Sink> {
     stats: Mutex<ExportStats>,
     streams: Mutex<Streams>,
     prefetching: std::sync::atomic::AtomicUsize,
+    /// Read-aheads running (aborted when the export is dropped).
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 /// The outcome of a frame's read, once known.
@@ -222,11 +224,31 @@ impl<S: Sink> BackupExport<S> {
     /// A read that starts where an earlier one ended starts a read-ahead of the frames after
     /// it first (it runs beside this read).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<Span>, EngineError> {
+        use std::sync::atomic::Ordering;
         let end = offset.saturating_add(len);
-        if let Some(ahead) = self.inner.sequential(offset, end) {
-            self.prefetch(ahead);
+        // A read-ahead slot first, so that a reader is never marked as read ahead for when
+        // no read-ahead could start.
+        let slot = (self.inner.prefetching.fetch_add(1, Ordering::SeqCst) < PREFETCH_TASKS)
+            .then(|| Slot(self.inner.clone()));
+        if slot.is_none() {
+            self.inner.prefetching.fetch_sub(1, Ordering::SeqCst);
         }
-        self.inner.read(offset, len).await
+        match (self.inner.sequential(offset, end, slot.is_some()), slot) {
+            (Some(ahead), Some(slot)) => {
+                // This request's own frames are asked for first (the one across `end` too),
+                // then the read-ahead starts behind them.
+                let mine = self.inner.read(offset, len);
+                let ((), r) = tokio::join!(
+                    async {
+                        tokio::task::yield_now().await;
+                        self.prefetch(ahead, slot);
+                    },
+                    mine
+                );
+                r
+            }
+            _ => self.inner.read(offset, len).await,
+        }
     }
 
     /// Allocation of `offset..offset + len` (clipped to the disk) from the merged index:
@@ -236,20 +258,13 @@ impl<S: Sink> BackupExport<S> {
         self.inner.allocation(offset, len, max)
     }
 
-    /// Reads in the background the frames of `ahead` that are neither cached nor being read;
-    /// requests that need them meanwhile wait for this read. Nothing when [`PREFETCH_TASKS`]
-    /// run already.
-    fn prefetch(&self, ahead: Range<u64>) {
-        use std::sync::atomic::Ordering;
+    /// Reads in the background the frames of `ahead` that are neither cached nor being read,
+    /// at most a window's decoded bytes of them; requests that need them meanwhile wait for
+    /// this read. `slot` is the read-ahead's place among [`PREFETCH_TASKS`].
+    fn prefetch(&self, ahead: Range<u64>, slot: Slot<S>) {
         let inner = &self.inner;
         let (from, end) = (ahead.start, ahead.end.min(inner.size));
-        if from >= end {
-            return;
-        }
-        if inner.prefetching.fetch_add(1, Ordering::SeqCst) >= PREFETCH_TASKS {
-            inner.prefetching.fetch_sub(1, Ordering::SeqCst);
-            return;
-        }
+        let budget = ahead.end - ahead.start;
         let mut frames: Vec<usize> = inner.map[inner.first_after(from)..]
             .iter()
             .take_while(|p| p.start < end)
@@ -262,9 +277,15 @@ impl<S: Sink> BackupExport<S> {
         {
             let cache = inner.cache.lock().unwrap_or_else(|e| e.into_inner());
             let mut inflight = inner.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            let mut bytes = 0u64;
             for i in frames {
                 if cache.frames.contains_key(&i) || inflight.contains_key(&i) {
                     continue;
+                }
+                // Decoded bytes, not disk bytes: a deep chain's frames overlap in the window.
+                bytes += u64::from(inner.frames[i].len);
+                if bytes > budget && !wanted.is_empty() {
+                    break;
                 }
                 let (tx, rx) = tokio::sync::watch::channel(None);
                 inflight.insert(i, rx);
@@ -272,14 +293,18 @@ impl<S: Sink> BackupExport<S> {
                 wanted.push(i);
             }
         }
-        let inner = inner.clone();
-        tokio::spawn(async move {
+        if wanted.is_empty() {
+            return;
+        }
+        let task_inner = inner.clone();
+        let task = tokio::spawn(async move {
+            let _slot = slot;
+            let inner = task_inner;
             let mut mine = Reading {
                 inflight: &inner.inflight,
                 senders,
             };
-            let mut have = HashMap::new();
-            let r = inner.fetch(&mut wanted, &mut mine, &mut have).await;
+            let r = inner.fetch(&mut wanted, &mut mine, None, false).await;
             drop(mine);
             match r {
                 Ok((reads, frames)) => {
@@ -290,8 +315,37 @@ impl<S: Sink> BackupExport<S> {
                 }
                 Err(e) => tracing::debug!(disk = %inner.disk, error = %e, "read-ahead failed"),
             }
-            inner.prefetching.fetch_sub(1, Ordering::SeqCst);
         });
+        let mut tasks = inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task.abort_handle());
+    }
+}
+
+impl<S: Sink> Drop for BackupExport<S> {
+    fn drop(&mut self) {
+        // Read-aheads stop with their export (a mount's end lets rewrites in).
+        for t in self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
+}
+
+/// A read-ahead's place among [`PREFETCH_TASKS`], given back when dropped (the task ended,
+/// panicked or was aborted).
+struct Slot<S: Sink>(Arc<Inner<S>>);
+
+impl<S: Sink> Drop for Slot<S> {
+    fn drop(&mut self) {
+        self.0
+            .prefetching
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -300,7 +354,7 @@ impl<S: Sink> Inner<S> {
     /// (a new one is followed instead of the oldest). Answers what to read ahead for it: once
     /// less than half the window is read ahead of `end`, the range from there to a full
     /// window past `end` (so read-aheads come in half-window batches, not a frame per read).
-    fn sequential(&self, offset: u64, end: u64) -> Option<Range<u64>> {
+    fn sequential(&self, offset: u64, end: u64, can_prefetch: bool) -> Option<Range<u64>> {
         let window = PREFETCH_BYTES
             .min(self.cache.lock().unwrap_or_else(|e| e.into_inner()).limit as u64 / 4);
         let mut s = self.streams.lock().unwrap_or_else(|e| e.into_inner());
@@ -318,7 +372,7 @@ impl<S: Sink> Inner<S> {
         let e = &mut s.ends[i];
         e.0 = end;
         let ahead = e.1.max(end);
-        if window == 0 || ahead >= end.saturating_add(window / 2) {
+        if !can_prefetch || window == 0 || ahead >= end.saturating_add(window / 2) {
             return None;
         }
         e.1 = end.saturating_add(window);
@@ -373,6 +427,7 @@ impl<S: Sink> Inner<S> {
             stats: Mutex::default(),
             streams: Mutex::default(),
             prefetching: Default::default(),
+            tasks: Mutex::default(),
         })
     }
 
@@ -477,7 +532,9 @@ impl<S: Sink> Inner<S> {
         }
         let hits = have.len() as u64;
         let shared = waits.len() as u64;
-        let read = self.fetch(&mut missing, &mut mine, &mut have).await;
+        let read = self
+            .fetch(&mut missing, &mut mine, Some(&mut have), true)
+            .await;
         drop(mine);
         let (mut reads, mut frames) = read?;
         // Frames another request was reading: its outcome, or (it gave up) read here.
@@ -501,7 +558,9 @@ impl<S: Sink> Inner<S> {
                 inflight: &self.inflight,
                 senders: HashMap::new(),
             };
-            let (r, f) = self.fetch(&mut again, &mut solo, &mut have).await?;
+            let (r, f) = self
+                .fetch(&mut again, &mut solo, Some(&mut have), true)
+                .await?;
             reads += r;
             frames += f;
         }
@@ -515,12 +574,17 @@ impl<S: Sink> Inner<S> {
 
     /// Reads frames `wanted` (sorted here: frame numbers are in storage order, so they group
     /// into ranged reads), caches them, tells their waiters (through `mine`) and adds them to
-    /// `have`. Answers the reads and frames read.
+    /// `have` (if given). Answers the reads and frames read. When a read fails, the waiters of
+    /// that read's frames get its error if `publish_errors` (a client's own request: they would
+    /// have failed the same way); the frames not read yet are withdrawn (their waiters read
+    /// them themselves), and so are the failed ones otherwise (a read-ahead's error is nobody
+    /// else's).
     async fn fetch(
         &self,
         wanted: &mut [usize],
         mine: &mut Reading<'_>,
-        have: &mut HashMap<usize, Arc<Vec<u8>>>,
+        mut have: Option<&mut HashMap<usize, Arc<Vec<u8>>>>,
+        publish_errors: bool,
     ) -> Result<(u64, u64), EngineError> {
         wanted.sort_unstable();
         let list: Vec<FrameRead> = wanted.iter().map(|&i| self.frames[i].clone()).collect();
@@ -531,10 +595,13 @@ impl<S: Sink> Inner<S> {
             let decoded = match read_frames(&self.sink, &self.disk, group, &pool).await {
                 Ok(d) => d,
                 Err(e) => {
-                    let m = e.to_string();
-                    for &i in &wanted[at..] {
-                        mine.done(i, Err(m.clone()));
+                    if publish_errors {
+                        let m = e.to_string();
+                        for &i in &wanted[at..at + group.len()] {
+                            mine.done(i, Err(m.clone()));
+                        }
                     }
+                    // The rest is withdrawn when `mine` is dropped.
                     return Err(e);
                 }
             };
@@ -548,7 +615,9 @@ impl<S: Sink> Inner<S> {
                     .unwrap_or_else(|e| e.into_inner())
                     .put(i, buf.clone());
                 mine.done(i, Ok(buf.clone()));
-                have.insert(i, buf);
+                if let Some(h) = have.as_deref_mut() {
+                    h.insert(i, buf);
+                }
             }
         }
         Ok((reads, wanted.len() as u64))

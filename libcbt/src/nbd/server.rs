@@ -69,7 +69,7 @@ pub struct ServerOptions {
     pub write_timeout: Duration,
     /// TLS, required of every client when set (`NBD_OPT_STARTTLS` first; anything else is
     /// `NBD_REP_ERR_TLS_REQD`). See [`tls_config`].
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<Tls>,
 }
 
 impl Default for ServerOptions {
@@ -142,7 +142,8 @@ impl Listener for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
     async fn accept_io(&self) -> std::io::Result<Self::Io> {
         let (c, _) = self.accept().await?;
-        c.set_nodelay(true)?;
+        // Only latency: a failure is no reason to drop the connection.
+        let _ = c.set_nodelay(true);
         Ok(c)
     }
 }
@@ -164,7 +165,7 @@ pub async fn serve_tcp<E: Export>(
     export: Arc<E>,
     opts: Arc<ServerOptions>,
 ) -> std::io::Result<()> {
-    if opts.tls.is_none() {
+    if !opts.tls.as_ref().is_some_and(|t| t.client_auth) {
         return Err(std::io::Error::other(
             "an NBD export over TCP needs TLS with client certificates",
         ));
@@ -254,7 +255,7 @@ where
         (_, Shake::Aborted) => Ok(()),
         (_, Shake::Go(s)) => transmission(rd, wr, export, s, n, budget, t).await,
         (no_zeroes, Shake::StartTls) => {
-            let Some(cfg) = opts.tls.clone() else {
+            let Some(cfg) = opts.tls.as_ref().map(|t| t.config.clone()) else {
                 return Err(ServerError::Refused("STARTTLS without TLS".into()));
             };
             let io = rd.unsplit(wr);
@@ -288,13 +289,22 @@ enum Shake {
     StartTls,
 }
 
+/// An export's TLS (see [`tls_config`]).
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// Client certificates are required and checked (what [`serve_tcp`] insists on).
+    pub client_auth: bool,
+}
+
 /// TLS for an export: its certificate chain and key (PEM), and, with `client_ca`, client
-/// certificates required and checked against that CA (PEM).
+/// certificates required and checked against that CA (PEM). No revocation list is read: any
+/// certificate the CA signed is let in.
 pub fn tls_config(
     cert: &std::path::Path,
     key: &std::path::Path,
     client_ca: Option<&std::path::Path>,
-) -> Result<Arc<rustls::ServerConfig>, String> {
+) -> Result<Tls, String> {
     let open = |p: &std::path::Path| {
         std::fs::File::open(p)
             .map(std::io::BufReader::new)
@@ -303,6 +313,9 @@ pub fn tls_config(
     let certs: Vec<_> = rustls_pemfile::certs(&mut open(cert)?)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate", cert.display()));
+    }
     let key = rustls_pemfile::private_key(&mut open(key)?)
         .map_err(|e| format!("{}: {e}", key.display()))?
         .ok_or_else(|| format!("{}: no private key", key.display()))?;
@@ -330,7 +343,10 @@ pub fn tls_config(
     };
     builder
         .with_single_cert(certs, key)
-        .map(Arc::new)
+        .map(|c| Tls {
+            config: Arc::new(c),
+            client_auth: client_ca.is_some(),
+        })
         .map_err(|e| format!("the TLS certificate and key: {e}"))
 }
 
