@@ -150,6 +150,8 @@ struct Inner<S: Sink> {
     prefetching: std::sync::atomic::AtomicUsize,
     /// Read-aheads running (aborted when the export is dropped).
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Reads in flight.
+    reading: std::sync::atomic::AtomicUsize,
 }
 
 /// The outcome of a frame's read, once known.
@@ -226,11 +228,17 @@ impl<S: Sink> BackupExport<S> {
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<Span>, EngineError> {
         use std::sync::atomic::Ordering;
         let end = offset.saturating_add(len);
+        // Readers that keep several requests in flight (nbdcopy's connections) are ahead of
+        // the sink already: a read-ahead would only add work (measured: 10% more CPU, 10%
+        // slower on the B1 full). It is for readers that wait for each answer.
+        let busy = Busy::enter(&self.inner);
+        let shallow = busy.before < SHALLOW;
         // A read-ahead slot first, so that a reader is never marked as read ahead for when
         // no read-ahead could start.
-        let slot = (self.inner.prefetching.fetch_add(1, Ordering::SeqCst) < PREFETCH_TASKS)
+        let slot = (shallow
+            && self.inner.prefetching.fetch_add(1, Ordering::SeqCst) < PREFETCH_TASKS)
             .then(|| Slot(self.inner.clone()));
-        if slot.is_none() {
+        if shallow && slot.is_none() {
             self.inner.prefetching.fetch_sub(1, Ordering::SeqCst);
         }
         match (self.inner.sequential(offset, end, slot.is_some()), slot) {
@@ -337,6 +345,33 @@ impl<S: Sink> Drop for BackupExport<S> {
     }
 }
 
+/// Reads in flight at once below which a sequential reader gets read-ahead.
+const SHALLOW: usize = 2;
+
+/// A read in flight on an export, counted while it lasts.
+struct Busy<'a, S: Sink> {
+    inner: &'a Inner<S>,
+    /// Reads in flight when this one began.
+    before: usize,
+}
+
+impl<'a, S: Sink> Busy<'a, S> {
+    fn enter(inner: &'a Inner<S>) -> Self {
+        let before = inner
+            .reading
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy { inner, before }
+    }
+}
+
+impl<S: Sink> Drop for Busy<'_, S> {
+    fn drop(&mut self) {
+        self.inner
+            .reading
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A read-ahead's place among [`PREFETCH_TASKS`], given back when dropped (the task ended,
 /// panicked or was aborted).
 struct Slot<S: Sink>(Arc<Inner<S>>);
@@ -428,6 +463,7 @@ impl<S: Sink> Inner<S> {
             streams: Mutex::default(),
             prefetching: Default::default(),
             tasks: Mutex::default(),
+            reading: Default::default(),
         })
     }
 
