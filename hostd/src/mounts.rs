@@ -104,9 +104,6 @@ pub enum MountError {
     Copying,
     #[error("mount {0} exists or is being made")]
     Taken(String),
-    /// The backup (or its chain) is no longer on the sink.
-    #[error("{0}")]
-    Gone(String),
     #[error("{0}")]
     Engine(String),
     #[error("{path}: {source}")]
@@ -307,12 +304,7 @@ impl Mounts {
             let disk = job::libvirt_disk_id(instance, t);
             let export = BackupExport::open(sink.clone(), &disk, backup_id, DEFAULT_CACHE_BYTES)
                 .await
-                .map_err(|e| match e {
-                    libcbt::engine::EngineError::Sink(libcbt::sink::SinkError::NotFound {
-                        ..
-                    }) => MountError::Gone(crate::run::chain(&e)),
-                    e => MountError::Engine(crate::run::chain(&e)),
-                })?;
+                .map_err(|e| MountError::Engine(crate::run::chain(&e)))?;
             let socket = dir.join(format!("{t}.sock"));
             let listener =
                 tokio::net::UnixListener::bind(&socket).map_err(|source| MountError::Io {
@@ -366,10 +358,24 @@ impl Mounts {
                 .map_err(|e| MountError::Engine(format!("recording the mount: {e}")))?;
         }
         let view = m.view.clone();
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.into(), Arc::new(m));
+        {
+            // Unmounted meanwhile (its mark is gone): it does not go live, nor stays recorded.
+            let marks = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+            if !marks.iter().any(|(i, ..)| i == id) {
+                drop(marks);
+                drop(m);
+                if let Some(j) = self.journal.get() {
+                    let _ = j.delete_mount(id);
+                }
+                return Err(MountError::Engine(format!(
+                    "mount {id} was unmounted while it was being made"
+                )));
+            }
+            self.live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.into(), Arc::new(m));
+        }
         reading.keep();
         Ok(view)
     }
@@ -442,29 +448,26 @@ impl Mounts {
 
     /// Stops mount `id` and removes its sockets; whether there was one.
     pub fn unmount(&self, id: &str) -> bool {
-        let m = self
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-        let found = m.is_some()
-            || self
-                .reading
+        // Under the marks' lock (then the live map's, the order `mount` takes them in): a
+        // mount being made sees its mark gone and does not go live.
+        let found = {
+            let mut marks = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+            let m = self
+                .live
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .any(|(i, ..)| i == id);
-        // Its exports stop and its sockets go before rewrites may take its frames.
-        drop(m);
+                .remove(id);
+            let found = m.is_some() || marks.iter().any(|(i, ..)| i == id);
+            // Its exports stop and its sockets go before rewrites may take its frames.
+            drop(m);
+            marks.retain(|(i, ..)| i != id);
+            found
+        };
         if let Some(j) = self.journal.get() {
             if let Err(e) = j.delete_mount(id) {
                 tracing::warn!(mount = %id, error = %e, "unrecording the mount; it is served again after a restart");
             }
         }
-        self.reading
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(i, ..)| i != id);
         found
     }
 }
@@ -591,10 +594,9 @@ async fn serve_again(st: &crate::state::AppState, id: &str, spec: &MountSpec) ->
         )
         .await
         .map(|_| ())
-        .map_err(|e| match e {
-            MountError::Gone(m) => Again::Never(m),
-            e => Again::Later(crate::run::chain(&e)),
-        })
+        // A backup not found is tried again too: the sink's storage may not be there yet (a
+        // filesystem mounted late); an admin forgets the mount with DELETE.
+        .map_err(|e| Again::Later(crate::run::chain(&e)))
 }
 
 #[cfg(test)]
