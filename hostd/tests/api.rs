@@ -563,24 +563,14 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
     // (HMP answers qemu-io's errors, and nothing on success; flushed, so that the qcow2 metadata
     // qemu-img reads beside the running QEMU is on disk.)
     for cmd in ["write -P 0x5a 0 65536", "flush"] {
-        let out = virsh(&[
-            "qemu-monitor-command",
-            &instant,
-            "--hmp",
-            &format!("qemu-io -d virtio-disk0/virtio-backend \"{cmd}\""),
-        ]);
+        let out = qemu_io(&instant, cmd);
         assert!(out.trim().is_empty(), "qemu-io {cmd}: {out}");
     }
-    let map = run(Command::new("qemu-img")
-        .args(["map", "-U", "--output=json"])
-        .arg(&img));
-    let map: Value = serde_json::from_str(&map).expect("map json");
+    let map = image_map(&img);
     assert!(
-        map.as_array()
-            .expect("map")
-            .iter()
+        map.iter()
             .any(|e| e["start"] == 0 && e["depth"] == 0 && e["data"] == true),
-        "the write is not in the overlay: {map}"
+        "the write is not in the overlay: {map:?}"
     );
     let _ = Command::new("virsh")
         .args(["-c", "qemu:///system", "destroy", &instant])
@@ -802,12 +792,7 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
     }
     let guest_write = |dom: &str, pat: &str, off: u64| {
         for cmd in [format!("write -P {pat} {off} 65536"), "flush".to_string()] {
-            let out = virsh(&[
-                "qemu-monitor-command",
-                dom,
-                "--hmp",
-                &format!("qemu-io -d virtio-disk0/virtio-backend \"{cmd}\""),
-            ]);
+            let out = qemu_io(dom, &cmd);
             assert!(out.trim().is_empty(), "qemu-io {cmd}: {out}");
         }
     };
@@ -960,30 +945,22 @@ fn api_backups_restores_tenants_bad_input_and_sigterm() {
         .args(["compare", "-U", "-f", "qcow2", "-F", "raw"])
         .arg(&img2)
         .arg(&r2));
-    let map = run(Command::new("qemu-img")
-        .args(["map", "-U", "--output=json"])
-        .arg(&img2));
-    let map: Value = serde_json::from_str(&map).expect("map json");
+    let map = image_map(&img2);
     let tail = 1072693248u64;
     assert!(
-        map.as_array().expect("map").iter().any(|e| {
+        map.iter().any(|e| {
             let (st, len) = (
                 e["start"].as_u64().unwrap_or(0),
                 e["length"].as_u64().unwrap_or(0),
             );
             st <= tail && tail < st + len && e["depth"].as_u64() >= Some(1)
         }),
-        "the disk's end is in the overlay already: {map}"
+        "the disk's end is in the overlay already: {map:?}"
     );
     // Near the disk's end, which the cancelled copy had not reached: read from the mount by
     // the guest's own NBD connection, which reconnects. (HMP answers qemu-io's errors, and
     // nothing on success.)
-    let out = virsh(&[
-        "qemu-monitor-command",
-        &live2,
-        "--hmp",
-        "qemu-io -d virtio-disk0/virtio-backend \"read 1072693248 1048576\"",
-    ]);
+    let out = qemu_io(&live2, "read 1072693248 1048576");
     assert!(
         out.trim().is_empty(),
         "the guest's read after the restart: {out}"

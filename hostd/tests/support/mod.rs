@@ -424,6 +424,26 @@ pub fn walk(p: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `qemu-io` `cmd` on the first virtio disk (`virtio-disk0`, a staging copy's `vda`) of the
+/// running domain `dom`, through QEMU's block layer as the guest's I/O goes; HMP answers
+/// qemu-io's errors, and nothing on success: what it answered.
+pub fn qemu_io(dom: &str, cmd: &str) -> String {
+    virsh(&[
+        "qemu-monitor-command",
+        dom,
+        "--hmp",
+        &format!("qemu-io -d virtio-disk0/virtio-backend \"{cmd}\""),
+    ])
+}
+
+/// `qemu-img map -U --output=json` of `img` (which a running QEMU may hold).
+pub fn image_map(img: &Path) -> Vec<serde_json::Value> {
+    let out = run(Command::new("qemu-img")
+        .args(["map", "-U", "--output=json"])
+        .arg(img));
+    serde_json::from_str(&out).expect("qemu-img map json")
+}
+
 /// Kernel and initramfs of the test guest (scripts/guest-initramfs.sh), built once per run.
 pub fn guest_image() -> &'static Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
