@@ -3,9 +3,11 @@
 # modules, qemu-ga (the guest agent, with its libraries) and an init that
 #   - starts qemu-ga on the virtio-serial channel org.qemu.guest_agent.0, with a freeze hook
 #     that logs "FSFREEZE-HOOK freeze|thaw" on the console (and hangs on freeze when the
-#     kernel command line has cbt.hang_freeze=1);
-#   - writes 64 KiB blocks of random data at random offsets of /dev/vda forever (with fsync),
-#     printing "CBT-COUNTER n" on the console after each one.
+#     kernel command line has cbt.hang_freeze=1); like an application's hook, a freeze waits
+#     until the writer below is idle, and the writer writes nothing until the thaw;
+#   - writes 64 KiB blocks of random data at random offsets of /dev/vda past its first MiB
+#     forever (with fsync), printing "CBT-COUNTER n" on the console after each one. The first
+#     MiB is left to tests that write there through the agent.
 # Usage: guest-initramfs.sh OUT_DIR  → OUT_DIR/initrd.gz, OUT_DIR/vmlinuz
 set -euo pipefail
 out=${1:?usage: guest-initramfs.sh OUT_DIR}
@@ -49,6 +51,16 @@ echo "FSFREEZE-HOOK $1" > /dev/console
 if [ "$1" = freeze ] && grep -q cbt.hang_freeze=1 /proc/cmdline; then
   sleep 100000
 fi
+case "$1" in
+  freeze)
+    rm -f /run/cbt-idle
+    touch /run/cbt-frozen
+    i=0
+    while [ ! -e /run/cbt-idle ] && [ $i -lt 200 ]; do usleep 50000; i=$((i + 1)); done
+    echo "CBT-QUIESCED" > /dev/console
+    ;;
+  thaw) rm -f /run/cbt-frozen ;;
+esac
 exit 0
 HOOK
 chmod +x "$root/etc/fsfreeze-hook"
@@ -81,8 +93,13 @@ echo "CBT-READY" > /dev/console
 blocks=$(( $(cat /sys/block/vda/size) / 128 ))
 n=0
 while true; do
+  # Idle only after seeing the freeze; checked again after leaving it (a new freeze may have
+  # started in between).
+  while [ -e /run/cbt-frozen ]; do touch /run/cbt-idle; usleep 20000; done
+  rm -f /run/cbt-idle
+  [ -e /run/cbt-frozen ] && continue
   n=$((n + 1))
-  dd if=/dev/urandom of=/dev/vda bs=65536 count=1 seek=$((RANDOM % blocks)) conv=notrunc,fsync 2>/dev/null
+  dd if=/dev/urandom of=/dev/vda bs=65536 count=1 seek=$((16 + RANDOM % (blocks - 16))) conv=notrunc,fsync 2>/dev/null
   echo "CBT-COUNTER $n" > /dev/console
 done
 INIT

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::{token_hash, valid_name};
+use crate::groups;
 use crate::inventory::{self, Instance};
 use crate::journal::JobState;
 use crate::registry::{self, JobStatus, RestoreTo, Work};
@@ -180,6 +181,10 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/gc", post(collect_garbage))
         .route("/v1/mounts", post(create_mount).get(list_mounts))
         .route("/v1/mounts/{id}", get(show_mount).delete(delete_mount))
+        .route("/v1/groups", post(create_group).get(list_groups))
+        .route("/v1/groups/{id}", get(show_group))
+        .route("/v1/groups/{id}/backups", post(group_backups))
+        .route("/v1/groups/{id}/release", post(release_group))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(show_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
@@ -399,29 +404,12 @@ async fn start_backup(
             }
         }
     }
-    let requested = match r.level.as_deref().unwrap_or("auto") {
-        "auto" => Requested::Auto,
-        "full" => Requested::Full,
-        "incremental" => Requested::Incremental,
-        other => {
-            return Err(ApiError::bad(format!(
-                "level: {other:?} is not auto, full or incremental"
-            )))
-        }
-    };
+    let requested = parse_level(r.level.as_deref())?;
     let timeout = r.quiesce_timeout_secs.unwrap_or(10);
     if !(1..=300).contains(&timeout) {
         return Err(ApiError::bad("quiesce_timeout_secs: between 1 and 300"));
     }
-    if r.labels.len() > 32
-        || r.labels
-            .iter()
-            .any(|(k, v)| !valid_label(k) || !valid_label(v))
-    {
-        return Err(ApiError::bad(
-            "labels: at most 32, keys and values 1–128 printable characters",
-        ));
-    }
+    check_labels(&r.labels)?;
     let backup_id = match r.backup_id {
         Some(b) => check_backup_id(&b)?,
         None => BackupId::generate(),
@@ -441,6 +429,7 @@ async fn start_backup(
             requested,
             quiesce: r.quiesce.then(|| Duration::from_secs(timeout)),
             labels: r.labels,
+            group: None,
         },
         request,
         Vec::new(),
@@ -448,6 +437,245 @@ async fn start_backup(
     .await
     .map_err(submit_error)?;
     Ok(accepted(&job))
+}
+
+fn parse_level(level: Option<&str>) -> ApiResult<Requested> {
+    match level.unwrap_or("auto") {
+        "auto" => Ok(Requested::Auto),
+        "full" => Ok(Requested::Full),
+        "incremental" => Ok(Requested::Incremental),
+        other => Err(ApiError::bad(format!(
+            "level: {other:?} is not auto, full or incremental"
+        ))),
+    }
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> ApiResult<()> {
+    if labels.len() > 32
+        || labels
+            .iter()
+            .any(|(k, v)| !valid_label(k) || !valid_label(v))
+    {
+        return Err(ApiError::bad(
+            "labels: at most 32, keys and values 1–128 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupReq {
+    #[serde(default)]
+    id: Option<String>,
+    instances: Vec<String>,
+    mode: groups::Mode,
+    #[serde(default)]
+    hold_timeout_secs: Option<u64>,
+}
+
+/// Holds a consistency group: every member frozen or paused, until released or the deadline.
+async fn create_group(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    body: Result<Json<GroupReq>, JsonRejection>,
+) -> ApiResult<Response> {
+    let c = auth(&st, &h)?;
+    accepting(&st)?;
+    let Json(r) = body?;
+    if r.instances.is_empty() || r.instances.len() > 64 {
+        return Err(ApiError::bad("instances: between 1 and 64"));
+    }
+    let timeout = r.hold_timeout_secs.unwrap_or(10);
+    if !(1..=300).contains(&timeout) {
+        return Err(ApiError::bad("hold_timeout_secs: between 1 and 300"));
+    }
+    let id = match r.id {
+        Some(id) if valid_name(&id) => id,
+        Some(_) => return Err(ApiError::bad("id: 1-64 of A-Z a-z 0-9 - _ .")),
+        None => registry::new_job_id(),
+    };
+    let mut members: Vec<(String, String)> = Vec::new();
+    for i in &r.instances {
+        let inst = visible_instance(&st, &c, i).await?;
+        if members.iter().any(|(u, _)| *u == inst.uuid) {
+            return Err(ApiError::bad(format!("instances: {i} is named twice")));
+        }
+        members.push((inst.uuid, inst.name));
+    }
+    let req = groups::HoldRequest {
+        id,
+        tenant: c.tenant.clone(),
+        mode: r.mode,
+        timeout: Duration::from_secs(timeout),
+        members,
+    };
+    match groups::hold(&st, req).await {
+        Ok(g) => Ok((
+            StatusCode::CREATED,
+            [("location", format!("/v1/groups/{}", g.id))],
+            Json(json!({ "group": g.view() })),
+        )
+            .into_response()),
+        Err(e @ groups::HoldError::Exists(_)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "exists", e.to_string()))
+        }
+        Err(groups::HoldError::Libvirt) => Err(ApiError::unavailable("libvirt is unreachable")),
+        Err(e @ groups::HoldError::Journal(_)) => Err(ApiError::internal(e)),
+        Err(e @ groups::HoldError::Failed(..)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "hold_failed",
+            e.to_string(),
+        )),
+    }
+}
+
+fn visible_group(st: &AppState, c: &Caller, id: &str) -> ApiResult<Arc<groups::Group>> {
+    st.groups
+        .get(c.tenant.as_deref(), id)
+        .ok_or_else(|| ApiError::not_found("group"))
+}
+
+async fn list_groups(State(st): State<Arc<AppState>>, h: HeaderMap) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    let v: Vec<Value> = st
+        .groups
+        .all()
+        .iter()
+        .filter(|g| c.tenant.is_none() || g.tenant == c.tenant)
+        .map(|g| g.view())
+        .collect();
+    Ok(Json(json!({ "groups": v })))
+}
+
+async fn show_group(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    Ok(Json(
+        json!({ "group": visible_group(&st, &c, &id)?.view() }),
+    ))
+}
+
+async fn release_group(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    let g = visible_group(&st, &c, &id)?;
+    Ok(Json(
+        json!({ "group": groups::release(&st, &g, "release").await }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupBackupReq {
+    sink: String,
+    #[serde(default)]
+    level: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    backup_id: Option<String>,
+}
+
+/// The group's points in time: one backup job per member, under one backup id, each taking
+/// its point in time while the group is held (and its queue slots after). Answers when every
+/// member has taken its point in time or failed, or the hold has ended.
+async fn group_backups(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<GroupBackupReq>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let c = auth(&st, &h)?;
+    accepting(&st)?;
+    let g = visible_group(&st, &c, &id)?;
+    let Json(r) = body?;
+    check_sink(&st, &c, &r.sink)?;
+    let requested = parse_level(r.level.as_deref())?;
+    check_labels(&r.labels)?;
+    let backup_id = match r.backup_id {
+        Some(b) => check_backup_id(&b)?,
+        None => BackupId::generate(),
+    };
+    g.start_backups()
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "group_state", e))?;
+    let mut jobs = Vec::new();
+    let mut refused = None;
+    for m in g.members() {
+        let i = match visible_instance(&st, &c, &m.instance).await {
+            Ok(i) => i,
+            Err(e) => {
+                g.set_error(&m.instance, e.message.clone());
+                refused = Some(e);
+                break;
+            }
+        };
+        let request = json!({
+            "instance": i.uuid, "sink": r.sink, "level": r.level, "labels": r.labels,
+            "group": g.id, "caller": c.token,
+        });
+        let work = Work::Backup {
+            backup_id: backup_id.clone(),
+            domain_uuid: i.uuid.clone(),
+            disks: None,
+            requested,
+            quiesce: None,
+            labels: r.labels.clone(),
+            group: Some(g.clone()),
+        };
+        match run::submit(&st, i.tenant.clone(), &r.sink, work, request, Vec::new()).await {
+            Ok(j) => {
+                g.set_job(&i.uuid, Some(j.id.clone()), None);
+                jobs.push((i.uuid.clone(), j));
+            }
+            Err(e) => {
+                g.set_error(&i.uuid, e.to_string());
+                refused = Some(submit_error(e));
+                break;
+            }
+        }
+    }
+    if let Some(e) = refused {
+        // A group backup is every member's or none: the ones started stop (and roll back).
+        for (_, j) in &jobs {
+            j.request_cancel();
+        }
+        return Err(e);
+    }
+    // Until each member has its point in time or has ended; the hold's end ends the wait.
+    loop {
+        let view = g.members();
+        let waiting = jobs.iter().any(|(u, j)| {
+            let pit = view
+                .iter()
+                .any(|m| &m.instance == u && m.point_in_time_ms.is_some());
+            !pit && !j.snapshot().terminal()
+        });
+        if !waiting || g.is_released() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (u, j) in &jobs {
+        let s = j.snapshot();
+        if s.terminal() {
+            if let Some(e) = s.error {
+                g.set_error(u, e);
+            }
+        }
+    }
+    let members = g.members();
+    let complete = members.iter().all(|m| m.point_in_time_ms.is_some());
+    Ok(Json(json!({
+        "group": g.view(), "backup_id": backup_id, "complete": complete,
+        "jobs": jobs.iter().map(|(u, j)| json!({"instance": u, "job": j.id})).collect::<Vec<_>>(),
+    })))
 }
 
 #[derive(Debug, Deserialize)]

@@ -216,6 +216,8 @@ impl Journal {
                created_ms INTEGER NOT NULL, finished_ms INTEGER);
              CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
              CREATE TABLE IF NOT EXISTS mounts (
+               id TEXT PRIMARY KEY, spec TEXT NOT NULL, created_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS holds (
                id TEXT PRIMARY KEY, spec TEXT NOT NULL, created_ms INTEGER NOT NULL);",
         )?;
         Ok(Arc::new(Journal {
@@ -254,6 +256,40 @@ impl Journal {
     pub fn mounts(&self) -> Result<Vec<(String, Value)>, JournalError> {
         self.with(|c| {
             let mut s = c.prepare("SELECT id, spec FROM mounts ORDER BY created_ms, id")?;
+            let rows = s.query_map([], |r| {
+                let spec: String = r.get(1)?;
+                Ok((
+                    r.get(0)?,
+                    serde_json::from_str(&spec).unwrap_or(Value::Null),
+                ))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Records consistency group `id`'s hold before any guest is held: what a restarted
+    /// daemon ends if this one could not.
+    pub fn put_hold(&self, id: &str, spec: &Value) -> Result<(), JournalError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO holds (id, spec, created_ms) VALUES (?1, ?2, ?3)",
+                params![id, spec.to_string(), now_ms()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn delete_hold(&self, id: &str) -> Result<(), JournalError> {
+        self.with(|c| {
+            c.execute("DELETE FROM holds WHERE id = ?1", params![id])
+                .map(|_| ())
+        })
+    }
+
+    /// Every recorded hold: (id, spec), oldest first.
+    pub fn holds(&self) -> Result<Vec<(String, Value)>, JournalError> {
+        self.with(|c| {
+            let mut s = c.prepare("SELECT id, spec FROM holds ORDER BY created_ms, id")?;
             let rows = s.query_map([], |r| {
                 let spec: String = r.get(1)?;
                 Ok((

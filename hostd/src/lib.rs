@@ -5,6 +5,7 @@
 //! | [`config`] | TOML configuration, validated, errors naming the key |
 //! | [`api`] | routes, authentication, tenancy, request validation |
 //! | [`jobs`] | job queue, limits, progress, cancel, running backups, restores, verifies |
+//! | [`groups`] | consistency groups: members held (frozen or paused) around their points in time, deadlines |
 //! | [`recover`] | crash reconciliation from the journal, housekeeping (journal pruning, sink GC) |
 //! | [`journal`] | SQLite job journal |
 //! | [`inventory`] | instances (libvirt domains) and their tenants |
@@ -16,6 +17,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod groups;
 pub mod inventory;
 pub mod journal;
 pub mod metrics;

@@ -29,6 +29,14 @@ fn op(summary: &str, tag: &str, ok: &str, body: Option<&str>, params: Value) -> 
     o
 }
 
+/// `o` with more error responses.
+fn errors(mut o: Value, codes: &[&str]) -> Value {
+    for c in codes {
+        o["responses"][*c] = json!({"$ref": "#/components/responses/Error"});
+    }
+    o
+}
+
 /// An operation run as a job: 200 with its result at its end, or 202 with the job at once
 /// (`background`, or when it outlasts half the TLS idle timeout); 409 when it was cancelled
 /// or the instance is busy; 429 when the queue is full.
@@ -55,7 +63,7 @@ pub fn document() -> Value {
                "responses": {"200": {"description": "success", "content": {ok_type: {"schema": {"type": if ok_type == "application/json" {"object"} else {"string"}}}}}}})
     };
     let job_id = path_param("id", "job id (16 hex digits)");
-    json!({
+    let mut d = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "cbt-hostd",
@@ -186,7 +194,58 @@ pub fn document() -> Value {
                     "properties": {"instance": {"type": "string"}, "sink": {"type": "string"}, "backup_id": {"type": "string"}}}
             }
         }
-    })
+    });
+    groups(&mut d);
+    d
+}
+
+/// The consistency groups' operations (one `json!` for the whole document is too deep).
+fn groups(d: &mut Value) {
+    let paths = json!({
+            "/v1/groups": {
+                "post": errors(op("Hold group", "groups", "201", Some("GroupRequest"), json!([])),
+                    &["409", "503"]),
+                "get": op("List groups", "groups", "200", None, json!([])),
+            },
+            "/v1/groups/{id}": {
+                "get": op("Show group", "groups", "200", None, json!([path_param("id", "group id")])),
+            },
+            "/v1/groups/{id}/backups": {
+                "post": errors(op("Group points in time", "groups", "200", Some("GroupBackupRequest"),
+                    json!([path_param("id", "group id")])), &["409", "429"]),
+            },
+            "/v1/groups/{id}/release": {
+                "post": op("Release group", "groups", "200", None, json!([path_param("id", "group id")])),
+            }
+    });
+    let schemas = json!({
+                "GroupRequest": {"type": "object", "additionalProperties": false,
+                    "required": ["instances", "mode"],
+                    "properties": {
+                        "id": {"type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$",
+                               "description": "the group's id (default: one is picked); an orchestrator uses its run's"},
+                        "instances": {"type": "array", "minItems": 1, "maxItems": 64,
+                                      "items": {"type": "string", "description": "domain name or UUID"}},
+                        "mode": {"type": "string", "enum": ["freeze", "pause"],
+                                 "description": "freeze: filesystems through qemu-ga (application-consistent); pause: the guests' CPUs (one exact crash-consistent cut)"},
+                        "hold_timeout_secs": {"type": "integer", "minimum": 1, "maximum": 300, "default": 10,
+                                              "description": "the daemon releases the group by itself at this deadline"}
+                    }},
+                "GroupBackupRequest": {"type": "object", "additionalProperties": false,
+                    "required": ["sink"],
+                    "properties": {
+                        "sink": {"type": "string"},
+                        "level": {"type": "string", "enum": ["auto", "full", "incremental"]},
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "backup_id": {"type": "string", "description": "one id for every member (default: generated)"}
+                    }}
+    });
+    for (k, v) in paths.as_object().into_iter().flatten() {
+        d["paths"][k] = v.clone();
+    }
+    for (k, v) in schemas.as_object().into_iter().flatten() {
+        d["components"]["schemas"][k] = v.clone();
+    }
 }
 
 /// (method, path) of every operation, for tests and clients.

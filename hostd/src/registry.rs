@@ -140,6 +140,9 @@ impl Job {
     }
 }
 
+/// A running job's place: one slot of its tenant, one of the host.
+pub type Slots = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub enum Work {
@@ -150,6 +153,9 @@ pub enum Work {
         requested: Requested,
         quiesce: Option<Duration>,
         labels: BTreeMap<String, String>,
+        /// A consistency group holds the guest around the point in time: the job takes its
+        /// slots after it (the hold cannot wait in the queue).
+        group: Option<Arc<crate::groups::Group>>,
     },
     Restore {
         backup_id: BackupId,
@@ -365,11 +371,7 @@ impl Jobs {
     }
 
     /// Waits for a slot of `tenant` and one of the host; `None` if `job` is cancelled first.
-    pub async fn run_slots(
-        &self,
-        tenant: &str,
-        job: &Job,
-    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+    pub async fn run_slots(&self, tenant: &str, job: &Job) -> Option<Slots> {
         let slots = self.tenant_slots(tenant);
         tokio::select! {
             p = async {

@@ -130,7 +130,13 @@ async fn finish(
 async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, work: Work, held: Vec<InstanceClaim>) {
     // Queue: one host slot and one slot of the tenant.
     let tenant = job.tenant.clone().unwrap_or_else(|| "-".into());
-    let permits = st.jobs.run_slots(&tenant, &job).await;
+    // A group's member takes its point in time while the group is held, and its slots after.
+    let grouped = matches!(&work, Work::Backup { group: Some(_), .. });
+    let permits = if grouped {
+        Some(None)
+    } else {
+        st.jobs.run_slots(&tenant, &job).await.map(Some)
+    };
     st.jobs.dequeue();
     st.metrics.jobs_queued.dec();
     let Some(slots) = permits else {
@@ -177,6 +183,7 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, work: Work, held: V
                 requested,
                 quiesce,
                 labels,
+                group,
             } => {
                 let max_chain = st
                     .cfg
@@ -195,6 +202,7 @@ async fn run(st: Arc<AppState>, job: Arc<Job>, sink: String, work: Work, held: V
                     requested,
                     quiesce,
                     labels,
+                    group,
                 )
                 .await
             }
@@ -306,6 +314,7 @@ async fn run_backup(
     requested: Requested,
     quiesce: Option<Duration>,
     labels: BTreeMap<String, String>,
+    group: Option<Arc<crate::groups::Group>>,
 ) -> JobResult {
     let src = st
         .libvirt()
@@ -394,6 +403,15 @@ async fn run_backup(
         quiesce,
         scratch_root: st.cfg.server.scratch(),
         observer: Some(obs),
+        group: group.clone().map(|g| {
+            Arc::new(crate::groups::Gate {
+                group: g,
+                instance: uuid.into(),
+                st: st.clone(),
+                job: job.clone(),
+                slots: Arc::default(),
+            }) as Arc<dyn job::GroupHold>
+        }),
     };
     let opts = BackupOptions {
         cancel: Some(job.cancel.clone()),
@@ -457,6 +475,7 @@ async fn run_backup(
     }
     let record = json!({
         "backup_id": backup_id, "instance": uuid, "labels": labels,
+        "group": group.as_ref().map(|g| json!({"id": g.id, "mode": g.mode})),
         "checkpoint": r.checkpoint, "consistency": r.quiesce.consistency,
         "freeze_ms": r.quiesce.freeze_ms, "warning": r.quiesce.warning,
         "started_paused": r.started_paused, "disks": disks, "warnings": r.warnings,

@@ -323,7 +323,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     // at its first use rather than keeping the daemon from serving the others.
     st.open_sinks().await;
 
-    // Nothing is served before what a previous life left behind is sorted out.
+    // Nothing is served before what a previous life left behind is sorted out: first the
+    // guests it held (frozen or paused), then its jobs.
+    crate::groups::release_recorded(&st).await;
     let unfinished = st.journal.unfinished().context("reading the job journal")?;
     for row in &unfinished {
         crate::recover::reconcile(&st, row).await;
@@ -446,6 +448,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     for j in st.jobs.all() {
         j.cancel.store(true, Ordering::SeqCst);
     }
+    crate::groups::release_all(&st).await;
     let grace = Duration::from_secs(st.cfg.server.shutdown_grace_secs);
     let t = Instant::now();
     while st.jobs.active() > 0 && t.elapsed() < grace {

@@ -18,6 +18,7 @@ pub struct AppState {
     pub metrics: Metrics,
     pub jobs: Jobs,
     pub mounts: crate::mounts::Mounts,
+    pub groups: crate::groups::Groups,
     pub shutting_down: AtomicBool,
     libvirt: Mutex<Option<LibvirtSource>>,
     connecting: tokio::sync::Mutex<()>,
@@ -33,6 +34,7 @@ impl AppState {
         Arc::new(AppState {
             jobs: Jobs::new(&cfg.limits),
             mounts: Default::default(),
+            groups: Default::default(),
             journal,
             metrics: Metrics::new(),
             shutting_down: AtomicBool::new(false),

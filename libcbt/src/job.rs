@@ -211,6 +211,23 @@ impl Observer {
     }
 }
 
+/// A future a [`GroupHold`] returns.
+pub type HoldFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// A consistency group's hold around a backup's point in time: the guest was frozen or paused
+/// by someone else (hostd's groups), who tells whether the hold still stands.
+pub trait GroupHold: Send + Sync + std::fmt::Debug {
+    /// Just before the point in time: the consistency the hold gives, or why the point in
+    /// time may not be taken (the hold ended).
+    fn before_point_in_time(&self) -> Result<format::Consistency, String>;
+    /// The point in time was taken between `from` and now: an error if the hold ended
+    /// meanwhile (the backup is then rolled back).
+    fn point_in_time_taken(&self, from: std::time::SystemTime) -> Result<(), String>;
+    /// Awaited after the point in time, before the copy (a place in a queue, say).
+    fn before_copy(&self) -> HoldFuture<'_>;
+}
+
 /// A backup of a libvirt domain.
 #[cfg(feature = "libvirt")]
 #[derive(Debug, Clone)]
@@ -226,6 +243,9 @@ pub struct LibvirtJob {
     /// Where per-backup scratch directories (scratch images, NBD socket) go.
     pub scratch_root: std::path::PathBuf,
     pub observer: Option<Observer>,
+    /// A consistency group holds the guest around the point in time (`quiesce` is then
+    /// ignored: the group froze or paused it).
+    pub group: Option<std::sync::Arc<dyn GroupHold>>,
 }
 
 /// The result of a libvirt backup.
@@ -511,7 +531,7 @@ async fn backup_libvirt_running<S: Sink>(
             .map(|d| d.target.clone())
             .collect(),
         scratch_root,
-        quiesce: job.quiesce,
+        quiesce: job.quiesce.filter(|_| job.group.is_none()),
         started_paused,
     };
     if opts.cancelled() {
@@ -527,9 +547,22 @@ async fn backup_libvirt_running<S: Sink>(
         },
     );
     tracing::debug!("planned");
+    let held = match &job.group {
+        Some(g) => Some(g.before_point_in_time().map_err(JobError::Refused)?),
+        None => None,
+    };
     let d2 = dom.clone();
-    let session = blocking(move || lvs::begin(&d2, req)).await?;
+    let begun = std::time::SystemTime::now();
+    let mut session = blocking(move || lvs::begin(&d2, req)).await?;
     tracing::debug!("point in time taken");
+    // Whether the hold stood until now; a point in time after it is no group's.
+    let hold_ended = match &job.group {
+        Some(g) => g.point_in_time_taken(begun).err(),
+        None => None,
+    };
+    if held.is_some() {
+        session.quiesce.consistency = held;
+    }
     for (p, s) in plan.iter_mut().zip(&session.disks) {
         p.1 = s.decision.clone();
         Observer::emit(
@@ -553,6 +586,12 @@ async fn backup_libvirt_running<S: Sink>(
             started_paused: session.started_paused,
         },
     );
+    let mut failure = check_incremental(&plan)
+        .err()
+        .or(hold_ended.map(JobError::Refused));
+    if let (None, Some(g)) = (&failure, &job.group) {
+        failure = g.before_copy().await.err().map(JobError::Refused);
+    }
     Observer::emit(
         &job.observer,
         JobEvent::Phase {
@@ -560,7 +599,6 @@ async fn backup_libvirt_running<S: Sink>(
         },
     );
     let mut results = Vec::new();
-    let mut failure = check_incremental(&plan).err();
     let mut xml_written = false;
     if failure.is_none() {
         let name = domain_xml_name(&desc.uuid, job.backup_id.as_str());

@@ -109,12 +109,13 @@ impl Dom {
             .write(true)
             .open("/dev/kvm")
             .is_ok();
-        let meta = format!(
-            "<metadata><nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'>\
-             <nova:owner><nova:project uuid='{project}'>p</nova:project></nova:owner>\
-             </nova:instance></metadata>"
-        );
-        Dom::new_with(test, disks, if kvm { "kvm" } else { "qemu" }, "", &meta)
+        Dom::new_with(
+            test,
+            disks,
+            if kvm { "kvm" } else { "qemu" },
+            "",
+            &nova_owner(project),
+        )
     }
 
     pub fn new_with(test: &str, disks: &[Disk], kind: &str, os_extra: &str, metadata: &str) -> Dom {
@@ -387,6 +388,7 @@ pub fn job(dom: &Dom, id: &str, scratch: &Path) -> LibvirtJob {
         quiesce: None,
         scratch_root: scratch.to_path_buf(),
         observer: None,
+        group: None,
     }
 }
 
@@ -460,6 +462,20 @@ pub fn guest_image() -> &'static Path {
 }
 
 pub fn guest(test: &str, cmdline: &str) -> Dom {
+    guest_with(test, cmdline, "")
+}
+
+/// Nova's metadata element naming `project` as the owner (the instance's tenant).
+pub fn nova_owner(project: &str) -> String {
+    format!(
+        "<metadata><nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'>\
+         <nova:owner><nova:project uuid='{project}'>p</nova:project></nova:owner>\
+         </nova:instance></metadata>"
+    )
+}
+
+/// The test guest with domain `metadata` (an owner, say).
+pub fn guest_with(test: &str, cmdline: &str, metadata: &str) -> Dom {
     let g = guest_image();
     let os = format!(
         "<kernel>{0}/vmlinuz</kernel><initrd>{0}/initrd.gz</initrd>\
@@ -467,7 +483,7 @@ pub fn guest(test: &str, cmdline: &str) -> Dom {
         g.display()
     );
     // TCG: a stock Debian kernel does not boot under this host's KVM (HOST-NOTES).
-    let dom = Dom::new(
+    let dom = Dom::new_with(
         test,
         &[Disk {
             target: "vda",
@@ -476,6 +492,7 @@ pub fn guest(test: &str, cmdline: &str) -> Dom {
         }],
         "qemu",
         &os,
+        metadata,
     );
     let t = Instant::now();
     while counter(&dom) < 3 {

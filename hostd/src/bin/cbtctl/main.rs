@@ -526,6 +526,7 @@ async fn main() -> Result<()> {
                 quiesce: quiesce.map(std::time::Duration::from_secs),
                 scratch_root: scratch_dir,
                 observer: None,
+                group: None,
             };
             let t = Instant::now();
             let r = job::backup_libvirt(&src, &sink, &job, &tuning.options()).await?;

@@ -35,6 +35,58 @@ pub struct Conn {
     pub json: bool,
 }
 
+#[derive(Args, Clone)]
+pub struct HoldArgs {
+    /// Members (name or UUID), repeatable.
+    #[arg(long = "instance", required = true)]
+    instances: Vec<String>,
+    /// freeze (filesystems through qemu-ga: application-consistent) or pause (an exact
+    /// crash-consistent cut).
+    #[arg(long, default_value = "freeze")]
+    mode: String,
+    /// The daemon releases the group by itself after this long.
+    #[arg(long, default_value_t = 10)]
+    hold_timeout: u64,
+    /// The group's id (default: the daemon picks one).
+    #[arg(long)]
+    id: Option<String>,
+}
+
+impl HoldArgs {
+    fn body(&self) -> Value {
+        let mut b = json!({"instances": self.instances, "mode": self.mode,
+                           "hold_timeout_secs": self.hold_timeout});
+        if let Some(id) = &self.id {
+            b["id"] = json!(id);
+        }
+        b
+    }
+}
+
+fn print_group(g: &Value) {
+    println!(
+        "group {} {} {} skew={}",
+        g["id"].as_str().unwrap_or(""),
+        g["mode"].as_str().unwrap_or(""),
+        g["state"].as_str().unwrap_or(""),
+        g["point_in_time_skew_ms"]
+            .as_u64()
+            .map_or("-".into(), |s| format!("{s} ms"))
+    );
+    for m in g["members"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<24} held={:<5} hold={} job={} {}",
+            m["name"].as_str().unwrap_or(""),
+            m["held"].as_bool().unwrap_or(false),
+            m["hold_ms"]
+                .as_u64()
+                .map_or("-".into(), |s| format!("{s} ms")),
+            m["job"].as_str().unwrap_or("-"),
+            m["error"].as_str().unwrap_or("")
+        );
+    }
+}
+
 #[derive(Subcommand, Clone)]
 pub enum Remote {
     /// Instances on the host that the token may see.
@@ -65,6 +117,46 @@ pub enum Remote {
         #[arg(long)]
         wait: bool,
     },
+    /// A consistency-group backup of several instances in one step: hold them all (freeze
+    /// their filesystems, or pause them), take every point in time, release, then copy.
+    GroupBackup {
+        #[command(flatten)]
+        hold: HoldArgs,
+        #[arg(long)]
+        sink: String,
+        #[arg(long, default_value = "auto")]
+        level: String,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long)]
+        backup_id: Option<String>,
+        /// Follow the members' copies to their end.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Step 1 of a group backup (for orchestrators): hold the instances until released or
+    /// the deadline.
+    GroupHold {
+        #[command(flatten)]
+        hold: HoldArgs,
+    },
+    /// Step 2: each member's point in time, while held (the copies run after).
+    GroupBackups {
+        id: String,
+        #[arg(long)]
+        sink: String,
+        #[arg(long, default_value = "auto")]
+        level: String,
+        #[arg(long)]
+        backup_id: Option<String>,
+    },
+    /// Step 3: thaw or resume every member.
+    GroupRelease { id: String },
+    /// Consistency groups of this daemon's life.
+    Groups,
+    /// One consistency group.
+    Group { id: String },
     /// Jobs (newest first).
     Jobs,
     /// One job's status.
@@ -469,6 +561,108 @@ pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
             }
             let v = call(&cl, "POST", "/v1/backups", Some(body)).await?;
             started(&cl, c, v, wait).await?;
+        }
+        Remote::GroupBackup {
+            hold,
+            sink,
+            level,
+            labels,
+            backup_id,
+            wait,
+        } => {
+            let mut l = serde_json::Map::new();
+            for kv in labels {
+                let (k, v) = kv.split_once('=').context("--label takes KEY=VALUE")?;
+                l.insert(k.into(), json!(v));
+            }
+            let g = call(&cl, "POST", "/v1/groups", Some(hold.body())).await?;
+            let id = g["group"]["id"].as_str().unwrap_or("").to_string();
+            let path = format!("/v1/groups/{}", enc(&id));
+            let mut body = json!({"sink": sink, "level": level, "labels": l});
+            if let Some(b) = backup_id {
+                body["backup_id"] = json!(b);
+            }
+            // Released whatever the points in time did.
+            let pits = call(&cl, "POST", &format!("{path}/backups"), Some(body)).await;
+            let released = call(&cl, "POST", &format!("{path}/release"), None).await?;
+            let pits = pits?;
+            if c.json {
+                show(&json!({"points_in_time": pits, "released": released}))?;
+            } else {
+                print_group(&released["group"]);
+            }
+            if pits["complete"] != true {
+                bail!("group {id}: not every member took its point in time");
+            }
+            if wait {
+                let mut failed = Vec::new();
+                for j in pits["jobs"].as_array().into_iter().flatten() {
+                    let jid = j["job"].as_str().unwrap_or("");
+                    let s = watch(&cl, jid, c.json).await?;
+                    if c.json {
+                        show(&s)?;
+                    } else {
+                        print_job(&s);
+                    }
+                    if s["state"] != "succeeded" {
+                        failed.push(jid.to_string());
+                    }
+                }
+                if !failed.is_empty() {
+                    bail!("group {id}: jobs {} did not succeed", failed.join(", "));
+                }
+            }
+        }
+        Remote::GroupHold { hold } => {
+            let v = call(&cl, "POST", "/v1/groups", Some(hold.body())).await?;
+            if c.json {
+                return show(&v);
+            }
+            print_group(&v["group"]);
+        }
+        Remote::GroupBackups {
+            id,
+            sink,
+            level,
+            backup_id,
+        } => {
+            let mut body = json!({"sink": sink, "level": level});
+            if let Some(b) = backup_id {
+                body["backup_id"] = json!(b);
+            }
+            let p = format!("/v1/groups/{}/backups", enc(&id));
+            let v = call(&cl, "POST", &p, Some(body)).await?;
+            if c.json {
+                return show(&v);
+            }
+            print_group(&v["group"]);
+            if v["complete"] != true {
+                bail!("group {id}: not every member took its point in time");
+            }
+        }
+        Remote::GroupRelease { id } => {
+            let p = format!("/v1/groups/{}/release", enc(&id));
+            let v = call(&cl, "POST", &p, None).await?;
+            if c.json {
+                return show(&v);
+            }
+            print_group(&v["group"]);
+        }
+        Remote::Groups => {
+            let v = call(&cl, "GET", "/v1/groups", None).await?;
+            if c.json {
+                return show(&v);
+            }
+            for g in v["groups"].as_array().into_iter().flatten() {
+                print_group(g);
+            }
+        }
+        Remote::Group { id } => {
+            let v = call(&cl, "GET", &format!("/v1/groups/{}", enc(&id)), None).await?;
+            if c.json {
+                return show(&v);
+            }
+            print_group(&v["group"]);
         }
         Remote::Jobs => {
             let v = call(&cl, "GET", "/v1/jobs", None).await?;

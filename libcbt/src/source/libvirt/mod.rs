@@ -416,6 +416,24 @@ impl LibvirtDomain {
             .map_err(lv("reading the domain state"))
     }
 
+    /// Whether the domain runs (neither paused nor shut off).
+    pub fn is_running(&self) -> Result<bool, LibvirtError> {
+        self.dom
+            .state()
+            .map(|(s, _)| s == virt::enumutil::Enum::Known(virt::domain::DomainState::Running))
+            .map_err(lv("reading the domain state"))
+    }
+
+    /// Pauses the guest's CPUs (its in-flight I/O completes first).
+    pub fn suspend(&self) -> Result<(), LibvirtError> {
+        self.dom.suspend().map_err(lv("pausing the domain"))
+    }
+
+    /// Lets a paused guest run again.
+    pub fn resume(&self) -> Result<(), LibvirtError> {
+        self.dom.resume().map_err(lv("resuming the domain"))
+    }
+
     /// Removes the domain's definition (and our checkpoint metadata with it).
     pub fn undefine(&self) -> Result<(), LibvirtError> {
         self.dom
