@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | `nbd-read` | read every allocated byte of an export with libcbt's client | `nbdcopy URI null:` |
 //! | `block-status` | walk a dirty bitmap of N scattered extents | `nbdinfo --map=qemu:dirty-bitmap:…` |
+//! | `groups` | hold windows of consistency groups of 1, 3, 6 guests over two daemons | (none: target ≤ 1 s) |
 //!
 //! Each side runs as a child process under `/usr/bin/time`, so wall time, CPU seconds and peak
 //! RSS are measured the same way for both. Workloads are generated deterministically from a
@@ -76,6 +77,13 @@ enum Cmd {
     /// Instant recovery: nbdcopy of a backup's NBD export against the restore of the same
     /// backup, and the time from starting an export to its first byte.
     Export(BackupArgs),
+    /// Hold windows of consistency groups (1, 3, 6 guests over two daemons).
+    Groups {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value = "/var/tmp/cbt-bench")]
+        workdir: PathBuf,
+    },
     /// Every scenario; a table on stdout and a JSON file.
     All {
         /// Smaller disks and fewer runs, for a smoke test.
@@ -2384,6 +2392,11 @@ async fn main() -> Result<()> {
             print_table(std::slice::from_ref(&s));
             Ok(())
         }
+        Cmd::Groups { runs, workdir } => {
+            let g = bench_groups(runs, &workdir).await?;
+            println!("{}", serde_json::to_string_pretty(&g)?);
+            Ok(())
+        }
         Cmd::S3(a) => {
             let mut s = bench_s3(&a).await?;
             s.extend(bench_s3_e2e(&a).await?);
@@ -2439,15 +2452,308 @@ async fn main() -> Result<()> {
             } else {
                 bench_scale(1 << 40, 1.0, 2, &bk.workdir).await?
             });
+            let groups = bench_groups(if quick { 2 } else { 5 }, &bk.workdir).await?;
             print_table(&scenarios);
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            let doc =
-                serde_json::json!({ "machine": machine(), "scenarios": scenarios, "codec": codec });
+            let doc = serde_json::json!({ "machine": machine(), "scenarios": scenarios, "codec": codec,
+                                   "groups": groups });
             std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
             eprintln!("wrote {}", out.display());
             Ok(())
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// groups (issue 14: hold windows)
+
+/// A busybox/TCG test guest (scripts/guest-initramfs.sh) defined and started in `dir`.
+struct BenchGuest {
+    name: String,
+    dir: PathBuf,
+}
+
+impl Drop for BenchGuest {
+    fn drop(&mut self) {
+        let v = |a: &[&str]| {
+            let _ = Command::new("virsh")
+                .args(["-c", "qemu:///system"])
+                .args(a)
+                .output();
+        };
+        v(&["destroy", &self.name]);
+        v(&["undefine", "--checkpoints-metadata", &self.name]);
+    }
+}
+
+fn virsh_out(args: &[&str]) -> Result<String> {
+    let o = Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .context("virsh")?;
+    if !o.status.success() {
+        bail!(
+            "virsh {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn bench_guest(i: usize, image: &Path, root: &Path) -> Result<BenchGuest> {
+    use std::os::unix::fs::PermissionsExt;
+    let name = format!("cbt-bench-grp{i}");
+    let dir = root.join(&name);
+    let _ = virsh_out(&["destroy", &name]);
+    let _ = virsh_out(&["undefine", "--checkpoints-metadata", &name]);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+    let disk = dir.join("vda.qcow2");
+    output_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("64M"),
+    )?;
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{img}/vmlinuz</kernel>\
+         <initrd>{img}/initrd.gz</initrd><cmdline>console=ttyS0 quiet panic=-1</cmdline></os>\
+         <features><acpi/></features><on_reboot>destroy</on_reboot><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+         <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>\
+         <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+         <serial type='file'><source path='{dir}/console.log'/><target port='0'/></serial>\
+         <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>",
+        img = image.display(),
+        disk = disk.display(),
+        dir = dir.display()
+    );
+    let f = dir.join("domain.xml");
+    std::fs::write(&f, xml)?;
+    virsh_out(&["define", &f.display().to_string()])?;
+    virsh_out(&["start", &name])?;
+    Ok(BenchGuest { name, dir })
+}
+
+fn output_ok(c: &mut Command) -> Result<String> {
+    let o = c.output().with_context(|| format!("{c:?}"))?;
+    if !o.status.success() {
+        bail!("{c:?}: {}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// `cbtctl --json ARGS` against the daemon at `socket`, as admin.
+fn cbtctl_json(socket: &Path, token: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let out = output_ok(
+        Command::new(cbtctl()?)
+            .arg("--json")
+            .args(args)
+            .env("CBT_HOSTD", socket)
+            .env("CBT_TOKEN", token),
+    )?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Hold windows of consistency groups of 1, 3 and 6 guests spread over two daemons: each run
+/// holds the group's members on both daemons at once, takes the points in time, releases
+/// (each step on both daemons at once, as an orchestrator would), then waits for the copies.
+/// Figures are the daemons' own: each member's hold (its freeze or pause until its release)
+/// and the spread of the members' points in time.
+async fn bench_groups(runs: usize, workdir: &Path) -> Result<serde_json::Value> {
+    let root = workdir.join("groups");
+    std::fs::create_dir_all(&root)?;
+    let image = PathBuf::from("/var/tmp/cbt-guest");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-initramfs.sh");
+    output_ok(Command::new("bash").arg(script).arg(&image))?;
+    let guests: Vec<BenchGuest> = (0..6)
+        .map(|i| bench_guest(i, &image, &root))
+        .collect::<Result<_>>()?;
+    let t = Instant::now();
+    for g in &guests {
+        loop {
+            let log = std::fs::read_to_string(g.dir.join("console.log")).unwrap_or_default();
+            if log.contains("CBT-AGENT started") && log.contains("CBT-COUNTER") {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(300) {
+                bail!("guest {} did not boot: {log}", g.name);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    eprintln!("groups: 6 guests up in {:.1} s", t.elapsed().as_secs_f64());
+    let token = "bench-groups-admin-token";
+    // The daemon's token hash: sha256 of the token, hex.
+    let sha = {
+        let mut c = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        use std::io::Write;
+        c.stdin
+            .take()
+            .context("stdin")?
+            .write_all(token.as_bytes())?;
+        let o = c.wait_with_output()?;
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut daemons = Vec::new();
+    let mut sockets = Vec::new();
+    for h in 0..2 {
+        let d = root.join(format!("hostd{h}"));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d)?;
+        let cfg = format!(
+            "[server]\nunix_socket = \"{d}/hostd.sock\"\nstate_dir = \"{d}/state\"\n\
+             [limits]\nmax_jobs = 3\nmax_jobs_per_tenant = 3\n\
+             [[sink]]\nname = \"nfs\"\npath = \"{sink}\"\n\
+             [[token]]\nname = \"admin\"\nsha256 = \"{sha}\"\nadmin = true\n",
+            d = d.display(),
+            sink = root.join("sink").display()
+        );
+        std::fs::write(d.join("hostd.toml"), cfg)?;
+        let log = std::fs::File::create(d.join("hostd.log"))?;
+        let mut child = Command::new(std::env::current_exe()?.with_file_name("cbt-hostd"))
+            .arg("--config")
+            .arg(d.join("hostd.toml"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cbt-hostd (make bench builds it)")?;
+        let sock = d.join("hostd.sock");
+        wait_socket(&sock, &mut child)?;
+        daemons.push(Server(child));
+        sockets.push(sock);
+    }
+    let names: Vec<String> = guests.iter().map(|g| g.name.clone()).collect();
+    let mut out = serde_json::Map::new();
+    for mode in ["freeze", "pause"] {
+        for size in [1usize, 3, 6] {
+            // Members alternate between the daemons (guest i on daemon i % 2).
+            let members: Vec<(usize, &str)> =
+                (0..size).map(|i| (i % 2, names[i].as_str())).collect();
+            let mut holds = Vec::new();
+            let mut windows = Vec::new();
+            let mut skews = Vec::new();
+            for run in 0..runs {
+                let id = format!("bench-{mode}-{size}-{run}-{}", std::process::id());
+                // One step on both daemons at once.
+                let step = |args: Vec<Vec<String>>| -> Result<Vec<serde_json::Value>> {
+                    let hs: Vec<_> = args
+                        .into_iter()
+                        .enumerate()
+                        .filter(|(_, a)| !a.is_empty())
+                        .map(|(h, a)| {
+                            let (s, tok) = (sockets[h].clone(), token.to_string());
+                            std::thread::spawn(move || {
+                                let a: Vec<&str> = a.iter().map(String::as_str).collect();
+                                cbtctl_json(&s, &tok, &a)
+                            })
+                        })
+                        .collect();
+                    hs.into_iter()
+                        .map(|h| h.join().map_err(|_| anyhow::anyhow!("thread"))?)
+                        .collect()
+                };
+                let per_host = |f: &dyn Fn(&[&str]) -> Vec<String>| -> Vec<Vec<String>> {
+                    (0..2)
+                        .map(|h| {
+                            let m: Vec<&str> = members
+                                .iter()
+                                .filter(|(x, _)| *x == h)
+                                .map(|(_, n)| *n)
+                                .collect();
+                            if m.is_empty() {
+                                Vec::new()
+                            } else {
+                                f(&m)
+                            }
+                        })
+                        .collect()
+                };
+                let t0 = Instant::now();
+                step(per_host(&|m| {
+                    let mut a: Vec<String> = vec![
+                        "group-hold".into(),
+                        "--mode".into(),
+                        mode.into(),
+                        "--hold-timeout".into(),
+                        "30".into(),
+                        "--id".into(),
+                        id.clone(),
+                    ];
+                    for n in m {
+                        a.push("--instance".into());
+                        a.push((*n).into());
+                    }
+                    a
+                }))?;
+                let pits = step(per_host(&|_| {
+                    vec![
+                        "group-backups".into(),
+                        id.clone(),
+                        "--sink".into(),
+                        "nfs".into(),
+                    ]
+                }))?;
+                let released = step(per_host(&|_| vec!["group-release".into(), id.clone()]))?;
+                windows.push(t0.elapsed().as_secs_f64() * 1000.0);
+                let mut pit_ms = Vec::new();
+                for p in &pits {
+                    if p["complete"] != true {
+                        bail!("group {id}: {p}");
+                    }
+                    for m in p["group"]["members"].as_array().into_iter().flatten() {
+                        pit_ms.push(m["point_in_time_ms"].as_u64().unwrap_or(0));
+                    }
+                }
+                skews.push(
+                    (pit_ms.iter().max().unwrap_or(&0) - pit_ms.iter().min().unwrap_or(&0)) as f64,
+                );
+                let mut jobs = Vec::new();
+                for (h, r) in released.iter().enumerate() {
+                    for m in r["group"]["members"].as_array().into_iter().flatten() {
+                        holds.push(m["hold_ms"].as_u64().unwrap_or(0) as f64);
+                        jobs.push((h, m["job"].as_str().unwrap_or("").to_string()));
+                    }
+                }
+                // The copies end before the next run (a member's next backup waits for them).
+                for (h, j) in jobs {
+                    let s = cbtctl_json(&sockets[h], token, &["watch", &j])?;
+                    if s["state"] != "succeeded" {
+                        bail!("job {j}: {s}");
+                    }
+                }
+            }
+            let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+            let row = serde_json::json!({
+                "runs": runs, "members": size,
+                "hold_ms_median": median(&mut holds.clone()), "hold_ms_max": max(&holds),
+                "window_ms_median": median(&mut windows.clone()), "window_ms_max": max(&windows),
+                "skew_ms_median": median(&mut skews.clone()), "skew_ms_max": max(&skews),
+                "target": "hold ≤ 1000 ms for 6 VMs",
+            });
+            eprintln!(
+                "groups {mode} x{size}: hold median {:.0} ms max {:.0} ms, skew median {:.0} ms max {:.0} ms",
+                row["hold_ms_median"].as_f64().unwrap_or(0.0),
+                row["hold_ms_max"].as_f64().unwrap_or(0.0),
+                row["skew_ms_median"].as_f64().unwrap_or(0.0),
+                row["skew_ms_max"].as_f64().unwrap_or(0.0)
+            );
+            out.insert(format!("{mode}-{size}"), row);
+        }
+    }
+    drop(daemons);
+    drop(guests);
+    Ok(serde_json::Value::Object(out))
 }

@@ -510,7 +510,11 @@ async fn create_group(
         timeout: Duration::from_secs(timeout),
         members,
     };
-    match groups::hold(&st, req).await {
+    // A task of its own: a client that hangs up does not cut a hold short halfway.
+    let held = tokio::spawn(groups::hold(st.clone(), req))
+        .await
+        .map_err(ApiError::internal)?;
+    match held {
         Ok(g) => Ok((
             StatusCode::CREATED,
             [("location", format!("/v1/groups/{}", g.id))],
@@ -520,6 +524,10 @@ async fn create_group(
         Err(e @ groups::HoldError::Exists(_)) => {
             Err(ApiError::new(StatusCode::CONFLICT, "exists", e.to_string()))
         }
+        Err(e @ (groups::HoldError::Busy(_) | groups::HoldError::PausedElsewhere(_))) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "busy", e.to_string()))
+        }
+        Err(groups::HoldError::Stopping) => Err(ApiError::unavailable("the daemon is stopping")),
         Err(groups::HoldError::Libvirt) => Err(ApiError::unavailable("libvirt is unreachable")),
         Err(e @ groups::HoldError::Journal(_)) => Err(ApiError::internal(e)),
         Err(e @ groups::HoldError::Failed(..)) => Err(ApiError::new(

@@ -7,6 +7,7 @@
 //! hold did not cover to its end is refused, and its backup rolled back.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,11 +45,14 @@ impl Mode {
 pub struct Member {
     pub instance: String,
     pub name: String,
-    /// Whether this member was held (a shut-off domain has nothing to hold: its disks do not
-    /// change).
+    /// The domain ran when the group was made: it is to be held (a shut-off domain has
+    /// nothing to hold, its disks do not change).
+    #[serde(default)]
+    pub running: bool,
+    /// Its hold succeeded (only a hold this daemon made is ever undone).
+    #[serde(default)]
     pub held: bool,
-    /// Pause mode: this daemon paused the guest and resumes it (one paused by someone else
-    /// stays as it was).
+    /// Pause mode: this daemon paused the guest and resumes it.
     #[serde(default)]
     pub paused_by_us: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -70,14 +74,28 @@ pub struct Member {
 #[derive(Debug, Clone, Serialize)]
 pub struct Released {
     pub at_ms: u64,
-    /// `release` (asked), `deadline`, `hold_failed`, `stopping`.
+    /// `release` (asked), `deadline`, `hold_failed`, `stopping`, `journal`.
     pub reason: &'static str,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Phase {
+    /// Members are being held: no point in time yet.
+    Holding,
+    /// Every running member is held.
+    Held,
+    Released,
+}
+
+#[derive(Debug)]
 struct GroupState {
+    phase: Phase,
     members: Vec<Member>,
     released: Option<Released>,
+    /// The holding step has ended (each member held, failed, or undone after a release that
+    /// came first): from then on the release knows every hold there is.
+    hold_done: bool,
     backups_started: bool,
 }
 
@@ -90,14 +108,22 @@ pub struct Group {
     pub deadline_ms: u64,
     deadline: Instant,
     state: Mutex<GroupState>,
-    ended: tokio::sync::Notify,
+    /// Wakes waiters on the release and on the holding step's end.
+    changed: tokio::sync::Notify,
 }
 
 /// The groups of this daemon's life (released ones are kept a while to be looked at), by
 /// tenant and id: one tenant's ids never collide with (nor reveal) another's.
 #[derive(Default)]
 pub struct Groups {
-    map: Mutex<BTreeMap<GroupKey, Arc<Group>>>,
+    inner: Mutex<GroupsInner>,
+}
+
+#[derive(Default)]
+struct GroupsInner {
+    map: BTreeMap<GroupKey, Arc<Group>>,
+    /// Instances in a group not yet released: one group at a time holds an instance.
+    busy: BTreeMap<String, GroupKey>,
 }
 
 /// (tenant, id); an admin's groups have no tenant.
@@ -107,49 +133,63 @@ type GroupKey = (Option<String>, String);
 const KEEP_RELEASED: usize = 256;
 
 impl Groups {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GroupsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Group `id` as `tenant` sees it (`None`: an admin, who sees every tenant's).
     pub fn get(&self, tenant: Option<&str>, id: &str) -> Option<Arc<Group>> {
-        let m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let m = self.lock();
         match tenant {
-            Some(t) => m.get(&(Some(t.to_string()), id.to_string())).cloned(),
-            None => m.values().find(|g| g.id == id).cloned(),
+            Some(t) => m.map.get(&(Some(t.to_string()), id.to_string())).cloned(),
+            None => m.map.values().find(|g| g.id == id).cloned(),
         }
     }
 
     pub fn all(&self) -> Vec<Arc<Group>> {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.lock().map.values().cloned().collect()
     }
 
-    /// Registers a new group; `false` if the id is taken.
-    fn add(&self, g: Arc<Group>) -> bool {
-        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if m.contains_key(&g.key()) {
-            return false;
+    /// Registers a new group (refused while the daemon stops: checked under the lock
+    /// [`release_all`] takes its list under).
+    fn add(&self, g: Arc<Group>, stopping: &AtomicBool) -> Result<(), HoldError> {
+        let mut m = self.lock();
+        if stopping.load(Ordering::SeqCst) {
+            return Err(HoldError::Stopping);
         }
-        if m.len() >= KEEP_RELEASED {
-            let old: Vec<_> = m
-                .values()
-                .filter(|g| g.is_released())
-                .map(|g| g.key())
-                .collect();
-            for id in old.iter().take(m.len() + 1 - KEEP_RELEASED) {
-                m.remove(id);
+        if m.map.contains_key(&g.key()) {
+            return Err(HoldError::Exists(g.id.clone()));
+        }
+        for mb in g.members() {
+            if m.busy.contains_key(&mb.instance) {
+                return Err(HoldError::Busy(mb.name));
             }
         }
-        m.insert(g.key(), g);
-        true
+        if m.map.len() >= KEEP_RELEASED {
+            let mut old: Vec<_> = m
+                .map
+                .values()
+                .filter(|g| g.is_released())
+                .map(|g| (g.created_ms, g.key()))
+                .collect();
+            old.sort();
+            let n = m.map.len() + 1 - KEEP_RELEASED;
+            for (_, k) in old.into_iter().take(n) {
+                m.map.remove(&k);
+            }
+        }
+        for mb in g.members() {
+            m.busy.insert(mb.instance, g.key());
+        }
+        m.map.insert(g.key(), g);
+        Ok(())
     }
 
-    fn remove(&self, g: &Group) {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&g.key());
+    /// The group's instances may join other groups.
+    fn free(&self, g: &Group) {
+        let mut m = self.lock();
+        let k = g.key();
+        m.busy.retain(|_, v| *v != k);
     }
 }
 
@@ -191,17 +231,18 @@ impl Group {
             "id": self.id, "tenant": self.tenant, "mode": self.mode,
             "consistency": self.mode.consistency(),
             "created_ms": self.created_ms, "deadline_ms": self.deadline_ms,
-            "state": if s.released.is_some() { "released" } else { "held" },
-            "released": s.released, "members": s.members,
+            "state": s.phase, "released": s.released, "members": s.members,
             "point_in_time_skew_ms": skew,
         })
     }
 
-    /// Marks the backups started (once): `false` if they were, or the hold ended.
+    /// Marks the backups started (once, and only while every member is held).
     pub fn start_backups(&self) -> Result<(), &'static str> {
         let mut s = self.lock();
-        if s.released.is_some() {
-            return Err("the group's hold has ended");
+        match s.phase {
+            Phase::Holding => return Err("the group is still being held"),
+            Phase::Released => return Err("the group's hold has ended"),
+            Phase::Held => {}
         }
         if s.backups_started {
             return Err("the group's backups were started already");
@@ -227,11 +268,11 @@ impl Group {
         }
     }
 
-    /// Waits until the hold ends or `until`.
-    pub async fn wait_released(&self, until: Instant) {
+    /// Waits until `f` holds of the state, or `until`.
+    async fn wait(&self, until: Instant, f: impl Fn(&GroupState) -> bool) {
         loop {
-            let n = self.ended.notified();
-            if self.is_released() || Instant::now() >= until {
+            let n = self.changed.notified();
+            if f(&self.lock()) || Instant::now() >= until {
                 return;
             }
             let _ = tokio::time::timeout_at(until.into(), n).await;
@@ -257,8 +298,14 @@ pub struct HoldRequest {
 pub enum HoldError {
     #[error("group {0} exists")]
     Exists(String),
+    #[error("{0} is in another group not yet released")]
+    Busy(String),
+    #[error("the daemon is stopping")]
+    Stopping,
     #[error("libvirt is unreachable")]
     Libvirt,
+    #[error("{0} is paused by someone else: a group cannot vouch for it")]
+    PausedElsewhere(String),
     #[error("journaling the hold failed: {0}")]
     Journal(String),
     /// Some member could not be held; every member held was released.
@@ -266,11 +313,13 @@ pub enum HoldError {
     Failed(String, Arc<Group>),
 }
 
-/// Holds every member, each at once (in parallel), after journaling the hold and arming its
-/// deadline. If any member cannot be held, the others are released and the error says which.
-pub async fn hold(st: &Arc<AppState>, req: HoldRequest) -> Result<Arc<Group>, HoldError> {
+/// Holds every running member, each at once (in parallel), after journaling the hold and
+/// arming its deadline. If any member cannot be held, the others are released and the error
+/// says which. Run it as a task of its own: a caller that goes away must not cut it short.
+pub async fn hold(st: Arc<AppState>, req: HoldRequest) -> Result<Arc<Group>, HoldError> {
     let src = st.libvirt().await.ok_or(HoldError::Libvirt)?;
-    // Which members run: only those are held (and, paused, resumed at the end).
+    // Which members run: only those are held. A paused one is someone else's pause, which
+    // may end at any time: refused.
     let mut doms = Vec::new();
     for (uuid, name) in &req.members {
         let (s2, u2) = (src.clone(), uuid.clone());
@@ -278,7 +327,12 @@ pub async fn hold(st: &Arc<AppState>, req: HoldRequest) -> Result<Arc<Group>, Ho
             .await
             .map_err(|_| HoldError::Libvirt)?;
         let d2 = d.clone();
-        let running = blocking(move || d2.is_running()).await.unwrap_or(false);
+        let (active, running) = blocking(move || Ok((d2.is_active()?, d2.is_running()?)))
+            .await
+            .map_err(|_| HoldError::Libvirt)?;
+        if active && !running {
+            return Err(HoldError::PausedElsewhere(name.clone()));
+        }
         doms.push((uuid.clone(), name.clone(), d, running));
     }
     let created_ms = now_ms();
@@ -290,32 +344,24 @@ pub async fn hold(st: &Arc<AppState>, req: HoldRequest) -> Result<Arc<Group>, Ho
         deadline_ms: created_ms + req.timeout.as_millis() as u64,
         deadline: Instant::now() + req.timeout,
         state: Mutex::new(GroupState {
+            phase: Phase::Holding,
             members: doms
                 .iter()
                 .map(|(u, n, _, running)| Member {
                     instance: u.clone(),
                     name: n.clone(),
-                    held: *running,
-                    paused_by_us: *running && req.mode == Mode::Pause,
+                    running: *running,
                     ..Default::default()
                 })
                 .collect(),
-            ..Default::default()
+            released: None,
+            hold_done: false,
+            backups_started: false,
         }),
-        ended: tokio::sync::Notify::new(),
+        changed: tokio::sync::Notify::new(),
     });
-    if !st.groups.add(g.clone()) {
-        return Err(HoldError::Exists(req.id));
-    }
-    // Journaled before any guest is held: a restart ends what this life could not.
-    let spec = json!({"mode": req.mode, "members": g.members()});
-    let (j2, id2) = (st.journal.clone(), g.journal_id());
-    let put = tokio::task::spawn_blocking(move || j2.put_hold(&id2, &spec)).await;
-    if !matches!(put, Ok(Ok(()))) {
-        st.groups.remove(&g);
-        return Err(HoldError::Journal(format!("{put:?}")));
-    }
-    // The deadline is armed before the first hold: whatever happens below, it ends.
+    st.groups.add(g.clone(), &st.shutting_down)?;
+    // The deadline is armed first: whatever happens below, it ends.
     {
         let (st2, g2) = (st.clone(), g.clone());
         tokio::spawn(async move {
@@ -325,6 +371,15 @@ pub async fn hold(st: &Arc<AppState>, req: HoldRequest) -> Result<Arc<Group>, Ho
                 release(&st2, &g2, "deadline").await;
             }
         });
+    }
+    // Journaled before any guest is held: a restart ends what this life could not.
+    let spec = json!({"mode": req.mode, "members": g.members()});
+    let (j2, id2) = (st.journal.clone(), g.journal_id());
+    let put = tokio::task::spawn_blocking(move || j2.put_hold(&id2, &spec)).await;
+    if !matches!(put, Ok(Ok(()))) {
+        g.lock().hold_done = true;
+        release(&st, &g, "journal").await;
+        return Err(HoldError::Journal(format!("{put:?}")));
     }
     let mut tasks = Vec::new();
     for (uuid, _, d, running) in doms {
@@ -345,16 +400,25 @@ pub async fn hold(st: &Arc<AppState>, req: HoldRequest) -> Result<Arc<Group>, Ho
         ));
     }
     let mut failures = Vec::new();
+    // Holds that succeeded after the group was released already (its deadline came first):
+    // undone here, the release could not know them.
+    let mut late = Vec::new();
     for (uuid, t) in tasks {
         let r = t.await;
         let mut s = g.lock();
+        let released = s.released.is_some();
         let Some(m) = s.members.iter_mut().find(|m| m.instance == uuid) else {
             continue;
         };
         match r {
             Ok((t, Ok(n))) => {
+                m.held = true;
+                m.paused_by_us = req.mode == Mode::Pause;
                 m.hold_started_ms = Some(t);
                 m.frozen_filesystems = n;
+                if released {
+                    late.push(m.clone());
+                }
             }
             Ok((_, Err(e))) => {
                 m.error = Some(crate::run::chain(&e));
@@ -363,17 +427,38 @@ pub async fn hold(st: &Arc<AppState>, req: HoldRequest) -> Result<Arc<Group>, Ho
             Err(e) => failures.push(format!("{}: {e}", m.name)),
         }
     }
+    if !late.is_empty() {
+        let failed = end_holds(&st, g.mode, &late, Some(&g)).await;
+        if !failed.is_empty() {
+            retry_in_background(st.clone(), g.clone(), failed);
+        }
+    }
+    {
+        let mut s = g.lock();
+        s.hold_done = true;
+        if s.phase == Phase::Holding && failures.is_empty() {
+            s.phase = Phase::Held;
+        }
+    }
+    g.changed.notify_waiters();
     if !failures.is_empty() {
-        release(st, &g, "hold_failed").await;
+        release(&st, &g, "hold_failed").await;
         return Err(HoldError::Failed(failures.join("; "), g));
+    }
+    if g.is_released() {
+        return Err(HoldError::Failed(
+            "the group was released while it was being held".into(),
+            g,
+        ));
     }
     tracing::info!(group = %g.id, mode = ?g.mode, members = g.members().len(), "group held");
     Ok(g)
 }
 
 /// Ends the hold (once): marks it ended first, so that no point in time taken from now on
-/// counts as the group's, then thaws or resumes every held member, and forgets the journaled
-/// hold once every member is free.
+/// counts as the group's, then thaws or resumes every member this daemon held, and forgets
+/// the journaled hold once every member is free (after the holding step has ended: it undoes
+/// holds that succeed after the release itself).
 pub async fn release(st: &Arc<AppState>, g: &Arc<Group>, reason: &'static str) -> Value {
     let members = {
         let mut s = g.lock();
@@ -385,28 +470,56 @@ pub async fn release(st: &Arc<AppState>, g: &Arc<Group>, reason: &'static str) -
             at_ms: now_ms(),
             reason,
         });
+        s.phase = Phase::Released;
         s.members.clone()
     };
-    g.ended.notify_waiters();
-    let ok = end_holds(st, g.mode, &members, Some(g)).await;
-    if ok {
-        let (j2, id2) = (st.journal.clone(), g.journal_id());
-        let _ = tokio::task::spawn_blocking(move || j2.delete_hold(&id2)).await;
+    g.changed.notify_waiters();
+    let failed = end_holds(st, g.mode, &members, Some(g)).await;
+    // Holds still being made end in the holding step (a freeze waits at most its limit).
+    g.wait(Instant::now() + Duration::from_secs(330), |s| s.hold_done)
+        .await;
+    if failed.is_empty() {
+        forget(st, g).await;
     } else {
-        tracing::error!(group = %g.id, "some members could not be released; the next start retries");
+        tracing::error!(group = %g.id, "some members could not be released; retrying");
+        retry_in_background(st.clone(), g.clone(), failed);
     }
     tracing::info!(group = %g.id, reason, "group released");
     g.view()
 }
 
-/// Thaws or resumes each held member (in parallel), retrying for up to 30 s. Whether all are
-/// free; each member's hold time and errors go into `g`.
-async fn end_holds(st: &Arc<AppState>, mode: Mode, members: &[Member], g: Option<&Group>) -> bool {
+/// The journaled hold is gone and the members may join other groups.
+async fn forget(st: &Arc<AppState>, g: &Group) {
+    let (j2, id2) = (st.journal.clone(), g.journal_id());
+    let _ = tokio::task::spawn_blocking(move || j2.delete_hold(&id2)).await;
+    st.groups.free(g);
+}
+
+/// Keeps ending `failed` (every 10 s) until they are free, then forgets the hold.
+fn retry_in_background(st: Arc<AppState>, g: Arc<Group>, mut failed: Vec<Member>) {
+    tokio::spawn(async move {
+        while !failed.is_empty() {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            failed = end_holds(&st, g.mode, &failed, Some(&g)).await;
+        }
+        forget(&st, &g).await;
+        tracing::info!(group = %g.id, "the last members of the group were released");
+    });
+}
+
+/// Thaws or resumes each member this daemon held (in parallel), retrying for up to 30 s.
+/// Answers those it could not free; each member's hold time and errors go into `g`.
+async fn end_holds(
+    st: &Arc<AppState>,
+    mode: Mode,
+    members: &[Member],
+    g: Option<&Group>,
+) -> Vec<Member> {
     let mut tasks = Vec::new();
     for m in members.iter().filter(|m| m.held) {
         let (st2, m2) = (st.clone(), m.clone());
         tasks.push((
-            m.instance.clone(),
+            m.clone(),
             tokio::spawn(async move {
                 let t = Instant::now();
                 let mut last = String::new();
@@ -421,16 +534,13 @@ async fn end_holds(st: &Arc<AppState>, mode: Mode, members: &[Member], g: Option
             }),
         ));
     }
-    let mut all = true;
-    for (uuid, t) in tasks {
+    let mut failed = Vec::new();
+    for (member, t) in tasks {
         let r = t.await.unwrap_or_else(|e| Err(e.to_string()));
-        if r.is_err() {
-            all = false;
-        }
         if let Some(g) = g {
             let mut s = g.lock();
-            if let Some(m) = s.members.iter_mut().find(|m| m.instance == uuid) {
-                match r {
+            if let Some(m) = s.members.iter_mut().find(|m| m.instance == member.instance) {
+                match &r {
                     Ok(at) => m.hold_ms = m.hold_started_ms.map(|s| at.saturating_sub(s)),
                     Err(e) => {
                         m.error
@@ -439,8 +549,11 @@ async fn end_holds(st: &Arc<AppState>, mode: Mode, members: &[Member], g: Option
                 }
             }
         }
+        if r.is_err() {
+            failed.push(member);
+        }
     }
-    all
+    failed
 }
 
 async fn end_one(st: &AppState, mode: Mode, m: &Member) -> Result<(), String> {
@@ -472,7 +585,9 @@ async fn end_one(st: &AppState, mode: Mode, m: &Member) -> Result<(), String> {
     .map_err(|e| crate::run::chain(&e))
 }
 
-/// Ends every hold a previous life journaled and could not end (before any request).
+/// Ends every hold a previous life journaled and could not end (before any request), all at
+/// once. The journal says which members were to be held; the dead daemon's freeze or pause
+/// may or may not have landed, so each is thawed or resumed as if it had.
 pub async fn release_recorded(st: &Arc<AppState>) {
     let holds = match st.journal.holds() {
         Ok(h) => h,
@@ -481,28 +596,34 @@ pub async fn release_recorded(st: &Arc<AppState>) {
             return;
         }
     };
+    let mut tasks = Vec::new();
     for (id, spec) in holds {
-        let mode: Mode = match serde_json::from_value(spec["mode"].clone()) {
-            Ok(m) => m,
-            Err(_) => Mode::Freeze,
-        };
-        let members: Vec<Member> =
+        let mode: Mode = serde_json::from_value(spec["mode"].clone()).unwrap_or(Mode::Freeze);
+        let mut members: Vec<Member> =
             serde_json::from_value(spec["members"].clone()).unwrap_or_default();
-        tracing::warn!(group = %id, "ending the hold of a previous life");
-        if end_holds(st, mode, &members, None).await {
-            let _ = st.journal.delete_hold(&id);
-        } else {
-            tracing::error!(group = %id, "a member of a previous life's hold could not be released");
+        for m in &mut members {
+            m.held = m.running;
+            m.paused_by_us = m.running && mode == Mode::Pause;
         }
+        tracing::warn!(group = %id, "ending the hold of a previous life");
+        let st2 = st.clone();
+        tasks.push(tokio::spawn(async move {
+            if end_holds(&st2, mode, &members, None).await.is_empty() {
+                let _ = st2.journal.delete_hold(&id);
+            } else {
+                tracing::error!(group = %id, "a member of a previous life's hold could not be released");
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
     }
 }
 
-/// Ends every hold (the daemon stops).
+/// Ends every hold (the daemon stops; no new group is made from here on).
 pub async fn release_all(st: &Arc<AppState>) {
     for g in st.groups.all() {
-        if !g.is_released() {
-            release(st, &g, "stopping").await;
-        }
+        release(st, &g, "stopping").await;
     }
 }
 
@@ -532,7 +653,19 @@ impl GroupHold for Gate {
                 self.group.id, r.reason
             ));
         }
-        Ok(self.group.mode.consistency())
+        if s.phase != Phase::Held {
+            return Err(format!("group {}: not held yet", self.group.id));
+        }
+        // A member that was shut off is not held: its backup starts it paused, a crash cut.
+        let held = s
+            .members
+            .iter()
+            .any(|m| m.instance == self.instance && m.held);
+        Ok(if held {
+            self.group.mode.consistency()
+        } else {
+            Consistency::Crash
+        })
     }
 
     fn point_in_time_taken(&self, from: SystemTime) -> Result<(), String> {

@@ -236,6 +236,23 @@ fn consistency_groups_hold_guests_cut_exactly_and_keep_their_deadlines() {
     );
     assert_eq!(s, 400, "{v}");
 
+    // A guest paused by someone else is not the group's to vouch for (nor to resume).
+    virsh(&["suspend", &names[1]]);
+    let (s, v) = call(
+        &rt,
+        &ta,
+        "POST",
+        "/v1/groups",
+        Some(json!({"instances": names, "mode": "pause"})),
+    );
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("busy")), "{v}");
+    assert_eq!(
+        domstate(&names[0]),
+        "running",
+        "a refused group held nothing"
+    );
+    virsh(&["resume", &names[1]]);
+
     // --- pause mode: an exact cut across the three guests ---
     let mut writer = Writer::start(names.clone());
     wait_for(
@@ -263,9 +280,17 @@ fn consistency_groups_hold_guests_cut_exactly_and_keep_their_deadlines() {
             assert_eq!(m["held"], true, "{m}");
             assert_eq!(domstate(n), "paused", "{n}");
         }
-        // Tenant B does not see it.
+        // Tenant B does not see it; no other group takes its members meanwhile.
         let (s, _) = call(&rt, &tb, "GET", &format!("/v1/groups/cut-{round}"), None);
         assert_eq!(s, 404);
+        let (s, v) = call(
+            &rt,
+            &ta,
+            "POST",
+            "/v1/groups",
+            Some(json!({"instances": [names[2]], "mode": "freeze"})),
+        );
+        assert_eq!((s, v["error"]["code"].as_str()), (409, Some("busy")), "{v}");
         let (s, v) = call(
             &rt,
             &ta,
