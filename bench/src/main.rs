@@ -2610,7 +2610,9 @@ async fn bench_groups(runs: usize, workdir: &Path) -> Result<serde_json::Value> 
     let mut daemons = Vec::new();
     let mut sockets = Vec::new();
     for h in 0..2 {
-        let d = root.join(format!("hostd{h}"));
+        // Short: QEMU's NBD socket goes under state_dir/scratch/<uuid>/<backup id>/ and a
+        // Unix socket path has 107 bytes at most.
+        let d = PathBuf::from(format!("/var/tmp/cbg{h}"));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d)?;
         let cfg = format!(
