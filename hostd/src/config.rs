@@ -18,6 +18,7 @@
 //! uri = "qemu:///system"
 //! default_tenant = "ops"                   # domains without Nova metadata or an override
 //! qemu_user = "libvirt-qemu"              # qemu.conf's user: owns instant copies' NBD sockets
+//! domains = []                             # only these domains (names, "prefix*"); empty: all
 //!
 //! [limits]
 //! max_jobs = 2
@@ -199,6 +200,20 @@ pub struct Libvirt {
     /// The user QEMU runs as (qemu.conf's `user`): an instant staging copy's NBD sockets are
     /// given to it, and to nobody else.
     pub qemu_user: String,
+    /// Only these domains are served (names; `prefix*` matches by prefix); empty: all. For
+    /// daemons that share a libvirtd (a lab standing in for several hosts).
+    pub domains: Vec<String>,
+}
+
+impl Libvirt {
+    /// Whether domain `name` is served.
+    pub fn serves(&self, name: &str) -> bool {
+        self.domains.is_empty()
+            || self.domains.iter().any(|d| match d.strip_suffix('*') {
+                Some(p) => name.starts_with(p),
+                None => d == name,
+            })
+    }
 }
 
 impl Default for Libvirt {
@@ -208,6 +223,7 @@ impl Default for Libvirt {
             uri: libcbt::source::libvirt::DEFAULT_URI.into(),
             default_tenant: None,
             qemu_user: "libvirt-qemu".into(),
+            domains: Vec::new(),
         }
     }
 }

@@ -127,6 +127,9 @@ pub async fn list(cfg: &Config, src: &LibvirtSource) -> Result<Vec<Instance>, Li
     blocking(move || {
         let mut out = Vec::new();
         for d in s.domains()? {
+            if !c.libvirt.serves(d.name()) {
+                continue;
+            }
             let Ok(desc) = d.describe() else { continue };
             out.push(instance(&c, desc, d.is_active().unwrap_or(false)));
         }
@@ -152,6 +155,9 @@ pub async fn get(
             Err(LibvirtError::NoSuchDomain(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
+        if !c.libvirt.serves(d.name()) {
+            return Ok(None);
+        }
         let desc = d.describe()?;
         Ok(Some(instance(&c, desc, d.is_active()?)))
     })

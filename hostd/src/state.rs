@@ -140,7 +140,7 @@ impl AppState {
 
 /// Opens the sink of `cfg`: a directory, an S3 bucket or a Swift container, with the
 /// credentials of its file (or of the environment) and the CA it names.
-async fn open_sink(cfg: &SinkCfg) -> Result<AnySink, SinkError> {
+pub async fn open_sink(cfg: &SinkCfg) -> Result<AnySink, SinkError> {
     let opts = cfg.open_options().map_err(SinkError::Config)?;
     AnySink::open(&cfg.address(), &opts).await
 }

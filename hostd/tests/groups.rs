@@ -467,6 +467,9 @@ fn consistency_groups_hold_guests_cut_exactly_and_keep_their_deadlines() {
         assert_eq!(s, 409, "{v}");
     }
 
+    // --- a workload across two hosts, run by the controller ---
+    workloads_through_the_controller(&rt, &names);
+
     // --- the daemon dies holding: the next start releases before it serves ---
     let (s, v) = call(
         &rt,
@@ -527,4 +530,262 @@ fn consistency_groups_hold_guests_cut_exactly_and_keep_their_deadlines() {
             d.name
         );
     }
+}
+
+/// The `cbt-controller` binary, built beside the daemon by `cargo test --workspace`.
+fn controller_bin() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_BIN_EXE_cbt-hostd")).with_file_name("cbt-controller");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace (cargo test --workspace builds it)",
+        p.display()
+    );
+    p
+}
+
+struct Controller {
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl Controller {
+    fn start(config: &str) -> Controller {
+        let dir = shared_dir();
+        std::fs::write(
+            dir.path().join("controller.toml"),
+            config.replace("{dir}", &dir.path().display().to_string()),
+        )
+        .expect("config");
+        let mut c = Controller { dir, child: None };
+        c.spawn();
+        c
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("controller.sock")
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("controller.log"))
+            .expect("log");
+        let child = Command::new(controller_bin())
+            .arg("--config")
+            .arg(self.dir.path().join("controller.toml"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start cbt-controller");
+        self.child = Some(child);
+        wait_for("the controller's socket", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(self.socket()).is_ok()
+        });
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn client(&self, token: &str) -> Client {
+        Client::new(Endpoint::Unix(self.socket()), Some(token.into()))
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Two daemons standing in for two hosts (guests 0 and 2 on one, 1 on the other), one sink
+/// they share, a controller over them.
+fn workloads_through_the_controller(rt: &tokio::runtime::Runtime, names: &[String]) {
+    let shared = shared_dir();
+    let sink = shared.path().join("nfs");
+    let host_cfg = |domains: &[&String]| {
+        let list: Vec<String> = domains.iter().map(|d| format!("{d:?}")).collect();
+        config()
+            .replace(
+                "[libvirt]\n",
+                &format!("[libvirt]\ndomains = [{}]\n", list.join(", ")),
+            )
+            .replace(
+                "[[sink]]\nname = \"local\"\npath = \"{dir}/sink\"",
+                &format!("[[sink]]\nname = \"nfs\"\npath = \"{}\"", sink.display()),
+            )
+    };
+    let ha = Hostd::start(&host_cfg(&[&names[0], &names[2]]));
+    let hb = Hostd::start(&host_cfg(&[&names[1]]));
+    let tokf = shared.path().join("admin.token");
+    std::fs::write(&tokf, format!("{ADMIN}\n")).expect("token");
+    let mut ctl = Controller::start(&format!(
+        r#"[server]
+unix_socket = "{{dir}}/controller.sock"
+database = "{{dir}}/controller.sqlite"
+
+[[host]]
+name = "host-a"
+hostd = "{}"
+token_file = "{}"
+
+[[host]]
+name = "host-b"
+hostd = "{}"
+token_file = "{}"
+
+[[sink]]
+name = "nfs"
+path = "{}"
+
+[[token]]
+name = "a"
+sha256 = "{}"
+tenant = "p-a"
+
+[[token]]
+name = "b"
+sha256 = "{}"
+tenant = "p-b"
+"#,
+        ha.socket().display(),
+        tokf.display(),
+        hb.socket().display(),
+        tokf.display(),
+        sink.display(),
+        token_hash(TA),
+        token_hash(TB)
+    ));
+    let (ca, cb) = (ctl.client(TA), ctl.client(TB));
+    // Each daemon serves its own guests only.
+    let (_, v) = call(rt, &client(&ha, ADMIN), "GET", "/v1/instances", None);
+    assert_eq!(v["instances"].as_array().map(Vec::len), Some(2), "{v}");
+
+    let (s, v) = call(
+        rt,
+        &ca,
+        "POST",
+        "/v1/workloads",
+        Some(
+            json!({"name": "shop", "instances": [names[0], names[1], names[2], "ghost"],
+                    "consistency": "crash", "sink": "nfs", "hold_timeout_secs": 30}),
+        ),
+    );
+    assert_eq!(s, 201, "{v}");
+    let wid = v["workload"]["id"].as_str().expect("id").to_string();
+    // Tenant B neither sees nor runs it; its own workload naming A's guests finds nothing.
+    let (s, _) = call(rt, &cb, "GET", &format!("/v1/workloads/{wid}"), None);
+    assert_eq!(s, 404);
+    let (s, _) = call(rt, &cb, "POST", &format!("/v1/workloads/{wid}/runs"), None);
+    assert_eq!(s, 404);
+    let (s, v) = call(
+        rt,
+        &cb,
+        "POST",
+        "/v1/workloads",
+        Some(
+            json!({"name": "steal", "instances": [names[0]], "consistency": "none",
+                    "sink": "nfs"}),
+        ),
+    );
+    assert_eq!(s, 201, "{v}");
+    let steal = v["workload"]["id"].as_str().expect("id").to_string();
+    let run_to_end = |c: &Client, wid: &str| -> Value {
+        let (s, v) = call(rt, c, "POST", &format!("/v1/workloads/{wid}/runs"), None);
+        assert_eq!(s, 202, "{v}");
+        let rid = v["run"]["id"].as_str().expect("run").to_string();
+        let mut last = Value::Null;
+        wait_for("the run's end", Duration::from_secs(300), || {
+            let (_, v) = call(rt, c, "GET", &format!("/v1/runs/{rid}"), None);
+            last = v["run"].clone();
+            last["state"] != "running"
+        });
+        last
+    };
+    let r = run_to_end(&cb, &steal);
+    assert_eq!(r["state"], "failed", "{r}");
+    assert!(
+        r["error"].as_str().unwrap_or("").contains("no member"),
+        "{r}"
+    );
+
+    // Two runs: the first is every member's full, the second their incrementals.
+    let mut snaps = Vec::new();
+    for round in 0..2 {
+        let r = run_to_end(&ca, &wid);
+        assert_eq!(r["state"], "succeeded", "{r}");
+        let d = &r["detail"];
+        assert_eq!(d["absent"], json!(["ghost"]), "{d}");
+        let members = d["members"].as_array().expect("members");
+        assert_eq!(members.len(), 3, "{d}");
+        let hosts: BTreeSet<&str> = members.iter().filter_map(|m| m["host"].as_str()).collect();
+        assert_eq!(hosts, BTreeSet::from(["host-a", "host-b"]), "{d}");
+        for m in members {
+            assert_eq!(m["consistency"], "crash", "{m}");
+            assert!(m["hold_ms"].as_u64().is_some(), "{m}");
+            let level = m["disks"][0]["level"].as_str().unwrap_or("");
+            assert_eq!(
+                level,
+                if round == 0 { "full" } else { "incremental" },
+                "{m}"
+            );
+        }
+        let skew = d["point_in_time_skew_ms"].as_u64().expect("skew");
+        eprintln!(
+            "workload run {round}: snapshot {}, skew {skew} ms",
+            d["snapshot"]
+        );
+        snaps.push(d["snapshot"].as_str().expect("snapshot").to_string());
+    }
+    // The records on the sink are the snapshots.
+    let (s, v) = call(
+        rt,
+        &ca,
+        "GET",
+        &format!("/v1/workloads/{wid}/snapshots"),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    let listed: Vec<&str> = v["snapshots"]
+        .as_array()
+        .expect("snapshots")
+        .iter()
+        .filter_map(|s| s["snapshot"].as_str())
+        .collect();
+    assert_eq!(listed, snaps.iter().map(String::as_str).collect::<Vec<_>>());
+    for s in &snaps {
+        assert!(sink.join(format!("workloads/{wid}/{s}.json")).exists());
+    }
+
+    // The controller killed during a run: settled at the next start, no snapshot recorded,
+    // the hosts release the hold at its deadline by themselves.
+    let (s, v) = call(rt, &ca, "POST", &format!("/v1/workloads/{wid}/runs"), None);
+    assert_eq!(s, 202, "{v}");
+    let rid = v["run"]["id"].as_str().expect("run").to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    ctl.kill9();
+    ctl.spawn();
+    let ca = ctl.client(TA);
+    let (_, v) = call(rt, &ca, "GET", &format!("/v1/runs/{rid}"), None);
+    assert_eq!(v["run"]["state"], "failed", "{v}");
+    wait_for("every guest running again", Duration::from_secs(60), || {
+        names.iter().all(|n| domstate(n) == "running")
+    });
+    // Its member jobs end on the hosts (they commit or roll back); no record names them.
+    std::thread::sleep(Duration::from_secs(5));
+    let (_, v) = call(
+        rt,
+        &ca,
+        "GET",
+        &format!("/v1/workloads/{wid}/snapshots"),
+        None,
+    );
+    assert_eq!(v["snapshots"].as_array().map(Vec::len), Some(2), "{v}");
+    drop(ha);
+    drop(hb);
 }
