@@ -180,6 +180,10 @@ async fn create_workload(
     }) {
         return Err(ApiError::bad("instances: names or UUIDs"));
     }
+    let distinct: std::collections::BTreeSet<&String> = r.instances.iter().collect();
+    if distinct.len() != r.instances.len() {
+        return Err(ApiError::bad("instances: each once"));
+    }
     if !(1..=300).contains(&r.options.hold_timeout_secs) {
         return Err(ApiError::bad("hold_timeout_secs: between 1 and 300"));
     }
@@ -189,7 +193,7 @@ async fn create_workload(
     let tenant = match (&c.tenant, r.tenant) {
         (Some(t), None) => t.clone(),
         (Some(_), Some(_)) => return Err(ApiError::bad("tenant: only an admin names one")),
-        (None, Some(t)) if !t.is_empty() && t.len() <= 128 => t,
+        (None, Some(t)) if !t.is_empty() && t.len() <= 128 && !t.chars().any(char::is_control) => t,
         (None, _) => {
             return Err(ApiError::bad(
                 "tenant: an admin names the workload's tenant",

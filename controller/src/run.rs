@@ -27,8 +27,15 @@ pub struct Located {
 
 type Step = Result<Value, String>;
 
+/// How long one request to a host may take (a group's points in time answer within its hold
+/// timeout, at most 300 s).
+const CALL_TIMEOUT: Duration = Duration::from_secs(330);
+
 async fn call(c: &Client, method: &str, path: &str, body: Option<Value>) -> Step {
-    match c.call(method, path, body.as_ref()).await {
+    let r = tokio::time::timeout(CALL_TIMEOUT, c.call(method, path, body.as_ref()))
+        .await
+        .map_err(|_| format!("{method} {path}: no answer within {CALL_TIMEOUT:?}"))?;
+    match r {
         Ok(r) if (200..300).contains(&r.status) => Ok(r.json()),
         Ok(r) => {
             let v = r.json();
@@ -74,11 +81,14 @@ pub async fn locate(st: &State, w: &Workload) -> Result<(Vec<Located>, Vec<Strin
             }
         }
     }
-    let mut out = Vec::new();
+    let mut out: Vec<Located> = Vec::new();
     let mut absent = Vec::new();
     for m in &w.instances {
         match found.remove(m).unwrap_or_default().as_slice() {
             [] => absent.push(m.clone()),
+            [one] if out.iter().any(|o| o.uuid == one.uuid) => {
+                return Err(format!("{m} names a member named already"))
+            }
             [one] => out.push(one.clone()),
             many => {
                 return Err(format!(
@@ -149,6 +159,7 @@ async fn execute(st: &State, run: &mut Run, w: &Workload) -> Result<Value, Strin
                     )),
                     Err(e) => {
                         cancel(st, &jobs).await;
+                        forget(st, o.sink.as_str(), &backup_id, &jobs).await;
                         return Err(format!("{}: {e}", m.name));
                     }
                 }
@@ -168,12 +179,21 @@ async fn execute(st: &State, run: &mut Run, w: &Workload) -> Result<Value, Strin
                 call(client(h), "POST", "/v1/groups", Some(body))
             }))
             .await;
+            // Each host's release, asked again for a few seconds when it does not answer (its
+            // deadline is the last resort).
             let release_all = || {
-                join_all(
-                    hosts
-                        .iter()
-                        .map(|&h| call(client(h), "POST", &release_path, None)),
-                )
+                let rp = &release_path;
+                join_all(hosts.iter().map(move |&h| async move {
+                    let mut r = call(client(h), "POST", rp, None).await;
+                    for _ in 0..5 {
+                        if r.is_ok() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        r = call(client(h), "POST", rp, None).await;
+                    }
+                    r
+                }))
             };
             if let Some((h, Err(e))) = hosts.iter().zip(&held).find(|(_, r)| r.is_err()) {
                 release_all().await;
@@ -220,6 +240,14 @@ async fn execute(st: &State, run: &mut Run, w: &Workload) -> Result<Value, Strin
                         .get_or_insert(format!("host {}: the release failed", st.hosts[h].0.name));
                     continue;
                 };
+                // Released by us, after every host's points in time had answered: each hold
+                // covered every point in time. Released by a deadline first: it did not.
+                if v["group"]["released"]["reason"] != "release" {
+                    failure.get_or_insert(format!(
+                        "host {}: its hold ended ({}) before the release: no common cut",
+                        st.hosts[h].0.name, v["group"]["released"]["reason"]
+                    ));
+                }
                 for gm in v["group"]["members"].as_array().into_iter().flatten() {
                     if let Some(j) = jobs
                         .iter_mut()
@@ -280,14 +308,22 @@ async fn execute(st: &State, run: &mut Run, w: &Workload) -> Result<Value, Strin
             })
         }).collect::<Vec<_>>(),
     });
-    let sink = st
-        .sink(&o.sink)
-        .await
-        .map_err(|e| format!("sink {}: {e}", o.sink))?;
+    let sink = match st.sink(&o.sink).await {
+        Ok(s) => s,
+        Err(e) => {
+            forget(st, o.sink.as_str(), &backup_id, &jobs).await;
+            return Err(format!("sink {}: {e}", o.sink));
+        }
+    };
     let name = format!("workloads/{}/{}.json", w.id, backup_id);
-    if let Err(e) = sink.put_new(&name, record.to_string().into_bytes()).await {
-        forget(st, o.sink.as_str(), &backup_id, &jobs).await;
-        return Err(format!("recording the snapshot on {}: {e}", o.sink));
+    let bytes = record.to_string().into_bytes();
+    if let Err(e) = sink.put_new(&name, bytes.clone()).await {
+        // An answer lost after the write landed: the record is there, so is the snapshot.
+        let there = matches!(sink.get(&name, 1 << 20).await, Ok(b) if b == bytes);
+        if !there {
+            forget(st, o.sink.as_str(), &backup_id, &jobs).await;
+            return Err(format!("recording the snapshot on {}: {e}", o.sink));
+        }
     }
     tracing::info!(workload = %w.id, snapshot = %backup_id, members = jobs.len(), "workload snapshot recorded");
     Ok(record)
@@ -302,14 +338,15 @@ async fn follow(c: &Client, job: &str) -> Step {
                 errors = 0;
                 match v["job"]["state"].as_str() {
                     Some("succeeded") => return Ok(v["job"].clone()),
-                    Some("failed") | Some("cancelled") => {
+                    Some("queued") | Some("running") | Some("recovering") => {}
+                    // failed, cancelled, interrupted (its host restarted), or unknown to us.
+                    other => {
                         return Err(format!(
                             "job {job} {}: {}",
-                            v["job"]["state"].as_str().unwrap_or(""),
+                            other.unwrap_or("ended"),
                             v["job"]["error"].as_str().unwrap_or("")
                         ))
                     }
-                    _ => {}
                 }
             }
             // A host restarting: its journal keeps the job; asked again for a while.

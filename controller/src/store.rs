@@ -24,7 +24,6 @@ pub enum Consistency {
 
 /// What a run does (what a policy will carry).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RunOptions {
     pub consistency: Consistency,
     #[serde(default = "default_hold")]

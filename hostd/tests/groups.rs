@@ -761,6 +761,21 @@ tenant = "p-b"
     for s in &snaps {
         assert!(sink.join(format!("workloads/{wid}/{s}.json")).exists());
     }
+    // cbtctl speaks to the controller too.
+    let o = Command::new(env!("CARGO_BIN_EXE_cbtctl"))
+        .args(["snapshots", &wid, "--controller"])
+        .arg(ctl.socket())
+        .env("CBT_TOKEN", TA)
+        .output()
+        .expect("cbtctl");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for s in &snaps {
+        assert!(
+            out.contains(&format!("{s} crash members=3 absent=1")),
+            "{out}"
+        );
+    }
 
     // The controller killed during a run: settled at the next start, no snapshot recorded,
     // the hosts release the hold at its deadline by themselves.
