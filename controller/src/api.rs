@@ -123,6 +123,10 @@ pub fn router(st: Arc<State>) -> Router {
         )
         .route("/v1/workloads/{id}/runs", post(start_run))
         .route("/v1/workloads/{id}/snapshots", get(list_snapshots))
+        .route(
+            "/v1/workloads/{id}/snapshots/{snapshot}/restore",
+            post(restore_snapshot),
+        )
         .route("/v1/runs/{id}", get(show_run))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(64 << 10))
@@ -326,4 +330,99 @@ async fn list_snapshots(
     }
     out.sort_by(|a, b| a["snapshot"].as_str().cmp(&b["snapshot"].as_str()));
     Ok(Json(json!({ "snapshots": out })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreReq {
+    /// The staging copies are named `<member>-<suffix>`.
+    #[serde(default = "default_suffix")]
+    suffix: String,
+    /// Start the copies once restored.
+    #[serde(default = "default_true")]
+    start: bool,
+    /// Only these members (names or UUIDs); default: all.
+    #[serde(default)]
+    members: Option<Vec<String>>,
+}
+
+fn default_suffix() -> String {
+    "staging".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Restores a workload snapshot: every member (or those named) into a staging copy on the host
+/// that backed it up, as a run (followed like a backup run).
+async fn restore_snapshot(
+    AxState(st): St,
+    h: HeaderMap,
+    Path((id, snapshot)): Path<(String, String)>,
+    body: Result<Json<RestoreReq>, JsonRejection>,
+) -> ApiResult<Response> {
+    let c = auth(&st, &h)?;
+    let w = visible(&st, &c, &id)?;
+    let Json(r) = body?;
+    if !valid_name(&r.suffix) || r.suffix.len() > 32 {
+        return Err(ApiError::bad("suffix: 1-32 of A-Z a-z 0-9 - _ ."));
+    }
+    if libcbt::format::BackupId::parse(&snapshot).is_err() {
+        return Err(ApiError::not_found("snapshot"));
+    }
+    let sink = st
+        .sink(&w.options.sink)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sink", e.to_string()))?;
+    let name = format!("workloads/{}/{snapshot}.json", w.id);
+    let record: Value = match sink.get(&name, 1 << 20).await {
+        Ok(b) => serde_json::from_slice(&b).map_err(ApiError::internal)?,
+        Err(_) => return Err(ApiError::not_found("snapshot")),
+    };
+    if record["workload"] != w.id.as_str() || record["tenant"] != w.tenant.as_str() {
+        return Err(ApiError::not_found("snapshot"));
+    }
+    let mut members: Vec<Value> = record["members"].as_array().cloned().unwrap_or_default();
+    if let Some(want) = &r.members {
+        for m in want {
+            if !members
+                .iter()
+                .any(|x| x["name"] == m.as_str() || x["instance"] == m.as_str())
+            {
+                return Err(ApiError::bad(format!(
+                    "members: {m} is not in the snapshot"
+                )));
+            }
+        }
+        members.retain(|x| {
+            want.iter()
+                .any(|m| x["name"] == m.as_str() || x["instance"] == m.as_str())
+        });
+    }
+    let run = Run {
+        id: hostd::registry::new_job_id(),
+        workload: w.id.clone(),
+        tenant: w.tenant.clone(),
+        state: "running".into(),
+        started_ms: now_ms(),
+        finished_ms: None,
+        error: None,
+        detail: json!({"phase": "queued", "kind": "restore", "snapshot": snapshot}),
+    };
+    st.store.insert_run(&run).map_err(ApiError::internal)?;
+    let plan = crate::run::RestorePlan {
+        sink: w.options.sink.clone(),
+        snapshot,
+        suffix: r.suffix,
+        start: r.start,
+        members,
+    };
+    tokio::spawn(crate::run::restore_workload(st.clone(), run.clone(), plan));
+    Ok((
+        StatusCode::ACCEPTED,
+        [("location", format!("/v1/runs/{}", run.id))],
+        Json(json!({ "run": run })),
+    )
+        .into_response())
 }

@@ -388,3 +388,84 @@ async fn forget(st: &State, sink: &str, backup_id: &str, jobs: &[(Located, Strin
         }
     }
 }
+
+/// A workload snapshot's restore: its members (from the record) into staging copies.
+#[derive(Debug, Clone)]
+pub struct RestorePlan {
+    pub sink: String,
+    pub snapshot: String,
+    pub suffix: String,
+    pub start: bool,
+    /// The record's members to restore.
+    pub members: Vec<Value>,
+}
+
+/// Restores every member of `plan` into a staging copy `<name>-<suffix>` on the host that
+/// backed it up (new name, UUID and disk paths, no network interface: hostd's staging copy),
+/// all at once, and records the run's end.
+pub async fn restore_workload(st: Arc<State>, mut run: Run, plan: RestorePlan) {
+    let r = restore_members(&st, &plan).await;
+    match r {
+        Ok(d) => {
+            run.state = "succeeded".into();
+            run.detail = d;
+        }
+        Err((e, d)) => {
+            run.state = "failed".into();
+            run.error = Some(e);
+            run.detail = d;
+        }
+    }
+    run.finished_ms = Some(now_ms());
+    if let Err(e) = st.store.update_run(&run) {
+        tracing::error!(run = %run.id, error = %e, "recording the run's end failed");
+    }
+}
+
+async fn restore_members(st: &State, plan: &RestorePlan) -> Result<Value, (String, Value)> {
+    let mut started = Vec::new();
+    let mut out = Vec::new();
+    let mut failure = None;
+    for m in &plan.members {
+        let name = m["name"].as_str().unwrap_or_default();
+        let staging = format!("{name}-{}", plan.suffix);
+        let Some(h) = st
+            .hosts
+            .iter()
+            .position(|(c, _)| m["host"] == c.name.as_str())
+        else {
+            failure.get_or_insert(format!("{name}: host {} is not configured", m["host"]));
+            continue;
+        };
+        let body = json!({"instance": m["instance"], "sink": plan.sink,
+                          "backup_id": plan.snapshot,
+                          "target": {"type": "domain", "name": staging, "start": plan.start}});
+        match call(&st.hosts[h].1, "POST", "/v1/restores", Some(body)).await {
+            Ok(v) => started.push((
+                h,
+                name.to_string(),
+                staging,
+                v["job"]["id"].as_str().unwrap_or_default().to_string(),
+            )),
+            Err(e) => {
+                failure.get_or_insert(format!("{name}: {e}"));
+            }
+        }
+    }
+    for (h, name, staging, job) in started {
+        let end = follow(&st.hosts[h].1, &job).await;
+        if let Err(e) = &end {
+            failure.get_or_insert(format!("{name}: {e}"));
+        }
+        out.push(
+            json!({"name": name, "host": st.hosts[h].0.name, "staging": staging,
+                        "job": job, "state": if end.is_ok() { "succeeded" } else { "failed" },
+                        "domain": end.ok().map(|e| e["result"]["domain"].clone())}),
+        );
+    }
+    let detail = json!({"kind": "restore", "snapshot": plan.snapshot, "members": out});
+    match failure {
+        None => Ok(detail),
+        Some(e) => Err((e, detail)),
+    }
+}

@@ -609,7 +609,8 @@ fn workloads_through_the_controller(rt: &tokio::runtime::Runtime, names: &[Strin
     let shared = shared_dir();
     let sink = shared.path().join("nfs");
     let host_cfg = |domains: &[&String]| {
-        let list: Vec<String> = domains.iter().map(|d| format!("{d:?}")).collect();
+        // By prefix: a member's staging copies are served where the member is.
+        let list: Vec<String> = domains.iter().map(|d| format!("\"{d}*\"")).collect();
         config()
             .replace(
                 "[libvirt]\n",
@@ -775,6 +776,82 @@ tenant = "p-b"
             out.contains(&format!("{s} crash members=3 absent=1")),
             "{out}"
         );
+    }
+
+    // The newest snapshot restored into staging copies (new names, no network), which boot
+    // and run their writer: each copy's disk changes under it.
+    let (s, _) = call(
+        rt,
+        &cb,
+        "POST",
+        &format!("/v1/workloads/{wid}/snapshots/{}/restore", snaps[1]),
+        Some(json!({})),
+    );
+    assert_eq!(s, 404, "tenant B restores nothing of A's");
+    let (s, v) = call(
+        rt,
+        &ca,
+        "POST",
+        &format!("/v1/workloads/{wid}/snapshots/{}/restore", snaps[1]),
+        Some(json!({"suffix": "stg"})),
+    );
+    assert_eq!(s, 202, "{v}");
+    let rid = v["run"]["id"].as_str().expect("run").to_string();
+    let mut r = Value::Null;
+    wait_for("the restore's end", Duration::from_secs(300), || {
+        let (_, v) = call(rt, &ca, "GET", &format!("/v1/runs/{rid}"), None);
+        r = v["run"].clone();
+        r["state"] != "running"
+    });
+    assert_eq!(r["state"], "succeeded", "{r}");
+    let staged: Vec<String> = r["detail"]["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m["staging"].as_str().expect("staging").to_string())
+        .collect();
+    assert_eq!(staged.len(), 3, "{r}");
+    let copies: Vec<(String, std::path::PathBuf)> = staged
+        .iter()
+        .map(|n| {
+            assert_eq!(domstate(n), "running", "{n}");
+            let xml = virsh(&["dumpxml", n]);
+            assert!(!xml.contains("<interface"), "{n} has a network interface");
+            let list = virsh(&["domblklist", n]);
+            let path = list
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .find(|p| p.starts_with('/'))
+                .expect("disk path")
+                .to_string();
+            let t0 = shared.path().join(format!("{n}.t0"));
+            std::fs::copy(&path, &t0).expect("copy");
+            (n.clone(), t0)
+        })
+        .collect();
+    for (n, t0) in &copies {
+        wait_for("the copy writes its disk", Duration::from_secs(120), || {
+            let list = virsh(&["domblklist", n]);
+            let path = list
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .find(|p| p.starts_with('/'))
+                .expect("disk path")
+                .to_string();
+            let st = Command::new("qemu-img")
+                .args(["compare", "-U", "-q"])
+                .arg(t0)
+                .arg(&path)
+                .status()
+                .expect("qemu-img compare");
+            st.code() == Some(1)
+        });
+        let _ = Command::new("virsh")
+            .args(["-c", URI, "destroy", n])
+            .output();
+        let _ = Command::new("virsh")
+            .args(["-c", URI, "undefine", n])
+            .output();
     }
 
     // The controller killed during a run: settled at the next start, no snapshot recorded,

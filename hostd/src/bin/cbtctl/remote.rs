@@ -196,6 +196,19 @@ pub enum Remote {
     },
     /// A workload's snapshots, from their records on the sink (controller).
     Snapshots { id: String },
+    /// Restore a workload snapshot into staging copies `<member>-<suffix>` (controller).
+    WorkloadRestore {
+        id: String,
+        snapshot: String,
+        #[arg(long, default_value = "staging")]
+        suffix: String,
+        /// Only these members (repeatable); default: all.
+        #[arg(long = "member")]
+        members: Vec<String>,
+        /// Define the copies without starting them.
+        #[arg(long)]
+        no_start: bool,
+    },
     /// The controller's hosts and whether their daemons answer (admin).
     Hosts,
     /// Jobs (newest first).
@@ -802,6 +815,52 @@ pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
             }
             if run["state"] != "succeeded" {
                 bail!("run {rid} failed: {}", run["error"].as_str().unwrap_or(""));
+            }
+        }
+        Remote::WorkloadRestore {
+            id,
+            snapshot,
+            suffix,
+            members,
+            no_start,
+        } => {
+            let ccl = controller(c)?;
+            let mut body = json!({"suffix": suffix, "start": !no_start});
+            if !members.is_empty() {
+                body["members"] = json!(members);
+            }
+            let p = format!(
+                "/v1/workloads/{}/snapshots/{}/restore",
+                enc(&id),
+                enc(&snapshot)
+            );
+            let v = call(&ccl, "POST", &p, Some(body)).await?;
+            let rid = v["run"]["id"].as_str().unwrap_or("").to_string();
+            let run = loop {
+                let v = call(&ccl, "GET", &format!("/v1/runs/{}", enc(&rid)), None).await?;
+                if v["run"]["state"] != "running" {
+                    break v["run"].clone();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            };
+            if c.json {
+                show(&run)?;
+            } else {
+                for m in run["detail"]["members"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} -> {:<30} on {} {}",
+                        m["name"].as_str().unwrap_or(""),
+                        m["staging"].as_str().unwrap_or(""),
+                        m["host"].as_str().unwrap_or(""),
+                        m["state"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            if run["state"] != "succeeded" {
+                bail!(
+                    "restore {rid} failed: {}",
+                    run["error"].as_str().unwrap_or("")
+                );
             }
         }
         Remote::Snapshots { id } => {
