@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hostd::config::{token_hash, valid_name};
+use hostd::config::{find_token, valid_name};
 use libcbt::sink::Sink;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -82,10 +82,6 @@ impl Caller {
     }
 }
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn auth(st: &State, h: &HeaderMap) -> ApiResult<Caller> {
     let unauth = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
     let token = h
@@ -95,15 +91,7 @@ fn auth(st: &State, h: &HeaderMap) -> ApiResult<Caller> {
         .map(str::trim)
         .filter(|t| !t.is_empty() && t.len() <= 512)
         .ok_or_else(|| unauth("missing or malformed bearer token"))?;
-    let hash = token_hash(token);
-    let mut found = None;
-    for t in &st.cfg.tokens {
-        // Every token compared, each in constant time.
-        if ct_eq(hash.as_bytes(), t.sha256.to_ascii_lowercase().as_bytes()) {
-            found = Some(t);
-        }
-    }
-    let t = found.ok_or_else(|| unauth("unknown token"))?;
+    let t = find_token(&st.cfg.tokens, token).ok_or_else(|| unauth("unknown token"))?;
     Ok(Caller {
         tenant: if t.admin { None } else { t.tenant.clone() },
     })
@@ -268,16 +256,7 @@ async fn start_run(AxState(st): St, h: HeaderMap, Path(id): Path<String>) -> Api
             format!("run {} of this workload is running", r.id),
         ));
     }
-    let run = Run {
-        id: hostd::registry::new_job_id(),
-        workload: w.id.clone(),
-        tenant: w.tenant.clone(),
-        state: "running".into(),
-        started_ms: now_ms(),
-        finished_ms: None,
-        error: None,
-        detail: json!({"phase": "queued"}),
-    };
+    let run = Run::start(&w, json!({"phase": "queued"}));
     // Journaled before anything is asked of a host.
     st.store.insert_run(&run).map_err(ApiError::internal)?;
     tokio::spawn(crate::run::run_workload(st.clone(), run.clone(), w));
@@ -400,18 +379,13 @@ async fn restore_snapshot(
                 .any(|m| x["name"] == m.as_str() || x["instance"] == m.as_str())
         });
     }
-    let run = Run {
-        id: hostd::registry::new_job_id(),
-        workload: w.id.clone(),
-        tenant: w.tenant.clone(),
-        state: "running".into(),
-        started_ms: now_ms(),
-        finished_ms: None,
-        error: None,
-        detail: json!({"phase": "queued", "kind": "restore", "snapshot": snapshot}),
-    };
+    let run = Run::start(
+        &w,
+        json!({"phase": "queued", "kind": "restore", "snapshot": snapshot}),
+    );
     st.store.insert_run(&run).map_err(ApiError::internal)?;
     let plan = crate::run::RestorePlan {
+        tenant: w.tenant.clone(),
         sink: w.options.sink.clone(),
         snapshot,
         suffix: r.suffix,

@@ -392,6 +392,8 @@ async fn forget(st: &State, sink: &str, backup_id: &str, jobs: &[(Located, Strin
 /// A workload snapshot's restore: its members (from the record) into staging copies.
 #[derive(Debug, Clone)]
 pub struct RestorePlan {
+    /// The workload's tenant: every member restored must be its instance.
+    pub tenant: String,
     pub sink: String,
     pub snapshot: String,
     pub suffix: String,
@@ -423,6 +425,22 @@ pub async fn restore_workload(st: Arc<State>, mut run: Run, plan: RestorePlan) {
 }
 
 async fn restore_members(st: &State, plan: &RestorePlan) -> Result<Value, (String, Value)> {
+    // The record comes from storage: a member it names is restored (with the host's admin
+    // token) only if that host still serves it as an instance of the workload's tenant.
+    let lists = join_all(
+        st.hosts
+            .iter()
+            .map(|(_, c)| call(c, "GET", "/v1/instances", None)),
+    )
+    .await;
+    let owned =
+        |h: usize, uuid: &Value| {
+            lists[h].as_ref().is_ok_and(|l| {
+                l["instances"].as_array().into_iter().flatten().any(|i| {
+                    i["uuid"] == *uuid && i["tenant"].as_str() == Some(plan.tenant.as_str())
+                })
+            })
+        };
     let mut started = Vec::new();
     let mut out = Vec::new();
     let mut failure = None;
@@ -437,6 +455,13 @@ async fn restore_members(st: &State, plan: &RestorePlan) -> Result<Value, (Strin
             failure.get_or_insert(format!("{name}: host {} is not configured", m["host"]));
             continue;
         };
+        if !owned(h, &m["instance"]) {
+            failure.get_or_insert(format!(
+                "{name}: not an instance of the workload's tenant on {}",
+                st.hosts[h].0.name
+            ));
+            continue;
+        }
         let body = json!({"instance": m["instance"], "sink": plan.sink,
                           "backup_id": plan.snapshot,
                           "target": {"type": "domain", "name": staging, "start": plan.start}});

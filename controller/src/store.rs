@@ -66,6 +66,22 @@ pub struct Run {
     pub detail: Value,
 }
 
+impl Run {
+    /// A new run of `w`, running from now.
+    pub fn start(w: &Workload, detail: Value) -> Run {
+        Run {
+            id: hostd::registry::new_job_id(),
+            workload: w.id.clone(),
+            tenant: w.tenant.clone(),
+            state: "running".into(),
+            started_ms: now_ms(),
+            finished_ms: None,
+            error: None,
+            detail,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("controller database: {0}")]
 pub struct StoreError(#[from] rusqlite::Error);

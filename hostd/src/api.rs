@@ -30,7 +30,7 @@ use libcbt::source::qemu::Requested;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::{token_hash, valid_name};
+use crate::config::{find_token, valid_name};
 use crate::groups;
 use crate::inventory::{self, Instance};
 use crate::journal::JobState;
@@ -131,10 +131,6 @@ impl Caller {
     }
 }
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn auth(st: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
     let unauth = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
     let h = headers
@@ -147,15 +143,7 @@ fn auth(st: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
         .map(str::trim)
         .filter(|t| !t.is_empty() && t.len() <= 512)
         .ok_or_else(|| unauth("malformed authorization header"))?;
-    let hash = token_hash(token);
-    let mut found = None;
-    for t in &st.cfg.tokens {
-        // Every token is compared, in constant time each: no early exit to time.
-        if ct_eq(hash.as_bytes(), t.sha256.to_ascii_lowercase().as_bytes()) {
-            found = Some(t);
-        }
-    }
-    let t = found.ok_or_else(|| unauth("unknown token"))?;
+    let t = find_token(&st.cfg.tokens, token).ok_or_else(|| unauth("unknown token"))?;
     Ok(Caller {
         token: t.name.clone(),
         tenant: if t.admin { None } else { t.tenant.clone() },
@@ -639,7 +627,7 @@ async fn group_backups(
         };
         match run::submit(&st, i.tenant.clone(), &r.sink, work, request, Vec::new()).await {
             Ok(j) => {
-                g.set_job(&i.uuid, Some(j.id.clone()), None);
+                g.set_job(&i.uuid, j.id.clone());
                 jobs.push((i.uuid.clone(), j));
             }
             Err(e) => {

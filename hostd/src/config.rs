@@ -726,6 +726,22 @@ admin = true
 }
 
 /// Hex sha256 of a token, as the config stores it.
+/// The entry of `tokens` whose hash is `token`'s: every entry compared, each in constant
+/// time (no early exit to time).
+pub fn find_token<'a>(tokens: &'a [TokenCfg], token: &str) -> Option<&'a TokenCfg> {
+    let hash = token_hash(token);
+    let eq = |a: &[u8], b: &[u8]| {
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    };
+    let mut found = None;
+    for t in tokens {
+        if eq(hash.as_bytes(), t.sha256.to_ascii_lowercase().as_bytes()) {
+            found = Some(t);
+        }
+    }
+    found
+}
+
 pub fn token_hash(token: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(token.as_bytes()))

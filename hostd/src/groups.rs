@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use libcbt::format::Consistency;
 use libcbt::job::{GroupHold, HoldFuture};
@@ -251,13 +251,10 @@ impl Group {
         Ok(())
     }
 
-    pub fn set_job(&self, instance: &str, job: Option<String>, error: Option<String>) {
+    pub fn set_job(&self, instance: &str, job: String) {
         let mut s = self.lock();
         if let Some(m) = s.members.iter_mut().find(|m| m.instance == instance) {
-            m.job = job;
-            if error.is_some() {
-                m.error = error;
-            }
+            m.job = Some(job);
         }
     }
 
@@ -668,8 +665,7 @@ impl GroupHold for Gate {
         })
     }
 
-    fn point_in_time_taken(&self, from: SystemTime) -> Result<(), String> {
-        let _ = from;
+    fn point_in_time_taken(&self) -> Result<(), String> {
         let mut s = self.group.lock();
         if let Some(r) = &s.released {
             return Err(format!(

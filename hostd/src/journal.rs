@@ -235,61 +235,69 @@ impl Journal {
 
     /// Records mount `id` (what serves it again after a restart).
     pub fn put_mount(&self, id: &str, spec: &Value) -> Result<(), JournalError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO mounts (id, spec, created_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(id) DO UPDATE SET spec = excluded.spec",
-                params![id, spec.to_string(), now_ms()],
-            )
-            .map(|_| ())
-        })
+        self.put_spec(
+            "mounts",
+            id,
+            spec,
+            " ON CONFLICT(id) DO UPDATE SET spec = excluded.spec",
+        )
     }
 
     pub fn delete_mount(&self, id: &str) -> Result<(), JournalError> {
-        self.with(|c| {
-            c.execute("DELETE FROM mounts WHERE id = ?1", params![id])
-                .map(|_| ())
-        })
+        self.delete_spec("mounts", id)
     }
 
     /// Every recorded mount: (id, spec), oldest first.
     pub fn mounts(&self) -> Result<Vec<(String, Value)>, JournalError> {
-        self.with(|c| {
-            let mut s = c.prepare("SELECT id, spec FROM mounts ORDER BY created_ms, id")?;
-            let rows = s.query_map([], |r| {
-                let spec: String = r.get(1)?;
-                Ok((
-                    r.get(0)?,
-                    serde_json::from_str(&spec).unwrap_or(Value::Null),
-                ))
-            })?;
-            rows.collect()
-        })
+        self.specs("mounts")
     }
 
     /// Records consistency group `id`'s hold before any guest is held: what a restarted
     /// daemon ends if this one could not.
     pub fn put_hold(&self, id: &str, spec: &Value) -> Result<(), JournalError> {
+        self.put_spec("holds", id, spec, "")
+    }
+
+    pub fn delete_hold(&self, id: &str) -> Result<(), JournalError> {
+        self.delete_spec("holds", id)
+    }
+
+    /// Every recorded hold: (id, spec), oldest first.
+    pub fn holds(&self) -> Result<Vec<(String, Value)>, JournalError> {
+        self.specs("holds")
+    }
+
+    /// A row of `table` (one of ours: id, spec, created_ms); `conflict` ends the statement.
+    fn put_spec(
+        &self,
+        table: &'static str,
+        id: &str,
+        spec: &Value,
+        conflict: &'static str,
+    ) -> Result<(), JournalError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO holds (id, spec, created_ms) VALUES (?1, ?2, ?3)",
+                &format!(
+                    "INSERT INTO {table} (id, spec, created_ms) VALUES (?1, ?2, ?3){conflict}"
+                ),
                 params![id, spec.to_string(), now_ms()],
             )
             .map(|_| ())
         })
     }
 
-    pub fn delete_hold(&self, id: &str) -> Result<(), JournalError> {
+    fn delete_spec(&self, table: &'static str, id: &str) -> Result<(), JournalError> {
         self.with(|c| {
-            c.execute("DELETE FROM holds WHERE id = ?1", params![id])
+            c.execute(&format!("DELETE FROM {table} WHERE id = ?1"), params![id])
                 .map(|_| ())
         })
     }
 
-    /// Every recorded hold: (id, spec), oldest first.
-    pub fn holds(&self) -> Result<Vec<(String, Value)>, JournalError> {
+    fn specs(&self, table: &'static str) -> Result<Vec<(String, Value)>, JournalError> {
         self.with(|c| {
-            let mut s = c.prepare("SELECT id, spec FROM holds ORDER BY created_ms, id")?;
+            let mut s = c.prepare(&format!(
+                "SELECT id, spec FROM {table} ORDER BY created_ms, id"
+            ))?;
             let rows = s.query_map([], |r| {
                 let spec: String = r.get(1)?;
                 Ok((

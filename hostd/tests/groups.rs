@@ -139,6 +139,16 @@ fn seqs(img: &std::path::Path, i: u64, n: u64) -> BTreeSet<u64> {
     out
 }
 
+/// The path of domain `dom`'s (first) disk.
+fn disk_path(dom: &str) -> String {
+    virsh(&["domblklist", dom])
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .find(|p| p.starts_with('/'))
+        .expect("disk path")
+        .to_string()
+}
+
 fn domstate(dom: &str) -> String {
     virsh(&["domstate", dom]).trim().to_string()
 }
@@ -817,13 +827,7 @@ tenant = "p-b"
             assert_eq!(domstate(n), "running", "{n}");
             let xml = virsh(&["dumpxml", n]);
             assert!(!xml.contains("<interface"), "{n} has a network interface");
-            let list = virsh(&["domblklist", n]);
-            let path = list
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(1))
-                .find(|p| p.starts_with('/'))
-                .expect("disk path")
-                .to_string();
+            let path = disk_path(n);
             let t0 = shared.path().join(format!("{n}.t0"));
             std::fs::copy(&path, &t0).expect("copy");
             (n.clone(), t0)
@@ -831,13 +835,7 @@ tenant = "p-b"
         .collect();
     for (n, t0) in &copies {
         wait_for("the copy writes its disk", Duration::from_secs(120), || {
-            let list = virsh(&["domblklist", n]);
-            let path = list
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(1))
-                .find(|p| p.starts_with('/'))
-                .expect("disk path")
-                .to_string();
+            let path = disk_path(n);
             let st = Command::new("qemu-img")
                 .args(["compare", "-U", "-q"])
                 .arg(t0)

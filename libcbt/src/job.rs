@@ -221,9 +221,9 @@ pub trait GroupHold: Send + Sync + std::fmt::Debug {
     /// Just before the point in time: the consistency the hold gives, or why the point in
     /// time may not be taken (the hold ended).
     fn before_point_in_time(&self) -> Result<format::Consistency, String>;
-    /// The point in time was taken between `from` and now: an error if the hold ended
-    /// meanwhile (the backup is then rolled back).
-    fn point_in_time_taken(&self, from: std::time::SystemTime) -> Result<(), String>;
+    /// The point in time was taken: an error if the hold ended meanwhile (the backup is
+    /// then rolled back).
+    fn point_in_time_taken(&self) -> Result<(), String>;
     /// Awaited after the point in time, before the copy (a place in a queue, say).
     fn before_copy(&self) -> HoldFuture<'_>;
 }
@@ -552,12 +552,11 @@ async fn backup_libvirt_running<S: Sink>(
         None => None,
     };
     let d2 = dom.clone();
-    let begun = std::time::SystemTime::now();
     let mut session = blocking(move || lvs::begin(&d2, req)).await?;
     tracing::debug!("point in time taken");
     // Whether the hold stood until now; a point in time after it is no group's.
     let hold_ended = match &job.group {
-        Some(g) => g.point_in_time_taken(begun).err(),
+        Some(g) => g.point_in_time_taken().err(),
         None => None,
     };
     if held.is_some() {

@@ -386,6 +386,24 @@ fn client(c: &Conn) -> Result<Client> {
     ))
 }
 
+/// Follows a controller run to its end (its phases on stderr with `verbose`).
+async fn wait_run(ccl: &Client, rid: &str, verbose: bool) -> Result<Value> {
+    let mut last_phase = String::new();
+    loop {
+        let v = call(ccl, "GET", &format!("/v1/runs/{}", enc(rid)), None).await?;
+        let r = v["run"].clone();
+        if r["state"] != "running" {
+            return Ok(r);
+        }
+        let phase = r["detail"]["phase"].as_str().unwrap_or("").to_string();
+        if phase != last_phase && verbose {
+            eprintln!("run {rid}: {phase}");
+            last_phase = phase;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 /// A client of the controller.
 fn controller(c: &Conn) -> Result<Client> {
     Ok(Client::new(
@@ -779,20 +797,7 @@ pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
                 println!("run {rid} started");
                 return Ok(());
             }
-            let mut last_phase = String::new();
-            let run = loop {
-                let v = call(&ccl, "GET", &format!("/v1/runs/{}", enc(&rid)), None).await?;
-                let r = v["run"].clone();
-                if r["state"] != "running" {
-                    break r;
-                }
-                let phase = r["detail"]["phase"].as_str().unwrap_or("").to_string();
-                if phase != last_phase && !c.json {
-                    eprintln!("run {rid}: {phase}");
-                    last_phase = phase;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            };
+            let run = wait_run(&ccl, &rid, !c.json).await?;
             if c.json {
                 show(&run)?;
             } else if run["state"] == "succeeded" {
@@ -836,13 +841,7 @@ pub async fn run(c: &Conn, cmd: Remote) -> Result<()> {
             );
             let v = call(&ccl, "POST", &p, Some(body)).await?;
             let rid = v["run"]["id"].as_str().unwrap_or("").to_string();
-            let run = loop {
-                let v = call(&ccl, "GET", &format!("/v1/runs/{}", enc(&rid)), None).await?;
-                if v["run"]["state"] != "running" {
-                    break v["run"].clone();
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            };
+            let run = wait_run(&ccl, &rid, !c.json).await?;
             if c.json {
                 show(&run)?;
             } else {
